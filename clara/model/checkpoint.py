@@ -1,0 +1,168 @@
+"""Checkpoints: safetensors and JSON only, so loading one never unpickles anything.
+
+Layout of a checkpoint folder::
+
+    clara.json                          format, model config (names the base and the rate), special tokens, extras
+    adapters/<name>/adapter_config.json  a standard PEFT adapter folder per adapter
+    adapters/<name>/adapter_model.safetensors
+    special_embeddings.safetensors      the trained rows of <MEM0>…, <ENC>, <SEP>
+    base/                               only for a base that cannot be rebuilt from a path (``tiny``):
+                                        config.json, model.safetensors, tokenizer files
+
+A checkpoint saved on one device loads on any other: tensors are stored on the CPU and the device and dtype
+are chosen at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clara.config import ModelConfig, _from_dict, to_dict
+from clara.model.clara_model import ADAPTERS, ClaraModel
+
+FORMAT = "clara-checkpoint/1"
+CONFIG_FILE = "clara.json"
+
+
+def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically (a temporary sibling folder renamed into place)."""
+    from peft import get_peft_model_state_dict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for name in ADAPTERS:
+            folder = tmp / "adapters" / name
+            folder.mkdir(parents=True)
+            state = get_peft_model_state_dict(model.peft, adapter_name=name)
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      folder / "adapter_model.safetensors")
+            model.peft.peft_config[name].save_pretrained(folder)
+        save_file({"special": model.special.detach().cpu().float().contiguous()},
+                  tmp / "special_embeddings.safetensors")
+        if model.cfg.base == "tiny":
+            _save_base(model, tmp / "base")
+        meta = {
+            "format": FORMAT,
+            "model": to_dict(model.cfg),
+            "special_tokens": model.special_tokens,
+            "first_special_id": model.first_special_id,
+            "base_included": model.cfg.base == "tiny",
+            "extra": extra or {},
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _save_base(model: ClaraModel, folder: Path) -> None:
+    """The frozen base weights without the LoRA layers, as a plain transformers folder."""
+    folder.mkdir(parents=True)
+    state = {}
+    for k, v in model.base_model.state_dict().items():
+        if "lora_" in k:
+            continue
+        state[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model.base_model.config.save_pretrained(folder)
+    # The tokenizer is saved without our special tokens: they are added again, in order, on load.
+    base_tok = model.tokenizer.__class__(tokenizer_object=model.tokenizer.backend_tokenizer)
+    base_tok.save_pretrained(folder)
+    _strip_added_tokens(folder, model.first_special_id)
+
+
+def _strip_added_tokens(folder: Path, first_special_id: int) -> None:
+    tok_file = folder / "tokenizer.json"
+    data = json.loads(tok_file.read_text(encoding="utf-8"))
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < first_special_id]
+    tok_file.write_text(json.dumps(data), encoding="utf-8")
+    cfg_file = folder / "tokenizer_config.json"
+    if cfg_file.is_file():
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        cfg.pop("extra_special_tokens", None)
+        cfg.pop("additional_special_tokens", None)
+        cfg["added_tokens_decoder"] = {k: v for k, v in cfg.get("added_tokens_decoder", {}).items()
+                                       if int(k) < first_special_id}
+        cfg.setdefault("pad_token", "<pad>")
+        cfg.setdefault("eos_token", "</s>")
+        cfg.setdefault("bos_token", "<s>")
+        cfg_file.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a clara checkpoint (no {CONFIG_FILE})")
+    meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | None = None, dtype: str | None = None,
+                    base: str | None = None) -> ClaraModel:
+    """Load a checkpoint written by ``save_checkpoint``.
+
+    Args:
+        device / dtype: override where and how to load (default: the saved config, i.e. ``auto``).
+        base: load the adapters onto this base instead of the one recorded (e.g. a local copy of a hub model).
+    """
+    path = Path(path)
+    meta = read_checkpoint_config(path)
+    model_cfg = meta["model"]
+    if device is not None:
+        model_cfg["device"] = device
+    if dtype is not None:
+        model_cfg["dtype"] = dtype
+    if base is not None:
+        model_cfg["base"] = base
+    cfg = _from_dict(ModelConfig, model_cfg)
+    special = load_file(path / "special_embeddings.safetensors")["special"]
+    base_dir = path / "base" if meta.get("base_included") and base is None else None
+    model = ClaraModel.build(cfg, special=special, base_dir=base_dir)
+    if model.special_tokens != meta["special_tokens"] or model.first_special_id != meta["first_special_id"]:
+        raise ValueError(
+            f"{path}: the tokenizer of base {cfg.base!r} gives the special tokens different ids than at save time "
+            f"({model.first_special_id} vs {meta['first_special_id']}); is this the same base model?"
+        )
+    load_adapter_weights(model, path)
+    return model
+
+
+def load_adapter_weights(model: ClaraModel, path: str | Path) -> None:
+    """Load every adapter's weights and the special rows from checkpoint ``path`` into ``model`` in place."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(path)
+    for name in ADAPTERS:
+        file = path / "adapters" / name / "adapter_model.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: missing adapter weights {file.relative_to(path)}")
+        state = load_file(file, device=str(model.device))
+        result = set_peft_model_state_dict(model.peft, state, adapter_name=name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{file}: weights that fit no layer of this base: {unexpected[:5]}")
+    special = load_file(path / "special_embeddings.safetensors")["special"]
+    with torch.no_grad():
+        model.special.copy_(special.to(model.special.device))

@@ -1,0 +1,435 @@
+"""One frozen base causal LM with three LoRA adapters: compressor, generator and query reasoner.
+
+- ``compress``: ``<ENC>`` + document tokens + ``<MEM0>…<MEM{n-1}>`` through the compressor adapter; the last
+  layer's hidden states at the memory positions are the compressed document, [n, hidden].
+- ``encode_queries``: the same with the question and the query-reasoner adapter.
+- ``generate``: a chat prompt whose placeholder runs are overwritten with compressed vectors, decoded greedily by
+  the generator adapter. ``generate_from_text``: the same base with every adapter off (the raw-text baseline).
+
+The special tokens never go through the base's embedding matrix: their rows live in ``self.special`` (a
+separate, trainable parameter) and ``embed`` splices them in. This keeps the base frozen bit for bit, needs no
+``resize_token_embeddings`` (so checkpoints carry only these rows), and lets SCP train exactly those rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clara.config import ModelConfig
+from clara.model import prompts
+from clara.model.base import load_base, resolve_device, resolve_dtype
+
+ADAPTERS = ("compressor", "generator", "query_reasoner")
+ENC_TOKEN = "<ENC>"
+SEP_TOKEN = "<SEP>"
+
+
+def mem_token(i: int) -> str:
+    return f"<MEM{i}>"
+
+
+@dataclass
+class Encoded:
+    """A batch of compressed texts (documents or queries), padded to ``n_mem_max`` slots.
+
+    Attributes:
+        memory: [B, n_max, H] hidden states at the memory positions; unused slots are zero.
+        n_mem: [B] memory tokens each text got.
+        n_tokens: [B] text tokens each text kept after truncation.
+        mem_mean: [B, H] mean of the memory states (MSE alignment, ANN vector).
+        text_mean: [B, H] mean of the text-token states (MSE alignment target).
+    """
+
+    memory: torch.Tensor
+    n_mem: torch.Tensor
+    n_tokens: torch.Tensor
+    mem_mean: torch.Tensor
+    text_mean: torch.Tensor
+
+    def unpad(self) -> list[torch.Tensor]:
+        return [self.memory[i, : int(n)] for i, n in enumerate(self.n_mem)]
+
+
+class ClaraModel(nn.Module):
+    """The CLaRa model. Build with ``ClaraModel.build(cfg)`` or load with ``clara.model.load_checkpoint``."""
+
+    def __init__(self, cfg: ModelConfig, base: nn.Module, tokenizer, special: torch.Tensor | None = None):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.special_tokens = [mem_token(i) for i in range(cfg.n_mem_max)] + [ENC_TOKEN, SEP_TOKEN]
+        tokenizer.add_special_tokens({"additional_special_tokens": self.special_tokens},
+                                     replace_extra_special_tokens=False)
+        ids = tokenizer.convert_tokens_to_ids(self.special_tokens)
+        first = ids[0]
+        if ids != list(range(first, first + len(ids))):
+            raise RuntimeError(f"special tokens did not get consecutive ids: {ids}")
+        self.first_special_id = first
+        self.mem_ids = ids[: cfg.n_mem_max]
+        self.enc_id, self.sep_id = ids[-2], ids[-1]
+
+        def lora() -> LoraConfig:
+            return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                              target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+
+        # PEFT keeps adapter weights in fp32 even on a bf16 base (autocast_adapter_dtype), as mixed precision wants.
+        self.peft = get_peft_model(base, lora(), adapter_name=ADAPTERS[0])
+        for name in ADAPTERS[1:]:
+            self.peft.add_adapter(name, lora())
+        self._adapter_params = {
+            name: [p for n, p in self.peft.named_parameters() if "lora_" in n and f".{name}." in n]
+            for name in ADAPTERS
+        }
+        self._trainable: set[str] = set()
+        self._train_special = False
+
+        emb = self.input_embeddings.weight
+        if special is None:
+            # New rows start at the mean embedding plus small seeded noise: in-distribution for the frozen
+            # layers, and distinct so that each memory slot can specialise.
+            gen = torch.Generator().manual_seed(cfg.seed)
+            w = emb.detach().float().cpu()
+            noise = torch.randn(len(self.special_tokens), w.shape[1], generator=gen) * w.std(0) * 0.1
+            special = w.mean(0) + noise
+        self.special = nn.Parameter(special.float().to(emb.device))
+        self._apply_trainable()
+
+    # ---------------------------------------------------------------------------------------------- build
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, special: torch.Tensor | None = None, base_dir=None) -> "ClaraModel":
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        base, tok = load_base(cfg.base, device=device, dtype=dtype, seed=cfg.seed, tiny_hidden=cfg.tiny_hidden,
+                              tiny_layers=cfg.tiny_layers, local_dir=base_dir)
+        return cls(cfg, base, tok, special)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The causal LM with the LoRA layers injected (the active adapter decides what they add)."""
+        return self.peft.get_base_model()
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.peft.get_base_model().get_input_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.special.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_embeddings.weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.input_embeddings.weight.shape[1]
+
+    # ------------------------------------------------------------------------------------------- adapters
+
+    def set_trainable(self, adapters: Sequence[str] = (), special: bool = False) -> None:
+        """Which adapters (and whether the special-token rows) receive gradients; the base never does."""
+        unknown = set(adapters) - set(ADAPTERS)
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {sorted(unknown)}; known: {ADAPTERS}")
+        self._trainable = set(adapters)
+        self._train_special = special
+        self._apply_trainable()
+
+    def _apply_trainable(self) -> None:
+        # peft's set_adapter flips requires_grad to "active adapter only"; our policy is per stage, so re-apply it.
+        for name, params in self._adapter_params.items():
+            for p in params:
+                p.requires_grad_(name in self._trainable)
+        self.special.requires_grad_(self._train_special)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = [p for name in ADAPTERS if name in self._trainable for p in self._adapter_params[name]]
+        return params + ([self.special] if self._train_special else [])
+
+    @contextlib.contextmanager
+    def adapter(self, name: str | None) -> Iterator[None]:
+        """Run the enclosed calls with adapter ``name`` active (``None``: the bare base model)."""
+        if name is None:
+            with self.peft.disable_adapter():
+                yield
+            return
+        if name not in ADAPTERS:
+            raise ValueError(f"unknown adapter {name!r}; known: {ADAPTERS}")
+        previous = self.peft.active_adapter
+        self.peft.set_adapter(name)
+        self._apply_trainable()
+        try:
+            yield
+        finally:
+            self.peft.set_adapter(previous)
+            self._apply_trainable()
+
+    def copy_adapter(self, src: str, dst: str) -> None:
+        """Overwrite adapter ``dst`` with the weights of ``src`` (E2E starts the query reasoner this way)."""
+        with torch.no_grad():
+            for ps, pd in zip(self._adapter_params[src], self._adapter_params[dst], strict=True):
+                pd.copy_(ps)
+
+    def reset_adapter(self, name: str) -> None:
+        """Re-initialise adapter ``name`` as a fresh LoRA (B = 0, so it starts as the identity)."""
+        for module in self.peft.modules():
+            if hasattr(module, "reset_lora_parameters") and name in getattr(module, "lora_A", {}):
+                module.reset_lora_parameters(name, True)
+
+    # ------------------------------------------------------------------------------------------ embedding
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of ``ids``, with the special tokens' rows taken from ``self.special``."""
+        emb = self.input_embeddings
+        is_special = ids >= self.first_special_id
+        base = emb(torch.where(is_special, torch.zeros_like(ids), ids).clamp(max=emb.num_embeddings - 1))
+        if not bool(is_special.any()):
+            return base
+        rows = self.special.to(base.dtype)[(ids - self.first_special_id).clamp(min=0, max=len(self.special) - 1)]
+        return torch.where(is_special.unsqueeze(-1), rows, base)
+
+    def _decode_hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm) without computing vocabulary logits."""
+        decoder = self.base_model.get_decoder()
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base_model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        if cap:  # Gemma-2 style models squash logits; keep them equal to the model's own forward.
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ------------------------------------------------------------------------------------------- compress
+
+    def tokenize_texts(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not a single string")
+        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_len)
+        return enc["input_ids"]
+
+    def encode_texts(self, texts: Sequence[str], *, max_len: int, query: bool = False) -> Encoded:
+        """Encode a batch under the currently active adapter, with gradients if enabled by the caller.
+
+        Rows are right-padded: in a causal model padding after the memory tokens cannot change them.
+        Queries always get ``n_mem_max`` slots so that they cover every slot a document can use.
+        """
+        token_ids = self.tokenize_texts(texts, max_len)
+        n_mem = [self.cfg.n_mem_max if query else self.cfg.n_mem_for(len(t)) for t in token_ids]
+        rows = [[self.enc_id] + t + self.mem_ids[:n] for t, n in zip(token_ids, n_mem)]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        hidden = self._decode_hidden(self.embed(ids), mask)
+
+        b, h = len(rows), hidden.shape[-1]
+        n_max = self.cfg.n_mem_max
+        # Gather memory positions into [B, n_max] slots (zeros where a text uses fewer).
+        pos = torch.zeros(b, n_max, dtype=torch.long, device=self.device)
+        slot_used = torch.zeros(b, n_max, dtype=torch.bool, device=self.device)
+        text_mask = torch.zeros(b, width, dtype=hidden.dtype, device=self.device)
+        for i, (t, n) in enumerate(zip(token_ids, n_mem)):
+            start = 1 + len(t)
+            pos[i, :n] = torch.arange(start, start + n, device=self.device)
+            slot_used[i, :n] = True
+            text_mask[i, 1:start] = 1.0
+        memory = hidden.gather(1, pos.unsqueeze(-1).expand(b, n_max, h)) * slot_used.unsqueeze(-1)
+        n_mem_t = torch.tensor(n_mem, device=self.device)
+        n_tok_t = torch.tensor([len(t) for t in token_ids], device=self.device)
+        mem_mean = memory.sum(1) / n_mem_t.unsqueeze(-1)
+        text_mean = (hidden * text_mask.unsqueeze(-1)).sum(1) / n_tok_t.clamp(min=1).unsqueeze(-1)
+        return Encoded(memory, n_mem_t, n_tok_t, mem_mean, text_mean)
+
+    @torch.no_grad()
+    def compress(self, docs: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:
+        """Compress documents with the compressor adapter: one [n_i, hidden] tensor per document, in order."""
+        return self._encode_all(docs, batch_size, adapter="compressor", query=False)
+
+    @torch.no_grad()
+    def encode_queries(self, questions: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:
+        """Encode questions with the query-reasoner adapter into the documents' memory space: [n_max, hidden]."""
+        return self._encode_all(questions, batch_size, adapter="query_reasoner", query=True)
+
+    def _encode_all(self, texts: Sequence[str], batch_size: int, adapter: str, query: bool) -> list[torch.Tensor]:
+        texts = list(texts)
+        max_len = self.cfg.query_max_len if query else self.cfg.doc_max_len
+        # Length-sorted batches waste less compute on padding; results go back in input order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        was_training = self.peft.training
+        self.peft.eval()
+        try:
+            with self.adapter(adapter):
+                for s in range(0, len(order), batch_size):
+                    chunk = order[s : s + batch_size]
+                    enc = self.encode_texts([texts[i] for i in chunk], max_len=max_len, query=query)
+                    for i, m in zip(chunk, enc.unpad()):
+                        out[i] = m
+        finally:
+            self.peft.train(was_training)
+        return out  # type: ignore[return-value]
+
+    def compression_stats(self, docs: Sequence[str]) -> dict[str, float]:
+        """Nominal rate and the real one (document tokens kept / memory tokens) over ``docs``."""
+        toks = [len(t) for t in self.tokenize_texts(docs, self.cfg.doc_max_len)]
+        mems = [self.cfg.n_mem_for(t) for t in toks]
+        return {
+            "nominal_rate": float(self.cfg.compression_rate),
+            "real_ratio": sum(toks) / max(1, sum(mems)),
+            "doc_tokens_mean": sum(toks) / max(1, len(toks)),
+            "mem_tokens_mean": sum(mems) / max(1, len(mems)),
+        }
+
+    # ------------------------------------------------------------------------------------------- prompts
+
+    def placeholders(self, n: int) -> str:
+        return "".join(mem_token(i) for i in range(n)) + SEP_TOKEN
+
+    def prompt_ids(self, user: str, system: str | None = None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(prompts.chat(system, user), tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def qa_prompt(self, question: str, n_per_doc: Sequence[int]) -> list[int]:
+        docs = "".join(self.placeholders(n) for n in n_per_doc)
+        return self.prompt_ids(prompts.QA_USER.format(documents=docs, question=question), prompts.QA_SYSTEM)
+
+    def embed_prompts(self, rows: list[list[int]], memories: list[list[torch.Tensor]], left_pad: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Embed token rows (padded), overwriting each placeholder run with its document's memory vectors.
+
+        Returns (embeds [B, L, H], attention mask [B, L], the pad offset of each row).
+        """
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        offsets = [width - len(r) if left_pad else 0 for r in rows]
+        ids = torch.tensor([[pad] * o + r + [pad] * (width - len(r) - o) for r, o in zip(rows, offsets)],
+                           device=self.device)
+        mask = torch.tensor([[0] * o + [1] * len(r) + [0] * (width - len(r) - o) for r, o in zip(rows, offsets)],
+                            device=self.device)
+        embeds = self.embed(ids)
+        slots = (ids >= self.mem_ids[0]) & (ids <= self.mem_ids[-1]) & mask.bool()
+        vectors = [m for mems in memories for m in mems]
+        if vectors:
+            flat = torch.cat(vectors, 0).to(embeds.dtype)
+            if flat.shape[0] != int(slots.sum()):
+                raise ValueError(f"prompt has {int(slots.sum())} memory slots but {flat.shape[0]} vectors were given")
+            # masked_scatter fills slots in row-major order: row by row, document after document.
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), flat)
+        elif bool(slots.any()):
+            raise ValueError("prompt has memory placeholders but no memory vectors were given")
+        return embeds, mask, offsets
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def response_loss(self, prompts_ids: list[list[int]], targets: list[list[int]],
+                      memories: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Mean cross-entropy over response tokens only (prompt and padding are not scored).
+
+        Uses the active adapter; gradients flow into the memory vectors and through them into the compressor.
+        """
+        rows = [p + t for p, t in zip(prompts_ids, targets)]
+        embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=False)
+        hidden = self._decode_hidden(embeds, mask)
+        # Only positions that predict a response token go through the (large) vocabulary projection.
+        b_idx, t_idx, labels = [], [], []
+        for b, (p, t) in enumerate(zip(prompts_ids, targets)):
+            for j, tok in enumerate(t):
+                b_idx.append(b)
+                t_idx.append(len(p) + j - 1)
+                labels.append(tok)
+        if not labels:
+            raise ValueError("no response tokens to score")
+        h = hidden[torch.tensor(b_idx, device=self.device), torch.tensor(t_idx, device=self.device)]
+        logits = self._logits(h)
+        return F.cross_entropy(logits, torch.tensor(labels, device=self.device))
+
+    def target_ids(self, text: str, max_len: int) -> list[int]:
+        """Response tokens followed by EOS, so the generator learns to stop."""
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
+        return ids + [self.tokenizer.eos_token_id]
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    @torch.no_grad()
+    def greedy_decode(self, rows: list[list[int]], memories: list[list[torch.Tensor]], max_new_tokens: int,
+                      eos_token_id: int | Sequence[int] | None = None) -> list[list[int]]:
+        """Greedy decoding with a KV cache from (left-padded) prompts; each row stops at its first EOS."""
+        eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
+        eos_t = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=self.device)
+        embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=True)
+        # Explicit positions: with left padding each row's first real token must be position 0.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        model = self.base_model
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        b = len(rows)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        produced: list[list[int]] = [[] for _ in range(b)]
+        for _ in range(max_new_tokens):
+            logits = self._logits_from_out(out)
+            nxt = logits.argmax(-1)
+            for i in range(b):
+                if not done[i]:
+                    produced[i].append(int(nxt[i]))
+            done |= torch.isin(nxt, eos_t)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = model(inputs_embeds=self.embed(nxt.unsqueeze(1)), attention_mask=mask, position_ids=pos,
+                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        return [[t for t in p if t not in eos_t.tolist()] for p in produced]
+
+    def _logits_from_out(self, out) -> torch.Tensor:
+        logits = out.logits[:, -1, :].float()
+        # The special tokens are inputs only; the model must never emit them.
+        lo = self.first_special_id
+        if lo < logits.shape[-1]:
+            logits[:, lo : lo + len(self.special_tokens)] = float("-inf")
+        return logits
+
+    def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None):
+        was_training = self.peft.training
+        self.peft.eval()
+        try:
+            with self.adapter(adapter):
+                ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id)
+        finally:
+            self.peft.train(was_training)
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+
+    def generate(self, questions: Sequence[str], memories: Sequence[Sequence[torch.Tensor]],
+                 max_new_tokens: int = 64, eos_token_id: int | None = None) -> list[str]:
+        """Answer each question from its compressed documents (a list of [n_i, hidden] tensors each)."""
+        if len(questions) != len(memories):
+            raise ValueError(f"{len(questions)} questions but {len(memories)} document lists")
+        rows = [self.qa_prompt(q, [m.shape[0] for m in mems]) for q, mems in zip(questions, memories)]
+        mems = [[m.to(self.device) for m in ms] for ms in memories]
+        return self._run_generation(rows, mems, "generator", max_new_tokens, eos_token_id)
+
+    def generate_from_text(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
+                           max_new_tokens: int = 64) -> list[str]:
+        """The raw-text baseline: the same base, adapters off, documents as text in the same QA prompt."""
+        rows = []
+        for q, docs in zip(questions, documents, strict=True):
+            background = "\n".join(f"Document {i + 1}: {d}" for i, d in enumerate(docs))
+            rows.append(self.prompt_ids(prompts.QA_USER.format(documents=background, question=q), prompts.QA_SYSTEM))
+        return self._run_generation(rows, [[] for _ in rows], None, max_new_tokens)
+
+    def paraphrase(self, memories: Sequence[torch.Tensor], max_new_tokens: int = 128) -> list[str]:
+        """What the generator reads back from each compressed document (to inspect a compressor)."""
+        rows = [self.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=self.placeholders(m.shape[0])))
+                for m in memories]
+        return self._run_generation(rows, [[m.to(self.device)] for m in memories], "generator", max_new_tokens)
+

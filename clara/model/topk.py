@@ -1,0 +1,61 @@
+"""Differentiable top-k selection with a straight-through estimator (spec section 7)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def differentiable_topk(scores: torch.Tensor, k: int, tau: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the k best candidates so that the forward pass is exactly hard top-k and gradients reach ``scores``.
+
+    For slot j the hard pick is the j-th best candidate; the soft pick is
+    ``softmax(scores / tau + log(1 - taken + 1e-8))`` where ``taken`` (no gradient) marks the earlier hard picks,
+    so a candidate already chosen gets ~zero soft weight. ``W = hard + soft - stopgrad(soft)``: its value equals
+    ``hard`` exactly (``x - x`` is 0 in floating point) while its gradient is the soft one.
+
+    Args:
+        scores: [B, N] relevance scores (e.g. cosine similarities).
+        k: how many to select (1 <= k <= N).
+        tau: temperature of the soft picks; smaller is closer to hard top-k, with sharper gradients.
+
+    Returns:
+        (W [B, k, N] selection weights, idx [B, k] the picked candidate indices, best first).
+        ``W @ M`` (M: [B, N, ...]) gives the selected items in order.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
+    n = scores.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n}, got {k}")
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    idx = scores.detach().topk(k, dim=-1).indices  # sorted, distinct
+    logits = scores / tau
+    taken = torch.zeros_like(scores, dtype=torch.float32).detach()
+    slots = []
+    for j in range(k):
+        hard = torch.nn.functional.one_hot(idx[:, j], n).to(scores.dtype)
+        soft = torch.softmax(logits + torch.log(1.0 - taken + 1e-8).to(scores.dtype), dim=-1)
+        slots.append(hard + soft - soft.detach())
+        taken = taken + hard.float()
+    return torch.stack(slots, dim=1), idx
+
+
+def flat_cosine(query: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """The paper's score: cosine between the flattened query tensor and each flattened document tensor.
+
+    Slots a document does not use (length-proportional mode) are zero, so they add nothing to the dot product
+    and nothing to that document's norm.
+
+    Args:
+        query: [B, n, H].
+        docs: [N, n, H] (the same candidates for every query) or [B, N, n, H] (per-query candidates).
+    Returns:
+        [B, N] scores in [-1, 1].
+    """
+    q = torch.nn.functional.normalize(query.flatten(1).float(), dim=-1)
+    if docs.dim() == 3:
+        d = torch.nn.functional.normalize(docs.flatten(1).float(), dim=-1)
+        return q @ d.T
+    d = torch.nn.functional.normalize(docs.flatten(2).float(), dim=-1)
+    return torch.einsum("bf,bnf->bn", q, d)
