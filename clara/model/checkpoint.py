@@ -108,8 +108,16 @@ def _strip_added_tokens(folder: Path, first_special_id: int) -> None:
         cfg_file.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
 
 
-def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a training run folder whose final checkpoint is ``model/``."""
     path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    return path
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    path = resolve_checkpoint(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a clara checkpoint (no {CONFIG_FILE})")
@@ -127,7 +135,7 @@ def load_checkpoint(path: str | Path, device: str | None = None, dtype: str | No
         device / dtype: override where and how to load (default: the saved config, i.e. ``auto``).
         base: load the adapters onto this base instead of the one recorded (e.g. a local copy of a hub model).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     meta = read_checkpoint_config(path)
     model_cfg = meta["model"]
     if device is not None:

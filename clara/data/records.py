@@ -1,0 +1,129 @@
+"""Training record schemas and JSONL readers, with errors that name the file and the line.
+
+- SCP records (the authors' format): ``{"data_type": "qa"|"paraphrase", "question": [...], "answers": [...],
+  "docs": [doc, ...]}``. For ``qa`` the questions and answers pair up; for ``paraphrase`` ``answers[0]`` is the
+  paraphrase. With several docs and one question a record is an instruction-tuning (stage 2) example.
+- QA records: ``{"id", "question", "answers": [...], "gold_doc_ids": [...]}`` (``golden_answers`` and
+  ``pos_doc_ids`` accepted as aliases).
+- Corpus rows: ``{"id", "title", "text"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class RecordError(ValueError):
+    """A malformed input row; the message starts with ``file:line:``."""
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; raise ``RecordError`` on bad bytes or JSON."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecordError(f"{path}:{line_no}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{line_no}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
+            if not isinstance(obj, dict):
+                raise RecordError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj
+
+
+def _str_list(obj: dict[str, Any], key: str, where: str, allow_empty: bool = False) -> list[str]:
+    value = obj.get(key)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecordError(f"{where}: field {key!r} must be a list of strings")
+    if not allow_empty and (not value or not all(v.strip() for v in value)):
+        raise RecordError(f"{where}: field {key!r} must hold non-empty strings")
+    return value
+
+
+@dataclass
+class SCPRecord:
+    data_type: str
+    questions: list[str]
+    answers: list[str]
+    docs: list[str]
+    source: str = ""
+    """``file:line`` it came from, for error messages downstream."""
+
+
+def parse_scp_record(obj: dict[str, Any], where: str) -> SCPRecord:
+    data_type = obj.get("data_type")
+    if data_type not in ("qa", "paraphrase"):
+        raise RecordError(f"{where}: data_type must be 'qa' or 'paraphrase', got {data_type!r}")
+    docs = _str_list(obj, "docs", where)
+    answers = _str_list(obj, "answers", where)
+    questions = _str_list(obj, "question", where, allow_empty=data_type == "paraphrase")
+    if data_type == "qa" and len(questions) != len(answers) and len(questions) != 1:
+        raise RecordError(f"{where}: {len(questions)} questions but {len(answers)} answers")
+    return SCPRecord(data_type, questions, answers, docs, where)
+
+
+def load_scp_records(path: str | Path) -> list[SCPRecord]:
+    records = [parse_scp_record(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
+    if not records:
+        raise RecordError(f"{path}: no records")
+    return records
+
+
+@dataclass
+class QARecord:
+    id: str
+    question: str
+    answers: list[str]
+    gold_doc_ids: list[str] = field(default_factory=list)
+
+
+def load_qa_records(path: str | Path) -> list[QARecord]:
+    out, seen = [], set()
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        qid = str(obj.get("id", n))
+        if qid in seen:
+            raise RecordError(f"{where}: duplicate id {qid!r}")
+        seen.add(qid)
+        question = obj.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise RecordError(f"{where}: field 'question' must be a non-empty string")
+        key = "answers" if "answers" in obj else "golden_answers"
+        answers = _str_list(obj, key, where)
+        gold_key = "gold_doc_ids" if "gold_doc_ids" in obj else "pos_doc_ids"
+        gold = [str(g) for g in obj.get(gold_key, [])]
+        out.append(QARecord(qid, question, answers, gold))
+    if not out:
+        raise RecordError(f"{path}: no records")
+    return out
+
+
+def load_corpus(path: str | Path) -> dict[str, str]:
+    """id -> "title\\ntext" (the title helps both retrieval and the generator). Duplicate ids are an error."""
+    corpus: dict[str, str] = {}
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        doc_id, text = obj.get("id"), obj.get("text")
+        if doc_id is None or str(doc_id).strip() == "":
+            raise RecordError(f"{where}: missing 'id'")
+        if not isinstance(text, str) or not text.strip():
+            raise RecordError(f"{where}: field 'text' must be a non-empty string")
+        doc_id = str(doc_id)
+        if doc_id in corpus:
+            raise RecordError(f"{where}: duplicate id {doc_id!r}")
+        title = obj.get("title") or ""
+        corpus[doc_id] = f"{title}\n{text}" if title else text
+    if not corpus:
+        raise RecordError(f"{path}: empty corpus")
+    return corpus

@@ -1,0 +1,197 @@
+"""Pieces every training loop uses: the optimizer and schedule, data order, and resumable checkpoints.
+
+Resumable state is written as safetensors (tensors) + JSON (everything else): a checkpoint never needs pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clara.config import OptimSettings, TrainConfig
+from clara.model.checkpoint import load_adapter_weights, read_checkpoint_config, save_checkpoint
+from clara.model.clara_model import ClaraModel
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+"""Called as ``callback(step, metrics)`` after every logged optimizer step (flows hand in MLflow here)."""
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_ratio`` of the steps, then cosine down to ``min_lr_ratio``."""
+    warmup = max(1, round(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimization(params: list[torch.nn.Parameter], optim: OptimSettings, total_steps: int):
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, optim.warmup_ratio, optim.min_lr_ratio)
+    )
+    return optimizer, scheduler
+
+
+def total_steps(train: TrainConfig, n_examples: int) -> int:
+    if train.max_steps > 0:
+        return train.max_steps
+    per_epoch = math.ceil(n_examples / (train.batch_size * train.grad_accum))
+    return max(1, per_epoch * train.epochs)
+
+
+def batch_indices(step: int, micro: int, train: TrainConfig, n_examples: int) -> list[int]:
+    """Example indices of micro-batch ``micro`` of optimizer step ``step``.
+
+    A pure function of (step, seed): every epoch is a seeded permutation, so a resumed run reads exactly the
+    examples the uninterrupted run would have, with no state to save.
+    """
+    start = (step * train.grad_accum + micro) * train.batch_size
+    out = []
+    for g in range(start, start + train.batch_size):
+        epoch, pos = divmod(g, n_examples)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(train.seed * 100_003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+# --------------------------------------------------------------------------------------- train state (no pickle)
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, kv in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(kv)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_train_state(folder: Path, optimizer, scheduler, step: int, extra: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, folder / "optimizer.safetensors")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    save_file(rng, folder / "rng.safetensors")
+    meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "extra": extra}
+    (folder / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def load_train_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
+    meta = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    tensors = load_file(folder / "optimizer.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available() and len(rng["torch_cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(rng["torch_cuda"]))
+    return meta
+
+
+class Checkpointer:
+    """Step checkpoints under ``out/checkpoints/step-NNNNNN`` (model + train state), written atomically.
+
+    A folder only appears under its final name once complete, so a kill mid-write leaves the previous
+    checkpoint intact and a half-written ``.tmp`` that the next save removes.
+    """
+
+    def __init__(self, out_dir: str | Path, keep: int = 2):
+        self.root = Path(out_dir) / "checkpoints"
+        self.keep = max(1, keep)
+
+    def steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        found = [re.fullmatch(r"step-(\d+)", p.name) for p in self.root.iterdir()]
+        return sorted(int(m.group(1)) for m in found if m and (self.root / m.group(0) / "train_state").is_dir())
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.root / f"step-{steps[-1]:06d}" if steps else None
+
+    def save(self, model: ClaraModel, optimizer, scheduler, step: int, extra: dict[str, Any]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{step:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", suffix=".tmp", dir=self.root))
+        try:
+            save_checkpoint(model, tmp / "model", extra=extra)
+            save_train_state(tmp / "train_state", optimizer, scheduler, step, extra)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for stale in self.root.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in self.steps()[: -self.keep]:
+            shutil.rmtree(self.root / f"step-{old:06d}", ignore_errors=True)
+        return final
+
+    def restore(self, model: ClaraModel, optimizer, scheduler) -> int:
+        """Load the latest checkpoint into model/optimizer/scheduler/RNG; return its step (0 if none)."""
+        latest = self.latest()
+        if latest is None:
+            return 0
+        load_adapter_weights(model, latest / "model")
+        meta = load_train_state(latest / "train_state", optimizer, scheduler)
+        return int(meta["step"])
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step to ``out/metrics.jsonl`` and forwards to the injected callback.
+
+    On resume, lines from steps after the restored checkpoint (logged before a kill) are dropped so the file
+    has exactly one line per step.
+    """
+
+    def __init__(self, out_dir: str | Path, callback: MetricsCallback | None, resume_step: int):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.callback = callback
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.callback is not None:
+            self.callback(step, metrics)
+
+
+def run_finished(final: Path, stage: str, steps: int) -> bool:
+    """Whether ``final`` is the completed checkpoint of this stage with this step budget (a rerun is a no-op)."""
+    try:
+        extra = read_checkpoint_config(final)["extra"]
+    except (FileNotFoundError, ValueError):
+        return False
+    return bool(extra.get("completed")) and extra.get("stage") == stage and extra.get("step") == steps

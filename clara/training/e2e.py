@@ -1,0 +1,160 @@
+"""Stage 3 (end-to-end): the generator's answer loss trains the query reasoner through differentiable top-k.
+
+The compressor is frozen and the document pool is compressed once, without gradients (which is what lets a
+corpus live in a database later). The query reasoner starts as a copy of the compressor adapter (spec section 7).
+Per question the candidates are its positives plus the pool documents the current query reasoner scores
+highest (retrieved negatives), up to N; k of them are selected with the straight-through top-k and handed to
+the generator. No relevance labels enter the loss; Recall@k against the positives is only logged.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from clara.config import E2EConfig, to_dict
+from clara.data.records import QARecord
+from clara.model.checkpoint import load_adapter_weights, save_checkpoint
+from clara.model.clara_model import ClaraModel
+from clara.model.topk import differentiable_topk
+from clara.training.common import (
+    Checkpointer,
+    MetricsCallback,
+    MetricsLog,
+    batch_indices,
+    build_optimization,
+    run_finished,
+    total_steps,
+)
+
+
+def compress_pool(model: ClaraModel, docs: Sequence[str], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress the pool once: (memory [D, n_max, H] zero-padded, n_mem [D])."""
+    mems = model.compress(docs, batch_size=batch_size)
+    pool = torch.zeros(len(mems), model.cfg.n_mem_max, model.hidden_size, dtype=mems[0].dtype,
+                       device=model.device)
+    for i, m in enumerate(mems):
+        pool[i, : m.shape[0]] = m
+    return pool, torch.tensor([m.shape[0] for m in mems], device=model.device)
+
+
+def pick_candidates(scores: torch.Tensor, positives: Sequence[Sequence[int]], n: int) -> torch.Tensor:
+    """Per row: the positives (at most n) then the highest-scoring other documents, n in all. [B, n] indices."""
+    rows = []
+    for b, pos in enumerate(positives):
+        pos = list(dict.fromkeys(pos))[:n]
+        ranked = scores[b].argsort(descending=True).tolist()
+        pos_set = set(pos)
+        negatives = [i for i in ranked if i not in pos_set][: n - len(pos)]
+        rows.append(pos + negatives)
+    return torch.tensor(rows, device=scores.device)
+
+
+def recall_at_k(selected: torch.Tensor, candidates: torch.Tensor, positives: Sequence[Sequence[int]]) -> float:
+    """Mean over questions of |selected ∩ positives| / |positives| (questions without positives skipped)."""
+    values = []
+    for b, pos in enumerate(positives):
+        if pos:
+            chosen = set(candidates[b, selected[b]].tolist())
+            values.append(len(chosen & set(pos)) / len(set(pos)))
+    return sum(values) / len(values) if values else float("nan")
+
+
+def e2e_loss(model: ClaraModel, batch: Sequence[QARecord], pool: torch.Tensor, pool_n: torch.Tensor,
+             pool_flat: torch.Tensor, doc_index: Mapping[str, int], cfg: E2EConfig
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Answer CE through the differentiable top-k; also returns Recall@k of the selection."""
+    with model.adapter("query_reasoner"):
+        enc = model.encode_texts([r.question for r in batch], max_len=model.cfg.query_max_len, query=True)
+    q = F.normalize(enc.memory.flatten(1).float(), dim=-1)  # [B, n*H], grad -> query reasoner
+    positives = [[doc_index[d] for d in r.gold_doc_ids if d in doc_index] for r in batch]
+    n_cand = min(cfg.n_candidates, pool.shape[0])
+    with torch.no_grad():
+        candidates = pick_candidates(q @ pool_flat.T, positives, n_cand)  # [B, N]
+    scores = torch.einsum("bf,bnf->bn", q, pool_flat[candidates])  # flattened cosine, differentiable
+    k = min(cfg.top_k, n_cand)
+    weights, picked = differentiable_topk(scores, k, cfg.tau)  # [B, k, N], [B, k]
+    selected = torch.einsum("bkn,bnmh->bkmh", weights.to(pool.dtype), pool[candidates])  # == hard pick
+    memories, prompts_ids, targets = [], [], []
+    for b, r in enumerate(batch):
+        ns = [int(pool_n[candidates[b, j]]) for j in picked[b].tolist()]
+        memories.append([selected[b, j, :n] for j, n in enumerate(ns)])
+        prompts_ids.append(model.qa_prompt(r.question, ns))
+        targets.append(model.target_ids(r.answers[0], cfg.max_answer_len))
+    with model.adapter("generator"):
+        ce = model.response_loss(prompts_ids, targets, memories)
+    return ce, {"ce": ce.item(), f"recall@{k}": recall_at_k(picked, candidates, positives),
+                "score_margin": float((scores.max(-1).values - scores.mean(-1)).mean())}
+
+
+def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[str, str], cfg: E2EConfig,
+              out_dir: str | Path, *, callback: MetricsCallback | None = None, resume: bool = True,
+              progress: bool = True, compress_batch_size: int = 16) -> Path:
+    """Train query reasoner + generator end to end; write the final checkpoint to ``out_dir/model``.
+
+    Args:
+        model: a model whose compressor is trained (SCP checkpoint); it stays frozen here.
+        records: questions with answers and ``gold_doc_ids`` (ids into ``corpus``).
+        corpus: id -> text; the whole mapping is the document pool negatives are drawn from.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / "model"
+    missing = sorted({d for r in records for d in r.gold_doc_ids if d not in corpus})
+    if missing:
+        raise ValueError(f"{len(missing)} gold document id(s) are not in the corpus, e.g. {missing[:5]}")
+    train = cfg.train
+    steps = total_steps(train, len(records))
+    if resume and run_finished(final, "e2e", steps):
+        load_adapter_weights(model, final)
+        return final
+    torch.manual_seed(train.seed)
+
+    doc_ids = list(corpus)
+    doc_index = {d: i for i, d in enumerate(doc_ids)}
+    pool, pool_n = compress_pool(model, [corpus[d] for d in doc_ids], compress_batch_size)
+    pool_flat = F.normalize(pool.flatten(1).float(), dim=-1)
+
+    model.copy_adapter("compressor", "query_reasoner")
+    model.set_trainable(["query_reasoner", "generator"], special=False)
+    optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
+    ckpt = Checkpointer(out_dir, train.keep_checkpoints)
+    start = ckpt.restore(model, optimizer, scheduler) if resume else 0
+    log = MetricsLog(out_dir, callback, start)
+    extra = {"stage": "e2e", "total_steps": steps, "config": to_dict(cfg)}
+    recall_key = f"recall@{min(cfg.top_k, cfg.n_candidates, len(doc_ids))}"
+
+    model.peft.train()
+    bar = tqdm(total=steps, initial=start, desc="e2e", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, recall_key: 0.0, "score_margin": 0.0}
+        for micro in range(train.grad_accum):
+            batch = [records[i] for i in batch_indices(step, micro, train, len(records))]
+            loss, parts = e2e_loss(model, batch, pool, pool_n, pool_flat, doc_index, cfg)
+            (loss / train.grad_accum).backward()
+            sums["loss"] += loss.item() / train.grad_accum
+            sums[recall_key] += parts[recall_key] / train.grad_accum
+            sums["score_margin"] += parts["score_margin"] / train.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), train.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        dt = time.perf_counter() - t0
+        if done % train.log_every == 0 or done == steps:
+            log(done, {**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "steps_per_s": 1.0 / dt})
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", recall=f"{sums[recall_key]:.2f}")
+        bar.update(1)
+        if done % train.checkpoint_every == 0 or done == steps:
+            ckpt.save(model, optimizer, scheduler, done, extra)
+    bar.close()
+    model.peft.eval()
+    save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
+    return final

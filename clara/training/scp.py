@@ -1,0 +1,170 @@
+"""Stage 1 (SCP) and stage 2 (instruction tuning): compressor + generator on compressed documents.
+
+Loss = CE(response tokens only) + lambda * MSE(mean memory state, mean document state), both means over the
+compressor's last layer (spec section 5). Stage 1 targets are a document's QA lines or its paraphrase; stage 2
+targets are a question's answer over k documents, with a fresh generator adapter.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from clara.config import SCPConfig, to_dict
+from clara.data.records import SCPRecord
+from clara.model import prompts
+from clara.model.checkpoint import load_adapter_weights, save_checkpoint
+from clara.model.clara_model import ClaraModel
+from clara.training.common import (
+    Checkpointer,
+    MetricsCallback,
+    MetricsLog,
+    batch_indices,
+    build_optimization,
+    run_finished,
+    total_steps,
+)
+
+
+@dataclass
+class Example:
+    """One training example: documents to compress, the user turn(s) to pick from, and the response."""
+
+    docs: list[str]
+    users: tuple[str, ...]
+    """User-turn templates holding ``{documents}``; one is drawn per use (paraphrase instructions vary)."""
+    target: str
+    system: str | None = None
+
+
+def build_examples(records: Sequence[SCPRecord], stage: str = "scp") -> list[Example]:
+    """Turn records into examples.
+
+    SCP (stage 1): a ``qa`` record's target is all its "Question/Answer" lines; a ``paraphrase`` record's target
+    is ``answers[0]`` under one of several rewording instructions.
+    Instruct (stage 2): each question of a ``qa`` record over its documents, with the paper's QA prompt and the
+    answer as target.
+    """
+    if stage not in ("scp", "instruct"):
+        raise ValueError(f"stage must be 'scp' or 'instruct', got {stage!r}")
+    out = []
+    for r in records:
+        if r.data_type == "paraphrase":
+            if stage == "scp":
+                out.append(Example(r.docs, prompts.PARAPHRASE_USER, r.answers[0]))
+        elif stage == "scp":
+            # One question with several acceptable answers pairs with the first of them.
+            answers = r.answers if len(r.answers) == len(r.questions) else r.answers[:1]
+            out.append(Example(r.docs, (prompts.SCP_QA_USER,), prompts.qa_lines(r.questions, answers)))
+        else:
+            answers = r.answers if len(r.questions) > 1 else r.answers[:1]
+            for q, a in zip(r.questions, answers):
+                user = prompts.QA_USER.replace("{question}", q)
+                out.append(Example(r.docs, (user,), a, prompts.QA_SYSTEM))
+    return out
+
+
+def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: float, max_target_len: int,
+                       rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+    """CE on the response given only compressed documents, plus the MSE alignment term.
+
+    Gradients reach the generator, the compressor (through the memory vectors) and the special-token rows.
+    """
+    docs = [d for ex in batch for d in ex.docs]
+    with model.adapter("compressor"):
+        enc = model.encode_texts(docs, max_len=model.cfg.doc_max_len)
+    memories = enc.unpad()
+    prompt_rows, targets, mems, at = [], [], [], 0
+    for ex in batch:
+        ex_mems = memories[at : at + len(ex.docs)]
+        at += len(ex.docs)
+        placeholder = "".join(model.placeholders(m.shape[0]) for m in ex_mems)
+        user = rng.choice(ex.users).replace("{documents}", placeholder)
+        prompt_rows.append(model.prompt_ids(user, ex.system))
+        targets.append(model.target_ids(ex.target, max_target_len))
+        mems.append(ex_mems)
+    with model.adapter("generator"):
+        ce = model.response_loss(prompt_rows, targets, mems)
+    mse = torch.nn.functional.mse_loss(enc.mem_mean.float(), enc.text_mean.float())
+    loss = ce + mse_weight * mse
+    return loss, {"ce": ce.item(), "mse": mse.item(), "doc_tokens": float(enc.n_tokens.sum()),
+                  "mem_tokens": float(enc.n_mem.sum())}
+
+
+def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, out_dir: str | Path, *,
+              stage: str = "scp", callback: MetricsCallback | None = None, resume: bool = True,
+              progress: bool = True) -> Path:
+    """Train compressor + generator (+ special rows) and write the final checkpoint to ``out_dir/model``.
+
+    Args:
+        stage: ``scp`` (stage 1) or ``instruct`` (stage 2: the generator adapter is re-initialised first).
+        callback: receives ``(step, metrics)``: loss, ce, mse, lr, grad_norm, steps_per_s, docs_per_s.
+        resume: continue from the latest step checkpoint in ``out_dir`` if there is one; a finished run
+            returns at once.
+
+    Returns:
+        The final checkpoint folder.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / "model"
+    examples = build_examples(records, stage)
+    if not examples:
+        raise ValueError("no training examples")
+    train = cfg.train
+    steps = total_steps(train, len(examples))
+    if resume and run_finished(final, stage, steps):
+        load_adapter_weights(model, final)
+        return final
+    torch.manual_seed(train.seed)
+    if stage == "instruct":
+        model.reset_adapter("generator")
+    model.set_trainable(["compressor", "generator"], special=True)
+    optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
+    ckpt = Checkpointer(out_dir, train.keep_checkpoints)
+    start = ckpt.restore(model, optimizer, scheduler) if resume else 0
+    log = MetricsLog(out_dir, callback, start)
+    extra = {"stage": stage, "total_steps": steps, "config": to_dict(cfg)}
+
+    model.peft.train()
+    bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "doc_tokens": 0.0, "mem_tokens": 0.0}
+        n_docs = 0
+        for micro in range(train.grad_accum):
+            idx = batch_indices(step, micro, train, len(examples))
+            batch = [examples[i] for i in idx]
+            n_docs += sum(len(ex.docs) for ex in batch)
+            rng = random.Random(train.seed * 1_000_003 + step * train.grad_accum + micro)
+            loss, parts = compressed_lm_loss(model, batch, cfg.mse_weight, cfg.max_target_len, rng)
+            (loss / train.grad_accum).backward()
+            sums["loss"] += loss.item() / train.grad_accum
+            for k, v in parts.items():
+                sums[k] += v / train.grad_accum if k in ("ce", "mse") else v
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), train.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        dt = time.perf_counter() - t0
+        done = step + 1
+        if done % train.log_every == 0 or done == steps:
+            log(done, {"loss": sums["loss"], "ce": sums["ce"], "mse": sums["mse"],
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "real_ratio": sums["doc_tokens"] / max(1.0, sums["mem_tokens"]),
+                       "steps_per_s": 1.0 / dt, "docs_per_s": n_docs / dt})
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", mse=f"{sums['mse']:.4f}")
+        bar.update(1)
+        if done % train.checkpoint_every == 0 or done == steps:
+            ckpt.save(model, optimizer, scheduler, done, extra)
+    bar.close()
+    model.peft.eval()
+    save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
+    return final
+
