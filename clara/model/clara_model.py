@@ -262,7 +262,11 @@ class ClaraModel(nn.Module):
         return self._encode_all(questions, batch_size, adapter="query_reasoner", query=True)
 
     def _encode_all(self, texts: Sequence[str], batch_size: int, adapter: str, query: bool) -> list[torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not a single string")
         texts = list(texts)
+        if not texts:
+            return []
         max_len = self.cfg.query_max_len if query else self.cfg.doc_max_len
         # Length-sorted batches waste less compute on padding; results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -294,6 +298,8 @@ class ClaraModel(nn.Module):
     # ------------------------------------------------------------------------------------------- prompts
 
     def placeholders(self, n: int) -> str:
+        if not 1 <= n <= self.cfg.n_mem_max:
+            raise ValueError(f"a document has 1..{self.cfg.n_mem_max} memory tokens at this rate, not {n}")
         return "".join(mem_token(i) for i in range(n)) + SEP_TOKEN
 
     def prompt_ids(self, user: str, system: str | None = None) -> list[int]:

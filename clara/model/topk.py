@@ -36,7 +36,8 @@ def differentiable_topk(scores: torch.Tensor, k: int, tau: float = 0.02) -> tupl
     for j in range(k):
         hard = torch.nn.functional.one_hot(idx[:, j], n).to(scores.dtype)
         soft = torch.softmax(logits + torch.log(1.0 - taken + 1e-8).to(scores.dtype), dim=-1)
-        slots.append(hard + soft - soft.detach())
+        # Parenthesised so that the value is exactly `hard`: (soft - soft) is 0, (hard + soft) - soft is not.
+        slots.append(hard + (soft - soft.detach()))
         taken = taken + hard.float()
     return torch.stack(slots, dim=1), idx
 

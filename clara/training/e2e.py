@@ -89,7 +89,32 @@ def e2e_loss(model: ClaraModel, batch: Sequence[QARecord], pool: torch.Tensor, p
     with model.adapter("generator"):
         ce = model.response_loss(prompts_ids, targets, memories)
     return ce, {"ce": ce.item(), f"recall@{k}": recall_at_k(picked, candidates, positives),
-                "score_margin": float((scores.max(-1).values - scores.mean(-1)).mean())}
+                "score_margin": float((scores.max(-1).values - scores.mean(-1)).mean().detach())}
+
+
+@torch.no_grad()
+def selection_recall(model: ClaraModel, records: Sequence[QARecord], pool_flat: torch.Tensor,
+                     doc_index: Mapping[str, int], cfg: E2EConfig, batch_size: int = 16) -> float:
+    """Recall@k of the top-k the current query reasoner selects among positives + retrieved negatives.
+
+    The same candidate protocol as training, without gradients: a fixed yardstick to compare before and after.
+    """
+    total, count = 0.0, 0
+    n_cand = min(cfg.n_candidates, pool_flat.shape[0])
+    k = min(cfg.top_k, n_cand)
+    queries = model.encode_queries([r.question for r in records], batch_size=batch_size)
+    for s in range(0, len(records), batch_size):
+        batch = records[s : s + batch_size]
+        q = F.normalize(torch.stack(queries[s : s + batch_size]).flatten(1).float(), dim=-1)
+        positives = [[doc_index[d] for d in r.gold_doc_ids if d in doc_index] for r in batch]
+        candidates = pick_candidates(q @ pool_flat.T, positives, n_cand)
+        scores = torch.einsum("bf,bnf->bn", q, pool_flat[candidates])
+        picked = scores.topk(k, dim=-1).indices
+        with_pos = sum(1 for p in positives if p)
+        if with_pos:
+            total += recall_at_k(picked, candidates, positives) * with_pos
+            count += with_pos
+    return total / count if count else float("nan")
 
 
 def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[str, str], cfg: E2EConfig,

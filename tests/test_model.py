@@ -1,0 +1,166 @@
+import math
+
+import pytest
+import torch
+
+from clara.config import COMPRESSION_RATES, preset
+from clara.model import ADAPTERS, ClaraModel
+
+from conftest import perturb
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One tiny model per (rate, mode); building is cheap once peft is imported."""
+    cache = {}
+
+    def get(rate, mode):
+        if (rate, mode) not in cache:
+            m = ClaraModel.build(preset("tiny", compression_rate=rate, length_mode=mode))
+            perturb(m)
+            cache[(rate, mode)] = m
+        return cache[(rate, mode)]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", ["fixed", "proportional"])
+@pytest.mark.parametrize("rate", COMPRESSION_RATES)
+def test_compress_shapes_and_real_ratio(models, docs, rate, mode):
+    model = models(rate, mode)
+    mems = model.compress(docs)
+    lengths = [len(t) for t in model.tokenize_texts(docs, model.cfg.doc_max_len)]
+    for m, n_tok in zip(mems, lengths):
+        expected = 256 // rate if mode == "fixed" else max(1, math.ceil(n_tok / rate))
+        assert m.shape == (expected, 64)
+        assert torch.isfinite(m).all()
+    stats = model.compression_stats(docs)
+    assert stats["nominal_rate"] == rate
+    assert stats["real_ratio"] == pytest.approx(sum(lengths) / sum(m.shape[0] for m in mems))
+    # A query covers every slot a document can use, whatever the mode.
+    q = model.encode_queries(["Where is Paris?"])[0]
+    assert q.shape == (model.cfg.n_mem_max, 64)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "proportional"])
+def test_batched_compression_equals_one_at_a_time(models, docs, mode):
+    model = models(16, mode)
+    together = model.compress(docs, batch_size=8)
+    for doc, m in zip(docs, together):
+        alone = model.compress([doc])[0]
+        assert torch.allclose(alone, m, atol=1e-5)
+
+
+def test_documents_are_truncated_to_max_len(tiny_model):
+    long_doc = "word " * 2000
+    n_tok = len(tiny_model.tokenize_texts([long_doc], tiny_model.cfg.doc_max_len)[0])
+    assert n_tok == tiny_model.cfg.doc_max_len
+    assert tiny_model.compress([long_doc])[0].shape[0] == tiny_model.cfg.n_mem_max
+
+
+def test_three_adapters_are_distinct_and_switchable(tiny_model, docs):
+    outs = {}
+    with torch.no_grad():
+        for name in (*ADAPTERS, None):
+            with tiny_model.adapter(name):
+                outs[name] = tiny_model.encode_texts(docs[:1], max_len=64).memory
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.allclose(outs[a], outs[b]), f"{a} and {b} gave the same states"
+    # The context manager restores the previously active adapter.
+    before = tiny_model.peft.active_adapter
+    with tiny_model.adapter("generator"):
+        assert tiny_model.peft.active_adapter == "generator"
+    assert tiny_model.peft.active_adapter == before
+    with pytest.raises(ValueError, match="unknown adapter"):
+        with tiny_model.adapter("retriever"):
+            pass
+
+
+def test_query_reasoner_copy_of_compressor_encodes_like_a_document(tiny_model):
+    tiny_model.copy_adapter("compressor", "query_reasoner")
+    text = ["Who wrote Hamlet?"]
+    assert torch.allclose(tiny_model.compress(text)[0], tiny_model.encode_queries(text)[0], atol=1e-6)
+
+
+def test_only_chosen_adapters_and_special_rows_train(tiny_model):
+    base_before = {n: p.clone() for n, p in tiny_model.peft.named_parameters() if "lora_" not in n}
+    tiny_model.set_trainable(["compressor", "generator"], special=True)
+    trainable = {id(p) for p in tiny_model.trainable_parameters()}
+    for name, p in tiny_model.peft.named_parameters():
+        if "lora_" not in name:
+            assert not p.requires_grad, name
+        else:
+            assert p.requires_grad == (".query_reasoner." not in name), name
+            assert p.requires_grad == (id(p) in trainable)
+    assert tiny_model.special.requires_grad
+    # Switching adapters (peft flips requires_grad on set_adapter) must not change the policy.
+    with tiny_model.adapter("query_reasoner"):
+        assert not any(p.requires_grad for n, p in tiny_model.peft.named_parameters() if ".query_reasoner." in n)
+    # A backward pass through compressor + generator reaches the special rows but not the base.
+    from clara.training.scp import Example, compressed_lm_loss
+    import random
+
+    ex = Example(["Paris is in France."], ("Background:\n{documents} means the same as",), "Paris is in France.")
+    loss, parts = compressed_lm_loss(tiny_model, [ex], 0.1, 32, random.Random(0))
+    loss.backward()
+    assert tiny_model.special.grad is not None and tiny_model.special.grad.abs().sum() > 0
+    assert parts["ce"] > 0 and parts["mse"] > 0
+    for n, p in tiny_model.peft.named_parameters():
+        if "lora_" not in n:
+            assert p.grad is None and torch.equal(p, base_before[n])
+
+
+def test_special_rows_do_not_touch_the_base_embedding(tiny_model):
+    emb = tiny_model.input_embeddings.weight
+    ids = torch.tensor([[tiny_model.enc_id, tiny_model.mem_ids[0], 5]])
+    out = tiny_model.embed(ids)
+    assert torch.equal(out[0, 0], tiny_model.special[-2].to(out.dtype))
+    assert torch.equal(out[0, 1], tiny_model.special[0].to(out.dtype))
+    assert torch.equal(out[0, 2], emb[5])
+    assert emb.shape[0] <= tiny_model.first_special_id  # no resize of the base vocabulary
+
+
+def test_generate_batched_equals_single(tiny_model, docs):
+    mems = tiny_model.compress(docs)
+    questions = ["Where is Paris?", "Which river?", "What is Python?"]
+    memories = [[mems[0]], [mems[1], mems[0]], [mems[2], mems[1], mems[0]]]
+    together = tiny_model.generate(questions, memories, max_new_tokens=6)
+    for q, m, t in zip(questions, memories, together):
+        assert tiny_model.generate([q], [m], max_new_tokens=6)[0] == t
+
+
+def test_generation_stops_at_eos_and_never_emits_special_tokens(tiny_model, docs):
+    mem = tiny_model.compress(docs[:1])
+    row = [tiny_model.qa_prompt("Where?", [mem[0].shape[0]])]
+    with tiny_model.adapter("generator"):
+        free = tiny_model.greedy_decode(row, [mem], max_new_tokens=12)[0]
+    assert len(free) == 12
+    assert all(t < tiny_model.first_special_id for t in free)
+    # Declare the 4th generated token to be EOS: decoding must stop right there and drop it.
+    stop = free[3]
+    with tiny_model.adapter("generator"):
+        stopped = tiny_model.greedy_decode(row, [mem], max_new_tokens=12, eos_token_id=stop)[0]
+    assert stopped == free[: free.index(stop)]
+
+
+def test_prompt_memory_mismatch_is_an_error(tiny_model, docs):
+    mem = tiny_model.compress(docs[:1])[0]
+    row = tiny_model.qa_prompt("q", [mem.shape[0] - 1])
+    with pytest.raises(ValueError, match="memory slots"):
+        tiny_model.embed_prompts([row], [[mem]], left_pad=True)
+    with pytest.raises(ValueError, match="memory tokens at this rate"):
+        tiny_model.qa_prompt("q", [mem.shape[0] + 1])
+
+
+def test_raw_text_baseline_and_paraphrase(tiny_model, docs):
+    answers = tiny_model.generate_from_text(["Where is Paris?"], [docs[:2]], max_new_tokens=4)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+    para = tiny_model.paraphrase(tiny_model.compress(docs[:2]), max_new_tokens=4)
+    assert len(para) == 2
+
+
+def test_single_string_is_rejected(tiny_model):
+    with pytest.raises(TypeError):
+        tiny_model.compress("just one string")
