@@ -94,8 +94,7 @@ def build_tiny_model(vocab_size: int, hidden: int = 64, layers: int = 2, seed: i
         eos_token_id=2,
         pad_token_id=0,
     )
-    gen = torch.random.fork_rng()
-    with gen:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model

@@ -81,9 +81,12 @@ class ClaraModel(nn.Module):
                               target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
 
         # PEFT keeps adapter weights in fp32 even on a bf16 base (autocast_adapter_dtype), as mixed precision wants.
-        self.peft = get_peft_model(base, lora(), adapter_name=ADAPTERS[0])
-        for name in ADAPTERS[1:]:
-            self.peft.add_adapter(name, lora())
+        # LoRA A matrices are drawn at random: seed them so a model is a pure function of its config.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.peft = get_peft_model(base, lora(), adapter_name=ADAPTERS[0])
+            for name in ADAPTERS[1:]:
+                self.peft.add_adapter(name, lora())
         self._adapter_params = {
             name: [p for n, p in self.peft.named_parameters() if "lora_" in n and f".{name}." in n]
             for name in ADAPTERS

@@ -1,0 +1,86 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from clara.model.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+
+
+def _no_unpickling(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("checkpoint loading tried to unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+def test_save_load_gives_identical_outputs_without_pickle(tiny_model, docs, tmp_path, monkeypatch):
+    path = save_checkpoint(tiny_model, tmp_path / "ckpt", extra={"note": "x"})
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert all(f.endswith((".json", ".safetensors")) for f in files), files
+    for name in ("compressor", "generator", "query_reasoner"):
+        assert f"adapters/{name}/adapter_model.safetensors" in files
+        assert f"adapters/{name}/adapter_config.json" in files
+    assert "special_embeddings.safetensors" in files and "base/model.safetensors" in files
+
+    _no_unpickling(monkeypatch)
+    loaded = load_checkpoint(path)
+    for a, b in zip(tiny_model.compress(docs), loaded.compress(docs)):
+        assert torch.equal(a, b)
+    for a, b in zip(tiny_model.encode_queries(["Where?"]), loaded.encode_queries(["Where?"])):
+        assert torch.equal(a, b)
+    mems = tiny_model.compress(docs[:2])
+    q = ["Where is Paris?"]
+    assert tiny_model.generate(q, [mems], max_new_tokens=8) == loaded.generate(q, [mems], max_new_tokens=8)
+    assert read_checkpoint_config(path)["extra"] == {"note": "x"}
+    assert loaded.cfg == tiny_model.cfg
+
+
+def test_run_folder_resolves_to_its_model(tiny_model, tmp_path):
+    save_checkpoint(tiny_model, tmp_path / "run" / "model")
+    assert read_checkpoint_config(tmp_path / "run")["model"]["base"] == "tiny"
+
+
+def test_overwrite_is_atomic_and_leaves_no_temp(tiny_model, tmp_path):
+    save_checkpoint(tiny_model, tmp_path / "c")
+    save_checkpoint(tiny_model, tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_bad_checkpoints_fail_clearly(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a clara checkpoint"):
+        load_checkpoint(tmp_path)
+    path = save_checkpoint(tiny_model, tmp_path / "c")
+    meta = json.loads((path / "clara.json").read_text())
+    meta["format"] = "something-else"
+    (path / "clara.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unsupported checkpoint format"):
+        load_checkpoint(path)
+    path = save_checkpoint(tiny_model, tmp_path / "d")
+    (path / "adapters" / "generator" / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="generator"):
+        load_checkpoint(path)
+
+
+def test_loads_in_another_dtype(tiny_model, docs, tmp_path):
+    path = save_checkpoint(tiny_model, tmp_path / "c")
+    bf16 = load_checkpoint(path, dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    ref = tiny_model.compress(docs[:1])[0]
+    got = bf16.compress(docs[:1])[0].float()
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_checkpoint_loads_on_gpu(tiny_model, docs, tmp_path):
+    path = save_checkpoint(tiny_model, tmp_path / "c")
+    gpu = load_checkpoint(path, device="cuda", dtype="float32")
+    assert gpu.device.type == "cuda"
+    for a, b in zip(tiny_model.compress(docs), gpu.compress(docs)):
+        assert torch.allclose(a, b.cpu(), atol=1e-4)
+    path2 = save_checkpoint(gpu, tmp_path / "from-gpu")
+    back = load_checkpoint(path2, device="cpu")
+    assert torch.allclose(back.compress(docs[:1])[0], tiny_model.compress(docs[:1])[0], atol=1e-4)
