@@ -35,12 +35,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _read_config(path: Optional[Path]) -> dict:
-    if path is None:
-        return {}
-    import tomllib
+    from clara.config import read_config_file
 
-    text = path.read_text(encoding="utf-8")
-    return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    return read_config_file(path) if path is not None else {}
 
 
 def _fail(exc: Exception) -> None:
@@ -153,7 +150,7 @@ def train_e2e_cmd(
         docs = load_corpus(corpus)
         raw = _read_config(config)
         raw.update({k: v for k, v in dict(n_candidates=candidates, top_k=top_k, tau=tau).items() if v is not None})
-        raw["train"] = _merge(raw.get("train", {"optim": {"lr": 5e-6}}),
+        raw["train"] = _merge(raw.get("train", {}),
                               _train_overrides(batch_size, grad_accum, max_steps, lr, checkpoint_every, seed))
         cfg = _from_dict(E2EConfig, raw)
         model = load_checkpoint(init, device=device)

@@ -160,7 +160,11 @@ class E2EConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
-            self.train = _from_dict(TrainConfig, self.train)
+            train = dict(self.train)
+            optim = train.setdefault("optim", {})
+            if isinstance(optim, dict):  # the E2E learning rate differs from TrainConfig's SCP default
+                train["optim"] = {"lr": 5e-6, **optim}
+            self.train = _from_dict(TrainConfig, train)
         if not 1 <= self.top_k <= self.n_candidates:
             raise ValueError(f"need 1 <= top_k ({self.top_k}) <= n_candidates ({self.n_candidates})")
         if self.tau <= 0:
@@ -208,15 +212,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict: TOML for ``.toml``, JSON otherwise."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a config file must hold an object/table at the top level")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
     """Read a stage config from a JSON or TOML file (or none), then apply keyword overrides on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        text = p.read_text(encoding="utf-8")
-        try:
-            data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
+    data = read_config_file(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return _from_dict(cls, data)
