@@ -17,6 +17,14 @@ app.add_typer(model_app, name="model")
 
 PresetOpt = typer.Option("smollm2-135m", help="Model preset (tiny, smollm2-135m, mistral-7b) or a model path.")
 ConfigOpt = typer.Option(None, help="JSON/TOML stage config; command-line options override its fields.")
+DeviceOpt = typer.Option(None, help="cpu, cuda, cuda:1 … (default: auto).")
+BatchOpt = typer.Option(None, help="Examples per micro-batch.")
+AccumOpt = typer.Option(None, help="Micro-batches per optimizer step.")
+StepsOpt = typer.Option(None, help="Optimizer steps (0: whole epochs).")
+LrOpt = typer.Option(None, help="Peak learning rate.")
+EveryOpt = typer.Option(None, help="Steps between resumable checkpoints.")
+SeedOpt = typer.Option(None, help="Data order / dropout seed.")
+ResumeOpt = typer.Option(True, help="Continue from the latest checkpoint in --out.")
 
 
 def _train_overrides(batch_size, grad_accum, max_steps, lr, checkpoint_every, seed) -> dict:
@@ -53,14 +61,14 @@ def train_scp_cmd(
     config: Optional[Path] = ConfigOpt,
     rate: Optional[int] = typer.Option(None, help="Compression rate: 4, 16, 32, 64, 128 or 256."),
     length_mode: Optional[str] = typer.Option(None, help="fixed (n = max_len/rate) or proportional."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: auto)."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (0: whole epochs)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between resumable checkpoints."),
-    seed: Optional[int] = typer.Option(None, help="Data order / dropout seed."),
-    resume: bool = typer.Option(True, help="Continue from the latest checkpoint in --out."),
+    device: Optional[str] = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    grad_accum: Optional[int] = AccumOpt,
+    max_steps: Optional[int] = StepsOpt,
+    lr: Optional[float] = LrOpt,
+    checkpoint_every: Optional[int] = EveryOpt,
+    seed: Optional[int] = SeedOpt,
+    resume: bool = ResumeOpt,
 ) -> None:
     """Stage 1: salient compressor pretraining (compressor + generator + memory-token rows)."""
     _train_compressor(data, out, preset, config, rate, length_mode, device, batch_size, grad_accum, max_steps,
@@ -73,14 +81,14 @@ def train_instruct_cmd(
     out: Path = typer.Option(..., help="Run folder."),
     init: Path = typer.Option(..., exists=True, help="SCP checkpoint (or run folder) to continue from."),
     config: Optional[Path] = ConfigOpt,
-    device: Optional[str] = typer.Option(None, help="cpu, cuda … (default: auto)."),
-    batch_size: Optional[int] = typer.Option(None),
-    grad_accum: Optional[int] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    checkpoint_every: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    resume: bool = typer.Option(True),
+    device: Optional[str] = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    grad_accum: Optional[int] = AccumOpt,
+    max_steps: Optional[int] = StepsOpt,
+    lr: Optional[float] = LrOpt,
+    checkpoint_every: Optional[int] = EveryOpt,
+    seed: Optional[int] = SeedOpt,
+    resume: bool = ResumeOpt,
 ) -> None:
     """Stage 2: instruction tuning on QA over k compressed documents (fresh generator, compressor continues)."""
     _train_compressor(data, out, "", config, None, None, device, batch_size, grad_accum, max_steps, lr,
@@ -126,17 +134,17 @@ def train_e2e_cmd(
     out: Path = typer.Option(..., help="Run folder."),
     init: Path = typer.Option(..., exists=True, help="SCP (or instruct) checkpoint whose compressor is kept."),
     config: Optional[Path] = ConfigOpt,
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = DeviceOpt,
     candidates: Optional[int] = typer.Option(None, help="Candidates per question (N, default 20)."),
     top_k: Optional[int] = typer.Option(None, help="Documents selected for the generator (k, default 5)."),
     tau: Optional[float] = typer.Option(None, help="Soft top-k temperature (default 0.02)."),
-    batch_size: Optional[int] = typer.Option(None),
-    grad_accum: Optional[int] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    checkpoint_every: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    resume: bool = typer.Option(True),
+    batch_size: Optional[int] = BatchOpt,
+    grad_accum: Optional[int] = AccumOpt,
+    max_steps: Optional[int] = StepsOpt,
+    lr: Optional[float] = LrOpt,
+    checkpoint_every: Optional[int] = EveryOpt,
+    seed: Optional[int] = SeedOpt,
+    resume: bool = ResumeOpt,
 ) -> None:
     """Stage 3: train query reasoner + generator from the answer loss through differentiable top-k."""
     from clara.config import E2EConfig, _from_dict
@@ -173,7 +181,7 @@ def model_paraphrase(
     checkpoint: Path = typer.Argument(..., exists=True, help="Checkpoint or run folder."),
     text: str = typer.Option(..., help="Document to compress and read back."),
     max_new_tokens: int = typer.Option(128),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = DeviceOpt,
 ) -> None:
     """Compress a document and print what the generator reads back from its memory tokens."""
     from clara.model.checkpoint import load_checkpoint
