@@ -24,6 +24,7 @@ from torch import nn
 from clara.config import ModelConfig
 from clara.model import prompts
 from clara.model.base import load_base, resolve_device, resolve_dtype
+from clara.model.decoding import greedy_decode
 
 ADAPTERS = ("compressor", "generator", "query_reasoner")
 ENC_TOKEN = "<ENC>"
@@ -371,42 +372,15 @@ class ClaraModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ generate
 
-    @torch.no_grad()
     def greedy_decode(self, rows: list[list[int]], memories: list[list[torch.Tensor]], max_new_tokens: int,
                       eos_token_id: int | Sequence[int] | None = None) -> list[list[int]]:
-        """Greedy decoding with a KV cache from (left-padded) prompts; each row stops at its first EOS."""
+        """Greedy decoding of prompt rows (memory vectors spliced in) under the active adapter."""
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
-        eos_t = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=self.device)
         embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=True)
-        # Explicit positions: with left padding each row's first real token must be position 0.
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        model = self.base_model
-        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        b = len(rows)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        produced: list[list[int]] = [[] for _ in range(b)]
-        for _ in range(max_new_tokens):
-            logits = self._logits_from_out(out)
-            nxt = logits.argmax(-1)
-            for i in range(b):
-                if not done[i]:
-                    produced[i].append(int(nxt[i]))
-            done |= torch.isin(nxt, eos_t)
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            pos = pos[:, -1:] + 1
-            out = model(inputs_embeds=self.embed(nxt.unsqueeze(1)), attention_mask=mask, position_ids=pos,
-                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-        return [[t for t in p if t not in eos_t.tolist()] for p in produced]
-
-    def _logits_from_out(self, out) -> torch.Tensor:
-        logits = out.logits[:, -1, :].float()
         # The special tokens are inputs only; the model must never emit them.
-        lo = self.first_special_id
-        if lo < logits.shape[-1]:
-            logits[:, lo : lo + len(self.special_tokens)] = float("-inf")
-        return logits
+        banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
+        return greedy_decode(self.base_model, self.embed, embeds, mask, max_new_tokens,
+                             [eos] if isinstance(eos, int) else list(eos), banned)
 
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None):
         was_training = self.peft.training

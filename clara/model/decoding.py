@@ -1,0 +1,47 @@
+"""Batched greedy decoding with a KV cache over input embeddings, shared by the CLaRa generator and the
+local teacher LM."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+@torch.no_grad()
+def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor,
+                  max_new_tokens: int, eos_ids: Sequence[int], banned: tuple[int, int] | None = None
+                  ) -> list[list[int]]:
+    """Decode greedily from left-padded prompt embeddings; each row stops at its first EOS (not returned).
+
+    Args:
+        lm: a causal LM taking ``inputs_embeds`` / ``position_ids`` / ``past_key_values``.
+        embed: maps new token ids [B, 1] to input embeddings.
+        embeds, mask: [B, L, H] left-padded prompt embeddings and their attention mask.
+        banned: a [lo, hi) id range never to emit (CLaRa's input-only special tokens).
+    """
+    eos = set(int(e) for e in eos_ids)
+    # Explicit positions: with left padding each row's first real token must be position 0.
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    b = embeds.shape[0]
+    done = [False] * b
+    produced: list[list[int]] = [[] for _ in range(b)]
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if banned is not None and banned[0] < logits.shape[-1]:
+            logits[:, banned[0] : banned[1]] = float("-inf")
+        nxt = logits.argmax(-1)
+        for i, tok in enumerate(nxt.tolist()):  # one device sync per step, not per row
+            if not done[i]:
+                if tok in eos:
+                    done[i] = True
+                else:
+                    produced[i].append(tok)
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = lm(inputs_embeds=embed(nxt.unsqueeze(1)), attention_mask=mask, position_ids=pos,
+                 past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    return produced
