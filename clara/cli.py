@@ -12,8 +12,10 @@ import typer
 app = typer.Typer(help="CLaRa: compress documents into memory tokens and answer from them.", no_args_is_help=True)
 train_app = typer.Typer(help="Train a stage: scp (1), instruct (2), e2e (3).", no_args_is_help=True)
 model_app = typer.Typer(help="Inspect a model or checkpoint.", no_args_is_help=True)
+data_app = typer.Typer(help="Corpus ingestion and data versioning (DVC).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
 
 PresetOpt = typer.Option("smollm2-135m", help="Model preset (tiny, smollm2-135m, mistral-7b) or a model path.")
 ConfigOpt = typer.Option(None, help="JSON/TOML stage config; command-line options override its fields.")
@@ -191,6 +193,122 @@ def model_paraphrase(
     typer.echo(f"memory tokens: {memory.shape[0]} x {memory.shape[1]}  "
                f"(real ratio {model.compression_stats([text])['real_ratio']:.1f})")
     typer.echo(model.paraphrase([memory], max_new_tokens=max_new_tokens)[0])
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+CorpusOpt = typer.Option(..., help="Corpus: a JSONL file {id,title,text}, a folder of .txt/.md, or 'bundled' "
+                                   "(the Wikipedia summaries).")
+OnErrorOpt = typer.Option("fail", help="fail: stop at the first bad row; skip: write it to the rejects file.")
+SplitPresetOpt = typer.Option("smollm2-135m", help="Preset whose tokenizer and document length decide passage "
+                                                    "splitting.")
+
+
+def _ingest(corpus: str, on_error: str, preset: str, max_doc_tokens: Optional[int]):
+    from clara.config import preset as make_preset
+    from clara.data.corpus import ingest_bundled, ingest_path
+    from clara.model.base import load_tokenizer
+
+    cfg = make_preset(preset)
+    tok = load_tokenizer(cfg.base)
+    limit = max_doc_tokens or cfg.doc_max_len
+    kwargs = dict(on_error=on_error, max_tokens=limit,
+                  count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+    return ingest_bundled(**kwargs) if corpus == "bundled" else ingest_path(corpus, **kwargs)
+
+
+@data_app.command("ingest")
+def data_ingest(
+    corpus: str = CorpusOpt,
+    out: Path = typer.Option(..., help="Where to write the validated corpus (JSONL); rejects go beside it."),
+    on_error: str = OnErrorOpt,
+    preset: str = SplitPresetOpt,
+    max_doc_tokens: Optional[int] = typer.Option(None, help="Split longer documents (default: the preset's)."),
+) -> None:
+    """Validate, de-duplicate and split a corpus into passages; canonical bytes, so the same DVC hash anywhere."""
+    from clara.data.corpus import IngestError, write_corpus, write_rejects
+
+    try:
+        docs, report = _ingest(corpus, on_error, preset, max_doc_tokens)
+    except (IngestError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    write_corpus(docs, out)
+    rejects = out.with_name(out.stem + ".rejects.jsonl")
+    write_rejects(report.rejects, rejects)
+    typer.echo(json.dumps(report.summary(), indent=2))
+    typer.echo(f"wrote {out} ({len(docs)} passages); rejects: {rejects}")
+
+
+@app.command("synthesize")
+def synthesize_cmd(
+    corpus: str = CorpusOpt,
+    out: Path = typer.Option(..., help="Output folder (resumed if it holds an earlier run)."),
+    teacher: str = typer.Option("extractive", help="extractive (offline spaCy cloze), transformers (local LM), "
+                                                   "or openai (any OpenAI-compatible endpoint)."),
+    model: Optional[str] = typer.Option(None, help="Teacher model: a preset/path (transformers) or a model name "
+                                                   "(openai)."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://gpu-box:8000/v1."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key."),
+    concurrency: int = typer.Option(4, help="Requests in flight at once (openai teacher)."),
+    timeout: float = typer.Option(60.0, help="Seconds per request (openai teacher)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N passages of the corpus."),
+    on_error: str = OnErrorOpt,
+    preset: str = SplitPresetOpt,
+    coverage_rounds: int = typer.Option(2, help="Supplementary rounds for uncovered facts (paper: 10)."),
+    min_coverage: float = typer.Option(0.0, help="Drop documents whose pairs cover less than this share."),
+    dev_fraction: float = typer.Option(0.1, help="Share of documents in the dev split."),
+    batch_docs: int = typer.Option(8, help="Documents per teacher batch."),
+    seed: int = typer.Option(0, help="Split seed."),
+    device: str = typer.Option("auto", help="Device of a local teacher."),
+) -> None:
+    """Stage 0: write simple QA, complex QA and paraphrases per document, verified against it."""
+    from clara.data.corpus import IngestError, write_rejects
+    from clara.data.synthesis import SynthesisConfig, synthesize
+    from clara.data.teachers import TeacherError, build_teacher
+
+    try:
+        docs, ingest_report = _ingest(corpus, on_error, preset, None)
+        if limit is not None:
+            docs = docs[:limit]
+        out.mkdir(parents=True, exist_ok=True)
+        write_rejects(ingest_report.rejects, out / "corpus_rejects.jsonl")
+        t = build_teacher(teacher, model=model, base_url=base_url, api_key_env=api_key_env,
+                          concurrency=concurrency, device=device, timeout=timeout)
+        cfg = SynthesisConfig(coverage_rounds=coverage_rounds, min_coverage=min_coverage,
+                              dev_fraction=dev_fraction, seed=seed, batch_docs=batch_docs)
+        report = synthesize(docs, t, out, cfg, corpus_report=ingest_report.summary())
+    except (IngestError, FileNotFoundError, ValueError, TeacherError) as exc:
+        _fail(exc)
+    typer.echo((out / "report.md").read_text(encoding="utf-8"))
+    typer.echo(f"train: {out / 'train.jsonl'}  dev: {out / 'dev.jsonl'}  ({report['documents_kept']} documents)")
+
+
+@data_app.command("snapshot")
+def data_snapshot(
+    repo: Path = typer.Option(Path("."), help="The git + DVC repository."),
+    target: str = typer.Option("data", help="The tracked folder."),
+    push: bool = typer.Option(True, help="Push to the default DVC remote."),
+    commit: bool = typer.Option(False, help="Also git-commit the .dvc file."),
+) -> None:
+    """dvc add (+ push) the data folder and print its version (the md5 in data.dvc)."""
+    from clara.data.versioning import DataVersionError, snapshot
+
+    try:
+        typer.echo(snapshot(repo, target, push=push, git_commit=commit))
+    except DataVersionError as exc:
+        _fail(exc)
+
+
+@data_app.command("version")
+def data_version_cmd(repo: Path = typer.Option(Path("."), help="The git + DVC repository."),
+                     target: str = typer.Option("data", help="The tracked folder.")) -> None:
+    """Print the current data version (the md5 recorded in data.dvc)."""
+    from clara.data.versioning import data_version
+
+    version = data_version(repo, target)
+    if version is None:
+        _fail(FileNotFoundError(f"{repo / (target + '.dvc')} not found: run `clara data snapshot` first"))
+    typer.echo(version)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,15 @@ def convert_smollm2(target: Path | None = None) -> Path:
 
 # -------------------------------------------------------------------------------------------------- entry
 
+def load_tokenizer(base: str):
+    """Only the tokenizer of ``base`` (for counting tokens when splitting documents into passages)."""
+    from transformers import AutoTokenizer
+
+    if base == "tiny":
+        return build_tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(convert_smollm2() if base == "smollm2-135m" else base)
+
+
 def load_base(base: str, *, device: torch.device, dtype: torch.dtype, seed: int = 0,
               tiny_hidden: int = 64, tiny_layers: int = 2, local_dir: Path | None = None):
     """Load (model, tokenizer) for ``base``; the model is in eval mode, frozen, on ``device`` in ``dtype``.

@@ -1,0 +1,300 @@
+"""Corpus ingestion: read, validate, de-duplicate and split documents into passages.
+
+Inputs: JSONL rows ``{"id", "title", "text"}`` (extra fields are kept as metadata), or a folder of ``.txt`` /
+``.md`` files (id = path relative to the folder). Every bad row gets a reason that names file and line; per run
+choose ``fail`` (stop at the first) or ``skip`` (keep going, write each skipped row to a rejects file).
+Documents longer than the model's document length are split on sentence boundaries into passages that keep
+their parent id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+from clara.data.records import RecordError
+
+OnError = Literal["fail", "skip"]
+TEXT_SUFFIXES = (".txt", ".md")
+DEFAULT_MAX_CHARS = 200_000
+"""Longer than this is not a document but a mistake (a whole book, a binary dump): rejected, not split."""
+
+
+class IngestError(RecordError):
+    """A corpus row that cannot be used; the message starts with ``file:line:`` (or the file path)."""
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    text: str
+    parent_id: str | None = None
+    """Set on passages split from a longer document."""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def row(self) -> dict[str, Any]:
+        row = {"id": self.id, "title": self.title, "text": self.text}
+        if self.parent_id is not None:
+            row["parent_id"] = self.parent_id
+        row.update({k: v for k, v in self.meta.items() if k not in row})
+        return row
+
+    @property
+    def full_text(self) -> str:
+        """What models see: the title on its own line, then the text."""
+        return f"{self.title}\n{self.text}" if self.title else self.text
+
+
+@dataclass
+class Reject:
+    where: str
+    reason: str
+    id: str | None = None
+
+
+@dataclass
+class IngestReport:
+    source: str
+    rows_read: int = 0
+    documents: int = 0
+    passages: int = 0
+    split_documents: int = 0
+    identical_duplicates: int = 0
+    rejects: list[Reject] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rejects"] = len(self.rejects)
+        reasons: dict[str, int] = {}
+        for r in self.rejects:
+            key = r.reason.split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        d["reject_reasons"] = reasons
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """(where, row or None, error or None) per non-blank line."""
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, None, f"not valid UTF-8 (byte {exc.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+                continue
+            if not isinstance(obj, dict):
+                yield where, None, f"malformed row: expected a JSON object, got {type(obj).__name__}"
+                continue
+            yield where, obj, None
+
+
+def _iter_folder(root: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES):
+        rel = path.relative_to(root).as_posix()
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield str(path), None, f"not valid UTF-8 (byte {exc.start})"
+            continue
+        title = path.stem.replace("_", " ")
+        if path.suffix.lower() == ".md":
+            heading = re.match(r"\s*#\s+(.+)\n", text)
+            if heading:
+                title, text = heading.group(1).strip(), text[heading.end():]
+        yield str(path), {"id": rel, "title": title, "text": text}, None
+
+
+def _validate(obj: dict[str, Any], max_chars: int) -> tuple[Document | None, str | None]:
+    doc_id = obj.get("id")
+    if doc_id is None or (isinstance(doc_id, str) and not doc_id.strip()):
+        return None, "missing field: 'id'"
+    if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
+        return None, f"bad field: 'id' must be a string or integer, got {type(doc_id).__name__}"
+    text = obj.get("text")
+    if text is None:
+        return None, "missing field: 'text'"
+    if not isinstance(text, str):
+        return None, f"bad field: 'text' must be a string, got {type(text).__name__}"
+    text = text.replace("\r\n", "\n").strip()
+    if not text:
+        return None, "empty document: 'text' is blank"
+    if len(text) > max_chars:
+        return None, f"document too large: {len(text):,} characters (limit {max_chars:,})"
+    if "\x00" in text:
+        return None, "binary content: 'text' contains NUL bytes"
+    title = obj.get("title", "")
+    if title is None:
+        title = ""
+    if not isinstance(title, str):
+        return None, f"bad field: 'title' must be a string, got {type(title).__name__}"
+    meta = {k: v for k, v in obj.items() if k not in ("id", "title", "text", "parent_id")}
+    parent = obj.get("parent_id")
+    return Document(str(doc_id).strip(), title.strip(), text, None if parent is None else str(parent), meta), None
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+
+# Whitespace after ., ! or ? (possibly closed by a quote or bracket) and before a capital or digit.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def sentences(text: str) -> list[str]:
+    """Split on sentence ends (., !, ? followed by space and a capital or digit); good enough for passages."""
+    parts = [p.strip() for p in _SENTENCE_END.split(text.replace("\n", " "))]
+    return [p for p in parts if p]
+
+
+def split_passages(text: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
+    """Pack whole sentences into passages of at most ``max_tokens``; a sentence longer than that is cut on
+    word boundaries."""
+    if count_tokens(text) <= max_tokens:
+        return [text]
+    units: list[str] = []
+    for sent in sentences(text):
+        if count_tokens(sent) <= max_tokens:
+            units.append(sent)
+            continue
+        words, piece = sent.split(), []
+        for w in words:
+            if piece and count_tokens(" ".join(piece + [w])) > max_tokens:
+                units.append(" ".join(piece))
+                piece = []
+            piece.append(w)
+        if piece:
+            units.append(" ".join(piece))
+    passages, current = [], ""
+    for unit in units:
+        candidate = f"{current} {unit}".strip()
+        if current and count_tokens(candidate) > max_tokens:
+            passages.append(current)
+            current = unit
+        else:
+            current = candidate
+    if current:
+        passages.append(current)
+    return passages
+
+
+def approx_tokens(text: str) -> int:
+    """~1.35 BPE tokens per English word: used only when no tokenizer is given."""
+    return int(len(text.split()) * 1.35) + 1
+
+
+# ------------------------------------------------------------------------------------------------- ingest
+
+def ingest(rows: Iterable[tuple[str, dict[str, Any] | None, str | None]], source: str, *, on_error: OnError = "fail",
+           max_chars: int = DEFAULT_MAX_CHARS, max_tokens: int | None = None,
+           count_tokens: Callable[[str], int] | None = None) -> tuple[list[Document], IngestReport]:
+    """Validate, de-duplicate and split rows into documents, in input order.
+
+    Duplicate ids with identical text are dropped (counted); with different text the later row is an error.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    report = IngestReport(source)
+    seen: dict[str, str] = {}
+    docs: list[Document] = []
+    count = count_tokens or approx_tokens
+
+    def reject(where: str, reason: str, doc_id: str | None = None) -> None:
+        if on_error == "fail":
+            raise IngestError(f"{where}: {reason}")
+        report.rejects.append(Reject(where, reason, doc_id))
+
+    for where, obj, error in rows:
+        report.rows_read += 1
+        if error is not None:
+            reject(where, error)
+            continue
+        doc, error = _validate(obj, max_chars)
+        if error is not None:
+            reject(where, error, str(obj.get("id")) if obj.get("id") is not None else None)
+            continue
+        if doc.id in seen:
+            if seen[doc.id] == doc.text:
+                report.identical_duplicates += 1
+            else:
+                reject(where, f"duplicate id: {doc.id!r} appears earlier with different text", doc.id)
+            continue
+        seen[doc.id] = doc.text
+        report.documents += 1
+        parts = split_passages(doc.text, max_tokens, count) if max_tokens else [doc.text]
+        if len(parts) == 1:
+            docs.append(doc)
+        else:
+            report.split_documents += 1
+            docs.extend(Document(f"{doc.id}#p{i}", doc.title, p, parent_id=doc.id, meta=doc.meta)
+                        for i, p in enumerate(parts))
+    report.passages = len(docs)
+    return docs, report
+
+
+def ingest_path(path: str | Path, **kwargs: Any) -> tuple[list[Document], IngestReport]:
+    """Ingest a JSONL file or a folder of .txt/.md files (see ``ingest`` for the options)."""
+    path = Path(path)
+    if path.is_dir():
+        return ingest(_iter_folder(path), str(path), **kwargs)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus not found: {path}")
+    return ingest(_iter_jsonl(path), str(path), **kwargs)
+
+
+def ingest_bundled(**kwargs: Any) -> tuple[list[Document], IngestReport]:
+    """The bundled Wikipedia summaries (deterministic order; description and topic kept as metadata)."""
+    from clara.data.wiki import load_wiki_summaries, wiki_summaries_path
+
+    rows = ((f"{wiki_summaries_path()}:{r['id']}", r, None) for r in load_wiki_summaries())
+    return ingest(rows, "bundled:wiki-summaries-en", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> Path:
+    """Write lines to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            for line in lines:
+                fh.write(line + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def dumps(row: dict[str, Any]) -> str:
+    """Canonical JSON for data files: same content, same bytes, on any machine (and so the same DVC hash)."""
+    return json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def write_corpus(docs: Iterable[Document], path: str | Path) -> Path:
+    return atomic_write_lines(path, (dumps(d.row()) for d in docs))
+
+
+def write_rejects(rejects: Iterable[Reject], path: str | Path) -> Path:
+    return atomic_write_lines(path, (dumps(asdict(r)) for r in rejects))
+
+
+def read_corpus(path: str | Path) -> list[Document]:
+    """Read a corpus written by ``write_corpus`` (or any valid JSONL corpus), failing on the first bad row."""
+    docs, _ = ingest_path(path, on_error="fail")
+    return docs
