@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast clean
+.PHONY: install test test-fast data synth-sample clean
 
 install: $(STAMP)
 
@@ -24,6 +24,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The bundled corpus as validated passages under data/ (canonical bytes: the same data.dvc hash on any
+# machine), then a DVC snapshot pushed to the default remote (../clara-dvc-remote unless reconfigured).
+data: $(STAMP)
+	$(VENV)/bin/clara data ingest --corpus bundled --out data/corpus/wiki_en.jsonl
+	$(VENV)/bin/clara data snapshot
+
+# A small offline synthesis run with the extractive teacher (seconds), for a look at the data format.
+synth-sample: $(STAMP)
+	$(VENV)/bin/clara synthesize --corpus bundled --limit 200 --teacher extractive --out data/synth/sample
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -108,6 +108,7 @@ def read_text(path: str, repo: str | Path, rev: str | None = None) -> str:
 
 
 def status_clean(repo: str | Path) -> bool:
-    """True when the workspace matches ``data.dvc`` (``dvc status`` reports nothing to do)."""
-    out = _run(Path(repo), "status", "-q")
-    return out.strip() == ""
+    """True when the workspace matches the ``.dvc`` files (``dvc status`` has nothing to report)."""
+    import json
+
+    return json.loads(_run(Path(repo), "status", "--json") or "{}") == {}
