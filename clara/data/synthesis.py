@@ -211,7 +211,7 @@ def synthesize(docs: Sequence[Document], teacher: Teacher, out_dir: str | Path, 
     started, n_new, failures_in_a_row = time.perf_counter(), 0, 0
     failed: list[str] = []
     bar = tqdm(total=len(docs), initial=len(docs) - len(todo), desc="synthesize", unit="doc",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress, dynamic_ncols=True, mininterval=1.0)
     for s in range(0, len(todo), cfg.batch_docs):
         batch = todo[s : s + cfg.batch_docs]
         try:
