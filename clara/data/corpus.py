@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
-from clara.data.records import RecordError
+from clara.data.records import RecordError, iter_jsonl
 
 OnError = Literal["fail", "skip"]
 TEXT_SUFFIXES = (".txt", ".md")
@@ -80,29 +80,6 @@ class IngestReport:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-    """(where, row or None, error or None) per non-blank line."""
-    with path.open("rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield where, None, f"not valid UTF-8 (byte {exc.start})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
-                continue
-            if not isinstance(obj, dict):
-                yield where, None, f"malformed row: expected a JSON object, got {type(obj).__name__}"
-                continue
-            yield where, obj, None
-
 
 def _iter_folder(root: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES):
@@ -252,7 +229,7 @@ def ingest_path(path: str | Path, **kwargs: Any) -> tuple[list[Document], Ingest
         return ingest(_iter_folder(path), str(path), **kwargs)
     if not path.is_file():
         raise FileNotFoundError(f"corpus not found: {path}")
-    return ingest(_iter_jsonl(path), str(path), **kwargs)
+    return ingest(iter_jsonl(path), str(path), **kwargs)
 
 
 def ingest_bundled(**kwargs: Any) -> tuple[list[Document], IngestReport]:

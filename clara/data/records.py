@@ -5,7 +5,7 @@
   paraphrase. With several docs and one question a record is an instruction-tuning (stage 2) example.
 - QA records: ``{"id", "question", "answers": [...], "gold_doc_ids": [...]}`` (``golden_answers`` and
   ``pos_doc_ids`` accepted as aliases).
-- Corpus rows: ``{"id", "title", "text"}``.
+- Corpus rows: ``{"id", "title", "text"}`` (read through ``clara.data.corpus``).
 """
 
 from __future__ import annotations
@@ -20,24 +20,37 @@ class RecordError(ValueError):
     """A malformed input row; the message starts with ``file:line:``."""
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; raise ``RecordError`` on bad bytes or JSON."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """``(where, object, None)`` per non-blank line, or ``(where, None, reason)`` for a line that is not valid
+    UTF-8, not JSON, or not a JSON object. ``where`` is ``file:line``."""
     path = Path(path)
     with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
+        for n, raw in enumerate(fh, start=1):
+            where = f"{path}:{n}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise RecordError(f"{path}:{line_no}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+                yield where, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{line_no}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
+                yield where, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+                continue
             if not isinstance(obj, dict):
-                raise RecordError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
+                yield where, None, f"malformed row: expected a JSON object, got {type(obj).__name__}"
+                continue
+            yield where, obj, None
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(file:line, object)``; raise ``RecordError`` at the first bad line."""
+    for where, obj, error in iter_jsonl(path):
+        if error is not None:
+            raise RecordError(f"{where}: {error}")
+        yield where, obj  # type: ignore[misc]
 
 
 def _str_list(obj: dict[str, Any], key: str, where: str, allow_empty: bool = False) -> list[str]:
@@ -74,7 +87,7 @@ def parse_scp_record(obj: dict[str, Any], where: str) -> SCPRecord:
 
 
 def load_scp_records(path: str | Path) -> list[SCPRecord]:
-    records = [parse_scp_record(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
+    records = [parse_scp_record(obj, where) for where, obj in read_jsonl(path)]
     if not records:
         raise RecordError(f"{path}: no records")
     return records
@@ -90,9 +103,8 @@ class QARecord:
 
 def load_qa_records(path: str | Path) -> list[QARecord]:
     out, seen = [], set()
-    for n, obj in read_jsonl(path):
-        where = f"{path}:{n}"
-        qid = str(obj.get("id", n))
+    for where, obj in read_jsonl(path):
+        qid = str(obj.get("id", where.rsplit(":", 1)[1]))
         if qid in seen:
             raise RecordError(f"{where}: duplicate id {qid!r}")
         seen.add(qid)
@@ -110,20 +122,7 @@ def load_qa_records(path: str | Path) -> list[QARecord]:
 
 
 def load_corpus(path: str | Path) -> dict[str, str]:
-    """id -> "title\\ntext" (the title helps both retrieval and the generator). Duplicate ids are an error."""
-    corpus: dict[str, str] = {}
-    for n, obj in read_jsonl(path):
-        where = f"{path}:{n}"
-        doc_id, text = obj.get("id"), obj.get("text")
-        if doc_id is None or str(doc_id).strip() == "":
-            raise RecordError(f"{where}: missing 'id'")
-        if not isinstance(text, str) or not text.strip():
-            raise RecordError(f"{where}: field 'text' must be a non-empty string")
-        doc_id = str(doc_id)
-        if doc_id in corpus:
-            raise RecordError(f"{where}: duplicate id {doc_id!r}")
-        title = obj.get("title") or ""
-        corpus[doc_id] = f"{title}\n{text}" if title else text
-    if not corpus:
-        raise RecordError(f"{path}: empty corpus")
-    return corpus
+    """id -> "title\ntext" (what models see), validated by the corpus ingestion (fails on the first bad row)."""
+    from clara.data.corpus import read_corpus  # corpus.py builds on this module's errors
+
+    return {d.id: d.full_text for d in read_corpus(path)}
