@@ -13,9 +13,11 @@ app = typer.Typer(help="CLaRa: compress documents into memory tokens and answer 
 train_app = typer.Typer(help="Train a stage: scp (1), instruct (2), e2e (3).", no_args_is_help=True)
 model_app = typer.Typer(help="Inspect a model or checkpoint.", no_args_is_help=True)
 data_app = typer.Typer(help="Corpus ingestion and data versioning (DVC).", no_args_is_help=True)
+store_app = typer.Typer(help="The compressed corpus in PostgreSQL + pgvector.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
+app.add_typer(store_app, name="store")
 
 PresetOpt = typer.Option("smollm2-135m", help="Model preset (tiny, smollm2-135m, mistral-7b) or a model path.")
 ConfigOpt = typer.Option(None, help="JSON/TOML stage config; command-line options override its fields.")
@@ -309,6 +311,58 @@ def data_version_cmd(repo: Path = typer.Option(Path("."), help="The git + DVC re
     if version is None:
         _fail(FileNotFoundError(f"{repo / (target + '.dvc')} not found: run `clara data snapshot` first"))
     typer.echo(version)
+
+
+# ----------------------------------------------------------------------------------------------- store
+
+DbOpt = typer.Option(None, help="Database URL (default: $CLARA_DATABASE_URL, else the embedded server).")
+
+
+@app.command("compress")
+def compress_cmd(
+    model: Path = typer.Option(..., exists=True, help="Checkpoint (or run folder) whose compressor is used."),
+    corpus: str = typer.Option(..., help="Corpus JSONL {id,title,text} or 'bundled'."),
+    rate: Optional[int] = typer.Option(None, help="Expected compression rate (must match the checkpoint's)."),
+    database_url: Optional[str] = DbOpt,
+    corpus_version: Optional[str] = typer.Option(None, help="Data version to record (default: a content hash)."),
+    model_uri: Optional[str] = typer.Option(None, help="Model reference to record (default: the checkpoint path)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N documents."),
+    batch_size: int = typer.Option(64, help="Documents per committed batch."),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Compress a corpus offline and load it into a new index build (resumable; published when complete)."""
+    from clara.data.corpus import IngestError, ingest_bundled, read_corpus
+    from clara.model.checkpoint import load_checkpoint
+    from clara.store.builds import StoreError
+    from clara.store.db import connect
+    from clara.store.indexing import corpus_version_of, index_corpus
+
+    try:
+        docs = ingest_bundled()[0] if corpus == "bundled" else read_corpus(corpus)
+        if limit is not None:
+            docs = docs[:limit]
+        m = load_checkpoint(model, device=device)
+        if rate is not None and rate != m.cfg.compression_rate:
+            raise ValueError(f"{model} was trained at rate {m.cfg.compression_rate}, not {rate}")
+        engine = connect(database_url)
+        build = index_corpus(engine, m, docs, model_uri=model_uri or str(model.resolve()),
+                             corpus_version=corpus_version or corpus_version_of(docs), batch_size=batch_size)
+    except (IngestError, FileNotFoundError, ValueError, StoreError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"build_id": build.id, "status": build.status, "n_docs": build.n_docs,
+                           "model_uri": build.model_uri, "rate": build.compression_rate,
+                           "corpus_version": build.corpus_version, "ann": build.ann_kind}))
+
+
+@store_app.command("builds")
+def store_builds(database_url: Optional[str] = DbOpt) -> None:
+    """List index builds with their status."""
+    from clara.store.builds import list_builds
+    from clara.store.db import connect
+
+    for b in list_builds(connect(database_url)):
+        typer.echo(f"{b.id:>5}  {b.status:<9} rate {b.compression_rate:<4} docs {b.n_docs:<8} "
+                   f"{b.ann_kind:<7} {b.corpus_version}  {b.model_uri}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The compressed corpus in PostgreSQL + pgvector: embedded server, migrations, index builds, search."""

@@ -1,0 +1,242 @@
+"""Index builds: bulk-load compressed documents with binary COPY, index after loading, publish atomically.
+
+A build is keyed by (model URI, compression rate, corpus version). While it loads, its status is ``loading``
+and readers keep using the previous ``ready`` build of the same key. Rows are committed batch by batch, so a
+killed build keeps what it loaded and ``open_build`` resumes it (the primary key (build_id, doc_id) makes a
+duplicate impossible). A session-level advisory lock per key stops two processes from loading the same build;
+builds of different keys run side by side without touching each other's rows or indexes.
+
+Only integers read back from our own tables (build id, dimensions) are ever formatted into SQL (index names and
+the partial index's dimension); every value from the caller travels as a bound parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from sqlalchemy import Engine, text
+
+HALFVEC_INDEX_LIMIT = 4000  # pgvector: HNSW over halfvec supports at most 4,000 dimensions
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Build:
+    id: int
+    model_uri: str
+    compression_rate: int
+    corpus_version: str
+    hidden_size: int
+    n_mem_max: int
+    ann_kind: str
+    status: str
+    n_docs: int
+
+    @property
+    def ann_expr(self) -> str:
+        """The indexed expression (dimension from our own row, validated as int)."""
+        d = int(self.hidden_size)
+        return f"(ann::halfvec({d}))" if self.ann_kind == "halfvec" else f"(binary_quantize(ann)::bit({d}))"
+
+    @property
+    def index_name(self) -> str:
+        return f"memories_ann_build_{int(self.id)}"
+
+
+_COLUMNS = "id, model_uri, compression_rate, corpus_version, hidden_size, n_mem_max, ann_kind, status, n_docs"
+
+
+def _build(row) -> Build:
+    return Build(*row)
+
+
+def _lock_key(model_uri: str, rate: int, corpus_version: str) -> int:
+    digest = hashlib.sha256(f"{model_uri}\x00{rate}\x00{corpus_version}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def get_build(engine: Engine, build_id: int) -> Build:
+    with engine.connect() as conn:
+        row = conn.execute(text(f"SELECT {_COLUMNS} FROM index_builds WHERE id = :id"), {"id": build_id}).first()
+    if row is None:
+        raise StoreError(f"index build {build_id} does not exist")
+    return _build(row)
+
+
+def ready_build(engine: Engine, build_id: int | None = None, *, model_uri: str | None = None,
+                compression_rate: int | None = None, corpus_version: str | None = None) -> Build:
+    """The build to read from: ``build_id`` (must be ready), else the newest ready build matching the filters."""
+    if build_id is not None:
+        build = get_build(engine, build_id)
+        if build.status != "ready":
+            raise StoreError(f"index build {build_id} is not ready (status: {build.status})")
+        return build
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            f"SELECT {_COLUMNS} FROM index_builds WHERE status = 'ready'"
+            " AND (CAST(:m AS text) IS NULL OR model_uri = :m)"
+            " AND (CAST(:r AS integer) IS NULL OR compression_rate = :r)"
+            " AND (CAST(:c AS text) IS NULL OR corpus_version = :c)"
+            " ORDER BY published_at DESC, id DESC LIMIT 1"),
+            {"m": model_uri, "r": compression_rate, "c": corpus_version}).first()
+    if row is None:
+        raise StoreError(f"no ready index build for model={model_uri!r} rate={compression_rate!r} "
+                         f"corpus_version={corpus_version!r}")
+    return _build(row)
+
+
+def list_builds(engine: Engine) -> list[Build]:
+    with engine.connect() as conn:
+        return [_build(r) for r in conn.execute(text(f"SELECT {_COLUMNS} FROM index_builds ORDER BY id"))]
+
+
+class BuildWriter:
+    """Loads one build over one pooled DBAPI connection (COPY needs the driver's API), holding the key's
+    advisory lock while open. Use as a context manager::
+
+        with BuildWriter.open(engine, "models:/clara/3", 16, "c1a2…", hidden_size=576, n_mem_max=8) as w:
+            todo = [d for d in docs if d.id not in w.loaded]
+            w.add(ids, memories)            # batches; each one committed
+            w.publish()                     # index, then flip to ready
+    """
+
+    def __init__(self, engine: Engine, raw, build: Build, loaded: set[str]):
+        self.engine = engine
+        self.raw = raw
+        self.build = build
+        self.loaded = loaded
+
+    @classmethod
+    def open(cls, engine: Engine, model_uri: str, compression_rate: int, corpus_version: str, *,
+             hidden_size: int, n_mem_max: int, ann_kind: str | None = None) -> "BuildWriter":
+        """Resume the unfinished build of this key, or start a new one."""
+        kind = ann_kind or ("halfvec" if hidden_size <= HALFVEC_INDEX_LIMIT else "bit")
+        raw = engine.raw_connection()
+        try:
+            with raw.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", (_lock_key(model_uri, compression_rate, corpus_version),))
+                if not cur.fetchone()[0]:
+                    raise StoreError(f"another process is building the index for model={model_uri!r} "
+                                     f"rate={compression_rate} corpus_version={corpus_version!r}")
+                cur.execute(f"SELECT {_COLUMNS} FROM index_builds WHERE model_uri = %s AND compression_rate = %s"
+                            " AND corpus_version = %s AND status IN ('loading', 'indexing') ORDER BY id DESC LIMIT 1",
+                            (model_uri, compression_rate, corpus_version))
+                row = cur.fetchone()
+                if row is not None:
+                    build = _build(row)
+                    if (build.hidden_size, build.n_mem_max, build.ann_kind) != (hidden_size, n_mem_max, kind):
+                        raise StoreError(f"unfinished build {build.id} has hidden={build.hidden_size}, "
+                                         f"n_mem_max={build.n_mem_max}, ann={build.ann_kind}; this run has "
+                                         f"{hidden_size}, {n_mem_max}, {kind}")
+                else:
+                    cur.execute("INSERT INTO index_builds (model_uri, compression_rate, corpus_version, hidden_size,"
+                                " n_mem_max, ann_kind, status) VALUES (%s, %s, %s, %s, %s, %s, 'loading') RETURNING "
+                                + _COLUMNS, (model_uri, compression_rate, corpus_version, hidden_size, n_mem_max, kind))
+                    build = _build(cur.fetchone())
+                cur.execute("SELECT doc_id FROM memories WHERE build_id = %s", (build.id,))
+                loaded = {r[0] for r in cur.fetchall()}
+            raw.commit()
+        except BaseException:
+            raw.close()
+            raise
+        return cls(engine, raw, build, loaded)
+
+    def __enter__(self) -> "BuildWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.raw.rollback()
+            with self.raw.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock_all()")
+            self.raw.commit()
+        finally:
+            self.raw.close()
+
+    def add_documents(self, corpus_version: str, docs: Iterable[tuple[str, str, str]]) -> None:
+        """Upsert (doc_id, title, body) rows of a corpus version (binary COPY into a temp table, then insert)."""
+        with self.raw.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS _docs_in (doc_id text, title text, body text) "
+                        "ON COMMIT DELETE ROWS")
+            with cur.copy("COPY _docs_in (doc_id, title, body) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "text", "text"])
+                for doc_id, title, body in docs:
+                    copy.write_row((doc_id, title, body))
+            cur.execute("INSERT INTO documents (corpus_version, doc_id, title, body) "
+                        "SELECT %s, doc_id, title, body FROM _docs_in ON CONFLICT DO NOTHING", (corpus_version,))
+        self.raw.commit()
+
+    def add(self, doc_ids: Sequence[str], memories: Sequence[np.ndarray]) -> int:
+        """Load one batch (binary COPY) and commit it; documents already in the build are skipped."""
+        if self.build.status != "loading":
+            raise StoreError(f"build {self.build.id} is {self.build.status}, not loading")
+        b, n = self.build, 0
+        with self.raw.cursor() as cur:
+            with cur.copy("COPY memories (build_id, doc_id, n_mem, memory, ann) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "text", "int2", "bytea", "vector"])
+                for doc_id, mem in zip(doc_ids, memories, strict=True):
+                    if doc_id in self.loaded:
+                        continue
+                    mem = np.asarray(mem, dtype=np.float32)
+                    if mem.ndim != 2 or mem.shape[1] != b.hidden_size or not 1 <= mem.shape[0] <= b.n_mem_max:
+                        raise StoreError(f"document {doc_id!r}: memory of shape {mem.shape} does not fit build "
+                                         f"{b.id} (hidden {b.hidden_size}, at most {b.n_mem_max} rows)")
+                    copy.write_row((b.id, doc_id, mem.shape[0], mem.astype("<f2").tobytes(), mem.mean(0)))
+                    n += 1
+        self.raw.commit()
+        self.loaded.update(doc_ids)
+        return n
+
+    def publish(self, ef_construction: int = 64, m: int = 16) -> Build:
+        """Build the ANN index (after loading, as pgvector advises), then make the build visible in one UPDATE."""
+        b = self.build
+        with self.raw.cursor() as cur:
+            cur.execute("UPDATE index_builds SET status = 'indexing', n_docs = "
+                        "(SELECT count(*) FROM memories WHERE build_id = %s) WHERE id = %s", (b.id, b.id))
+        self.raw.commit()
+        ops = "halfvec_cosine_ops" if b.ann_kind == "halfvec" else "bit_hamming_ops"
+        # CONCURRENTLY: other builds keep loading rows into the table meanwhile.
+        ddl = (f"CREATE INDEX CONCURRENTLY {b.index_name} ON memories USING hnsw ({b.ann_expr} {ops})"
+               f" WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) WHERE build_id = {int(b.id)}")
+        driver = self.raw.dbapi_connection
+        driver.autocommit = True
+        try:
+            with driver.cursor() as cur:
+                # A CONCURRENTLY build killed midway leaves an INVALID index of that name: drop it and redo.
+                cur.execute("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                            "WHERE c.relname = %s", (b.index_name,))
+                row = cur.fetchone()
+                if row is not None and not row[0]:
+                    cur.execute(f"DROP INDEX CONCURRENTLY {b.index_name}")
+                    row = None
+                if row is None:
+                    cur.execute(ddl)
+        finally:
+            driver.autocommit = False
+        with self.raw.cursor() as cur:
+            cur.execute("UPDATE index_builds SET status = 'ready', published_at = now() WHERE id = %s", (b.id,))
+        self.raw.commit()
+        self.build = get_build(self.engine, b.id)
+        return self.build
+
+
+def delete_build(engine: Engine, build_id: int) -> None:
+    """Remove a build, its rows and its index."""
+    build = get_build(engine, build_id)
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        raw.autocommit = True
+        with raw.cursor() as cur:
+            cur.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {build.index_name}")
+        raw.autocommit = False
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM index_builds WHERE id = :b"), {"b": build_id})

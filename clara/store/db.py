@@ -1,0 +1,61 @@
+"""Engine and migrations. Migrations are plain ordered SQL files in ``migrations/``, applied once each, in a
+transaction, under an advisory lock (so two processes starting together do not race)."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import OperationalError
+
+from clara.store.builds import StoreError
+from clara.store.server import database_url
+
+MIGRATION_LOCK = 7_300_001  # arbitrary, fixed advisory-lock key for schema changes
+
+
+def migrations() -> list[tuple[str, str]]:
+    folder = resources.files("clara.store") / "migrations"
+    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    return [(f.name, f.read_text(encoding="utf-8")) for f in files]
+
+
+def migrate(engine: Engine) -> list[str]:
+    """Apply pending migrations; return the names applied now."""
+    applied_now = []
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        conn.execute(text("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                          "name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"))
+        done = {r[0] for r in conn.execute(text("SELECT name FROM schema_migrations"))}
+        for name, sql in migrations():
+            if name in done:
+                continue
+            conn.exec_driver_sql(sql)
+            conn.execute(text("INSERT INTO schema_migrations (name) VALUES (:n)"), {"n": name})
+            applied_now.append(name)
+    return applied_now
+
+
+def connect(url: str | None = None, *, run_migrations: bool = True) -> Engine:
+    """An engine on ``url`` (or ``$CLARA_DATABASE_URL``, or the embedded server), migrated, with pgvector's
+    types registered on every connection (needed for binary COPY of vectors)."""
+    from pgvector.psycopg import register_vector
+
+    url = database_url(url)
+    if run_migrations:
+        plain = create_engine(url)
+        try:
+            migrate(plain)
+        except OperationalError as exc:
+            raise StoreError(f"cannot reach the database at {make_url(url).render_as_string(hide_password=True)}:"
+                             f" {str(exc.orig).strip()}") from exc
+        finally:
+            plain.dispose()
+    engine = create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def _register(dbapi_conn, _record):  # noqa: ANN001
+        register_vector(dbapi_conn)
+
+    return engine

