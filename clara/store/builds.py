@@ -196,8 +196,14 @@ class BuildWriter:
         self.loaded.update(doc_ids)
         return n
 
-    def publish(self, ef_construction: int = 64, m: int = 16) -> Build:
-        """Build the ANN index (after loading, as pgvector advises), then make the build visible in one UPDATE."""
+    def publish(self, ef_construction: int = 64, m: int = 16, maintenance_work_mem: str = "512MB",
+                parallel_workers: int = 2) -> Build:
+        """Build the ANN index (after loading, as pgvector advises), then make the build visible in one UPDATE.
+
+        Args:
+            maintenance_work_mem: memory for the HNSW build; pgvector builds much faster while the graph fits.
+            parallel_workers: parallel maintenance workers for the index build.
+        """
         b = self.build
         with self.raw.cursor() as cur:
             cur.execute("UPDATE index_builds SET status = 'indexing', n_docs = "
@@ -211,6 +217,9 @@ class BuildWriter:
         driver.autocommit = True
         try:
             with driver.cursor() as cur:
+                cur.execute("SELECT set_config('maintenance_work_mem', %s, false), "
+                            "set_config('max_parallel_maintenance_workers', %s, false)",
+                            (maintenance_work_mem, str(int(parallel_workers))))
                 # A CONCURRENTLY build killed midway leaves an INVALID index of that name: drop it and redo.
                 cur.execute("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                             "WHERE c.relname = %s", (b.index_name,))
