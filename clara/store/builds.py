@@ -13,7 +13,7 @@ the partial index's dimension); every value from the caller travels as a bound p
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -134,6 +134,9 @@ class BuildWriter:
                         raise StoreError(f"unfinished build {build.id} has hidden={build.hidden_size}, "
                                          f"n_mem_max={build.n_mem_max}, ann={build.ann_kind}; this run has "
                                          f"{hidden_size}, {n_mem_max}, {kind}")
+                    if build.status == "indexing":  # killed while indexing: back to loading, redo the index
+                        cur.execute("UPDATE index_builds SET status = 'loading' WHERE id = %s", (build.id,))
+                        build = replace(build, status="loading")
                 else:
                     cur.execute("INSERT INTO index_builds (model_uri, compression_rate, corpus_version, hidden_size,"
                                 " n_mem_max, ann_kind, status) VALUES (%s, %s, %s, %s, %s, %s, 'loading') RETURNING "
@@ -210,28 +213,16 @@ class BuildWriter:
                         "(SELECT count(*) FROM memories WHERE build_id = %s) WHERE id = %s", (b.id, b.id))
         self.raw.commit()
         ops = "halfvec_cosine_ops" if b.ann_kind == "halfvec" else "bit_hamming_ops"
-        # CONCURRENTLY: other builds keep loading rows into the table meanwhile.
-        ddl = (f"CREATE INDEX CONCURRENTLY {b.index_name} ON memories USING hnsw ({b.ann_expr} {ops})"
-               f" WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) WHERE build_id = {int(b.id)}")
-        driver = self.raw.dbapi_connection
-        driver.autocommit = True
-        try:
-            with driver.cursor() as cur:
-                cur.execute("SELECT set_config('maintenance_work_mem', %s, false), "
-                            "set_config('max_parallel_maintenance_workers', %s, false)",
-                            (maintenance_work_mem, str(int(parallel_workers))))
-                # A CONCURRENTLY build killed midway leaves an INVALID index of that name: drop it and redo.
-                cur.execute("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                            "WHERE c.relname = %s", (b.index_name,))
-                row = cur.fetchone()
-                if row is not None and not row[0]:
-                    cur.execute(f"DROP INDEX CONCURRENTLY {b.index_name}")
-                    row = None
-                if row is None:
-                    cur.execute(ddl)
-        finally:
-            driver.autocommit = False
+        # A plain CREATE INDEX in the same transaction as the publishing UPDATE: index and visibility commit
+        # together or not at all (a kill leaves the build 'indexing', and the rerun redoes both). Not
+        # CONCURRENTLY: two concurrent CREATE INDEX CONCURRENTLY on one table deadlock (each waits for the
+        # other's snapshot); a plain build only makes other builds' COPY wait until it commits.
         with self.raw.cursor() as cur:
+            cur.execute("SELECT set_config('maintenance_work_mem', %s, true), "
+                        "set_config('max_parallel_maintenance_workers', %s, true)",
+                        (maintenance_work_mem, str(int(parallel_workers))))
+            cur.execute(f"CREATE INDEX IF NOT EXISTS {b.index_name} ON memories USING hnsw ({b.ann_expr} {ops})"
+                        f" WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) WHERE build_id = {int(b.id)}")
             cur.execute("UPDATE index_builds SET status = 'ready', published_at = now() WHERE id = %s", (b.id,))
         self.raw.commit()
         self.build = get_build(self.engine, b.id)
@@ -241,11 +232,6 @@ class BuildWriter:
 def delete_build(engine: Engine, build_id: int) -> None:
     """Remove a build, its rows and its index."""
     build = get_build(engine, build_id)
-    with engine.connect() as conn:
-        raw = conn.connection.dbapi_connection
-        raw.autocommit = True
-        with raw.cursor() as cur:
-            cur.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {build.index_name}")
-        raw.autocommit = False
     with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {build.index_name}")
         conn.execute(text("DELETE FROM index_builds WHERE id = :b"), {"b": build_id})
