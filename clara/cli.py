@@ -29,6 +29,7 @@ LrOpt = typer.Option(None, help="Peak learning rate.")
 EveryOpt = typer.Option(None, help="Steps between resumable checkpoints.")
 SeedOpt = typer.Option(None, help="Data order / dropout seed.")
 ResumeOpt = typer.Option(True, help="Continue from the latest checkpoint in --out.")
+DbOpt = typer.Option(None, help="Database URL (default: $CLARA_DATABASE_URL, else the embedded server).")
 
 
 def _train_overrides(batch_size, grad_accum, max_steps, lr, checkpoint_every, seed) -> dict:
@@ -313,10 +314,65 @@ def data_version_cmd(repo: Path = typer.Option(Path("."), help="The git + DVC re
     typer.echo(version)
 
 
+# -------------------------------------------------------------------------------------------- evaluate
+
+@app.command("evaluate")
+def evaluate_cmd(
+    qa: str = typer.Option(..., help="QA JSONL {id, question, answers, gold_doc_ids}, 'synth:DIR' (the synthesized "
+                                     "dev split) or 'descriptions' (description -> article, retrieval only)."),
+    corpus: str = typer.Option(..., help="Corpus JSONL {id,title,text} or 'bundled'."),
+    model: list[str] = typer.Option(..., help="Checkpoint folder or MLflow URI; repeat for several rates."),
+    out: Path = typer.Option(..., help="Output folder: report.json, report.md, predictions.jsonl, plots."),
+    rates: Optional[str] = typer.Option(None, help="Only these compression rates, e.g. '16,32'."),
+    k: int = typer.Option(5, help="Documents given to the generator."),
+    limit: Optional[int] = typer.Option(None, help="A seeded sample of N questions."),
+    corpus_limit: Optional[int] = typer.Option(None, help="Cut the corpus to N documents (gold always kept)."),
+    max_new_tokens: int = typer.Option(64, help="Greedy decoding budget."),
+    baselines: str = typer.Option("bm25,minilm", help="Raw-text retrievers to compare ('' for none)."),
+    use_store: bool = typer.Option(False, help="Retrieve from a pgvector build (compressed now if missing) "
+                                                "instead of an exact in-memory index."),
+    database_url: Optional[str] = DbOpt,
+    device: Optional[str] = DeviceOpt,
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Compare CLaRa with raw-text RAG (BM25, MiniLM), closed book, across rates: quality, recall, cost."""
+    from clara.data.corpus import IngestError, ingest_bundled, read_corpus
+    from clara.eval.datasets import load_qa, resolve_model, subsample
+    from clara.eval.run import EvalConfig, evaluate
+    from clara.model.checkpoint import load_checkpoint
+    from clara.store.builds import StoreError
+
+    try:
+        docs = ingest_bundled()[0] if corpus == "bundled" else read_corpus(corpus)
+        questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
+        wanted = {int(r) for r in rates.split(",")} if rates else None
+        models = {}
+        for ref in model:
+            m = load_checkpoint(resolve_model(ref), device=device)
+            if wanted is None or m.cfg.compression_rate in wanted:
+                if m.cfg.compression_rate in models:
+                    raise ValueError(f"two models at rate {m.cfg.compression_rate}")
+                models[m.cfg.compression_rate] = m
+        stores = None
+        if use_store:
+            from clara.store.db import connect
+            from clara.store.indexing import corpus_version_of, index_corpus
+
+            engine = connect(database_url)
+            version = corpus_version_of(docs)
+            stores = {rate: (engine, index_corpus(engine, m, docs, model_uri=str(ref), corpus_version=version))
+                      for (rate, m), ref in zip(models.items(), model)}
+        cfg = EvalConfig(k=k, max_new_tokens=max_new_tokens,
+                         baselines=tuple(b for b in baselines.split(",") if b))
+        rows = evaluate(questions, docs, models, out, cfg, stores=stores,
+                        progress=lambda msg: typer.echo(msg, err=True))
+    except (IngestError, FileNotFoundError, ValueError, StoreError) as exc:
+        _fail(exc)
+    typer.echo((out / "report.md").read_text(encoding="utf-8"))
+    typer.echo(f"{len(rows)} rows; predictions: {out / 'predictions.jsonl'}")
+
+
 # ----------------------------------------------------------------------------------------------- store
-
-DbOpt = typer.Option(None, help="Database URL (default: $CLARA_DATABASE_URL, else the embedded server).")
-
 
 @app.command("compress")
 def compress_cmd(

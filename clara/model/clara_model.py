@@ -403,11 +403,16 @@ class ClaraModel(nn.Module):
 
     def generate_from_text(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
                            max_new_tokens: int = 64) -> list[str]:
-        """The raw-text baseline: the same base, adapters off, documents as text in the same QA prompt."""
+        """The raw-text baseline: the same base, adapters off, documents as text in the same QA prompt.
+        A question with no documents is answered closed book."""
         rows = []
         for q, docs in zip(questions, documents, strict=True):
-            background = "\n".join(f"Document {i + 1}: {d}" for i, d in enumerate(docs))
-            rows.append(self.prompt_ids(prompts.QA_USER.format(documents=background, question=q), prompts.QA_SYSTEM))
+            if docs:
+                background = "\n".join(f"Document {i + 1}: {d}" for i, d in enumerate(docs))
+                user = prompts.QA_USER.replace("{documents}", background).replace("{question}", q)
+            else:  # closed book: the same instruction, no background at all
+                user = f"Question:{q}"
+            rows.append(self.prompt_ids(user, prompts.QA_SYSTEM))
         return self._run_generation(rows, [[] for _ in rows], None, max_new_tokens)
 
     def paraphrase(self, memories: Sequence[torch.Tensor], max_new_tokens: int = 128) -> list[str]:

@@ -1,0 +1,81 @@
+"""Evaluation inputs: QA files, the built-in sets, the corpus, and model references."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+from clara.data.corpus import Document
+from clara.data.records import QARecord, load_qa_records, read_jsonl
+
+
+def synth_dev_qa(synth_dir: str | Path, kinds: Sequence[str] = ("simple", "complex")) -> list[QARecord]:
+    """The synthesized dev split (held out by document from SCP training): one question per QA pair."""
+    path = Path(synth_dir) / "dev.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `clara synthesize` first")
+    out = []
+    for where, row in read_jsonl(path):
+        if row.get("data_type") != "qa" or row.get("kind") not in kinds:
+            continue
+        for i, (q, a) in enumerate(zip(row["question"], row["answers"])):
+            out.append(QARecord(f"{row['doc_id']}:{row['kind']}:{i}", q, [a], [row["doc_id"]]))
+    if not out:
+        raise ValueError(f"{path}: no QA pairs of kinds {list(kinds)}")
+    return out
+
+
+def description_retrieval(docs: Sequence[Document]) -> list[QARecord]:
+    """Retrieval only: each article's human-written Wikipedia description as the query, the article as gold.
+    Only articles kept whole (not split into passages), so that one document is the answer."""
+    out = [QARecord(f"desc:{d.id}", d.meta["description"], [], [d.id])
+           for d in docs if d.parent_id is None and d.meta.get("description")]
+    if not out:
+        raise ValueError("no documents with a 'description' field (the bundled corpus has them)")
+    return out
+
+
+def load_qa(spec: str, docs: Sequence[Document]) -> list[QARecord]:
+    """``descriptions``, ``synth:DIR`` or a QA JSONL file."""
+    if spec == "descriptions":
+        return description_retrieval(docs)
+    if spec.startswith("synth:"):
+        return synth_dev_qa(spec[len("synth:"):])
+    return load_qa_records(spec)
+
+
+def subsample(qa: Sequence[QARecord], docs: Sequence[Document], limit: int | None, corpus_limit: int | None,
+              seed: int = 0) -> tuple[list[QARecord], list[Document]]:
+    """A seeded sample of ``limit`` questions, and a corpus cut to ``corpus_limit`` documents that always keeps
+    every gold document (so CPU runs stay short without making retrieval trivially easy or impossible)."""
+    qa = list(qa)
+    if limit is not None and limit < len(qa):
+        qa = random.Random(seed).sample(qa, limit)
+    if corpus_limit is None or corpus_limit >= len(docs):
+        return qa, list(docs)
+    gold = {g for r in qa for g in r.gold_doc_ids}
+    keep = [d for d in docs if d.id in gold]
+    others = [d for d in docs if d.id not in gold]
+    random.Random(seed + 1).shuffle(others)
+    keep += others[: max(0, corpus_limit - len(keep))]
+    order = {d.id: i for i, d in enumerate(docs)}
+    return qa, sorted(keep, key=lambda d: order[d.id])
+
+
+def resolve_model(ref: str) -> Path:
+    """A checkpoint folder, or an MLflow model URI (``models:/name@alias``, ``runs:/…``) downloaded locally."""
+    if ref.startswith(("models:/", "runs:/")):
+        try:
+            import mlflow
+        except ImportError as exc:
+            raise ValueError(f"{ref}: MLflow model URIs need mlflow installed") from exc
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+        found = sorted(local.rglob("clara.json"))
+        if not found:
+            raise FileNotFoundError(f"{ref}: no clara checkpoint (clara.json) inside the downloaded artifacts")
+        return found[0].parent
+    path = Path(ref)
+    if not path.exists():
+        raise FileNotFoundError(f"model {ref!r} not found")
+    return path

