@@ -207,12 +207,14 @@ SplitPresetOpt = typer.Option("smollm2-135m", help="Preset whose tokenizer and d
                                                     "splitting.")
 
 
-def _ingest(corpus: str, on_error: str, preset: str, max_doc_tokens: Optional[int]):
+def _ingest(corpus: str, on_error: str, preset: str, max_doc_tokens: Optional[int], model_cfg=None):
+    """Ingest a corpus the same way everywhere, so passage ids agree between synthesis, training, the store and
+    evaluation: split with the tokenizer and document length of ``model_cfg`` (a checkpoint's) or the preset's."""
     from clara.config import preset as make_preset
     from clara.data.corpus import ingest_bundled, ingest_path
     from clara.model.base import load_tokenizer
 
-    cfg = make_preset(preset)
+    cfg = model_cfg or make_preset(preset)
     tok = load_tokenizer(cfg.base)
     limit = max_doc_tokens or cfg.doc_max_len
     kwargs = dict(on_error=on_error, max_tokens=limit,
@@ -336,15 +338,13 @@ def evaluate_cmd(
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
     """Compare CLaRa with raw-text RAG (BM25, MiniLM), closed book, across rates: quality, recall, cost."""
-    from clara.data.corpus import IngestError, ingest_bundled, read_corpus
+    from clara.data.corpus import IngestError
     from clara.eval.datasets import load_qa, resolve_model, subsample
     from clara.eval.run import EvalConfig, evaluate
     from clara.model.checkpoint import load_checkpoint
     from clara.store.builds import StoreError
 
     try:
-        docs = ingest_bundled()[0] if corpus == "bundled" else read_corpus(corpus)
-        questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
         wanted = {int(r) for r in rates.split(",")} if rates else None
         models = {}
         for ref in model:
@@ -353,6 +353,11 @@ def evaluate_cmd(
                 if m.cfg.compression_rate in models:
                     raise ValueError(f"two models at rate {m.cfg.compression_rate}")
                 models[m.cfg.compression_rate] = m
+        if not models:
+            raise ValueError(f"no model at the requested rates {sorted(wanted or [])}")
+        # Split as the models do (all share one base); passage ids then match synthesis and training data.
+        docs = _ingest(corpus, "fail", "", None, model_cfg=next(iter(models.values())).cfg)[0]
+        questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
         stores = None
         if use_store:
             from clara.store.db import connect
@@ -387,17 +392,17 @@ def compress_cmd(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Compress a corpus offline and load it into a new index build (resumable; published when complete)."""
-    from clara.data.corpus import IngestError, ingest_bundled, read_corpus
+    from clara.data.corpus import IngestError
     from clara.model.checkpoint import load_checkpoint
     from clara.store.builds import StoreError
     from clara.store.db import connect
     from clara.store.indexing import corpus_version_of, index_corpus
 
     try:
-        docs = ingest_bundled()[0] if corpus == "bundled" else read_corpus(corpus)
+        m = load_checkpoint(model, device=device)
+        docs = _ingest(corpus, "fail", "", None, model_cfg=m.cfg)[0]
         if limit is not None:
             docs = docs[:limit]
-        m = load_checkpoint(model, device=device)
         if rate is not None and rate != m.cfg.compression_rate:
             raise ValueError(f"{model} was trained at rate {m.cfg.compression_rate}, not {rate}")
         engine = connect(database_url)
