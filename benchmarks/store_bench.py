@@ -60,13 +60,18 @@ def insert_baseline(engine, n_rows, n_mem, hidden, seed):
         return n_rows / (time.perf_counter() - t0)
 
 
-def query_stats(engine, build, queries, k=5, candidates=100, exact_queries=None):
-    ann_t, exact_t, recall_ann, recall_final = [], [], [], []
+def query_stats(engine, build, queries, k=5, candidates=100, exact_queries=None, sources=None):
+    """Latency and recall. ``sources``: for queries made from a stored document, that document's id; on random
+    vectors the planted source is the only meaningful neighbour (the rest of an exact top-10 is noise)."""
+    ann_t, exact_t, recall_ann, recall_final, planted_top1, planted_cand = [], [], [], [], [], []
     exact_queries = len(queries) if exact_queries is None else exact_queries
     for i, q in enumerate(queries):
         t0 = time.perf_counter()
         hits = search(engine, build, q, k=k, candidates=candidates)
         ann_t.append(time.perf_counter() - t0)
+        if sources is not None:
+            planted_top1.append(float(hits[0].doc_id == sources[i]))
+            planted_cand.append(float(sources[i] in set(ann_candidates(engine, build, q, candidates))))
         if i < exact_queries:
             t0 = time.perf_counter()
             exact = search(engine, build, q, k=10, exact=True)
@@ -83,6 +88,9 @@ def query_stats(engine, build, queries, k=5, candidates=100, exact_queries=None)
            f"final_top{k}_overlap_with_exact": statistics.mean(recall_final) if recall_final else None}
     if exact_t:
         out["speedup_vs_exact"] = statistics.median(exact_t) / statistics.median(ann_t)
+    if sources is not None:
+        out["planted_in_ann_candidates"] = statistics.mean(planted_cand)
+        out["planted_top1_after_rescore"] = statistics.mean(planted_top1)
     return out
 
 
@@ -90,13 +98,15 @@ def perturbed_queries(engine, build, n, noise, seed):
     """Queries near stored documents: a document's memory plus noise (random vectors have no other structure)."""
     rng = np.random.default_rng(seed)
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT n_mem, memory FROM memories WHERE build_id = :b ORDER BY random() LIMIT :n"),
+        rows = conn.execute(text("SELECT doc_id, n_mem, memory FROM memories WHERE build_id = :b "
+                                 "ORDER BY random() LIMIT :n"),
                             {"b": build.id, "n": n}).all()
-    out = []
-    for n_mem, blob in rows:
+    out, ids = [], []
+    for doc_id, n_mem, blob in rows:
         m = np.frombuffer(blob, dtype="<f2").reshape(n_mem, build.hidden_size).astype(np.float32)
         out.append(m + noise * rng.standard_normal(m.shape).astype(np.float32))
-    return out
+        ids.append(doc_id)
+    return out, ids
 
 
 def real_vectors(engine, model_path, n_docs, n_queries):
@@ -150,8 +160,9 @@ def main() -> None:
     build, load = load_random(engine, (f"bench-{tag}", 16, "random-10k"), args.docs, args.n_mem, args.hidden, 2)
     load["insert_rows_per_s"] = insert_rps
     load["copy_vs_insert"] = load["load_rows_per_s"] / insert_rps
+    queries, sources = perturbed_queries(engine, build, args.queries, 0.5, 3)
     results["random_10k"] = {"docs": args.docs, **load,
-                             **query_stats(engine, build, perturbed_queries(engine, build, args.queries, 0.5, 3))}
+                             **query_stats(engine, build, queries, sources=sources)}
     print(json.dumps(results, indent=2), flush=True)
 
     if args.model is not None:
@@ -161,9 +172,10 @@ def main() -> None:
     if args.scale_rows:
         build, load = load_random(engine, (f"bench-scale-{tag}", 16, "random-scale"), args.scale_rows,
                                   args.scale_n_mem, args.scale_hidden, 4, batch=10_000)
-        q = perturbed_queries(engine, build, 50, 0.5, 5)
+        q, src = perturbed_queries(engine, build, 50, 0.5, 5)
         results["scale"] = {"rows": args.scale_rows, "hidden": args.scale_hidden, "n_mem": args.scale_n_mem,
-                            **load, **query_stats(engine, build, q, exact_queries=args.scale_exact_queries)}
+                            **load, **query_stats(engine, build, q, exact_queries=args.scale_exact_queries,
+                                                  sources=src)}
         with engine.connect() as conn:
             results["scale"]["table_bytes"] = conn.execute(
                 text("SELECT pg_total_relation_size('memories')")).scalar()
