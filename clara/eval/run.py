@@ -240,10 +240,10 @@ def plot_report(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             pts = sorted((r["rate"], r[key]) for r in clara if r["setting"] == setting and r[key] is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"CLaRa {setting}")
-        for r in rows:
-            if r["system"] != "clara" and r[key] is not None and r["setting"] == "normal":
-                label = f"{r['system']}" + (f" ({r['retriever']})" if r["retriever"] else "")
-                ax.axhline(r[key], linestyle=":", linewidth=1, label=label, color=None)
+        baselines = [r for r in rows if r["system"] != "clara" and r[key] is not None and r["setting"] == "normal"]
+        for i, r in enumerate(baselines):
+            label = f"{r['system']}" + (f" ({r['retriever']})" if r["retriever"] else "")
+            ax.axhline(r[key], linestyle=":", linewidth=1.2, label=label, color=f"C{i + 2}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compression rate")
         ax.set_ylabel(ylabel)
