@@ -74,10 +74,12 @@ def train_scp_cmd(
     checkpoint_every: Optional[int] = EveryOpt,
     seed: Optional[int] = SeedOpt,
     resume: bool = ResumeOpt,
+    init: Optional[Path] = typer.Option(None, exists=True, help="Continue from this checkpoint (its base, rate "
+                                                                "and adapters) instead of a fresh preset."),
 ) -> None:
     """Stage 1: salient compressor pretraining (compressor + generator + memory-token rows)."""
     _train_compressor(data, out, preset, config, rate, length_mode, device, batch_size, grad_accum, max_steps,
-                      lr, checkpoint_every, seed, resume, stage="scp", init=None)
+                      lr, checkpoint_every, seed, resume, stage="scp", init=init)
 
 
 @train_app.command("instruct")
@@ -116,6 +118,8 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
                                             device=device).items() if v is not None}
         if init is not None:
             model = load_checkpoint(init, device=device)
+            if rate is not None and rate != model.cfg.compression_rate:
+                raise ValueError(f"{init} was trained at rate {model.cfg.compression_rate}, not {rate}")
             model_cfg = to_dict(model.cfg)
         else:
             model_cfg = to_dict(make_preset(preset, **_merge(raw.get("model", {}), model_over)))

@@ -44,3 +44,16 @@ def test_bad_input_exits_with_a_located_message(tmp_path):
     res = runner.invoke(app, ["train", "scp", "--data", str(bad), "--out", str(tmp_path / "o"), "--preset", "tiny",
                               "--rate", "8"])
     assert res.exit_code == 2
+
+
+def test_scp_can_continue_from_a_checkpoint(fixtures, tmp_path):
+    first = tmp_path / "a"
+    args = ["train", "scp", "--data", str(fixtures / "scp.jsonl"), "--preset", "tiny", "--max-steps", "1",
+            "--batch-size", "2"]
+    assert runner.invoke(app, args + ["--out", str(first)]).exit_code == 0
+    res = runner.invoke(app, ["train", "scp", "--data", str(fixtures / "scp.jsonl"), "--init", str(first),
+                              "--out", str(tmp_path / "b"), "--max-steps", "1", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", "scp", "--data", str(fixtures / "scp.jsonl"), "--init", str(first),
+                              "--out", str(tmp_path / "c"), "--rate", "4"])
+    assert res.exit_code == 2 and "not 4" in res.output
