@@ -248,9 +248,9 @@ def synthesize(docs: Sequence[Document], teacher: Teacher, out_dir: str | Path, 
     bar.close()
     elapsed = time.perf_counter() - started
 
-    report = build_report(list(done.values()), rows_log.read(), teacher, cfg, len(docs), failed,
-                          seconds=elapsed, new_docs=n_new, corpus_report=corpus_report)
     rows = rows_log.read()
+    report = build_report(list(done.values()), rows, teacher, cfg, len(docs), failed,
+                          seconds=elapsed, new_docs=n_new, corpus_report=corpus_report)
     atomic_write_lines(out / "train.jsonl", (dumps(r) for r in rows if r["split"] == "train"))
     atomic_write_lines(out / "dev.jsonl", (dumps(r) for r in rows if r["split"] == "dev"))
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
