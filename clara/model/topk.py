@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -60,3 +62,14 @@ def flat_cosine(query: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
         return q @ d.T
     d = torch.nn.functional.normalize(docs.flatten(2).float(), dim=-1)
     return torch.einsum("bf,bnf->bn", q, d)
+
+
+def pad_memories(memories: Sequence[torch.Tensor], n_max: int) -> torch.Tensor:
+    """Stack [n_i, H] memory tensors into [D, n_max, H] with zero rows for unused slots (the convention
+    ``flat_cosine`` relies on)."""
+    if not memories:
+        raise ValueError("no memories to stack")
+    out = memories[0].new_zeros(len(memories), n_max, memories[0].shape[-1])
+    for i, m in enumerate(memories):
+        out[i, : m.shape[0]] = m
+    return out

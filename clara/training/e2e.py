@@ -21,7 +21,7 @@ from clara.config import E2EConfig, to_dict
 from clara.data.records import QARecord
 from clara.model.checkpoint import load_adapter_weights, save_checkpoint
 from clara.model.clara_model import ClaraModel
-from clara.model.topk import differentiable_topk
+from clara.model.topk import differentiable_topk, pad_memories
 from clara.training.common import (
     Checkpointer,
     MetricsCallback,
@@ -36,11 +36,8 @@ from clara.training.common import (
 def compress_pool(model: ClaraModel, docs: Sequence[str], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress the pool once: (memory [D, n_max, H] zero-padded, n_mem [D])."""
     mems = model.compress(docs, batch_size=batch_size)
-    pool = torch.zeros(len(mems), model.cfg.n_mem_max, model.hidden_size, dtype=mems[0].dtype,
-                       device=model.device)
-    for i, m in enumerate(mems):
-        pool[i, : m.shape[0]] = m
-    return pool, torch.tensor([m.shape[0] for m in mems], device=model.device)
+    n_mem = torch.tensor([m.shape[0] for m in mems], device=model.device)
+    return pad_memories(mems, model.cfg.n_mem_max), n_mem
 
 
 def pick_candidates(scores: torch.Tensor, positives: Sequence[Sequence[int]], n: int) -> torch.Tensor:
