@@ -215,15 +215,9 @@ def _ingest(corpus: str, on_error: str, preset: str, max_doc_tokens: Optional[in
     """Ingest a corpus the same way everywhere, so passage ids agree between synthesis, training, the store and
     evaluation: split with the tokenizer and document length of ``model_cfg`` (a checkpoint's) or the preset's."""
     from clara.config import preset as make_preset
-    from clara.data.corpus import ingest_bundled, ingest_path
-    from clara.model.base import load_tokenizer
+    from clara.stages import ingest
 
-    cfg = model_cfg or make_preset(preset)
-    tok = load_tokenizer(cfg.base)
-    limit = max_doc_tokens or cfg.doc_max_len
-    kwargs = dict(on_error=on_error, max_tokens=limit,
-                  count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
-    return ingest_bundled(**kwargs) if corpus == "bundled" else ingest_path(corpus, **kwargs)
+    return ingest(corpus, model_cfg or make_preset(preset), on_error=on_error, max_doc_tokens=max_doc_tokens)
 
 
 @data_app.command("ingest")

@@ -249,17 +249,63 @@ def synthesize(docs: Sequence[Document], teacher: Teacher, out_dir: str | Path, 
     elapsed = time.perf_counter() - started
 
     rows = rows_log.read()
-    report = build_report(list(done.values()), rows, teacher, cfg, len(docs), failed,
+    report = build_report(list(done.values()), rows, teacher.name, teacher.prompt_version, cfg, len(docs), failed,
                           seconds=elapsed, new_docs=n_new, corpus_report=corpus_report)
+    _write_outputs(out, rows, report)
+    return report
+
+
+def _write_outputs(out: Path, rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
     atomic_write_lines(out / "train.jsonl", (dumps(r) for r in rows if r["split"] == "train"))
     atomic_write_lines(out / "dev.jsonl", (dumps(r) for r in rows if r["split"] == "dev"))
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+
+
+def merge_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path, cfg: SynthesisConfig, *,
+                 corpus_report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Combine shards synthesized separately (e.g. on Dask workers) into one train/dev split and report.
+
+    Each shard folder holds a finished ``synthesize`` run over a disjoint part of the corpus; the split is
+    decided per document, so concatenating shards gives the split one run would have made.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    seconds, new_docs, docs_in, failed = 0.0, 0, 0, []
+    teacher = prompts = None
+    for d in map(Path, shard_dirs):
+        report_path = d / "report.json"
+        if not report_path.is_file():
+            raise FileNotFoundError(f"{report_path} not found: shard {d} did not finish")
+        r = json.loads(report_path.read_text(encoding="utf-8"))
+        if teacher is not None and (r["teacher"], r["prompt_version"]) != (teacher, prompts):
+            raise ValueError(f"{d}: shard made by {r['teacher']} / {r['prompt_version']}, others by "
+                             f"{teacher} / {prompts}")
+        teacher, prompts = r["teacher"], r["prompt_version"]
+        shard_done = _Log(d / "done.jsonl").read()
+        ids = {x["doc_id"] for x in shard_done}
+        done += shard_done
+        rows += [x for x in _Log(d / "rows.jsonl").read() if x["doc_id"] in ids]
+        seconds += r["seconds_this_run"]
+        new_docs += r.get("new_documents_this_run", 0)
+        docs_in += r["documents_in"]
+        failed += [None] * r["documents_failed_this_run"]
+    dup = [i for i, c in Counter(x["doc_id"] for x in done).items() if c > 1]
+    if dup:
+        raise ValueError(f"document {dup[0]!r} appears in more than one shard")
+    if teacher is None:
+        raise ValueError("no shards to merge")
+    report = build_report(done, rows, teacher, prompts, cfg, docs_in, failed, seconds=seconds, new_docs=new_docs,
+                          corpus_report=corpus_report)
+    report["shards"] = len(shard_dirs)
+    _write_outputs(out, rows, report)
     return report
 
 
-def build_report(done: list[dict[str, Any]], rows: list[dict[str, Any]], teacher: Teacher, cfg: SynthesisConfig,
-                 docs_in: int, failed: list[str], *, seconds: float, new_docs: int,
+def build_report(done: list[dict[str, Any]], rows: list[dict[str, Any]], teacher: str, prompt_version: str,
+                 cfg: SynthesisConfig, docs_in: int, failed: Sequence[Any], *, seconds: float, new_docs: int,
                  corpus_report: dict[str, Any] | None) -> dict[str, Any]:
     status = Counter(d["status"] for d in done)
     checked = sum(d["checked"] for d in done)
@@ -267,8 +313,8 @@ def build_report(done: list[dict[str, Any]], rows: list[dict[str, Any]], teacher
     pairs = {k: sum(d.get(f"pairs_{k}", 0) for d in done if d["status"] == "kept") for k in ("simple", "complex")}
     kept = max(1, status.get("kept", 0))
     return {
-        "teacher": teacher.name,
-        "prompt_version": teacher.prompt_version,
+        "teacher": teacher,
+        "prompt_version": prompt_version,
         "config": asdict(cfg),
         "documents_in": docs_in,
         "documents_done": len(done),
@@ -288,6 +334,7 @@ def build_report(done: list[dict[str, Any]], rows: list[dict[str, Any]], teacher
         "mean_coverage_kept": (sum(d["coverage"] for d in done if d["status"] == "kept") / kept),
         "yield_documents": status.get("kept", 0) / max(1, len(done)),
         "seconds_this_run": seconds,
+        "new_documents_this_run": new_docs,
         "seconds_per_document": seconds / new_docs if new_docs else None,
         "corpus": corpus_report,
     }

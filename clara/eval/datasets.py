@@ -10,9 +10,11 @@ from clara.data.corpus import Document
 from clara.data.records import QARecord, load_qa_records, read_jsonl
 
 
-def synth_dev_qa(synth_dir: str | Path, kinds: Sequence[str] = ("simple", "complex")) -> list[QARecord]:
-    """The synthesized dev split (held out by document from SCP training): one question per QA pair."""
-    path = Path(synth_dir) / "dev.jsonl"
+def synth_dev_qa(synth_dir: str | Path, kinds: Sequence[str] = ("simple", "complex"),
+                 split: str = "dev") -> list[QARecord]:
+    """A synthesized split as QA with gold documents, one question per QA pair. ``dev`` is held out by document
+    from SCP training (evaluation); ``train`` is what end-to-end training learns from."""
+    path = Path(synth_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `clara synthesize` first")
     out = []

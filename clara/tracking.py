@@ -1,0 +1,109 @@
+"""MLflow tracking with explicit run ids (no fluent "active run"), so stages running in worker threads or
+processes log to exactly the run they were handed.
+
+The tracking server is ``$MLFLOW_TRACKING_URI``, else the one ``infra/`` starts on 127.0.0.1
+(``$CLARA_MLFLOW_PORT``, default 5000).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+EXPERIMENT = "clara"
+PARENT_TAG = "mlflow.parentRunId"
+# MLflow's limits: 6000 characters for a param value, 100 metrics / 100 params per batch request.
+_PARAM_MAX, _BATCH = 6000, 100
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"http://127.0.0.1:{os.environ.get('CLARA_MLFLOW_PORT', '5000')}"
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(c: MlflowClient, name: str = EXPERIMENT) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def start_run(c: MlflowClient, exp_id: str, name: str, *, parent: str | None = None,
+              tags: Mapping[str, str] | None = None) -> str:
+    tags = dict(tags or {})
+    if parent:
+        tags[PARENT_TAG] = parent
+    return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+
+def log_params(c: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in flatten(params).items()]
+    for s in range(0, len(items), _BATCH):
+        c.log_batch(run_id, params=items[s : s + _BATCH])
+
+
+def set_tags(c: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+    for s in range(0, len(items), _BATCH):
+        c.log_batch(run_id, tags=items[s : s + _BATCH])
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    items = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    for s in range(0, len(items), _BATCH):
+        c.log_batch(run_id, metrics=items[s : s + _BATCH])
+
+
+def metrics_callback(c: MlflowClient, run_id: str) -> Callable[[int, dict[str, float]], None]:
+    """The training loops' ``callback(step, metrics)``: every step's losses/recall go to the run."""
+    return lambda step, metrics: log_metrics(c, run_id, metrics, step)
+
+
+def finish(c: MlflowClient, run_id: str, ok: bool = True) -> None:
+    c.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def run_url(run_id: str, exp_id: str, uri: str | None = None) -> str:
+    return f"{uri or tracking_uri()}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def model_url(name: str, version: str | int, uri: str | None = None) -> str:
+    return f"{uri or tracking_uri()}/#/models/{name}/versions/{version}"
+
+
+def git_commit(repo: str | Path) -> str | None:
+    """HEAD of the repository (with ``-dirty`` if tracked files changed), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

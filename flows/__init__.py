@@ -1,0 +1,1 @@
+"""Prefect flows over the ``clara`` library (see ``flows/pipeline.py``)."""

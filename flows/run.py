@@ -1,0 +1,54 @@
+"""``make pipeline``'s last step: run deployment ``clara/full-pipeline`` with the Prefect CLI, wait for it, then
+print the run's evaluation artifact, its wall time and where to look next.
+
+    python -m flows.run [--param KEY=VALUE ...]    # extra parameters go to `prefect deployment run`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+async def _artifact(flow_run_id: str) -> str | None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=["clara-evaluation"])))
+    return found[0].data if found else None
+
+
+def main(argv: list[str]) -> int:
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    cmd = [prefect, "deployment", "run", "clara/full-pipeline", "--watch", *argv]
+    print("$", " ".join(cmd[1:] if cmd[0] == prefect else cmd), flush=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(["prefect", *cmd[1:]], executable=prefect, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    flow_run_id = None
+    for line in proc.stdout:  # type: ignore[union-attr]
+        sys.stdout.write(line)
+        m = re.search(r"UUID:\s*([0-9a-f-]{36})", line)
+        flow_run_id = flow_run_id or (m.group(1) if m else None)
+    rc = proc.wait()
+    wall = time.perf_counter() - started
+    if flow_run_id:
+        summary = asyncio.run(_artifact(flow_run_id))
+        if summary:
+            print("\n" + summary)
+    api = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api").removesuffix("/api")
+    print(f"wall time: {wall / 60:.1f} min ({wall:.0f} s); exit status {rc}")
+    print(f"Prefect UI: {api}/runs/flow-run/{flow_run_id}" if flow_run_id else f"Prefect UI: {api}")
+    print(f"MLflow UI:  {os.environ.get('MLFLOW_TRACKING_URI', 'http://127.0.0.1:5000')}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,260 @@
+"""Start, check and stop the local services the pipeline talks to, idempotently.
+
+    python -m infra.services up       # Postgres (embedded), MLflow server, Prefect server, served deployment
+    python -m infra.services status
+    python -m infra.services env      # shell exports for MLFLOW_TRACKING_URI, PREFECT_API_URL, …
+    python -m infra.services down
+
+Everything lives under one state folder (``$CLARA_STATE_DIR``, default ``.clara/`` in the project): ``logs/``
+(one log per service), ``pids/``, ``mlflow/`` (SQLite backend + artifact store) and ``prefect/`` (PREFECT_HOME).
+Ports come from ``$CLARA_MLFLOW_PORT`` (5000) and ``$CLARA_PREFECT_PORT`` (4200); everything binds to 127.0.0.1.
+A service that already answers its health check is left alone, so ``up`` can be run any number of times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Layout:
+    state: Path
+    mlflow_port: int
+    prefect_port: int
+
+    @classmethod
+    def from_env(cls) -> "Layout":
+        state = Path(os.environ.get("CLARA_STATE_DIR") or PROJECT / ".clara").resolve()
+        return cls(state, int(os.environ.get("CLARA_MLFLOW_PORT", "5000")),
+                   int(os.environ.get("CLARA_PREFECT_PORT", "4200")))
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}/api"
+
+    def env(self) -> dict[str, str]:
+        """What a client of these services needs in its environment."""
+        return {
+            "CLARA_STATE_DIR": str(self.state),
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PREFECT_API_URL": self.prefect_api,
+            "PREFECT_HOME": str(self.state / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except Exception:  # refused, timed out, 5xx: not healthy (yet)
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # A zombie (exited child not yet reaped) still answers kill(0).
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except OSError:
+        return True
+
+
+def _pid(layout: Layout, name: str) -> int | None:
+    f = layout.state / "pids" / f"{name}.pid"
+    try:
+        pid = int(f.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _spawn(layout: Layout, name: str, cmd: list[str]) -> int:
+    """Start ``cmd`` in its own session (so stopping it stops its children), logging to logs/<name>.log."""
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    (layout.state / "pids").mkdir(parents=True, exist_ok=True)
+    log = open(layout.logs / f"{name}.log", "ab")
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **layout.env()}, cwd=PROJECT, start_new_session=True)
+    (layout.state / "pids" / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait(name: str, check, pid: int | None, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if pid is not None and not _alive(pid):
+            break
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    raise RuntimeError(f"{name} did not become healthy within {timeout:.0f} s; last lines of {log}:\n{tail}")
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+# ------------------------------------------------------------------------------------------- services
+
+def postgres_up(layout: Layout) -> str:
+    """The embedded PostgreSQL + pgvector (or ``$CLARA_DATABASE_URL``), migrated; returns its URL."""
+    from clara.store.db import connect
+    from clara.store.server import ENV_URL, embedded_server, sqlalchemy_url
+
+    url = os.environ.get(ENV_URL) or sqlalchemy_url(embedded_server(keep_running=True).get_uri())
+    connect(url).dispose()  # connects and migrates: the health check
+    return url
+
+
+def mlflow_healthy(layout: Layout) -> bool:
+    return _http_ok(f"{layout.mlflow_uri}/health")
+
+
+def mlflow_up(layout: Layout, timeout: float = 180) -> str:
+    if mlflow_healthy(layout):
+        return "running"
+    home = layout.state / "mlflow"
+    (home / "artifacts").mkdir(parents=True, exist_ok=True)
+    # One worker: four would cost ~1.5 GB on a laptop for no gain with one pipeline (STACK.md).
+    pid = _spawn(layout, "mlflow", [
+        _bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination", str(home / "artifacts"), "--host", HOST, "--port", str(layout.mlflow_port),
+        "--workers", "1"])
+    _wait("MLflow", lambda: mlflow_healthy(layout), pid, timeout, layout.logs / "mlflow.log")
+    return "started"
+
+
+def prefect_healthy(layout: Layout) -> bool:
+    return _http_ok(f"{layout.prefect_api}/health")
+
+
+def prefect_up(layout: Layout, timeout: float = 120) -> str:
+    if prefect_healthy(layout):
+        return "running"
+    pid = _spawn(layout, "prefect", [_bin("prefect"), "server", "start", "--host", HOST,
+                                     "--port", str(layout.prefect_port)])
+    _wait("Prefect server", lambda: prefect_healthy(layout), pid, timeout, layout.logs / "prefect.log")
+    return "started"
+
+
+def deployment_registered(layout: Layout) -> bool:
+    return _http_ok(f"{layout.prefect_api}/deployments/name/clara/full-pipeline")
+
+
+def serve_up(layout: Layout, timeout: float = 120) -> str:
+    """The process serving deployment ``clara/full-pipeline`` (runs pick-up from it)."""
+    pid = _pid(layout, "serve")
+    if pid is not None and deployment_registered(layout):
+        return "running"
+    if pid is not None:
+        _stop(layout, "serve")
+    started = time.time()
+    pid = _spawn(layout, "serve", [sys.executable, "-m", "flows.serve"])
+    log = layout.logs / "serve.log"
+    # Registered (again) by this process: its log says so once the deployment is up.
+    _wait("deployment clara/full-pipeline",
+          lambda: deployment_registered(layout) and "full-pipeline" in log.read_text(errors="replace")[-4000:]
+          and time.time() - started > 1, pid, timeout, log)
+    return "started"
+
+
+def _stop(layout: Layout, name: str, grace: float = 15) -> str:
+    pid = _pid(layout, name)
+    pid_file = layout.state / "pids" / f"{name}.pid"
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return "not running"
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return "stopped"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def up(layout: Layout, serve: bool = True) -> dict[str, str]:
+    out = {"postgres": postgres_up(layout), "mlflow": mlflow_up(layout), "prefect": prefect_up(layout)}
+    if serve:
+        out["serve"] = serve_up(layout)
+    return out
+
+
+def down(layout: Layout) -> dict[str, str]:
+    from clara.store.server import stop_embedded
+
+    out = {name: _stop(layout, name) for name in ("serve", "prefect", "mlflow")}
+    out["postgres"] = "stopped" if os.environ.get("CLARA_DATABASE_URL") is None and stop_embedded() else "not ours"
+    return out
+
+
+def status(layout: Layout) -> dict[str, str]:
+    return {"mlflow": f"{'up' if mlflow_healthy(layout) else 'down'} {layout.mlflow_uri}",
+            "prefect": f"{'up' if prefect_healthy(layout) else 'down'} {layout.prefect_api.removesuffix('/api')}",
+            "deployment clara/full-pipeline": ("served" if _pid(layout, "serve") and deployment_registered(layout)
+                                               else "not served"),
+            "logs": str(layout.logs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.services", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("--no-serve", action="store_true", help="up: do not start the served deployment")
+    args = parser.parse_args(argv)
+    layout = Layout.from_env()
+    if args.command == "env":
+        for k, v in layout.env().items():
+            print(f"export {k}={v}")
+        return 0
+    if args.command == "up":
+        result = up(layout, serve=not args.no_serve)
+    elif args.command == "down":
+        result = down(layout)
+    else:
+        result = status(layout)
+    for k, v in result.items():
+        print(f"{k:<32} {v}")
+    if args.command == "up":
+        print(f"{'MLflow UI':<32} {layout.mlflow_uri}\n{'Prefect UI':<32} {layout.prefect_api.removesuffix('/api')}"
+              f"\n{'logs':<32} {layout.logs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
