@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast data synth-sample clean
+.PHONY: install test test-fast pipeline services-up services-down services-status data synth-sample clean
 
 install: $(STAMP)
 
@@ -24,6 +24,22 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The whole pipeline on this machine: start the services (embedded Postgres, MLflow, Prefect server, the
+# served deployment clara/full-pipeline), run the deployment with `prefect deployment run`, wait, print the
+# evaluation table and the UI addresses. Extra deployment parameters: make pipeline PARAMS='--param scp_steps=200'
+pipeline: $(STAMP)
+	$(PY) -m infra.services up
+	eval "$$($(PY) -m infra.services env)" && $(PY) -m flows.run $(PARAMS)
+
+services-up: $(STAMP)
+	$(PY) -m infra.services up
+
+services-down:
+	$(PY) -m infra.services down
+
+services-status:
+	$(PY) -m infra.services status
 
 # The bundled corpus as validated passages under data/ (canonical bytes: the same data.dvc hash on any
 # machine), then a DVC snapshot pushed to the default remote (../clara-dvc-remote unless reconfigured).

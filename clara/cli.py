@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -443,6 +444,100 @@ def store_builds(database_url: Optional[str] = DbOpt) -> None:
     for b in list_builds(connect(database_url)):
         typer.echo(f"{b.id:>5}  {b.status:<9} rate {b.compression_rate:<4} docs {b.n_docs:<8} "
                    f"{b.ann_kind:<7} {b.corpus_version}  {b.model_uri}")
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+ModelNameOpt = typer.Option("clara", "--name", help="Registered model name.")
+
+
+def _registry_call(fn, *args):
+    from mlflow.exceptions import MlflowException
+
+    from clara import tracking
+    from clara.registry import RegistryError
+
+    try:
+        return fn(tracking.client(), *args)
+    except (RegistryError, MlflowException) as exc:
+        _fail(exc)
+
+
+def _say(decision) -> None:
+    typer.echo(f"{decision.name} v{decision.version} -> {decision.alias} "
+               f"(was v{decision.previous or '-'}): {decision.reason}")
+
+
+@app.command("promote")
+def promote_cmd(version: str = typer.Option(..., "--version", help="Model version to make production."),
+                reason: str = typer.Option(..., help="Why (recorded on the version and in the history)."),
+                name: str = ModelNameOpt) -> None:
+    """Point the alias ``production`` at a version by hand (bypassing the pipeline's gate)."""
+    from clara.registry import promote
+
+    _say(_registry_call(promote, name, version, reason))
+
+
+@app.command("rollback")
+def rollback_cmd(reason: str = typer.Option(..., help="Why (recorded)."), name: str = ModelNameOpt) -> None:
+    """Move ``production`` back to the version that held it before the current one."""
+    from clara.registry import rollback
+
+    _say(_registry_call(rollback, name, reason))
+
+
+@app.command("models")
+def models_cmd(name: str = ModelNameOpt,
+               metric: str = typer.Option("f1", help="Evaluation metric to show.")) -> None:
+    """List a registered model's versions with their aliases, metric and gate decision."""
+    from clara import tracking
+
+    def show(c, name):
+        versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+        if not versions:
+            raise FileNotFoundError(f"no versions of {name!r} at {tracking.tracking_uri()}")
+        by_version: dict[str, list[str]] = {}
+        for alias, ver in c.get_registered_model(name).aliases.items():
+            by_version.setdefault(str(ver), []).append(alias)
+        for v in versions:
+            aliases = ",".join(sorted(by_version.get(str(v.version), []))) or "-"
+            typer.echo(f"v{v.version:<4} {aliases:<22} {metric} {v.tags.get('eval.' + metric, '-'):<10} "
+                       f"data {v.tags.get('data_version', '-')[:12]:<12} build {v.tags.get('build_id', '-'):<5} "
+                       f"{v.tags.get('production.reason') or v.tags.get('gate.reason', '')}")
+
+    try:
+        _registry_call(show, name)
+    except FileNotFoundError as exc:
+        _fail(exc)
+
+
+@app.command("ask")
+def ask_cmd(question: list[str] = typer.Argument(..., help="One or more questions."),
+            model: str = typer.Option("models:/clara@production", help="MLflow model URI."),
+            k: Optional[int] = typer.Option(None, help="Documents to retrieve (default: the model's)."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
+    """Answer from the production model: retrieval from pgvector, generation from the memory tokens."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from clara import tracking
+    from clara.store.builds import StoreError
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        m = mlflow.pyfunc.load_model(model)
+        out = m.predict(pd.DataFrame({"question": question}), params={"k": k} if k else None)
+    except (MlflowException, StoreError, ValueError, OSError) as exc:
+        _fail(exc)
+    for row in out.to_dict("records"):
+        if as_json:
+            typer.echo(json.dumps(row))
+            continue
+        typer.echo(f"Q: {row['question']}\nA: {row['answer']}")
+        for title, doc_id, score in zip(row["titles"], row["doc_ids"], row["scores"]):
+            typer.echo(f"   {score:.3f}  {title}  [{doc_id}]")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ stage resumes from its own checkpoints. Shards run on the flow's task runner: th
 cluster when ``dask_address`` or ``dask_workers`` is set.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the parameter form (a pydantic model) from the
+# evaluated annotations, and string annotations such as "Literal[...]" fail to resolve there.
 import hashlib
 import json
 import shutil
@@ -361,10 +361,13 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
             "questions": len(qa)}
 
 
-@task(name="promote", **_CACHED)
+@task(name="promote", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
 def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], data: dict[str, Any],
             scp: dict[str, Any], model_name: str, gate_metric: str, lower_is_better: bool, top_k: int,
             parent_run: str, experiment: str) -> dict[str, Any]:
+    """Register the model (once per set of inputs: a rerun finds its version) and run the gate (every time, so
+    the decision reflects the production version as it is now)."""
+    key = _key("promote", dict(locals()))
     from clara.registry import gate, log_pyfunc, register
     from clara.serving import ClaraQAModel
 
@@ -372,16 +375,22 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
     if gate_metric not in metrics:
         raise ValueError(f"gate metric {gate_metric!r} is not in the evaluation; choose one of {sorted(metrics)}")
     c = tracking.client()
-    logged = log_pyfunc(e2e["run_id"], ClaraQAModel(), _checkpoint(e2e),
-                        {"build_id": build["build_id"], "k": top_k}, input_column="question")
-    version = register(c, model_name, logged, {
-        **{f"eval.{k}": round(v, 6) for k, v in metrics.items()}, "eval.run_id": scores["run_id"],
-        "data_version": data["data_version"], "build_id": build["build_id"], "compressor": scp["model_uri"],
-        "git_commit": tracking.git_commit(PROJECT), "prefect.flow_run_id": str(flow_run.id)},
-        description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
+    found = c.search_model_versions(f"name = '{model_name}' AND tags.`clara.promote_key` = '{key}'")
+    if found:
+        version, reused = str(found[0].version), True
+    else:
+        logged = log_pyfunc(e2e["run_id"], ClaraQAModel(), _checkpoint(e2e),
+                            {"build_id": build["build_id"], "k": top_k}, input_column="question")
+        version = register(c, model_name, logged, {
+            **{f"eval.{k}": round(v, 6) for k, v in metrics.items()}, "eval.run_id": scores["run_id"],
+            "data_version": data["data_version"], "build_id": build["build_id"], "compressor": scp["model_uri"],
+            "git_commit": tracking.git_commit(PROJECT), "prefect.flow_run_id": str(flow_run.id),
+            "clara.promote_key": key},
+            description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
+        reused = False
     decision = gate(c, model_name, version, gate_metric, higher_is_better=not lower_is_better)
     return {"name": model_name, "version": version, "alias": decision.alias, "reason": decision.reason,
-            "model_uri": f"models:/{model_name}/{version}"}
+            "model_uri": f"models:/{model_name}/{version}", "reused": reused}
 
 
 # -------------------------------------------------------------------------------------------- parent
@@ -487,6 +496,8 @@ def clara(
         scores = staged(evaluate, e2e, build, data, eval_questions, top_k, baselines, device, **common)
         promotion = staged(promote, e2e, build, scores, data, scp, model_name, gate_metric, gate_lower_is_better,
                            top_k, **common)
+        if promotion["reused"]:
+            result["cached"].append("promote")
         result.update(data=data, scp=scp, e2e=e2e, build=build, evaluation=scores, promotion=promotion)
         result["runs"] = {"synthesize": data["run_id"], "pretrain_scp": scp["run_id"], "train_e2e": e2e["run_id"],
                           "compress_corpus": build.get("run_id"), "evaluate": scores["run_id"]}

@@ -1,0 +1,240 @@
+"""The pipeline end to end against real services: a real MLflow server (started by infra/), Prefect's test
+harness (a real Prefect server on a temporary database), the embedded Postgres, DVC in a scratch git repo.
+
+The tiny preset keeps each pipeline run to seconds. Tests in this module run in order and build on each other
+(the first run's registered model is what the gate and CLI tests then move around)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(preset="tiny", max_docs=40, scp_steps=3, scp_batch_size=2, e2e_steps=2, e2e_batch_size=2,
+            eval_questions=5, top_k=2, n_candidates=4, baselines="bm25")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """MLflow server + Prefect harness + embedded Postgres, with every path and port private to this module."""
+    import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from clara.store.server import embedded_server, sqlalchemy_url
+    from infra import services as infra
+
+    root = tmp_path_factory.mktemp("services")
+    layout = infra.Layout(root / "state", _free_port(), _free_port())
+    saved = dict(os.environ)
+    db = os.environ.get("CLARA_DATABASE_URL") or sqlalchemy_url(embedded_server(root / "pg").get_uri())
+    os.environ.update({"MLFLOW_TRACKING_URI": layout.mlflow_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "CLARA_DATABASE_URL": db, "CLARA_CACHE_DIR": str(root / "cache")})
+    assert infra.mlflow_up(layout) == "started"
+    assert infra.mlflow_up(layout) == "running"  # idempotent: a healthy server is left alone
+    try:
+        with prefect_test_harness(server_startup_timeout=120), prefect.settings.temporary_settings(
+                updates={prefect.settings.PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}):
+            yield {"layout": layout, "root": root, "db": db}
+    finally:
+        infra._stop(layout, "mlflow")
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def repo(services):
+    """A git + DVC project with a local remote, as a user's checkout would be."""
+    from clara.data.versioning import init
+
+    path = services["root"] / "project"
+    path.mkdir()
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
+                ["git", "config", "user.name", "t"], ["git", "commit", "-q", "--allow-empty", "-m", "init"]):
+        subprocess.run(cmd, cwd=path, check=True)
+    init(path, remote=services["root"] / "dvc-remote")
+    return path
+
+
+def _client():
+    from clara import tracking
+
+    return tracking.client()
+
+
+def test_failed_run_is_recorded_and_rerun_resumes_from_cached_stages(services, repo):
+    from mlflow.exceptions import MlflowException
+
+    from flows.pipeline import clara
+
+    with pytest.raises(ValueError, match="gate metric 'no-such-metric'"):
+        clara(**TINY, gate_metric="no-such-metric", project_dir=str(repo))
+    c = _client()
+    failed = c.search_runs([c.get_experiment_by_name("clara").experiment_id],
+                           "tags.`clara.stage` = 'pipeline'")
+    assert [r.info.status for r in failed] == ["FAILED"]
+    with pytest.raises(MlflowException):
+        c.get_registered_model("clara")  # nothing registered by the failed run
+
+    result = clara(**TINY, project_dir=str(repo))
+    # Everything up to the failure was reused, not recomputed.
+    assert {"synthesize", "pretrain_scp", "train_e2e", "compress_corpus", "evaluate"} <= set(result["cached"])
+    assert "promote" not in result["cached"]
+    services["first"] = result
+
+
+def test_run_left_registered_models_alias_build_and_lineage(services, repo):
+    from clara.data.versioning import data_version, status_clean
+    from clara.store.builds import get_build
+    from clara.store.db import connect
+
+    result = services["first"]
+    c = _client()
+    prod = c.get_model_version_by_alias("clara", "production")
+    assert prod.version == result["promotion"]["version"] == "1"
+    assert result["promotion"]["alias"] == "production"
+    assert prod.tags["data_version"] == data_version(repo) == result["data"]["data_version"]
+    assert "eval.f1" in prod.tags and prod.tags["build_id"] == str(result["build"]["build_id"])
+    assert c.search_model_versions("name = 'clara-compressor'")
+
+    build = get_build(connect(), result["build"]["build_id"])
+    assert build.status == "ready" and build.n_docs == TINY["max_docs"]
+    assert build.model_uri == result["e2e"]["model_uri"]
+
+    parent = c.get_run(result["parent_run"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["data_version"] == data_version(repo)
+    assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["git_commit"]
+    exp = parent.info.experiment_id
+    pipelines = {r.info.run_id for r in c.search_runs([exp], "tags.`clara.stage` = 'pipeline'")}
+    stage_runs = c.search_runs([exp], "tags.`clara.stage` != 'pipeline'")
+    assert {r.data.tags["clara.stage"] for r in stage_runs} == {"synthesize", "pretrain_scp", "train_e2e",
+                                                               "compress_corpus", "evaluate"}
+    assert all(r.data.tags["mlflow.parentRunId"] in pipelines for r in stage_runs)  # nested, one level
+    scp_losses = c.get_metric_history(result["scp"]["run_id"], "loss")
+    assert [m.step for m in scp_losses] == list(range(1, TINY["scp_steps"] + 1))  # one point per step
+    artifacts = {a.path for a in c.list_artifacts(result["evaluation"]["run_id"], "evaluation")}
+    assert "evaluation/report.json" in artifacts
+    assert status_clean(repo)  # dvc status has nothing to report
+    assert (repo / "data" / "synth" / "wiki_en" / "train.jsonl").is_file()
+
+
+def test_second_run_with_same_inputs_skips_every_stage(services, repo):
+    from flows.pipeline import clara
+
+    again = clara(**TINY, project_dir=str(repo))
+    assert set(again["cached"]) == {"synthesize", "pretrain_scp", "train_e2e", "compress_corpus", "evaluate",
+                                    "promote"}
+    assert again["promotion"]["version"] == "1"  # no duplicate registration
+    assert again["build"]["build_id"] == services["first"]["build"]["build_id"]
+    assert len(_client().search_model_versions("name = 'clara'")) == 1
+
+
+def test_production_model_loads_from_the_registry_and_answers(services):
+    import mlflow
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/clara@production")
+    out = model.predict(pd.DataFrame({"question": ["What is an urban area?", "Who founded Rome?"]}))
+    assert list(out.columns) == ["question", "answer", "doc_ids", "titles", "scores"]
+    assert len(out) == 2 and all(isinstance(a, str) for a in out["answer"])
+    assert all(len(ids) == TINY["top_k"] for ids in out["doc_ids"])
+    assert all(s == sorted(s, reverse=True) for s in out["scores"])
+    compressor = mlflow.pyfunc.load_model(services["first"]["scp"]["model_uri"])
+    mem = compressor.predict(pd.DataFrame({"text": ["Paris is the capital of France."]}))
+    assert mem["n_mem"][0] == len(mem["memory"][0]) > 0
+
+
+def _register_copy(f1: float) -> str:
+    """Another version of ``clara`` (the same logged model) with a chosen evaluation score."""
+    from clara.registry import register
+
+    c = _client()
+    source = c.get_model_version_by_alias("clara", "production")
+    model_uri = f"models:/{source.model_id}" if getattr(source, "model_id", None) else source.source
+    return register(c, "clara", model_uri, {"eval.f1": f1})
+
+
+def test_gate_keeps_production_unless_the_new_version_is_better():
+    from clara.registry import gate, history
+
+    c = _client()
+    current = float(c.get_model_version_by_alias("clara", "production").tags["eval.f1"])
+    worse = _register_copy(current - 1.0)
+    d = gate(c, "clara", worse, "f1")
+    assert d.alias == "challenger" and "does not beat production v1" in d.reason
+    assert c.get_model_version_by_alias("clara", "production").version == "1"
+    assert c.get_model_version_by_alias("clara", "challenger").version == worse
+    assert c.get_model_version("clara", worse).tags["gate.reason"] == d.reason
+
+    better = _register_copy(current + 1.0)
+    d = gate(c, "clara", better, "f1")
+    assert d.alias == "production" and d.previous == "1"
+    assert c.get_model_version_by_alias("clara", "production").version == better
+    assert [e["version"] for e in history(c, "clara")] == ["1", better]
+
+
+def test_promote_and_rollback_by_hand_from_the_cli():
+    from typer.testing import CliRunner
+
+    from clara.cli import app
+
+    c = _client()
+    before = c.get_model_version_by_alias("clara", "production").version
+    runner = CliRunner()
+    r = runner.invoke(app, ["promote", "--version", "2", "--reason", "hotfix from the on-call"])
+    assert r.exit_code == 0, r.output
+    assert c.get_model_version_by_alias("clara", "production").version == "2"
+    assert c.get_model_version("clara", "2").tags["production.reason"] == "hotfix from the on-call"
+    r = runner.invoke(app, ["rollback", "--reason", "hotfix regressed"])
+    assert r.exit_code == 0, r.output
+    assert c.get_model_version_by_alias("clara", "production").version == before
+    r = runner.invoke(app, ["promote", "--version", "99", "--reason", "x"])
+    assert r.exit_code == 2 and "no version 99" in r.output
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0 and "production" in r.output
+    r = runner.invoke(app, ["ask", "--json", "What is an urban area?"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert len(rows) == 1, r.output
+    row = rows[0]
+    assert row["question"] == "What is an urban area?" and len(row["titles"]) == TINY["top_k"]
+
+
+def test_compression_shards_run_on_a_local_dask_cluster(services):
+    """The scale-out path: shards compressed on two Dask worker processes give the same memories as one
+    process, loaded into a new build."""
+    import numpy as np
+    from prefect_dask import DaskTaskRunner
+
+    from clara.store.db import connect
+    from clara.store.search import decode_memory
+    from flows.pipeline import compress_corpus
+
+    first = services["first"]
+    data = {**first["data"], "corpus_version": first["data"]["corpus_version"] + "/dask"}
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                            "dashboard_address": None})
+    out = compress_corpus.with_options(task_runner=runner)(first["e2e"], data, 3, 16, None,
+                                                           first["parent_run"], "clara")
+    assert not out["reused"] and out["n_docs"] == TINY["max_docs"]
+    engine = connect()
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT a.n_mem, a.memory, b.memory FROM memories a JOIN memories b USING (doc_id) "
+            f"WHERE a.build_id = {out['build_id']} AND b.build_id = {first['build']['build_id']}").all()
+    assert len(rows) == TINY["max_docs"]
+    hidden = 64
+    for n, a, b in rows:
+        np.testing.assert_allclose(decode_memory(a, n, hidden), decode_memory(b, n, hidden), atol=1e-2)
