@@ -42,7 +42,7 @@ class Decision:
 
 def _alias_version(c: MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return c.get_model_version_by_alias(name, alias).version
+        return str(c.get_model_version_by_alias(name, alias).version)  # int or str depending on the store
     except MlflowException:
         return None
 
@@ -129,7 +129,7 @@ def rollback(c: MlflowClient, name: str, reason: str) -> Decision:
                 stack.append(e["version"])
         elif not stack or stack[-1] != e["version"]:
             stack.append(e["version"])
-    existing = {v.version for v in c.search_model_versions(f"name = '{name}'")}
+    existing = {str(v.version) for v in c.search_model_versions(f"name = '{name}'")}
     candidates = [v for v in (stack[:-1] if stack and stack[-1] == current else stack)
                   if v in existing and v != current]
     if not candidates:

@@ -107,6 +107,27 @@ class _Stage:
         tracking.finish(self.c, self.run_id, ok=exc_type is None)
 
 
+def _torchrun(nproc: int, cli_args: list[str], out: Path, c, run_id: str) -> Path:
+    """Run a ``clara train …`` command under torchrun (one process per GPU), then copy its per-step metrics
+    into the stage's MLflow run (the in-process callback cannot reach across processes)."""
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "clara.cli", *cli_args]
+    get_run_logger().info("launching %s", " ".join(cmd))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "launch.log", "ab") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = (out / "launch.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"torchrun exited with {proc.returncode}; last lines of {out / 'launch.log'}:\n{tail}")
+    for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        tracking.log_metrics(c, run_id, {k: v for k, v in row.items() if k != "step"}, row["step"])
+    return out / "model"
+
+
 _CACHED = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
                retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
 
@@ -188,7 +209,8 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
 
 @task(name="pretrain_scp", **_CACHED)
 def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps: int, batch_size: int,
-                 lr: float, device: Optional[str], parent_run: str, experiment: str) -> dict[str, Any]:
+                 lr: float, device: Optional[str], processes: int, parent_run: str, experiment: str
+                 ) -> dict[str, Any]:
     key = _key("pretrain_scp", dict(locals()))  # first: only the parameters are local yet
     from clara.config import OptimSettings, SCPConfig, TrainConfig, preset as make_preset, to_dict
     from clara.data.records import load_scp_records
@@ -203,10 +225,18 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
     with _Stage("pretrain_scp", parent_run, experiment,
                 {"data_version": data["data_version"], **to_dict(cfg)}) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"]})
-        records = load_scp_records(Path(data["synth_dir"]) / "train.jsonl")
-        model = ClaraModel.build(cfg.model)
-        final = train_scp(model, records, cfg, _work_dir("scp", key),
-                          callback=tracking.metrics_callback(st.c, st.run_id), progress=False)
+        work, train_file = _work_dir("scp", key), Path(data["synth_dir"]) / "train.jsonl"
+        if processes > 1:
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "train.json").write_text(json.dumps({"train": to_dict(cfg.train), "mse_weight": cfg.mse_weight}))
+            final = _torchrun(processes, ["train", "scp", "--data", str(train_file), "--out", str(work),
+                                          "--preset", preset, "--rate", str(compression_rate),
+                                          "--config", str(work / "train.json"), *(["--device", device] if device
+                                                                                   else [])], work, st.c, st.run_id)
+        else:
+            model = ClaraModel.build(cfg.model)
+            final = train_scp(model, load_scp_records(train_file), cfg, work,
+                              callback=tracking.metrics_callback(st.c, st.run_id), progress=False)
         logged = log_pyfunc(st.run_id, CompressorModel(), final, {}, input_column="text")
         version = register(st.c, "clara-compressor", logged,
                            {"data_version": data["data_version"], "compression_rate": compression_rate,
@@ -217,11 +247,12 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
 
 @task(name="train_e2e", **_CACHED)
 def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int, lr: float, top_k: int,
-              n_candidates: int, device: Optional[str], parent_run: str, experiment: str) -> dict[str, Any]:
+              n_candidates: int, device: Optional[str], processes: int, parent_run: str, experiment: str
+              ) -> dict[str, Any]:
     key = _key("train_e2e", dict(locals()))  # first: only the parameters are local yet
     from clara.config import E2EConfig, OptimSettings, TrainConfig, to_dict
     from clara.eval.datasets import synth_dev_qa
-    from clara.model.checkpoint import load_checkpoint
+    from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
     from clara.training.e2e import train_e2e as train
 
     cfg = E2EConfig(train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
@@ -231,12 +262,25 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
         docs = stages.load_docs(data["corpus_file"], data["max_docs"])
         qa = synth_dev_qa(data["synth_dir"], split="train")
-        model = load_checkpoint(_checkpoint(scp), device=device)
-        final = train(model, qa, {d.id: d.full_text for d in docs}, cfg, _work_dir("e2e", key),
-                      callback=tracking.metrics_callback(st.c, st.run_id), progress=False)
+        work = _work_dir("e2e", key)
+        if processes > 1:
+            from clara.data.corpus import atomic_write_lines, write_corpus
+
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write_lines(work / "qa.jsonl", (json.dumps(vars(r)) for r in qa))
+            write_corpus(docs, work / "corpus.jsonl")
+            (work / "e2e.json").write_text(json.dumps({k: v for k, v in to_dict(cfg).items()}))
+            final = _torchrun(processes, ["train", "e2e", "--data", str(work / "qa.jsonl"), "--corpus",
+                                          str(work / "corpus.jsonl"), "--init", str(_checkpoint(scp)), "--out",
+                                          str(work), "--config", str(work / "e2e.json"),
+                                          *(["--device", device] if device else [])], work, st.c, st.run_id)
+        else:
+            model = load_checkpoint(_checkpoint(scp), device=device)
+            final = train(model, qa, {d.id: d.full_text for d in docs}, cfg, work,
+                          callback=tracking.metrics_callback(st.c, st.run_id), progress=False)
         st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
     return {"run_id": st.run_id, "checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint",
-            "rate": model.cfg.compression_rate}
+            "rate": read_checkpoint_config(final)["model"]["compression_rate"]}
 
 
 # -------------------------------------------------------------------------------------------- storage
@@ -442,6 +486,7 @@ def clara(
     e2e_steps: int = 20,
     e2e_batch_size: int = 2,
     e2e_lr: float = 1e-4,
+    train_processes: int = 1,
     top_k: int = 5,
     n_candidates: int = 20,
     eval_questions: int = 30,
@@ -488,8 +533,10 @@ def clara(
             result["cached"].append("synthesize")
         tracking.set_tags(c, parent, {"data_version": data["data_version"],
                                       "corpus_version": data["corpus_version"]})
-        scp = staged(pretrain_scp, data, preset, compression_rate, scp_steps, scp_batch_size, scp_lr, device, **common)
-        e2e = staged(train_e2e, scp, data, e2e_steps, e2e_batch_size, e2e_lr, top_k, n_candidates, device, **common)
+        scp = staged(pretrain_scp, data, preset, compression_rate, scp_steps, scp_batch_size, scp_lr, device,
+                     train_processes, **common)
+        e2e = staged(train_e2e, scp, data, e2e_steps, e2e_batch_size, e2e_lr, top_k, n_candidates, device,
+                     train_processes, **common)
         build = compress_corpus.with_options(task_runner=runner)(e2e, data, shards, 16, device, **common)
         if build["reused"]:
             result["cached"].append("compress_corpus")

@@ -238,3 +238,18 @@ def test_compression_shards_run_on_a_local_dask_cluster(services):
     hidden = 64
     for n, a, b in rows:
         np.testing.assert_allclose(decode_memory(a, n, hidden), decode_memory(b, n, hidden), atol=1e-2)
+
+
+def test_training_stages_run_under_torchrun(services, repo):
+    """train_processes > 1: SCP and E2E run as `clara train …` under torchrun (2 CPU processes here, one per GPU
+    on a GPU host); their per-step metrics still reach the stage runs, and the rest of the pipeline follows."""
+    from flows.pipeline import clara
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # two processes on two cores
+    result = clara(**TINY, train_processes=2, project_dir=str(repo))
+    assert not {"pretrain_scp", "train_e2e"} & set(result["cached"])  # a different launch: new runs
+    c = _client()
+    for stage in ("scp", "e2e"):
+        history = c.get_metric_history(result[stage]["run_id"], "loss")
+        assert [m.step for m in history] == [1, 2, 3][: len(history)] and history
+    assert result["promotion"]["version"] not in ("1",)

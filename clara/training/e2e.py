@@ -31,6 +31,7 @@ from clara.training.common import (
     run_finished,
     total_steps,
 )
+from clara.training.distributed import setup
 
 
 def compress_pool(model: ClaraModel, docs: Sequence[str], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,22 +147,25 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
     start = ckpt.restore(model, optimizer, scheduler) if resume else 0
-    log = MetricsLog(out_dir, callback, start)
+    dist = setup()  # several processes under torchrun: each takes a slice of every batch
+    log = MetricsLog(out_dir, callback, start) if dist.main else None
     extra = {"stage": "e2e", "total_steps": steps, "config": to_dict(cfg)}
     recall_key = f"recall@{min(cfg.top_k, cfg.n_candidates, len(doc_ids))}"
 
     model.peft.train()
-    bar = tqdm(total=steps, initial=start, desc="e2e", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc="e2e", unit="step", disable=not (progress and dist.main),
+               dynamic_ncols=True)
     for step in range(start, steps):
         t0 = time.perf_counter()
         sums = {"loss": 0.0, recall_key: 0.0, "score_margin": 0.0}
         for micro in range(train.grad_accum):
-            batch = [records[i] for i in batch_indices(step, micro, train, len(records))]
+            batch = [records[i] for i in dist.shard(batch_indices(step, micro, train, len(records)))]
             loss, parts = e2e_loss(model, batch, pool, pool_n, pool_flat, doc_index, cfg)
             (loss / train.grad_accum).backward()
             sums["loss"] += loss.item() / train.grad_accum
             sums[recall_key] += parts[recall_key] / train.grad_accum
             sums["score_margin"] += parts["score_margin"] / train.grad_accum
+        dist.average_gradients(model.trainable_parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), train.optim.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -170,13 +174,17 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
         done = step + 1
         dt = time.perf_counter() - t0
         if done % train.log_every == 0 or done == steps:
+            sums = dist.mean(sums)
+        if log is not None and (done % train.log_every == 0 or done == steps):
             log(done, {**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "steps_per_s": 1.0 / dt})
         bar.set_postfix(loss=f"{sums['loss']:.3f}", recall=f"{sums[recall_key]:.2f}")
         bar.update(1)
-        if done % train.checkpoint_every == 0 or done == steps:
+        if dist.main and (done % train.checkpoint_every == 0 or done == steps):
             ckpt.save(model, optimizer, scheduler, done, extra)
     bar.close()
     model.peft.eval()
-    save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
+    if dist.main:
+        save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
+    dist.barrier()  # no rank returns before the final checkpoint exists
     return final

@@ -30,6 +30,7 @@ from clara.training.common import (
     run_finished,
     total_steps,
 )
+from clara.training.distributed import setup
 
 
 @dataclass
@@ -128,25 +129,28 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
     start = ckpt.restore(model, optimizer, scheduler) if resume else 0
-    log = MetricsLog(out_dir, callback, start)
+    dist = setup()  # several processes under torchrun: each takes a slice of every batch
+    log = MetricsLog(out_dir, callback, start) if dist.main else None
     extra = {"stage": stage, "total_steps": steps, "config": to_dict(cfg)}
 
     model.peft.train()
-    bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not (progress and dist.main),
+               dynamic_ncols=True)
     for step in range(start, steps):
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "doc_tokens": 0.0, "mem_tokens": 0.0}
         n_docs = 0
         for micro in range(train.grad_accum):
-            idx = batch_indices(step, micro, train, len(examples))
+            idx = dist.shard(batch_indices(step, micro, train, len(examples)))
             batch = [examples[i] for i in idx]
-            n_docs += sum(len(ex.docs) for ex in batch)
-            rng = random.Random(train.seed * 1_000_003 + step * train.grad_accum + micro)
+            n_docs += sum(len(ex.docs) for ex in batch) * dist.world
+            rng = random.Random(train.seed * 1_000_003 + (step * train.grad_accum + micro) * dist.world + dist.rank)
             loss, parts = compressed_lm_loss(model, batch, cfg.mse_weight, cfg.max_target_len, rng)
             (loss / train.grad_accum).backward()
             sums["loss"] += loss.item() / train.grad_accum
             for k, v in parts.items():
                 sums[k] += v / train.grad_accum if k in ("ce", "mse") else v
+        dist.average_gradients(model.trainable_parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), train.optim.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -155,16 +159,20 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
         dt = time.perf_counter() - t0
         done = step + 1
         if done % train.log_every == 0 or done == steps:
+            sums = dist.mean(sums)
+        if log is not None and (done % train.log_every == 0 or done == steps):
             log(done, {"loss": sums["loss"], "ce": sums["ce"], "mse": sums["mse"],
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "real_ratio": sums["doc_tokens"] / max(1.0, sums["mem_tokens"]),
                        "steps_per_s": 1.0 / dt, "docs_per_s": n_docs / dt})
         bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", mse=f"{sums['mse']:.4f}")
         bar.update(1)
-        if done % train.checkpoint_every == 0 or done == steps:
+        if dist.main and (done % train.checkpoint_every == 0 or done == steps):
             ckpt.save(model, optimizer, scheduler, done, extra)
     bar.close()
     model.peft.eval()
-    save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
+    if dist.main:
+        save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
+    dist.barrier()  # no rank returns before the final checkpoint exists
     return final
 

@@ -1,0 +1,188 @@
+"""The pipeline's library side without services: sharding, merging, compression shards, cache keys, retries,
+and the registry's gate / rollback rules (on a local SQLite MLflow store)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clara import stages
+from clara.data.corpus import Document, write_corpus
+
+
+@pytest.mark.parametrize("n,shards", [(10, 3), (3, 5), (0, 2), (7, 1), (100, 7)])
+def test_shard_ranges_cover_everything_once(n, shards):
+    ranges = stages.shard_ranges(n, shards)
+    covered = [i for s, e in ranges for i in range(s, e)]
+    assert covered == list(range(n))
+    assert len(ranges) == max(1, min(shards, n))
+    sizes = [e - s for s, e in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _corpus(tmp_path: Path, n: int = 12) -> Path:
+    docs = [Document(f"d{i}", f"Town {i}", f"Town {i} is a town in the county of Shire {i % 3}. It had "
+                                             f"{1000 + i} inhabitants in 2020. Its mayor is Jane Doe {i}.")
+            for i in range(n)]
+    return write_corpus(docs, tmp_path / "corpus.jsonl")
+
+
+def test_merged_shards_equal_one_run_and_are_byte_stable(tmp_path):
+    corpus = _corpus(tmp_path)
+    teacher, cfg = {"kind": "extractive"}, {"seed": 0, "dev_fraction": 0.25}
+    stages.synthesize_shard(corpus, 0, 12, tmp_path / "one" / "s0", teacher, cfg)
+    one = stages.merge_synthesis([tmp_path / "one" / "s0"], tmp_path / "one" / "out", cfg)
+    parts = []
+    for i, (s, e) in enumerate(stages.shard_ranges(12, 3)):
+        stages.synthesize_shard(corpus, s, e, tmp_path / "three" / f"s{i}", teacher, cfg)
+        parts.append(tmp_path / "three" / f"s{i}")
+    three = stages.merge_synthesis(parts, tmp_path / "three" / "out", cfg)
+    assert three["shards"] == 3 and three["documents_in"] == one["documents_in"] == 12
+    for split in ("train.jsonl", "dev.jsonl"):
+        a = (tmp_path / "one" / "out" / split).read_text()
+        b = (tmp_path / "three" / "out" / split).read_text()
+        assert sorted(a.splitlines()) == sorted(b.splitlines()) and a.strip()
+    # data/ must not change when nothing changed: the report there carries no timings.
+    report = json.loads((tmp_path / "three" / "out" / "report.json").read_text())
+    assert not set(stages.RUN_FIELDS) & set(report)
+    before = (tmp_path / "three" / "out" / "report.json").read_bytes()
+    stages.synthesize_shard(corpus, 0, 4, parts[0], teacher, cfg)  # a resumed shard: nothing new
+    stages.merge_synthesis(parts, tmp_path / "three" / "out", cfg)
+    assert (tmp_path / "three" / "out" / "report.json").read_bytes() == before
+
+
+def test_merge_refuses_overlapping_or_unfinished_shards(tmp_path):
+    corpus = _corpus(tmp_path, 4)
+    teacher, cfg = {"kind": "extractive"}, {"seed": 0}
+    stages.synthesize_shard(corpus, 0, 3, tmp_path / "a", teacher, cfg)
+    stages.synthesize_shard(corpus, 2, 4, tmp_path / "b", teacher, cfg)
+    with pytest.raises(ValueError, match="more than one shard"):
+        stages.merge_synthesis([tmp_path / "a", tmp_path / "b"], tmp_path / "out", cfg)
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        stages.merge_synthesis([tmp_path / "a", tmp_path / "missing"], tmp_path / "out", cfg)
+
+
+def test_compress_shard_writes_once_and_round_trips(tmp_path, tiny_model, monkeypatch):
+    from clara.model.checkpoint import save_checkpoint
+
+    corpus = _corpus(tmp_path, 5)
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    out = tmp_path / "shards" / "s0.safetensors"
+    info = stages.compress_shard(ckpt, corpus, 1, 5, out, skip_ids=["d2"])
+    assert info == {"file": str(out), "documents": 3, "reused": False}
+    ids, mems = stages.read_memory_shard(out)
+    assert ids == ["d1", "d3", "d4"]
+    docs = {d.id: d for d in stages.load_docs(corpus)}
+    expected = tiny_model.compress([docs[i].full_text for i in ids])
+    for got, want in zip(mems, expected):
+        np.testing.assert_allclose(got.astype(np.float32), want.detach().float().numpy(), atol=1e-2)
+    # A finished shard is never recomputed (a rerun after a crash redoes only the missing ones).
+    monkeypatch.setattr("clara.model.checkpoint.load_checkpoint", lambda *a, **k: pytest.fail("recomputed"))
+    assert stages.compress_shard(ckpt, corpus, 1, 5, out)["reused"] is True
+    assert not list(out.parent.glob("*.tmp*"))
+
+
+def test_prepare_corpus_reuses_an_unchanged_source(tmp_path):
+    from clara.config import preset
+
+    src = _corpus(tmp_path, 3)
+    out = tmp_path / "data" / "corpus" / "c.jsonl"
+    out.parent.mkdir(parents=True)
+    first = stages.prepare_corpus(str(src), preset("tiny"), out)
+    assert first["documents"] == 3 and out.is_file()
+    mtime = out.stat().st_mtime_ns
+    assert stages.prepare_corpus(str(src), preset("tiny"), out) == first
+    assert out.stat().st_mtime_ns == mtime
+    write_corpus([Document("x", "X", "Something else entirely.")], src)
+    assert stages.prepare_corpus(str(src), preset("tiny"), out)["documents"] == 1
+    assert stages.corpus_name("bundled") == "wiki_en" and stages.corpus_name("/a/My Corpus.jsonl") == "My-Corpus"
+
+
+def test_cache_key_ignores_run_identity_but_not_inputs():
+    from flows.pipeline import _key
+
+    a = _key("train_e2e", {"scp": {"run_id": "r1", "model_uri": "models:/c/1"}, "steps": 5, "parent_run": "p1"})
+    b = _key("train_e2e", {"scp": {"run_id": "r2", "model_uri": "models:/c/1"}, "steps": 5, "parent_run": "p2"})
+    c = _key("train_e2e", {"scp": {"run_id": "r1", "model_uri": "models:/c/2"}, "steps": 5, "parent_run": "p1"})
+    d = _key("train_e2e", {"scp": {"run_id": "r1", "model_uri": "models:/c/1"}, "steps": 6, "parent_run": "p1"})
+    assert a == b and len({a, c, d}) == 3
+
+
+class _State:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def result(self):
+        raise self.exc
+
+
+def test_only_transient_failures_are_retried():
+    from sqlalchemy.exc import OperationalError
+
+    from clara.data.teachers import TeacherError
+    from clara.store.builds import StoreError
+    from flows.pipeline import _transient
+
+    for exc in (StoreError("database down"), TeacherError("503"), ConnectionError("refused"),
+                OperationalError("select 1", {}, Exception("gone"))):
+        assert _transient(None, None, _State(exc)), exc
+    for exc in (ValueError("bad gate metric"), FileNotFoundError("x"), KeyError("k")):
+        assert not _transient(None, None, _State(exc)), exc
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A real MLflow registry on SQLite (no server): enough for the gate's rules."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c.create_registered_model("m")
+
+    def add(f1: float | None) -> str:
+        tags = {"eval.f1": str(f1)} if f1 is not None else {}
+        return str(c.create_model_version("m", source=str(tmp_path), tags=tags).version)
+
+    return c, add
+
+
+def test_gate_rules(registry):
+    from clara.registry import RegistryError, gate
+
+    c, add = registry
+    v1, v2, v3, v4 = add(0.30), add(0.30), add(0.25), add(0.31)
+    assert gate(c, "m", v1, "f1").alias == "production"
+    tie = gate(c, "m", v2, "f1")  # a tie does not move production
+    assert tie.alias == "challenger" and "does not beat" in tie.reason
+    assert gate(c, "m", v3, "f1").alias == "challenger"
+    assert str(c.get_model_version_by_alias("m", "challenger").version) == v3
+    win = gate(c, "m", v4, "f1")
+    assert win.alias == "production" and win.previous == v1 and "beats production v1" in win.reason
+    assert gate(c, "m", v4, "f1").reason.startswith("already production")
+    lower = gate(c, "m", v3, "f1", higher_is_better=False)  # e.g. a latency metric
+    assert lower.alias == "production"
+    with pytest.raises(RegistryError, match="no eval.f1"):
+        gate(c, "m", add(None), "f1")
+
+
+def test_rollback_walks_back_one_promotion_at_a_time(registry):
+    from clara.registry import RegistryError, history, promote, rollback
+
+    c, add = registry
+    v1, v2, v3 = add(0.1), add(0.2), add(0.3)
+    with pytest.raises(RegistryError, match="no production version"):
+        rollback(c, "m", "nothing yet")
+    for v in (v1, v2, v3):
+        promote(c, "m", v, f"release {v}")
+    assert rollback(c, "m", "v3 is broken").version == v2
+    assert rollback(c, "m", "v2 too").version == v1
+    with pytest.raises(RegistryError, match="no earlier production version"):
+        rollback(c, "m", "and v1?")
+    assert str(c.get_model_version_by_alias("m", "production").version) == v1
+    assert [e["action"] for e in history(c, "m")] == ["promote"] * 3 + ["rollback"] * 2
+    assert "rollback from v3: v3 is broken" in c.get_model_version("m", v2).tags["production.reason"]
+    with pytest.raises(RegistryError, match="reason"):
+        promote(c, "m", v3, "  ")
