@@ -156,6 +156,38 @@ def test_production_model_loads_from_the_registry_and_answers(services):
     assert mem["n_mem"][0] == len(mem["memory"][0]) > 0
 
 
+def test_mlflow_models_serve_answers_over_http(services, tmp_path):
+    import signal
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/clara@production",
+                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                       json={"dataframe_records": [{"question": "What is an urban area?"}]})
+        assert r.status_code == 200, (r.text, (tmp_path / "serve.log").read_text()[-2000:])
+        (pred,) = r.json()["predictions"]
+        assert isinstance(pred["answer"], str) and len(pred["titles"]) == TINY["top_k"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
 def _register_copy(f1: float) -> str:
     """Another version of ``clara`` (the same logged model) with a chosen evaluation score."""
     from clara.registry import register
