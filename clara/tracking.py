@@ -11,7 +11,7 @@ import math
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -79,11 +79,6 @@ def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: 
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
     for s in range(0, len(items), _BATCH):
         c.log_batch(run_id, metrics=items[s : s + _BATCH])
-
-
-def metrics_callback(c: MlflowClient, run_id: str) -> Callable[[int, dict[str, float]], None]:
-    """The training loops' ``callback(step, metrics)``: every step's losses/recall go to the run."""
-    return lambda step, metrics: log_metrics(c, run_id, metrics, step)
 
 
 def finish(c: MlflowClient, run_id: str, ok: bool = True) -> None:

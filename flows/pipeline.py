@@ -122,10 +122,32 @@ def _torchrun(nproc: int, cli_args: list[str], out: Path, c, run_id: str) -> Pat
     if proc.returncode != 0:
         tail = (out / "launch.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"torchrun exited with {proc.returncode}; last lines of {out / 'launch.log'}:\n{tail}")
-    for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    _replay_metrics(out, c, run_id)
+    return out / "model"
+
+
+def _replay_metrics(out: Path, c, run_id: str) -> None:
+    """Log a training folder's metrics.jsonl (one line per step) to ``run_id``."""
+    path = out / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
         row = json.loads(line)
         tracking.log_metrics(c, run_id, {k: v for k, v in row.items() if k != "step"}, row["step"])
-    return out / "model"
+
+
+class _LiveMetrics:
+    """The training callback: each step to MLflow as it happens. When the training call found its run already
+    finished on disk (a recomputed cached stage), nothing streamed, and ``replay`` logs the recorded steps."""
+
+    def __init__(self, c, run_id: str):
+        self.c, self.run_id, self.calls = c, run_id, 0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.calls += 1
+        tracking.log_metrics(self.c, self.run_id, metrics, step)
+
+    def replay_if_silent(self, out: Path) -> None:
+        if not self.calls:
+            _replay_metrics(out, self.c, self.run_id)
 
 
 _CACHED = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
@@ -234,9 +256,9 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
                                           "--config", str(work / "train.json"), *(["--device", device] if device
                                                                                    else [])], work, st.c, st.run_id)
         else:
-            model = ClaraModel.build(cfg.model)
-            final = train_scp(model, load_scp_records(train_file), cfg, work,
-                              callback=tracking.metrics_callback(st.c, st.run_id), progress=False)
+            model, live = ClaraModel.build(cfg.model), _LiveMetrics(st.c, st.run_id)
+            final = train_scp(model, load_scp_records(train_file), cfg, work, callback=live, progress=False)
+            live.replay_if_silent(work)
         logged = log_pyfunc(st.run_id, CompressorModel(), final, {}, input_column="text")
         version = register(st.c, "clara-compressor", logged,
                            {"data_version": data["data_version"], "compression_rate": compression_rate,
@@ -275,9 +297,9 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
                                           str(work), "--config", str(work / "e2e.json"),
                                           *(["--device", device] if device else [])], work, st.c, st.run_id)
         else:
-            model = load_checkpoint(_checkpoint(scp), device=device)
-            final = train(model, qa, {d.id: d.full_text for d in docs}, cfg, work,
-                          callback=tracking.metrics_callback(st.c, st.run_id), progress=False)
+            model, live = load_checkpoint(_checkpoint(scp), device=device), _LiveMetrics(st.c, st.run_id)
+            final = train(model, qa, {d.id: d.full_text for d in docs}, cfg, work, callback=live, progress=False)
+            live.replay_if_silent(work)
         st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
     return {"run_id": st.run_id, "checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint",
             "rate": read_checkpoint_config(final)["model"]["compression_rate"]}
@@ -501,6 +523,7 @@ def clara(
     experiment: str = tracking.EXPERIMENT,
     project_dir: Optional[str] = None,
     dvc_push: bool = True,
+    refresh_cache: bool = False,
 ) -> dict[str, Any]:
     """Synthesize -> SCP -> E2E -> compress the corpus into pgvector -> evaluate -> promote.
 
@@ -521,7 +544,8 @@ def clara(
     common = dict(parent_run=parent, experiment=experiment)
 
     def staged(t, *args, **kwargs):
-        state = t(*args, **kwargs, return_state=True)
+        # refresh_cache recomputes a cached stage (e.g. after its MLflow runs or checkpoints were deleted)
+        state = (t.with_options(refresh_cache=True) if refresh_cache else t)(*args, **kwargs, return_state=True)
         if state.is_completed() and state.name == "Cached":
             result["cached"].append(t.name)
         return state.result()
