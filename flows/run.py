@@ -28,10 +28,9 @@ async def _artifact(flow_run_id: str) -> str | None:
 def main(argv: list[str]) -> int:
     prefect = str(Path(sys.executable).with_name("prefect"))
     cmd = [prefect, "deployment", "run", "clara/full-pipeline", "--watch", *argv]
-    print("$", " ".join(cmd[1:] if cmd[0] == prefect else cmd), flush=True)
+    print("$ prefect", " ".join(cmd[1:]), flush=True)
     started = time.perf_counter()
-    proc = subprocess.Popen(["prefect", *cmd[1:]], executable=prefect, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     flow_run_id = None
     for line in proc.stdout:  # type: ignore[union-attr]
         sys.stdout.write(line)
