@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import text
 
-from clara.store.builds import BuildWriter, ready_build
+from clara.store.builds import BuildWriter
 from clara.store.db import connect
 from clara.store.search import ann_candidates, search
 

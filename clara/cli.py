@@ -454,8 +454,8 @@ ModelNameOpt = typer.Option("clara", "--name", help="Registered model name.")
 def _registry_call(fn, *args):
     from mlflow.exceptions import MlflowException
 
-    from clara import tracking
-    from clara.registry import RegistryError
+    from flows import tracking
+    from flows.registry import RegistryError
 
     try:
         return fn(tracking.client(), *args)
@@ -473,7 +473,7 @@ def promote_cmd(version: str = typer.Option(..., "--version", help="Model versio
                 reason: str = typer.Option(..., help="Why (recorded on the version and in the history)."),
                 name: str = ModelNameOpt) -> None:
     """Point the alias ``production`` at a version by hand (bypassing the pipeline's gate)."""
-    from clara.registry import promote
+    from flows.registry import promote
 
     _say(_registry_call(promote, name, version, reason))
 
@@ -481,7 +481,7 @@ def promote_cmd(version: str = typer.Option(..., "--version", help="Model versio
 @app.command("rollback")
 def rollback_cmd(reason: str = typer.Option(..., help="Why (recorded)."), name: str = ModelNameOpt) -> None:
     """Move ``production`` back to the version that held it before the current one."""
-    from clara.registry import rollback
+    from flows.registry import rollback
 
     _say(_registry_call(rollback, name, reason))
 
@@ -490,7 +490,7 @@ def rollback_cmd(reason: str = typer.Option(..., help="Why (recorded)."), name: 
 def models_cmd(name: str = ModelNameOpt,
                metric: str = typer.Option("f1", help="Evaluation metric to show.")) -> None:
     """List a registered model's versions with their aliases, metric and gate decision."""
-    from clara import tracking
+    from flows import tracking
 
     def show(c, name):
         versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
@@ -521,7 +521,7 @@ def ask_cmd(question: list[str] = typer.Argument(..., help="One or more question
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from clara import tracking
+    from flows import tracking
     from clara.store.builds import StoreError
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -29,7 +29,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from clara import stages, tracking
+from clara import stages
+from flows import tracking
 
 PROJECT = Path(__file__).resolve().parent.parent
 CACHE_VERSION = "1"  # bump when a stage's outputs change meaning, to invalidate cached results
@@ -237,8 +238,8 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
     from clara.config import OptimSettings, SCPConfig, TrainConfig, preset as make_preset, to_dict
     from clara.data.records import load_scp_records
     from clara.model import ClaraModel
-    from clara.registry import log_pyfunc, register
-    from clara.serving import CompressorModel
+    from flows.registry import log_pyfunc, register
+    from flows.models import CompressorModel
     from clara.training.scp import train_scp
 
     cfg = SCPConfig(model=make_preset(preset, compression_rate=compression_rate, **({"device": device} if device else {})),
@@ -434,8 +435,8 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
     """Register the model (once per set of inputs: a rerun finds its version) and run the gate (every time, so
     the decision reflects the production version as it is now)."""
     key = _key("promote", dict(locals()))
-    from clara.registry import gate, log_pyfunc, register
-    from clara.serving import ClaraQAModel
+    from flows.registry import gate, log_pyfunc, register
+    from flows.models import ClaraQAModel
 
     metrics = scores["metrics"]
     if gate_metric not in metrics:

@@ -68,7 +68,7 @@ def repo(services):
 
 
 def _client():
-    from clara import tracking
+    from flows import tracking
 
     return tracking.client()
 
@@ -190,7 +190,7 @@ def test_mlflow_models_serve_answers_over_http(services, tmp_path):
 
 def _register_copy(f1: float) -> str:
     """Another version of ``clara`` (the same logged model) with a chosen evaluation score."""
-    from clara.registry import register
+    from flows.registry import register
 
     c = _client()
     source = c.get_model_version_by_alias("clara", "production")
@@ -199,7 +199,7 @@ def _register_copy(f1: float) -> str:
 
 
 def test_gate_keeps_production_unless_the_new_version_is_better():
-    from clara.registry import gate, history
+    from flows.registry import gate, history
 
     c = _client()
     current = float(c.get_model_version_by_alias("clara", "production").tags["eval.f1"])

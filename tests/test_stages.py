@@ -150,7 +150,7 @@ def registry(tmp_path):
 
 
 def test_gate_rules(registry):
-    from clara.registry import RegistryError, gate
+    from flows.registry import RegistryError, gate
 
     c, add = registry
     v1, v2, v3, v4 = add(0.30), add(0.30), add(0.25), add(0.31)
@@ -169,7 +169,7 @@ def test_gate_rules(registry):
 
 
 def test_rollback_walks_back_one_promotion_at_a_time(registry):
-    from clara.registry import RegistryError, history, promote, rollback
+    from flows.registry import RegistryError, history, promote, rollback
 
     c, add = registry
     v1, v2, v3 = add(0.1), add(0.2), add(0.3)

