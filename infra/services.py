@@ -233,6 +233,9 @@ def status(layout: Layout) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # platformdirs, in containers
     parser = argparse.ArgumentParser(prog="python -m infra.services", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     parser.add_argument("--no-serve", action="store_true", help="up: do not start the served deployment")
