@@ -142,7 +142,7 @@ def compress_shard(checkpoint: str | Path, corpus_file: str | Path, start: int, 
 
     out_file = Path(out_file)
     if out_file.is_file():
-        return {"file": str(out_file), "documents": len(read_memory_shard(out_file)[0]), "reused": True}
+        return {"file": str(out_file), "documents": len(memory_shard_ids(out_file)), "reused": True}
     skip = set(skip_ids)
     docs = [d for d in load_docs(corpus_file)[start:end] if d.id not in skip]
     tensors: dict[str, torch.Tensor] = {}
@@ -155,6 +155,14 @@ def compress_shard(checkpoint: str | Path, corpus_file: str | Path, start: int, 
     save_file(tensors, str(tmp), metadata={"ids": json.dumps([d.id for d in docs])})
     os.replace(tmp, out_file)  # atomic: a file that exists is complete
     return {"file": str(out_file), "documents": len(docs), "reused": False}
+
+
+def memory_shard_ids(path: str | Path) -> list[str]:
+    """The document ids of a compression shard, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        return json.loads(f.metadata()["ids"])
 
 
 def read_memory_shard(path: str | Path) -> tuple[list[str], list[Any]]:
@@ -205,6 +213,5 @@ def clara_row(rows: Sequence[dict[str, Any]], setting: str = "normal") -> dict[s
 
 
 def numeric(row: dict[str, Any]) -> dict[str, float]:
-    """The numeric fields of a report row, named as MLflow allows (``recall@5`` -> ``recall_at_5``)."""
-    return {k.replace("@", "_at_"): float(v) for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numeric fields of a report row (``None`` for a metric that does not apply is left out)."""
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -274,7 +274,7 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
               ) -> dict[str, Any]:
     key = _key("train_e2e", dict(locals()))  # first: only the parameters are local yet
     from clara.config import E2EConfig, OptimSettings, TrainConfig, to_dict
-    from clara.eval.datasets import synth_dev_qa
+    from clara.eval.datasets import synth_qa
     from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
     from clara.training.e2e import train_e2e as train
 
@@ -284,7 +284,7 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
                 {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)}) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
         docs = stages.load_docs(data["corpus_file"], data["max_docs"])
-        qa = synth_dev_qa(data["synth_dir"], split="train")
+        qa = synth_qa(data["synth_dir"], split="train")
         work = _work_dir("e2e", key)
         if processes > 1:
             from clara.data.corpus import atomic_write_lines, write_corpus
@@ -292,7 +292,7 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
             work.mkdir(parents=True, exist_ok=True)
             atomic_write_lines(work / "qa.jsonl", (json.dumps(vars(r)) for r in qa))
             write_corpus(docs, work / "corpus.jsonl")
-            (work / "e2e.json").write_text(json.dumps({k: v for k, v in to_dict(cfg).items()}))
+            (work / "e2e.json").write_text(json.dumps(to_dict(cfg)))
             final = _torchrun(processes, ["train", "e2e", "--data", str(work / "qa.jsonl"), "--corpus",
                                           str(work / "corpus.jsonl"), "--init", str(_checkpoint(scp)), "--out",
                                           str(work), "--config", str(work / "e2e.json"),
@@ -400,7 +400,7 @@ def compress_corpus(e2e: dict[str, Any], data: dict[str, Any], shards: int, batc
 def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], questions: int, top_k: int,
              baselines: str, device: Optional[str], parent_run: str, experiment: str) -> dict[str, Any]:
     key = _key("evaluate", dict(locals()))  # first: only the parameters are local yet
-    from clara.eval.datasets import subsample, synth_dev_qa
+    from clara.eval.datasets import subsample, synth_qa
     from clara.eval.run import EvalConfig, evaluate as run_eval
     from clara.model.checkpoint import load_checkpoint
     from clara.store.builds import ready_build
@@ -412,7 +412,7 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
                 {"model_uri": e2e["model_uri"], "build_id": build["build_id"], "questions": questions,
                  "k": top_k, "baselines": baselines, "data_version": data["data_version"]}) as st:
         docs = stages.load_docs(data["corpus_file"], data["max_docs"])
-        qa, _ = subsample(synth_dev_qa(data["synth_dir"]), docs, questions, None)
+        qa, _ = subsample(synth_qa(data["synth_dir"], split="dev"), docs, questions, None)
         model = load_checkpoint(_checkpoint(e2e), device=device)
         engine = connect()
         rows = run_eval(qa, docs, {model.cfg.compression_rate: model}, out, cfg,
@@ -424,7 +424,8 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
             tracking.log_metrics(st.c, st.run_id, {f"{prefix}.{k}": v for k, v in stages.numeric(r).items()})
         st.c.log_artifacts(st.run_id, str(out), "evaluation")
         table = (out / "report.md").read_text(encoding="utf-8")
-    return {"run_id": st.run_id, "metrics": stages.numeric(stages.clara_row(rows)), "table": table,
+    metrics = {tracking.metric_name(k): v for k, v in stages.numeric(stages.clara_row(rows)).items()}
+    return {"run_id": st.run_id, "metrics": metrics, "table": table,
             "questions": len(qa)}
 
 

@@ -71,11 +71,16 @@ def set_tags(c: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
         c.log_batch(run_id, tags=items[s : s + _BATCH])
 
 
+def metric_name(key: str) -> str:
+    """A metric or tag name MLflow accepts: ``recall@5`` -> ``recall_at_5`` (no ``@`` in MLflow names)."""
+    return key.replace("@", "_at_")
+
+
 def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
     import time
 
     now = int(time.time() * 1000)
-    items = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in metrics.items()
+    items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
     for s in range(0, len(items), _BATCH):
         c.log_batch(run_id, metrics=items[s : s + _BATCH])

@@ -10,8 +10,8 @@ from clara.data.corpus import Document
 from clara.data.records import QARecord, load_qa_records, read_jsonl
 
 
-def synth_dev_qa(synth_dir: str | Path, kinds: Sequence[str] = ("simple", "complex"),
-                 split: str = "dev") -> list[QARecord]:
+def synth_qa(synth_dir: str | Path, split: str = "dev", kinds: Sequence[str] = ("simple", "complex")
+             ) -> list[QARecord]:
     """A synthesized split as QA with gold documents, one question per QA pair. ``dev`` is held out by document
     from SCP training (evaluation); ``train`` is what end-to-end training learns from."""
     path = Path(synth_dir) / f"{split}.jsonl"
@@ -43,7 +43,7 @@ def load_qa(spec: str, docs: Sequence[Document]) -> list[QARecord]:
     if spec == "descriptions":
         return description_retrieval(docs)
     if spec.startswith("synth:"):
-        return synth_dev_qa(spec[len("synth:"):])
+        return synth_qa(spec[len("synth:"):], split="dev")
     return load_qa_records(spec)
 
 

@@ -46,6 +46,26 @@ def build_optimization(params: list[torch.nn.Parameter], optim: OptimSettings, t
     return optimizer, scheduler
 
 
+def optimizer_step(model: ClaraModel, optimizer, scheduler, train: TrainConfig, dist) -> float:
+    """Average gradients across processes (a no-op in one), clip, step, advance the schedule; returns the
+    gradient norm before clipping."""
+    params = model.trainable_parameters()
+    dist.average_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, train.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def save_final(model: ClaraModel, final: Path, extra: dict[str, Any], steps: int, dist) -> Path:
+    """Rank 0 writes the completed checkpoint; no rank returns before it exists."""
+    if dist.main:
+        save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
+    dist.barrier()
+    return final
+
+
 def total_steps(train: TrainConfig, n_examples: int) -> int:
     if train.max_steps > 0:
         return train.max_steps

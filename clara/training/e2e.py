@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from clara.config import E2EConfig, to_dict
 from clara.data.records import QARecord
-from clara.model.checkpoint import load_adapter_weights, save_checkpoint
+from clara.model.checkpoint import load_adapter_weights
 from clara.model.clara_model import ClaraModel
 from clara.model.topk import differentiable_topk, pad_memories
 from clara.training.common import (
@@ -28,7 +28,9 @@ from clara.training.common import (
     MetricsLog,
     batch_indices,
     build_optimization,
+    optimizer_step,
     run_finished,
+    save_final,
     total_steps,
 )
 from clara.training.distributed import setup
@@ -165,26 +167,19 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
             sums["loss"] += loss.item() / train.grad_accum
             sums[recall_key] += parts[recall_key] / train.grad_accum
             sums["score_margin"] += parts["score_margin"] / train.grad_accum
-        dist.average_gradients(model.trainable_parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), train.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scheduler, train, dist)
 
         done = step + 1
         dt = time.perf_counter() - t0
         if done % train.log_every == 0 or done == steps:
-            sums = dist.mean(sums)
-        if log is not None and (done % train.log_every == 0 or done == steps):
-            log(done, {**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "steps_per_s": 1.0 / dt})
+            sums = dist.mean(sums)  # a collective: every rank takes part, rank 0 alone logs
+            if log is not None:
+                log(done, {**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                           "steps_per_s": 1.0 / dt})
         bar.set_postfix(loss=f"{sums['loss']:.3f}", recall=f"{sums[recall_key]:.2f}")
         bar.update(1)
         if dist.main and (done % train.checkpoint_every == 0 or done == steps):
             ckpt.save(model, optimizer, scheduler, done, extra)
     bar.close()
     model.peft.eval()
-    if dist.main:
-        save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
-    dist.barrier()  # no rank returns before the final checkpoint exists
-    return final
+    return save_final(model, final, extra, steps, dist)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from clara.config import SCPConfig, to_dict
 from clara.data.records import SCPRecord
 from clara.model import prompts
-from clara.model.checkpoint import load_adapter_weights, save_checkpoint
+from clara.model.checkpoint import load_adapter_weights
 from clara.model.clara_model import ClaraModel
 from clara.training.common import (
     Checkpointer,
@@ -27,7 +27,9 @@ from clara.training.common import (
     MetricsLog,
     batch_indices,
     build_optimization,
+    optimizer_step,
     run_finished,
+    save_final,
     total_steps,
 )
 from clara.training.distributed import setup
@@ -150,29 +152,22 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
             sums["loss"] += loss.item() / train.grad_accum
             for k, v in parts.items():
                 sums[k] += v / train.grad_accum if k in ("ce", "mse") else v
-        dist.average_gradients(model.trainable_parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), train.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scheduler, train, dist)
 
         dt = time.perf_counter() - t0
         done = step + 1
         if done % train.log_every == 0 or done == steps:
-            sums = dist.mean(sums)
-        if log is not None and (done % train.log_every == 0 or done == steps):
-            log(done, {"loss": sums["loss"], "ce": sums["ce"], "mse": sums["mse"],
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "real_ratio": sums["doc_tokens"] / max(1.0, sums["mem_tokens"]),
-                       "steps_per_s": 1.0 / dt, "docs_per_s": n_docs / dt})
+            sums = dist.mean(sums)  # a collective: every rank takes part, rank 0 alone logs
+            if log is not None:
+                log(done, {"loss": sums["loss"], "ce": sums["ce"], "mse": sums["mse"],
+                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                           "real_ratio": sums["doc_tokens"] / max(1.0, sums["mem_tokens"]),
+                           "steps_per_s": 1.0 / dt, "docs_per_s": n_docs / dt})
         bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", mse=f"{sums['mse']:.4f}")
         bar.update(1)
         if dist.main and (done % train.checkpoint_every == 0 or done == steps):
             ckpt.save(model, optimizer, scheduler, done, extra)
     bar.close()
     model.peft.eval()
-    if dist.main:
-        save_checkpoint(model, final, extra={**extra, "completed": True, "step": steps})
-    dist.barrier()  # no rank returns before the final checkpoint exists
-    return final
+    return save_final(model, final, extra, steps, dist)
 
