@@ -243,6 +243,32 @@ def data_ingest(
     typer.echo(f"wrote {out} ({len(docs)} passages); rejects: {rejects}")
 
 
+@data_app.command("mix")
+def data_mix(
+    corpus: Path = typer.Option(..., exists=True, dir_okay=False, help="Ingested corpus JSONL (clara data ingest)."),
+    out: Path = typer.Option(..., help="Folder for scp.jsonl (stage 1) and instruct.jsonl (stage 2)."),
+    synth: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                         help="A synthesis folder: its train split's QA joins stage 1 and, as "
+                                              "questions over k passages, makes stage 2."),
+    kinds: str = typer.Option("simple", help="Synthesized QA kinds used for stage 2 (simple, complex)."),
+    k: int = typer.Option(5, help="Passages per stage-2 question: the gold one and k-1 BM25 hard negatives."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N passages of the corpus."),
+    seed: int = typer.Option(0, help="Seed of the gold passage's slot among the k."),
+) -> None:
+    """Training sets with no teacher: every passage reconstructs itself (stage 1); synthesized questions over k
+    passages with hard negatives (stage 2). Held-out articles (``clara.data.mixes.heldout``) are left out."""
+    from clara.data.records import RecordError
+    from clara.stages import training_mixes
+
+    try:
+        res = training_mixes(corpus, out, synth, max_docs=limit, kinds=kinds.split(","), k=k, seed=seed)
+    except (RecordError, ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {res['scp']} ({res['scp_rows']} stage-1 rows)")
+    if res["instruct"]:
+        typer.echo(f"wrote {res['instruct']} ({res['instruct_rows']} stage-2 rows, k={k})")
+
+
 @app.command("synthesize")
 def synthesize_cmd(
     corpus: str = CorpusOpt,

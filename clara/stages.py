@@ -127,6 +127,51 @@ def merge_synthesis(shard_dirs: Sequence[str | Path], out_dir: str | Path, cfg: 
     return report
 
 
+# ------------------------------------------------------------------------------------- training sets
+
+def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str | Path | None = None, *,
+                   max_docs: int | None = None, kinds: Sequence[str] = ("simple",), k: int = 5,
+                   seed: int = 0) -> dict[str, Any]:
+    """Write ``scp.jsonl`` (stage 1: every passage reconstructs itself, plus the synthesized train split's QA)
+    and ``instruct.jsonl`` (stage 2: each synthesized question over its gold passage and k-1 BM25 hard
+    negatives) to ``out_dir``; held-out articles (``clara.data.mixes.heldout``) are left out of both.
+
+    Args:
+        max_docs: only the first N passages of the corpus (the pipeline's ``max_docs``).
+        kinds: synthesized QA kinds that become stage-2 questions.
+
+    Returns:
+        ``{"scp": path, "instruct": path or None, "scp_rows": n, "instruct_rows": n}``.
+    """
+    from clara.data.corpus import atomic_write_lines, dumps
+    from clara.data.mixes import heldout, instruct_rows, qa_pairs, reconstruction_rows
+    from clara.data.records import read_jsonl
+    from clara.eval.retrievers import BM25Retriever
+
+    docs = [d for d in load_docs(corpus_file, max_docs) if not heldout(d)]
+    if not docs:
+        raise ValueError(f"{corpus_file}: no passages left to train on")
+    scp = reconstruction_rows(docs)
+    instruct: list[dict[str, Any]] = []
+    if synth_dir is not None:
+        kept = {d.id for d in docs}
+        rows = [r for _, r in read_jsonl(Path(synth_dir) / "train.jsonl") if r.get("doc_id") in kept]
+        scp += [r for r in rows if r.get("data_type") == "qa"]
+        pairs = qa_pairs(rows, kinds)
+        if pairs:
+            bm25 = BM25Retriever(docs)
+            instruct = instruct_rows(pairs, docs, lambda qs, n: [[d for d, _ in h] for h in bm25.retrieve(qs, n)],
+                                     k=min(k, len(docs)), seed=seed)
+    out = Path(out_dir)
+    atomic_write_lines(out / "scp.jsonl", (dumps(r) for r in scp))
+    result: dict[str, Any] = {"scp": str(out / "scp.jsonl"), "instruct": None, "scp_rows": len(scp),
+                              "instruct_rows": len(instruct)}
+    if instruct:
+        atomic_write_lines(out / "instruct.jsonl", (dumps(r) for r in instruct))
+        result["instruct"] = str(out / "instruct.jsonl")
+    return result
+
+
 # ---------------------------------------------------------------------------------------- compression
 
 def compress_shard(checkpoint: str | Path, corpus_file: str | Path, start: int, end: int, out_file: str | Path,

@@ -2,7 +2,9 @@
 
     clara (parent flow, deployment ``full-pipeline``)
       synthesize        subflow: ingest -> synthesize shards (map) -> merge -> DVC snapshot + push
-      pretrain_scp      task: SCP training, registers ``clara-compressor``
+      pretrain_scp      task: SCP training (every passage reconstructed + synthesized QA), registers
+                        ``clara-compressor``
+      instruct          task: stage 2, QA over k compressed passages (gold + hard negatives)
       train_e2e         task: end-to-end training (query reasoner + generator)
       compress_corpus   subflow: compress shards (map) -> load + publish a pgvector build
       evaluate          task: CLaRa vs baselines on the synthesized dev split, from the store
@@ -30,10 +32,10 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from clara import stages
-from flows import tracking
+from flows import profiles, tracking
 
 PROJECT = Path(__file__).resolve().parent.parent
-CACHE_VERSION = "1"  # bump when a stage's outputs change meaning, to invalidate cached results
+CACHE_VERSION = "2"  # bump when a stage's outputs change meaning, to invalidate cached results
 
 
 # ------------------------------------------------------------------------------------------- plumbing
@@ -197,6 +199,7 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
     shard_reports = [f.result() for f in futures]
     out = Path(project_dir) / "data" / "synth" / name
     report = stages.merge_synthesis(shard_dirs, out, cfg, corpus_report=prepared["report"])
+    mixes = stages.training_mixes(corpus_file, out / "mix", out, max_docs=n, seed=seed)
     version = dvc_snapshot(project_dir, dvc_push)
     log.info("synthesized %d documents in %d shard(s); data version %s", n, len(ranges), version)
 
@@ -224,6 +227,7 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
             st.c.log_artifact(st.run_id, str(Path(project_dir) / "data.dvc"))
         run_id, cached = st.run_id, False
     return {"data_version": version, "corpus_file": corpus_file, "max_docs": n, "synth_dir": str(out),
+            "scp_file": mixes["scp"], "instruct_file": mixes["instruct"],
             "corpus_version": version if n == prepared["documents"] else f"{version}/first-{n}",
             "run_id": run_id, "reused": cached}
 
@@ -232,24 +236,35 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
 
 @task(name="pretrain_scp", **_CACHED)
 def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps: int, batch_size: int,
-                 lr: float, device: Optional[str], processes: int, parent_run: str, experiment: str
-                 ) -> dict[str, Any]:
+                 lr: float, init_from: Optional[str], device: Optional[str], processes: int, parent_run: str,
+                 experiment: str) -> dict[str, Any]:
     key = _key("pretrain_scp", dict(locals()))  # first: only the parameters are local yet
     from clara.config import OptimSettings, SCPConfig, TrainConfig, preset as make_preset, to_dict
     from clara.data.records import load_scp_records
     from clara.model import ClaraModel
+    from clara.model.checkpoint import load_checkpoint
     from flows.registry import log_pyfunc, register
     from flows.models import CompressorModel
     from clara.training.scp import train_scp
 
-    cfg = SCPConfig(model=make_preset(preset, compression_rate=compression_rate, **({"device": device} if device else {})),
+    init = load_checkpoint(init_from, device=device) if init_from else None
+    if init is not None and init.cfg.compression_rate != compression_rate:
+        raise ValueError(f"init_from {init_from} was trained at rate {init.cfg.compression_rate}, "
+                         f"not {compression_rate}")
+    model_cfg = init.cfg if init is not None else \
+        make_preset(preset, compression_rate=compression_rate, **({"device": device} if device else {}))
+    cfg = SCPConfig(model=model_cfg,
                     train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
                                       optim=OptimSettings(lr=lr)))
     with _Stage("pretrain_scp", parent_run, experiment,
-                {"data_version": data["data_version"], **to_dict(cfg)}) as st:
+                {"data_version": data["data_version"], "init_from": init_from, **to_dict(cfg)}) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"]})
-        work, train_file = _work_dir("scp", key), Path(data["synth_dir"]) / "train.jsonl"
-        if processes > 1:
+        work, train_file = _work_dir("scp", key), Path(data["scp_file"])
+        if init is not None and steps == 0:  # a trained starting point, used as it is
+            from clara.model.checkpoint import resolve_checkpoint
+
+            final = resolve_checkpoint(init_from)
+        elif processes > 1 and init is None:
             work.mkdir(parents=True, exist_ok=True)
             (work / "train.json").write_text(json.dumps({"train": to_dict(cfg.train), "mse_weight": cfg.mse_weight}))
             final = _torchrun(processes, ["train", "scp", "--data", str(train_file), "--out", str(work),
@@ -257,7 +272,7 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
                                           "--config", str(work / "train.json"), *(["--device", device] if device
                                                                                    else [])], work, st.c, st.run_id)
         else:
-            model, live = ClaraModel.build(cfg.model), _LiveMetrics(st.c, st.run_id)
+            model, live = init or ClaraModel.build(cfg.model), _LiveMetrics(st.c, st.run_id)
             final = train_scp(model, load_scp_records(train_file), cfg, work, callback=live, progress=False)
             live.replay_if_silent(work)
         logged = log_pyfunc(st.run_id, CompressorModel(), final, {}, input_column="text")
@@ -266,6 +281,34 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
                             "preset": preset}, description="CLaRa compressor (SCP): documents -> memory tokens")
     return {"run_id": st.run_id, "checkpoint": str(final), "model_uri": f"models:/clara-compressor/{version}",
             "version": version}
+
+
+@task(name="instruct", **_CACHED)
+def instruct(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int, lr: float,
+             device: Optional[str], parent_run: str, experiment: str) -> dict[str, Any]:
+    """Stage 2: each synthesized question over its gold passage and k-1 hard negatives, compressed; the
+    compressor and generator continue from SCP. No steps (or no questions): SCP's checkpoint passes through."""
+    key = _key("instruct", dict(locals()))  # first: only the parameters are local yet
+    from clara.config import OptimSettings, SCPConfig, TrainConfig, to_dict
+    from clara.data.records import load_scp_records
+    from clara.model.checkpoint import load_checkpoint
+    from clara.training.scp import train_scp
+
+    if steps <= 0 or not data.get("instruct_file"):
+        return {**scp, "skipped": True}
+    model = load_checkpoint(_checkpoint(scp), device=device)
+    cfg = SCPConfig(model=model.cfg, train=TrainConfig(batch_size=batch_size, max_steps=steps,
+                                                       checkpoint_every=max(10, steps // 4),
+                                                       optim=OptimSettings(lr=lr)))
+    with _Stage("instruct", parent_run, experiment,
+                {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)}) as st:
+        tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
+        work, live = _work_dir("instruct", key), _LiveMetrics(st.c, st.run_id)
+        final = train_scp(model, load_scp_records(data["instruct_file"]), cfg, work, stage="instruct",
+                          callback=live, progress=False)
+        live.replay_if_silent(work)
+        st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
+    return {"run_id": st.run_id, "checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint"}
 
 
 @task(name="train_e2e", **_CACHED)
@@ -487,7 +530,7 @@ def _summary(result: dict[str, Any], exp: str) -> str:
              f"## Evaluation ({result['evaluation']['questions']} synthesized dev questions)", "",
              result["evaluation"]["table"], "", "## MLflow runs", "",
              f"- [pipeline]({tracking.run_url(result['parent_run'], exp, uri)})"]
-    for stage in ("synthesize", "pretrain_scp", "train_e2e", "compress_corpus", "evaluate"):
+    for stage in ("synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate"):
         run = result["runs"].get(stage)
         if run:
             cached = " (cached)" if stage in result["cached"] else ""
@@ -497,23 +540,28 @@ def _summary(result: dict[str, Any], exp: str) -> str:
 
 @flow(name="clara", log_prints=True)
 def clara(
+    profile: Literal["demo", "quality", "gpu"] = "demo",
     corpus: str = "bundled",
-    max_docs: Optional[int] = 300,
+    max_docs: Optional[int] = None,
     preset: str = "smollm2-135m",
     compression_rate: int = 16,
-    teacher: Literal["extractive", "transformers", "openai"] = "extractive",
+    init_from: Optional[str] = None,
+    teacher: Literal["natural", "extractive", "transformers", "openai"] = "natural",
     teacher_model: Optional[str] = None,
     teacher_base_url: Optional[str] = None,
-    scp_steps: int = 30,
-    scp_batch_size: int = 4,
+    scp_steps: Optional[int] = None,
+    scp_batch_size: Optional[int] = None,
     scp_lr: float = 5e-4,
-    e2e_steps: int = 20,
-    e2e_batch_size: int = 2,
+    instruct_steps: Optional[int] = None,
+    instruct_batch_size: Optional[int] = None,
+    instruct_lr: float = 2e-4,
+    e2e_steps: Optional[int] = None,
+    e2e_batch_size: Optional[int] = None,
     e2e_lr: float = 1e-4,
     train_processes: int = 1,
     top_k: int = 5,
     n_candidates: int = 20,
-    eval_questions: int = 30,
+    eval_questions: Optional[int] = None,
     baselines: str = "bm25",
     gate_metric: str = "f1",
     gate_lower_is_better: bool = False,
@@ -527,12 +575,15 @@ def clara(
     dvc_push: bool = True,
     refresh_cache: bool = False,
 ) -> dict[str, Any]:
-    """Synthesize -> SCP -> E2E -> compress the corpus into pgvector -> evaluate -> promote.
+    """Synthesize -> SCP -> instruct -> E2E -> compress the corpus into pgvector -> evaluate -> promote.
 
-    Defaults run on a CPU laptop in minutes (SmolLM2-135M, 300 documents, a few dozen steps); raise the step
-    budgets and ``max_docs`` (or set ``preset=mistral-7b`` on GPUs) for a real model.
+    ``profile`` sets the budgets (``flows.profiles``: ``demo`` runs on a CPU laptop in minutes, ``quality`` for
+    hours on a CPU, ``gpu`` on one GPU); a budget parameter given explicitly wins (``max_docs=0``: the whole
+    corpus). ``init_from``: a checkpoint folder to continue SCP from (``scp_steps=0`` uses it as it is).
     """
     params = dict(locals())
+    budget = profiles.resolve(profile, {k: params[k] for k in profiles.PROFILES["demo"]})
+    params.update(budget)  # MLflow records the budgets this run used, not the Nones it was called with
     project = str(Path(project_dir).resolve()) if project_dir else str(PROJECT)
     c = tracking.client()
     exp = tracking.experiment_id(c, experiment)
@@ -553,26 +604,29 @@ def clara(
         return state.result()
 
     try:
-        data = synthesize.with_options(task_runner=runner)(corpus, max_docs, preset, teacher_spec, shards, project,
-                                                           dvc_push, **common)
+        data = synthesize.with_options(task_runner=runner)(corpus, budget["max_docs"] or None, preset, teacher_spec,
+                                                           shards, project, dvc_push, **common)
         if data["reused"]:
             result["cached"].append("synthesize")
         tracking.set_tags(c, parent, {"data_version": data["data_version"],
                                       "corpus_version": data["corpus_version"]})
-        scp = staged(pretrain_scp, data, preset, compression_rate, scp_steps, scp_batch_size, scp_lr, device,
-                     train_processes, **common)
-        e2e = staged(train_e2e, scp, data, e2e_steps, e2e_batch_size, e2e_lr, top_k, n_candidates, device,
-                     train_processes, **common)
+        scp = staged(pretrain_scp, data, preset, compression_rate, budget["scp_steps"], budget["scp_batch_size"],
+                     scp_lr, init_from, device, train_processes, **common)
+        inst = staged(instruct, scp, data, budget["instruct_steps"], budget["instruct_batch_size"], instruct_lr,
+                      device, **common)
+        e2e = staged(train_e2e, inst, data, budget["e2e_steps"], budget["e2e_batch_size"], e2e_lr, top_k,
+                     n_candidates, device, train_processes, **common)
         build = compress_corpus.with_options(task_runner=runner)(e2e, data, shards, 16, device, **common)
         if build["reused"]:
             result["cached"].append("compress_corpus")
-        scores = staged(evaluate, e2e, build, data, eval_questions, top_k, baselines, device, **common)
+        scores = staged(evaluate, e2e, build, data, budget["eval_questions"], top_k, baselines, device, **common)
         promotion = staged(promote, e2e, build, scores, data, scp, model_name, gate_metric, gate_lower_is_better,
                            top_k, **common)
         if promotion["reused"]:
             result["cached"].append("promote")
         result.update(data=data, scp=scp, e2e=e2e, build=build, evaluation=scores, promotion=promotion)
-        result["runs"] = {"synthesize": data["run_id"], "pretrain_scp": scp["run_id"], "train_e2e": e2e["run_id"],
+        result["runs"] = {"synthesize": data["run_id"], "pretrain_scp": scp["run_id"],
+                          "instruct": None if inst.get("skipped") else inst["run_id"], "train_e2e": e2e["run_id"],
                           "compress_corpus": build.get("run_id"), "evaluate": scores["run_id"]}
         tracking.set_tags(c, parent, {
             "build_id": build["build_id"], "model_version": promotion["version"], "alias": promotion["alias"],

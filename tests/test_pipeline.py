@@ -16,7 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = dict(preset="tiny", max_docs=40, scp_steps=3, scp_batch_size=2, e2e_steps=2, e2e_batch_size=2,
+TINY = dict(preset="tiny", max_docs=40, scp_steps=3, scp_batch_size=2, instruct_steps=2, instruct_batch_size=1,
+            e2e_steps=2, e2e_batch_size=2,
             eval_questions=5, top_k=2, n_candidates=4, baselines="bm25")
 
 
@@ -89,7 +90,8 @@ def test_failed_run_is_recorded_and_rerun_resumes_from_cached_stages(services, r
 
     result = clara(**TINY, project_dir=str(repo))
     # Everything up to the failure was reused, not recomputed.
-    assert {"synthesize", "pretrain_scp", "train_e2e", "compress_corpus", "evaluate"} <= set(result["cached"])
+    assert {"synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate"} <= \
+        set(result["cached"])
     assert "promote" not in result["cached"]
     services["first"] = result
 
@@ -119,7 +121,7 @@ def test_run_left_registered_models_alias_build_and_lineage(services, repo):
     exp = parent.info.experiment_id
     pipelines = {r.info.run_id for r in c.search_runs([exp], "tags.`clara.stage` = 'pipeline'")}
     stage_runs = c.search_runs([exp], "tags.`clara.stage` != 'pipeline'")
-    assert {r.data.tags["clara.stage"] for r in stage_runs} == {"synthesize", "pretrain_scp", "train_e2e",
+    assert {r.data.tags["clara.stage"] for r in stage_runs} == {"synthesize", "pretrain_scp", "instruct", "train_e2e",
                                                                "compress_corpus", "evaluate"}
     assert all(r.data.tags["mlflow.parentRunId"] in pipelines for r in stage_runs)  # nested, one level
     scp_losses = c.get_metric_history(result["scp"]["run_id"], "loss")
@@ -134,7 +136,7 @@ def test_second_run_with_same_inputs_skips_every_stage(services, repo):
     from flows.pipeline import clara
 
     again = clara(**TINY, project_dir=str(repo))
-    assert set(again["cached"]) == {"synthesize", "pretrain_scp", "train_e2e", "compress_corpus", "evaluate",
+    assert set(again["cached"]) == {"synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate",
                                     "promote"}
     assert again["promotion"]["version"] == "1"  # no duplicate registration
     assert again["build"]["build_id"] == services["first"]["build"]["build_id"]
@@ -279,7 +281,7 @@ def test_training_stages_run_under_torchrun(services, repo):
 
     os.environ["OMP_NUM_THREADS"] = "1"  # two processes on two cores
     result = clara(**TINY, train_processes=2, project_dir=str(repo))
-    assert not {"pretrain_scp", "train_e2e"} & set(result["cached"])  # a different launch: new runs
+    assert not {"pretrain_scp", "instruct", "train_e2e"} & set(result["cached"])  # a different launch: new runs
     c = _client()
     for stage in ("scp", "e2e"):
         history = c.get_metric_history(result[stage]["run_id"], "loss")

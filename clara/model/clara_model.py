@@ -23,7 +23,7 @@ from torch import nn
 
 from clara.config import ModelConfig
 from clara.model import prompts
-from clara.model.base import load_base, resolve_device, resolve_dtype
+from clara.model.base import cpu_has_native_bf16, load_base, resolve_device, resolve_dtype
 from clara.model.decoding import greedy_decode
 
 ADAPTERS = ("compressor", "generator", "query_reasoner")
@@ -105,6 +105,9 @@ class ClaraModel(nn.Module):
             special = w.mean(0) + noise
         self.special = nn.Parameter(special.float().to(emb.device))
         self._apply_trainable()
+        # Autocast only makes sense over fp32 weights; on CPUs without native bf16 it would be slower, not faster.
+        native = emb.device.type == "cuda" or (emb.device.type == "cpu" and cpu_has_native_bf16())
+        self.uses_amp = emb.dtype == torch.float32 and (cfg.amp == "bf16" or (cfg.amp == "auto" and native))
 
     # ---------------------------------------------------------------------------------------------- build
 
@@ -201,14 +204,25 @@ class ClaraModel(nn.Module):
         rows = self.special.to(base.dtype)[(ids - self.first_special_id).clamp(min=0, max=len(self.special) - 1)]
         return torch.where(is_special.unsqueeze(-1), rows, base)
 
+    def amp(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around a forward when ``cfg.amp`` asks for it (see ``ModelConfig.amp``), else nothing.
+        Gradients still land in the fp32 adapter weights; losses are computed in fp32."""
+        if not self.uses_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def _decode_hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states (after the final norm) without computing vocabulary logits."""
         decoder = self.base_model.get_decoder()
-        out = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        return out.last_hidden_state
+        with self.amp():
+            out = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        # Under autocast the states may come out bf16; memory vectors are stored and compared in the weights' dtype.
+        return out.last_hidden_state.to(self.dtype)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.base_model.get_output_embeddings()(hidden).float()
+        with self.amp():
+            logits = self.base_model.get_output_embeddings()(hidden)
+        logits = logits.float()
         cap = getattr(self.base_model.config, "final_logit_softcapping", None)
         if cap:  # Gemma-2 style models squash logits; keep them equal to the model's own forward.
             logits = torch.tanh(logits / cap) * cap
@@ -366,8 +380,11 @@ class ClaraModel(nn.Module):
         return F.cross_entropy(logits, torch.tensor(labels, device=self.device))
 
     def target_ids(self, text: str, max_len: int) -> list[int]:
-        """Response tokens followed by EOS, so the generator learns to stop."""
-        ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
+        """Response tokens followed by EOS, so the generator learns to stop; a target longer than ``max_len``
+        is cut and gets no EOS, since stopping mid-line is not what it should learn."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_len:
+            return ids[:max_len]
         return ids + [self.tokenizer.eos_token_id]
 
     # ------------------------------------------------------------------------------------------ generate
@@ -379,8 +396,9 @@ class ClaraModel(nn.Module):
         embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=True)
         # The special tokens are inputs only; the model must never emit them.
         banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
-        return greedy_decode(self.base_model, self.embed, embeds, mask, max_new_tokens,
-                             [eos] if isinstance(eos, int) else list(eos), banned)
+        with self.amp():
+            return greedy_decode(self.base_model, self.embed, embeds, mask, max_new_tokens,
+                                 [eos] if isinstance(eos, int) else list(eos), banned)
 
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None):
         was_training = self.peft.training

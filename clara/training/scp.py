@@ -2,7 +2,7 @@
 
 Loss = CE(response tokens only) + lambda * MSE(mean memory state, mean document state), both means over the
 compressor's last layer (spec section 5). Stage 1 targets are a document's QA lines or its paraphrase; stage 2
-targets are a question's answer over k documents, with a fresh generator adapter.
+targets are a question's answer over k documents (gold among them).
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
     """Train compressor + generator (+ special rows) and write the final checkpoint to ``out_dir/model``.
 
     Args:
-        stage: ``scp`` (stage 1) or ``instruct`` (stage 2: the generator adapter is re-initialised first).
+        stage: ``scp`` (stage 1) or ``instruct`` (stage 2: QA over k documents; the generator adapter is
+            re-initialised first only with ``cfg.fresh_generator``).
         callback: receives ``(step, metrics)``: loss, ce, mse, lr, grad_norm, steps_per_s, docs_per_s.
         resume: continue from the latest step checkpoint in ``out_dir`` if there is one; a finished run
             returns at once.
@@ -125,7 +126,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
         load_adapter_weights(model, final)
         return final
     torch.manual_seed(train.seed)
-    if stage == "instruct":
+    if stage == "instruct" and cfg.fresh_generator:
         model.reset_adapter("generator")
     model.set_trainable(["compressor", "generator"], special=True)
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)

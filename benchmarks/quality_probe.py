@@ -1,0 +1,254 @@
+"""Quality probe: does a checkpoint's compression carry what the generator needs? Run it after every change.
+
+    python benchmarks/quality_probe.py CHECKPOINT [--dev benchmarks/dev/natural_dev.jsonl] [--out probe.json]
+
+Three parts, each beside its references, on the corpus the questions are about (the passages of the first
+``--articles`` bundled articles, split as the pipeline splits them):
+
+(a) **Reconstruction** — mean cross-entropy (nats/token) of held-out passages (``clara.data.mixes.heldout``:
+    articles no training mix contains) read back from their memory tokens, beside the base model with no
+    document and with the raw passage in the prompt. A useful compressor sits much nearer the raw reference.
+(b) **Generator alone** — each dev question answered with its gold passage forced into the k documents (the
+    other k-1 are BM25's best from other articles, in a seeded order): CLaRa from the compressed passages vs the
+    base model from the same k passages as raw text, and closed book.
+(c) **Own retrieval** — the query reasoner searches the compressed corpus (exact flattened cosine) and the
+    generator answers from its top k. ``--retrieval full`` searches every passage of the corpus; ``pool`` (for
+    slow machines) searches the union of the questions' (b) passage sets: each question's gold passage among
+    everyone's BM25 hard negatives. A checkpoint that has not been through E2E uses its compressor as the
+    query reasoner (the paper's initialisation of E2E), and the output says so.
+
+Closed-book and raw-text answers depend only on the base model and the questions, so they are cached (under
+``$CLARA_CACHE_DIR/probe``) and shared by every checkpoint probed with the same settings.
+Prints one table and writes JSON (``--out``). Answers are greedy, at most ``--max-new-tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DEV = ROOT / "benchmarks" / "dev" / "natural_dev.jsonl"
+
+
+def first_articles(docs: Sequence[Any], articles: int | None) -> list[Any]:
+    """The passages of the first ``articles`` articles (by parent id, in corpus order)."""
+    if articles is None:
+        return list(docs)
+    seen: set[str] = set()
+    out = []
+    for d in docs:
+        parent = d.parent_id or d.id
+        if parent not in seen:
+            if len(seen) == articles:
+                break
+            seen.add(parent)
+        out.append(d)
+    return out
+
+
+def reconstruction(model, passages: Sequence[Any], batch_size: int = 4) -> dict[str, float]:
+    """(a): mean CE per target token of each passage given its memory / nothing / its raw text."""
+    from clara.model import prompts
+
+    sums = {"memory": 0.0, "no_document": 0.0, "raw_document": 0.0}
+    tokens = 0
+    model.peft.eval()
+    with torch.no_grad():
+        for s in range(0, len(passages), batch_size):
+            chunk = [p.full_text for p in passages[s: s + batch_size]]
+            targets = [model.target_ids(t, 1024) for t in chunk]
+            n = sum(len(t) for t in targets)
+            mems = model.compress(chunk)
+            rows = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=model.placeholders(m.shape[0])))
+                    for m in mems]
+            with model.adapter("generator"):
+                sums["memory"] += model.response_loss(rows, targets, [[m] for m in mems]).item() * n
+            empty = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents="")) for _ in chunk]
+            raw = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=t)) for t in chunk]
+            with model.adapter(None):
+                sums["no_document"] += model.response_loss(empty, targets, [[] for _ in chunk]).item() * n
+                sums["raw_document"] += model.response_loss(raw, targets, [[] for _ in chunk]).item() * n
+            tokens += n
+    out = {k: v / tokens for k, v in sums.items()}
+    # 0 = no better than no document, 1 = as good as reading the raw passage.
+    out["gap_closed"] = (out["no_document"] - out["memory"]) / (out["no_document"] - out["raw_document"])
+    out["passages"] = len(passages)
+    return out
+
+
+def _score(preds: Sequence[str], qa: Sequence[Any]) -> dict[str, float]:
+    from clara.eval.metrics import answer_scores, mean
+
+    scores = [answer_scores(p, r.answers) for p, r in zip(preds, qa)]
+    return {k: 100 * mean(s[k] for s in scores) for k in ("cem", "em", "f1")}
+
+
+def _batched(fn, items: Sequence[Any], batch_size: int) -> list[str]:
+    out: list[str] = []
+    for s in range(0, len(items), batch_size):
+        out.extend(fn(items[s: s + batch_size]))
+    return out
+
+
+def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit: int | None = None,
+          heldout_passages: int = 40, max_new_tokens: int = 32, batch_size: int = 8, parts: str = "abc",
+          seed: int = 0, amp: str | None = None, retrieval: str = "full", corpus: str = "bundled"
+          ) -> dict[str, Any]:
+    from clara import stages
+    from clara.data.mixes import heldout
+    from clara.data.records import load_qa_records
+    from clara.eval.retrievers import BM25Retriever
+    from clara.model.topk import flat_cosine, pad_memories
+    from clara.eval.metrics import recall_at
+    from clara.model.base import cache_dir
+    from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
+
+    t_start = time.perf_counter()
+    model = load_checkpoint(checkpoint)
+    if amp is not None:
+        model.cfg.amp = amp
+        model.uses_amp = amp == "bf16"
+    meta = read_checkpoint_config(checkpoint)
+    stage = meta.get("extra", {}).get("stage", "?")
+    docs_all, _ = stages.ingest(corpus, model.cfg)
+    docs = first_articles(docs_all, articles)
+    by_id = {d.id: d for d in docs}
+    qa = load_qa_records(dev)
+    missing = [r.id for r in qa if not set(r.gold_doc_ids) <= set(by_id)]
+    if missing:
+        raise SystemExit(f"{dev}: gold passages of {len(missing)} question(s) are not in the probe corpus "
+                         f"(first {articles} articles), e.g. {missing[:3]}")
+    if limit:
+        qa = random.Random(seed).sample(qa, min(limit, len(qa)))
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "stage": stage, "rate": model.cfg.compression_rate,
+                              "amp": model.uses_amp, "dev": str(dev), "questions": len(qa), "k": k,
+                              "corpus_passages": len(docs)}
+
+    if "a" in parts:
+        held = [d for d in docs_all if heldout(d)][:heldout_passages]
+        if held:
+            result["reconstruction"] = reconstruction(model, held)
+        else:
+            result["reconstruction_skipped"] = "the corpus has no held-out article (clara.data.mixes.heldout)"
+
+    if "b" in parts:
+        bm25 = BM25Retriever(docs)
+        ranked = bm25.retrieve([r.question for r in qa], 20)
+        rng = random.Random(seed)
+        forced: list[list[str]] = []
+        for r, hits in zip(qa, ranked):
+            gold = r.gold_doc_ids[0]
+            parent = by_id[gold].parent_id or gold
+            others = [d for d, _ in hits if (by_id[d].parent_id or d) != parent][: k - 1]
+            others.insert(rng.randrange(len(others) + 1), gold)
+            forced.append(others)
+        questions = [r.question for r in qa]
+        key = hashlib.sha256(json.dumps([model.cfg.base, questions, forced, max_new_tokens]).encode()).hexdigest()
+        cached = cache_dir() / "probe" / f"baselines-{key[:16]}.json"
+        if cached.is_file():
+            closed, raw = json.loads(cached.read_text(encoding="utf-8"))
+        else:
+            closed = _batched(lambda b: model.generate_from_text(b, [[] for _ in b], max_new_tokens), questions,
+                              batch_size)
+            raw = _batched(lambda idx: model.generate_from_text(
+                [questions[i] for i in idx], [[by_id[d].full_text for d in forced[i]] for i in idx],
+                max_new_tokens), list(range(len(qa))), batch_size)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps([closed, raw]), encoding="utf-8")
+        needed = sorted({d for ids in forced for d in ids})
+        mem = dict(zip(needed, model.compress([by_id[d].full_text for d in needed])))
+        clara = _batched(lambda idx: model.generate([questions[i] for i in idx],
+                                                    [[mem[d] for d in forced[i]] for i in idx], max_new_tokens),
+                         list(range(len(qa))), batch_size)
+        result["generator"] = {"closed_book": _score(closed, qa), "raw_text_forced": _score(raw, qa),
+                               "clara_forced": _score(clara, qa)}
+        result["examples"] = [{"question": r.question, "answers": r.answers, "closed_book": c, "raw_text": w,
+                               "clara": x} for r, c, w, x in list(zip(qa, closed, raw, clara))[:12]]
+
+    if "c" in parts:
+        if "b" not in parts:
+            raise SystemExit("part (c) needs part (b) (it reuses its passage sets and compressed passages)")
+        if stage != "e2e":
+            model.copy_adapter("compressor", "query_reasoner")
+        pool = [d.id for d in docs] if retrieval == "full" else sorted({d for ids in forced for d in ids})
+        todo = [d for d in pool if d not in mem]
+        mem.update(zip(todo, model.compress([by_id[d].full_text for d in todo])))
+        queries = torch.stack(model.encode_queries([r.question for r in qa]))
+        scores = flat_cosine(queries, pad_memories([mem[d] for d in pool], model.cfg.n_mem_max))
+        ids = [[pool[int(j)] for j in row] for row in scores.topk(min(k, len(pool)), dim=-1).indices]
+        own = _batched(lambda idx: model.generate([qa[i].question for i in idx], [[mem[d] for d in ids[i]] for i in idx],
+                                                  max_new_tokens), list(range(len(qa))), batch_size)
+        result["own_retrieval"] = {
+            **_score(own, qa),
+            "recall@1": 100 * sum(recall_at(i, r.gold_doc_ids, 1) for i, r in zip(ids, qa)) / len(qa),
+            "recall@5": 100 * sum(recall_at(i, r.gold_doc_ids, 5) for i, r in zip(ids, qa)) / len(qa),
+            "query_reasoner": "trained (e2e)" if stage == "e2e" else "compressor copy (no e2e)",
+            "searched_passages": len(pool), "retrieval": retrieval}
+        result["examples_own_retrieval"] = [{"question": r.question, "answers": r.answers, "clara": x,
+                                             "found_gold": r.gold_doc_ids[0] in i}
+                                            for r, x, i in list(zip(qa, own, ids))[:8]]
+    result["seconds"] = time.perf_counter() - t_start
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [f"quality probe: {r['checkpoint']} (stage {r['stage']}, rho={r['rate']}, k={r['k']}, "
+             f"{r['questions']} dev questions, {r['corpus_passages']} passages, {r['seconds']:.0f} s)"]
+    if "reconstruction" in r:
+        a = r["reconstruction"]
+        lines += ["", f"(a) reconstruction CE, {a['passages']} held-out passages (nats/token)",
+                  f"    no document {a['no_document']:.3f} | memory tokens {a['memory']:.3f} | "
+                  f"raw document {a['raw_document']:.3f} | gap closed {100 * a['gap_closed']:.0f}%"]
+    if "generator" in r:
+        g = r["generator"]
+        lines += ["", "(b) system                          CEM    EM    F1"]
+        for name, key in (("closed book", "closed_book"), ("raw text, gold forced into k", "raw_text_forced"),
+                          ("CLaRa, gold forced into k", "clara_forced")):
+            s = g[key]
+            lines.append(f"    {name:<31} {s['cem']:5.1f} {s['em']:5.1f} {s['f1']:5.1f}")
+    if "own_retrieval" in r:
+        c = r["own_retrieval"]
+        lines += ["", f"(c) CLaRa, own retrieval over {c['searched_passages']} passages ({c['retrieval']}; "
+                      f"query reasoner: {c['query_reasoner']})",
+                  f"    CEM {c['cem']:.1f}  EM {c['em']:.1f}  F1 {c['f1']:.1f}  R@1 {c['recall@1']:.1f}  "
+                  f"R@5 {c['recall@5']:.1f}"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="Checkpoint folder (or run folder with model/).")
+    ap.add_argument("--dev", type=Path, default=DEFAULT_DEV, help="QA JSONL {id, question, answers, gold_doc_ids}.")
+    ap.add_argument("--corpus", default="bundled", help="'bundled' or a corpus JSONL {id, title, text}.")
+    ap.add_argument("--articles", type=int, default=2000, help="Corpus: passages of the first N bundled articles.")
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--limit", type=int, default=None, help="A seeded sample of N dev questions.")
+    ap.add_argument("--heldout", type=int, default=40, help="Held-out passages for (a).")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--parts", default="abc", help="Which parts to run: any of a, b, c.")
+    ap.add_argument("--amp", choices=("bf16", "off"), default=None, help="Override the checkpoint's precision.")
+    ap.add_argument("--retrieval", choices=("full", "pool"), default="full",
+                    help="(c) searches the whole corpus, or only the pooled (b) passage sets (slow machines).")
+    ap.add_argument("--out", type=Path, default=None, help="Write the result as JSON here.")
+    args = ap.parse_args(argv)
+    result = probe(args.checkpoint, args.dev, articles=args.articles, k=args.k, limit=args.limit,
+                   heldout_passages=args.heldout, max_new_tokens=args.max_new_tokens, parts=args.parts,
+                   amp=args.amp, retrieval=args.retrieval, corpus=args.corpus)
+    print(table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Teacher-free training sets (clara.data.mixes), the SCP target cap, mixed precision and pipeline profiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clara.data.corpus import Document
+from clara.data.mixes import heldout, instruct_rows, qa_pairs, reconstruction_rows
+
+
+def _corpus() -> list[Document]:
+    docs = [Document(f"a{i}", f"Article {i}", f"Text of article {i}.") for i in range(6)]
+    docs += [Document("long#p0", "Long", "First part.", parent_id="long"),
+             Document("long#p1", "Long", "Second part.", parent_id="long")]
+    return docs
+
+
+def test_every_passage_reconstructs_itself_with_its_title():
+    rows = reconstruction_rows(_corpus())
+    assert len(rows) == 8
+    assert all(r["data_type"] == "paraphrase" and r["answers"] == r["docs"] for r in rows)
+    assert rows[-1]["answers"] == ["Long\nSecond part."] and rows[-1]["parent_id"] == "long"
+
+
+def test_instruct_rows_put_gold_among_hard_negatives_from_other_articles():
+    docs = _corpus()
+    # The ranker puts the gold's sibling passage first: it must not become a "negative".
+    rank = lambda qs, n: [["long#p1", "long#p0", "a3", "a4", "a5", "a1"][:n] for _ in qs]  # noqa: E731
+    pairs = [{"question": f"Q{i}?", "answer": "part", "doc_id": "long#p0", "parent_id": "long"} for i in range(20)]
+    rows = instruct_rows(pairs, docs, rank, k=4, seed=1)
+    for r in rows:
+        assert len(r["docs"]) == 4 and r["doc_ids"].count("long#p0") == 1 and "long#p1" not in r["doc_ids"]
+        assert [d for d in r["doc_ids"] if d != "long#p0"] == ["a3", "a4", "a5"]  # the ranker's order, siblings out
+        assert r["docs"][r["doc_ids"].index("long#p0")] == "Long\nFirst part."
+    assert len({r["doc_ids"].index("long#p0") for r in rows}) > 1  # the gold's slot varies
+    assert rows == instruct_rows(pairs, docs, rank, k=4, seed=1)  # seeded
+
+
+def test_instruct_rows_fill_from_random_passages_and_check_gold_ids():
+    docs = _corpus()
+    pairs = [{"question": "Q?", "answer": "x", "doc_id": "a0", "parent_id": "a0"}]
+    rows = instruct_rows(pairs, docs, lambda qs, n: [[] for _ in qs], k=5)
+    assert len(rows[0]["doc_ids"]) == 5 and len(set(rows[0]["doc_ids"])) == 5
+    with pytest.raises(ValueError, match="not in the corpus"):
+        instruct_rows([{**pairs[0], "doc_id": "nope"}], docs, lambda qs, n: [[] for _ in qs])
+
+
+def test_qa_pairs_take_the_chosen_kinds():
+    rows = [{"data_type": "qa", "kind": "simple", "question": ["A?", "B?"], "answers": ["a", "b"], "doc_id": "d"},
+            {"data_type": "qa", "kind": "complex", "question": ["C?"], "answers": ["c"], "doc_id": "d"},
+            {"data_type": "paraphrase", "question": [], "answers": ["p"], "doc_id": "d"}]
+    assert [p["answer"] for p in qa_pairs(rows)] == ["a", "b"]
+    assert [p["answer"] for p in qa_pairs(rows, ("simple", "complex"))] == ["a", "b", "c"]
+
+
+def test_heldout_is_per_article_and_stable():
+    docs = [Document(f"{i}#p{j}", "t", "x", parent_id=str(i)) for i in range(3000) for j in range(2)]
+    held = [d for d in docs if heldout(d)]
+    assert 20 < len(held) / 2 < 40  # ~1% of 3,000 articles
+    assert all(heldout(Document(d.id.replace("#p0", "#p1"), "t", "x", parent_id=d.parent_id)) for d in held)
+
+
+def test_long_targets_are_cut_without_eos(tiny_model):
+    eos = tiny_model.tokenizer.eos_token_id
+    short = tiny_model.target_ids("Paris.", 64)
+    assert short[-1] == eos
+    cut = tiny_model.target_ids("Paris is the capital of France. " * 20, 16)
+    assert len(cut) == 16 and eos not in cut
+
+
+def test_bf16_autocast_agrees_with_fp32(docs):
+    from clara.config import preset
+    from clara.model import ClaraModel
+    from conftest import perturb
+
+    losses = {}
+    for amp in ("off", "bf16"):
+        model = ClaraModel.build(preset("tiny", compression_rate=16, amp=amp))
+        perturb(model)
+        assert model.uses_amp == (amp == "bf16")
+        mems = model.compress(docs)
+        assert all(m.dtype == torch.float32 for m in mems)
+        rows = [model.qa_prompt("Where is Paris?", [m.shape[0]]) for m in mems]
+        with model.adapter("generator"):
+            losses[amp] = model.response_loss(rows, [model.target_ids("France", 8)] * 3, [[m] for m in mems]).item()
+    assert losses["bf16"] == pytest.approx(losses["off"], rel=0.05)
+
+
+def test_amp_setting_is_checked():
+    from clara.config import preset
+
+    with pytest.raises(ValueError, match="amp"):
+        preset("tiny", amp="fp8")
+
+
+def test_profiles_resolve_with_explicit_parameters_winning():
+    from flows.profiles import PROFILES, resolve
+
+    demo = resolve("demo", {"scp_steps": None, "max_docs": 50})
+    assert demo["scp_steps"] == PROFILES["demo"]["scp_steps"] and demo["max_docs"] == 50
+    assert resolve("quality", {})["max_docs"] == 0  # the whole corpus
+    with pytest.raises(ValueError, match="unknown profile"):
+        resolve("fast", {})
