@@ -186,6 +186,21 @@ def model_info(checkpoint: Path = typer.Argument(..., exists=True, help="Checkpo
     typer.echo(json.dumps(read_checkpoint_config(checkpoint), indent=2))
 
 
+@model_app.command("release")
+def model_release(
+    checkpoint: Path = typer.Argument(..., exists=True, help="Checkpoint or run folder."),
+    out: Path = typer.Option(..., help="Release folder (replaced if it exists)."),
+    note: list[str] = typer.Option([], help="KEY=VALUE recorded in the release's clara.json (repeatable)."),
+) -> None:
+    """Write a compact copy of a checkpoint for shipping: adapters in bf16 (half the size), safetensors only."""
+    from clara.model.checkpoint import export_release
+
+    extra = dict(n.split("=", 1) for n in note if "=" in n)
+    dst = export_release(checkpoint, out, extra=extra)
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    typer.echo(f"wrote {dst} ({size / 1e6:.1f} MB)")
+
+
 @model_app.command("paraphrase")
 def model_paraphrase(
     checkpoint: Path = typer.Argument(..., exists=True, help="Checkpoint or run folder."),

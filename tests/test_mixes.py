@@ -102,3 +102,17 @@ def test_profiles_resolve_with_explicit_parameters_winning():
     assert resolve("quality", {})["max_docs"] == 0  # the whole corpus
     with pytest.raises(ValueError, match="unknown profile"):
         resolve("fast", {})
+
+
+def test_bf16_release_loads_and_answers_like_the_original(tiny_model, docs, tmp_path):
+    from clara.model.checkpoint import export_release, load_checkpoint, read_checkpoint_config, save_checkpoint
+
+    src = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    rel = export_release(src, tmp_path / "release", extra={"data_version": "abc"})
+    meta = read_checkpoint_config(rel)
+    assert meta["extra"]["adapter_dtype"] == "bfloat16" and meta["extra"]["data_version"] == "abc"
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("adapter_model.safetensors"))  # noqa: E731
+    assert size(rel) < 0.6 * size(src)
+    loaded = load_checkpoint(rel)
+    a, b = tiny_model.compress(docs), loaded.compress(docs)
+    assert all(torch.allclose(x, y, atol=0.05, rtol=0.05) for x, y in zip(a, b))

@@ -74,6 +74,36 @@ def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] |
     return path
 
 
+def export_release(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16,
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Copy checkpoint ``src`` to ``dst`` with the adapter weights cast to ``dtype`` (bf16 halves a release;
+    loading casts them back into the model's own dtype). The special rows stay fp32 (a few KB).
+
+    ``extra`` is merged into the checkpoint's ``extra`` (a release records where it came from)."""
+    src, dst = resolve_checkpoint(src), Path(dst)
+    meta = read_checkpoint_config(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        for name in ADAPTERS:
+            folder = tmp / "adapters" / name
+            folder.mkdir(parents=True)
+            state = load_file(src / "adapters" / name / "adapter_model.safetensors")
+            save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors")
+            shutil.copy2(src / "adapters" / name / "adapter_config.json", folder / "adapter_config.json")
+        shutil.copy2(src / "special_embeddings.safetensors", tmp / "special_embeddings.safetensors")
+        if meta.get("base_included"):
+            shutil.copytree(src / "base", tmp / "base")
+        meta["extra"] = {**meta.get("extra", {}), **(extra or {}), "adapter_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
 def _save_base(model: ClaraModel, folder: Path) -> None:
     """The frozen base weights without the LoRA layers, as a plain transformers folder."""
     folder.mkdir(parents=True)
