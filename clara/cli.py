@@ -288,8 +288,9 @@ def data_mix(
 def synthesize_cmd(
     corpus: str = CorpusOpt,
     out: Path = typer.Option(..., help="Output folder (resumed if it holds an earlier run)."),
-    teacher: str = typer.Option("extractive", help="extractive (offline spaCy cloze), transformers (local LM), "
-                                                   "or openai (any OpenAI-compatible endpoint)."),
+    teacher: str = typer.Option("natural", help="natural (offline spaCy wh-questions), extractive (offline "
+                                                "spaCy cloze), transformers (local LM), or openai (any "
+                                                "OpenAI-compatible endpoint)."),
     model: Optional[str] = typer.Option(None, help="Teacher model: a preset/path (transformers) or a model name "
                                                    "(openai)."),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://gpu-box:8000/v1."),
