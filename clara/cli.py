@@ -98,7 +98,8 @@ def train_instruct_cmd(
     seed: Optional[int] = SeedOpt,
     resume: bool = ResumeOpt,
 ) -> None:
-    """Stage 2: instruction tuning on QA over k compressed documents (fresh generator, compressor continues)."""
+    """Stage 2: instruction tuning on QA over k compressed documents (compressor and generator continue from the
+    SCP checkpoint; set fresh_generator in --config to restart the generator as the paper does)."""
     _train_compressor(data, out, "", config, None, None, device, batch_size, grad_accum, max_steps, lr,
                       checkpoint_every, seed, resume, stage="instruct", init=init)
 

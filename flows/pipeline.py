@@ -579,7 +579,8 @@ def clara(
 
     ``profile`` sets the budgets (``flows.profiles``: ``demo`` runs on a CPU laptop in minutes, ``quality`` for
     hours on a CPU, ``gpu`` on one GPU); a budget parameter given explicitly wins (``max_docs=0``: the whole
-    corpus). ``init_from``: a checkpoint folder to continue SCP from (``scp_steps=0`` uses it as it is).
+    corpus). ``init_from``: a checkpoint folder to continue SCP from (``scp_steps=0`` uses it as it is; relative
+    to the project folder; ``none`` turns the profile's off).
     """
     params = dict(locals())
     budget = profiles.resolve(profile, {k: params[k] for k in profiles.PROFILES["demo"]})
@@ -610,8 +611,11 @@ def clara(
             result["cached"].append("synthesize")
         tracking.set_tags(c, parent, {"data_version": data["data_version"],
                                       "corpus_version": data["corpus_version"]})
+        init = budget["init_from"]
+        if init and not Path(init).is_absolute():
+            init = str(Path(project) / init)
         scp = staged(pretrain_scp, data, preset, compression_rate, budget["scp_steps"], budget["scp_batch_size"],
-                     scp_lr, init_from, device, train_processes, **common)
+                     scp_lr, init, device, train_processes, **common)
         inst = staged(instruct, scp, data, budget["instruct_steps"], budget["instruct_batch_size"], instruct_lr,
                       device, **common)
         e2e = staged(train_e2e, inst, data, budget["e2e_steps"], budget["e2e_batch_size"], e2e_lr, top_k,

@@ -8,7 +8,8 @@ given explicitly wins over the profile's value.
 - ``gpu``: the whole corpus on one GPU (bf16), larger batches.
 
 Step counts are optimizer steps; ``*_batch_size`` examples each (stage 2 and E2E examples carry k passages).
-``max_docs=0`` means the whole corpus.
+``max_docs=0`` means the whole corpus. ``init_from`` is a checkpoint folder (relative paths are read from the
+project folder) that SCP continues from; ``"none"`` turns a profile's starting point off.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from __future__ import annotations
 from typing import Any
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "demo": dict(max_docs=300, scp_steps=30, scp_batch_size=4, instruct_steps=20, instruct_batch_size=1,
+    "demo": dict(init_from=None, max_docs=300, scp_steps=30, scp_batch_size=4, instruct_steps=20, instruct_batch_size=1,
                  e2e_steps=10, e2e_batch_size=2, eval_questions=30),
-    "quality": dict(max_docs=0, scp_steps=3000, scp_batch_size=4, instruct_steps=1500, instruct_batch_size=2,
+    "quality": dict(init_from=None, max_docs=0, scp_steps=3000, scp_batch_size=4, instruct_steps=1500, instruct_batch_size=2,
                     e2e_steps=300, e2e_batch_size=2, eval_questions=150),
-    "gpu": dict(max_docs=0, scp_steps=1600, scp_batch_size=32, instruct_steps=600, instruct_batch_size=16,
+    "gpu": dict(init_from=None, max_docs=0, scp_steps=1600, scp_batch_size=32, instruct_steps=600, instruct_batch_size=16,
                 e2e_steps=200, e2e_batch_size=16, eval_questions=300),
 }
+
+
 
 def resolve(profile: str, given: dict[str, Any]) -> dict[str, Any]:
     """The profile's values with the explicitly given parameters (those not ``None``) on top.
@@ -34,4 +37,6 @@ def resolve(profile: str, given: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     out = dict(PROFILES[profile])
     out.update({k: v for k, v in given.items() if v is not None})
+    if str(out.get("init_from") or "").lower() in ("", "none"):
+        out["init_from"] = None
     return out

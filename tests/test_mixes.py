@@ -100,6 +100,8 @@ def test_profiles_resolve_with_explicit_parameters_winning():
     demo = resolve("demo", {"scp_steps": None, "max_docs": 50})
     assert demo["scp_steps"] == PROFILES["demo"]["scp_steps"] and demo["max_docs"] == 50
     assert resolve("quality", {})["max_docs"] == 0  # the whole corpus
+    assert resolve("demo", {"init_from": "none"})["init_from"] is None  # a profile's starting point turned off
+    assert resolve("gpu", {"init_from": "runs/x"})["init_from"] == "runs/x"
     with pytest.raises(ValueError, match="unknown profile"):
         resolve("fast", {})
 
