@@ -31,7 +31,7 @@ def resolve(profile: str, given: dict[str, Any]) -> dict[str, Any]:
     """The profile's values with the explicitly given parameters (those not ``None``) on top.
 
     Raises:
-        ValueError: an unknown profile name.
+        ValueError: an unknown profile name, or SCP with neither steps nor a starting point.
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -39,4 +39,7 @@ def resolve(profile: str, given: dict[str, Any]) -> dict[str, Any]:
     out.update({k: v for k, v in given.items() if v is not None})
     if str(out.get("init_from") or "").lower() in ("", "none"):
         out["init_from"] = None
+    if out.get("scp_steps") == 0 and out["init_from"] is None:
+        raise ValueError("scp_steps=0 means 'use init_from as it is', and no init_from is set: give scp_steps "
+                         "(e.g. 30) to train SCP from scratch")
     return out

@@ -102,6 +102,8 @@ def test_profiles_resolve_with_explicit_parameters_winning():
     assert resolve("quality", {})["max_docs"] == 0  # the whole corpus
     assert resolve("demo", {"init_from": "none"})["init_from"] is None  # a profile's starting point turned off
     assert resolve("gpu", {"init_from": "runs/x"})["init_from"] == "runs/x"
+    with pytest.raises(ValueError, match="scp_steps"):
+        resolve("demo", {"init_from": "none", "scp_steps": 0})
     with pytest.raises(ValueError, match="unknown profile"):
         resolve("fast", {})
 
