@@ -196,7 +196,10 @@ def model_release(
     """Write a compact copy of a checkpoint for shipping: adapters in bf16 (half the size), safetensors only."""
     from clara.model.checkpoint import export_release
 
-    extra = dict(n.split("=", 1) for n in note if "=" in n)
+    bad = [n for n in note if "=" not in n]
+    if bad:
+        raise typer.BadParameter(f"--note takes KEY=VALUE, got {bad[0]!r}")
+    extra = dict(n.split("=", 1) for n in note)
     dst = export_release(checkpoint, out, extra=extra)
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     typer.echo(f"wrote {dst} ({size / 1e6:.1f} MB)")
