@@ -248,6 +248,9 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
     from clara.training.scp import train_scp
 
     init = load_checkpoint(init_from, device=device) if init_from else None
+    if init is not None and init.cfg.base != preset:
+        raise ValueError(f"init_from {init_from} is a {init.cfg.base!r} checkpoint, not {preset!r}: pass "
+                         f"init_from=none (and scp_steps) to train {preset!r} from scratch")
     if init is not None and init.cfg.compression_rate != compression_rate:
         raise ValueError(f"init_from {init_from} was trained at rate {init.cfg.compression_rate}, "
                          f"not {compression_rate}")

@@ -120,3 +120,16 @@ def test_bf16_release_loads_and_answers_like_the_original(tiny_model, docs, tmp_
     loaded = load_checkpoint(rel)
     a, b = tiny_model.compress(docs), loaded.compress(docs)
     assert all(torch.allclose(x, y, atol=0.05, rtol=0.05) for x, y in zip(a, b))
+
+
+def test_pipeline_refuses_a_starting_point_of_another_base_or_rate(tiny_model, tmp_path):
+    from clara.model.checkpoint import save_checkpoint
+    from flows.pipeline import pretrain_scp
+
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    args = dict(data={}, steps=0, batch_size=1, lr=1e-4, init_from=str(ckpt), device=None, processes=1,
+                parent_run="-", experiment="-")
+    with pytest.raises(ValueError, match="init_from=none"):
+        pretrain_scp.fn(preset="smollm2-135m", compression_rate=16, **args)
+    with pytest.raises(ValueError, match="rate"):
+        pretrain_scp.fn(preset="tiny", compression_rate=4, **args)

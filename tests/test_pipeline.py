@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = dict(preset="tiny", max_docs=40, scp_steps=3, scp_batch_size=2, instruct_steps=2, instruct_batch_size=1,
+TINY = dict(preset="tiny", init_from="none", max_docs=40, scp_steps=3, scp_batch_size=2, instruct_steps=2, instruct_batch_size=1,
             e2e_steps=2, e2e_batch_size=2,
             eval_questions=5, top_k=2, n_candidates=4, baselines="bm25")
 
