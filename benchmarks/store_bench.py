@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from clara.store.builds import BuildWriter
 from clara.store.db import connect
-from clara.store.search import ann_candidates, search
+from clara.store.search import first_stage, search
 
 
 def percentile(values, q):
@@ -71,13 +71,13 @@ def query_stats(engine, build, queries, k=5, candidates=100, exact_queries=None,
         ann_t.append(time.perf_counter() - t0)
         if sources is not None:
             planted_top1.append(float(hits[0].doc_id == sources[i]))
-            planted_cand.append(float(sources[i] in set(ann_candidates(engine, build, q, candidates))))
+            planted_cand.append(float(sources[i] in {d for d, _ in first_stage(engine, build, "clara", candidates, query=q)}))
         if i < exact_queries:
             t0 = time.perf_counter()
             exact = search(engine, build, q, k=10, exact=True)
             exact_t.append(time.perf_counter() - t0)
             truth = {h.doc_id for h in exact}
-            cands = set(ann_candidates(engine, build, q, candidates))
+            cands = {d for d, _ in first_stage(engine, build, "clara", candidates, query=q)}
             recall_ann.append(len(truth & cands) / len(truth))
             recall_final.append(len({h.doc_id for h in hits} & {h.doc_id for h in exact[:k]}) / k)
     out = {"queries": len(queries), "k": k, "candidates": candidates,

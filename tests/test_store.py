@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from clara.store.builds import BuildWriter, StoreError, delete_build, list_builds, ready_build
 from clara.store.db import connect, migrate
-from clara.store.search import ann_candidates, search
+from clara.store.search import first_stage, search
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ def test_migrations_from_empty_are_idempotent(engine):
         names = [r[0] for r in conn.execute(text("SELECT name FROM schema_migrations"))]
         tables = {r[0] for r in conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))}
         ext = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
-    assert names == ["001_init.sql"]
+    assert names == ["001_init.sql", "002_first_stage.sql"]
     assert {"documents", "index_builds", "memories"} <= tables
     assert ext is not None
     assert migrate(engine) == []
@@ -132,7 +132,7 @@ def test_injection_attempts_are_stored_literally(engine):
     hits = search(engine, build, mems[0], k=4, exact=True)
     assert hits[0].doc_id == evil and hits[0].title == evil
     assert {h.doc_id for h in hits} == set(ids)
-    assert ann_candidates(engine, build, mems[1], 4)
+    assert first_stage(engine, build, "clara", 4, query=mems[1])
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM memories WHERE build_id = :b"), {"b": build.id}).scalar() == 4
         assert conn.execute(text("SELECT count(*) FROM documents")).scalar() > 0
@@ -231,3 +231,156 @@ def test_embedded_server_start_reuse_stop(tmp_path):
     out = subprocess.run(cli + ["stop", "--datadir", str(datadir)], capture_output=True, text=True, check=True)
     assert "stopped" in out.stdout and not (datadir / "postmaster.pid").exists()
     assert not stop_embedded(datadir)
+
+
+# ------------------------------------------------------------------------------ first-stage candidate modes
+
+PASSAGES = {
+    "volcano": ("Mount Etna", "Etna is an active volcano in Sicily; its eruption in 1669 destroyed villages."),
+    "river": ("Danube", "The Danube river flows through ten countries and ends in the Black Sea."),
+    "painter": ("Vermeer", "Johannes Vermeer was a Dutch painter of domestic interior scenes."),
+    "city": ("Lyon", "Lyon is a city in France, known for its cuisine and the river Rhone."),
+    "rivers": ("Rivers", "A river is a natural stream of water; a river carries water to a sea, a lake or a river."),
+}
+
+
+def load_texts(engine, key, passages, *, dense=None, dense_model="test-dense"):
+    """A build over real texts, with constructed memories (and dense vectors when given)."""
+    model_uri, rate, version = key
+    ids = list(passages)
+    mems = random_memories(len(ids), 2, 8, seed=11)
+    opts = {"dense_model": dense_model, "dense_dim": dense.shape[1]} if dense is not None else {}
+    with BuildWriter.open(engine, model_uri, rate, version, hidden_size=8, n_mem_max=2, **opts) as w:
+        w.add_documents(version, [(d, *passages[d]) for d in ids])
+        w.add(ids, mems, dense=dense)
+        return w.publish(), dict(zip(ids, mems))
+
+
+def python_bm25(engine, passages, question, k1=1.2, b=0.75):
+    """BM25 written out from Postgres's own lexemes: the reference the SQL must equal."""
+    import math
+
+    with engine.connect() as conn:
+        def lexemes(s):
+            return conn.execute(text("SELECT lexeme, cardinality(positions) FROM unnest(to_tsvector('english', :s))"),
+                                {"s": s}).all()
+        docs = {d: dict(lexemes(t + "\n" + body)) for d, (t, body) in passages.items()}
+        q = {lex for lex, _ in lexemes(question)}
+    avg = sum(sum(v.values()) for v in docs.values()) / len(docs)
+    out = {}
+    for d, tf in docs.items():
+        length = sum(tf.values())
+        s = 0.0
+        for lex in q & set(tf):
+            df = sum(1 for v in docs.values() if lex in v)
+            idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+            s += idf * tf[lex] * (k1 + 1) / (tf[lex] + k1 * (1 - b + b * length / avg))
+        if s > 0:
+            out[d] = s
+    return out
+
+
+def test_lexical_mode_is_bm25_over_postgres_full_text(engine):
+    build, _ = load_texts(engine, ("m-lex", 16, "lex-v1"), PASSAGES)
+    question = "Which volcano erupted in Sicily in 1669?"
+    got = first_stage(engine, build, "lexical", 5, text_query=question)
+    assert got[0][0] == "volcano"
+    expected = python_bm25(engine, PASSAGES, question)
+    assert dict(got) == pytest.approx(expected, rel=1e-5)
+    # idf: "river" is in three passages and "Rhone" in one, so the passage with Rhone wins although
+    # another repeats "river" four times.
+    assert first_stage(engine, build, "lexical", 5, text_query="river Rhone")[0][0] == "city"
+    assert first_stage(engine, build, "lexical", 5, text_query="zzz qqq") == []
+    # A second build of the same corpus version reuses the statistics instead of duplicating them.
+    again, _ = load_texts(engine, ("m-lex-2", 16, "lex-v1"), PASSAGES)
+    assert first_stage(engine, again, "lexical", 5, text_query=question) == got
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM lexical_corpora WHERE corpus_version = 'lex-v1'")).scalar() == 1
+
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_dense_and_hybrid_modes(engine):
+    rng = np.random.default_rng(3)
+    dense = unit(rng.standard_normal((len(PASSAGES), 16)))
+    build, mems = load_texts(engine, ("m-dense", 16, "dense-v1"), PASSAGES, dense=dense)
+    assert build.dense_model == "test-dense" and build.dense_dim == 16
+    ids = list(PASSAGES)
+    target = ids.index("painter")
+    q = unit(dense[target] + 0.1 * rng.standard_normal(16))
+    got = first_stage(engine, build, "dense", 3, dense_query=q)
+    assert got[0][0] == "painter"
+    assert [s for _, s in got] == pytest.approx(sorted((float(dense[i] @ q) for i in range(len(ids))),
+                                                       reverse=True)[:3], abs=1e-5)
+    # Hybrid is reciprocal-rank fusion of the two lists, written out here.
+    question = "Dutch painter of interior scenes"
+    lex = first_stage(engine, build, "lexical", 10, text_query=question)
+    den = first_stage(engine, build, "dense", 10, dense_query=q)
+    rrf = {}
+    for ranked in (lex, den):
+        for r, (d, _) in enumerate(ranked, 1):
+            rrf[d] = rrf.get(d, 0.0) + 1.0 / (60 + r)
+    hybrid = first_stage(engine, build, "hybrid", 5, text_query=question, dense_query=q)
+    assert dict(hybrid) == pytest.approx({d: rrf[d] for d, _ in hybrid}, abs=1e-9)
+    assert [d for d, _ in hybrid] == sorted(rrf, key=lambda d: (-rrf[d], d))[:5]
+    # The full search: hybrid candidates re-ranked by the flattened cosine against the query tensor.
+    hits = search(engine, build, mems["river"], k=2, mode="hybrid", text_query="river sea", dense_query=q)
+    assert hits[0].doc_id == "river" and hits[0].first_rank is not None
+    assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+    # Fusing the first-stage rank: with a large weight the first stage's order wins.
+    fused = search(engine, build, mems["river"], k=3, mode="hybrid", text_query=question, dense_query=q, fuse=100.0)
+    assert [h.first_rank for h in fused] == sorted(h.first_rank for h in fused)
+
+
+def test_dense_needs_a_build_with_dense_vectors(engine):
+    build, mems = load_texts(engine, ("m-nodense", 16, "nodense-v1"), PASSAGES)
+    assert build.dense_model is None
+    with pytest.raises(StoreError, match="no dense vectors"):
+        first_stage(engine, build, "hybrid", 5, text_query="river", dense_query=np.ones(16, dtype=np.float32))
+    with pytest.raises(ValueError, match="unknown retrieval mode"):
+        first_stage(engine, build, "bm42", 5, text_query="river")
+    with pytest.raises(ValueError, match="needs the question text"):
+        search(engine, build, mems["river"], mode="lexical")
+
+
+def test_dense_build_resume_and_mismatch(engine):
+    rng = np.random.default_rng(9)
+    dense = unit(rng.standard_normal((4, 8)))
+    mems = random_memories(4, 2, 8, seed=12)
+    key = ("m-dense-resume", 16, "dr-v1")
+    with BuildWriter.open(engine, *key, hidden_size=8, n_mem_max=2, dense_model="enc", dense_dim=8) as w:
+        w.add_documents(key[2], [(f"d{i}", "t", f"body {i}") for i in range(4)])
+        w.add(["d0", "d1"], mems[:2], dense=dense[:2])
+        with pytest.raises(StoreError, match="pass dense="):
+            w.add(["d2"], mems[2:3])
+    # Killed here: the rerun must use the same dense model, keeps d0/d1 and loads the rest once.
+    with pytest.raises(StoreError, match="dense"):
+        BuildWriter.open(engine, *key, hidden_size=8, n_mem_max=2)
+    with BuildWriter.open(engine, *key, hidden_size=8, n_mem_max=2, dense_model="enc", dense_dim=8) as w:
+        assert w.loaded == {"d0", "d1"}
+        w.add([f"d{i}" for i in range(4)], mems, dense=dense)
+        build = w.publish()
+    assert build.n_docs == 4
+    got = first_stage(engine, build, "dense", 4, dense_query=dense[3])
+    assert got[0][0] == "d3" and len(got) == 4
+
+
+def test_dense_stage_uses_the_builds_partial_hnsw_index(engine):
+    n = 1500
+    rng = np.random.default_rng(4)
+    ids = [f"doc-{i}" for i in range(n)]
+    with BuildWriter.open(engine, "m-dense-explain", 16, "de-v1", hidden_size=8, n_mem_max=2,
+                          dense_model="enc", dense_dim=16) as w:
+        w.add_documents("de-v1", [(d, "t", "b") for d in ids])
+        w.add(ids, random_memories(n, 2, 8, seed=2), dense=unit(rng.standard_normal((n, 16))))
+        build = w.publish()
+    with engine.begin() as conn:
+        conn.execute(text("ANALYZE memories"))
+        conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+        plan = "\n".join(r[0] for r in conn.execute(text(
+            f"EXPLAIN SELECT doc_id FROM memories WHERE build_id = CAST(:b AS bigint) ORDER BY {build.dense_expr} "
+            "<=> CAST(:q AS vector(16)) LIMIT 5"), {"b": build.id, "q": "[" + ",".join(["0.1"] * 16) + "]"}))
+    assert build.dense_index_name in plan

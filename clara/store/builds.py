@@ -37,6 +37,9 @@ class Build:
     ann_kind: str
     status: str
     n_docs: int
+    dense_model: str | None = None
+    """The sentence encoder whose vectors the build holds (``clara.dense``); None: no dense first stage."""
+    dense_dim: int | None = None
 
     @property
     def ann_expr(self) -> str:
@@ -48,8 +51,19 @@ class Build:
     def index_name(self) -> str:
         return f"memories_ann_build_{int(self.id)}"
 
+    @property
+    def dense_index_name(self) -> str:
+        return f"memories_dense_build_{int(self.id)}"
 
-_COLUMNS = "id, model_uri, compression_rate, corpus_version, hidden_size, n_mem_max, ann_kind, status, n_docs"
+    @property
+    def dense_expr(self) -> str:
+        return f"(dense::vector({int(self.dense_dim or 0)}))"
+
+
+_COLUMNS = ("id, model_uri, compression_rate, corpus_version, hidden_size, n_mem_max, ann_kind, status, n_docs, "
+            "dense_model, dense_dim")
+# BM25 parameters (the Lucene/bm25s defaults), recorded per corpus version in lexical_corpora.
+BM25_K1, BM25_B = 1.2, 0.75
 
 
 def _build(row) -> Build:
@@ -96,6 +110,17 @@ def list_builds(engine: Engine) -> list[Build]:
         return [_build(r) for r in conn.execute(text(f"SELECT {_COLUMNS} FROM index_builds ORDER BY id"))]
 
 
+def _release(raw) -> None:
+    """Drop the session's advisory locks, then hand the connection back to the pool."""
+    try:
+        raw.rollback()
+        with raw.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock_all()")
+        raw.commit()
+    finally:
+        raw.close()
+
+
 class BuildWriter:
     """Loads one build over one pooled DBAPI connection (COPY needs the driver's API), holding the key's
     advisory lock while open. Use as a context manager::
@@ -114,8 +139,16 @@ class BuildWriter:
 
     @classmethod
     def open(cls, engine: Engine, model_uri: str, compression_rate: int, corpus_version: str, *,
-             hidden_size: int, n_mem_max: int, ann_kind: str | None = None) -> "BuildWriter":
-        """Resume the unfinished build of this key, or start a new one."""
+             hidden_size: int, n_mem_max: int, ann_kind: str | None = None, dense_model: str | None = None,
+             dense_dim: int | None = None) -> "BuildWriter":
+        """Resume the unfinished build of this key, or start a new one.
+
+        Args:
+            dense_model, dense_dim: the sentence encoder whose vectors ``add`` will be given (None: no dense
+                first stage in this build).
+        """
+        if (dense_model is None) != (dense_dim is None):
+            raise ValueError("give dense_model and dense_dim together")
         kind = ann_kind or ("halfvec" if hidden_size <= HALFVEC_INDEX_LIMIT else "bit")
         raw = engine.raw_connection()
         try:
@@ -130,23 +163,27 @@ class BuildWriter:
                 row = cur.fetchone()
                 if row is not None:
                     build = _build(row)
-                    if (build.hidden_size, build.n_mem_max, build.ann_kind) != (hidden_size, n_mem_max, kind):
-                        raise StoreError(f"unfinished build {build.id} has hidden={build.hidden_size}, "
-                                         f"n_mem_max={build.n_mem_max}, ann={build.ann_kind}; this run has "
-                                         f"{hidden_size}, {n_mem_max}, {kind}")
+                    have = (build.hidden_size, build.n_mem_max, build.ann_kind, build.dense_model, build.dense_dim)
+                    if have != (hidden_size, n_mem_max, kind, dense_model, dense_dim):
+                        raise StoreError(f"unfinished build {build.id} has (hidden, n_mem_max, ann, dense model, "
+                                         f"dense dim) = {have}; this run has "
+                                         f"{(hidden_size, n_mem_max, kind, dense_model, dense_dim)}")
                     if build.status == "indexing":  # killed while indexing: back to loading, redo the index
                         cur.execute("UPDATE index_builds SET status = 'loading' WHERE id = %s", (build.id,))
                         build = replace(build, status="loading")
                 else:
                     cur.execute("INSERT INTO index_builds (model_uri, compression_rate, corpus_version, hidden_size,"
-                                " n_mem_max, ann_kind, status) VALUES (%s, %s, %s, %s, %s, %s, 'loading') RETURNING "
-                                + _COLUMNS, (model_uri, compression_rate, corpus_version, hidden_size, n_mem_max, kind))
+                                " n_mem_max, ann_kind, dense_model, dense_dim, status) VALUES (%s, %s, %s, %s, %s, %s,"
+                                " %s, %s, 'loading') RETURNING " + _COLUMNS,
+                                (model_uri, compression_rate, corpus_version, hidden_size, n_mem_max, kind,
+                                 dense_model, dense_dim))
                     build = _build(cur.fetchone())
                 cur.execute("SELECT doc_id FROM memories WHERE build_id = %s", (build.id,))
                 loaded = {r[0] for r in cur.fetchall()}
             raw.commit()
         except BaseException:
-            raw.close()
+            # close() only returns a pooled connection to the pool: the session's advisory lock would stay held.
+            _release(raw)
             raise
         return cls(engine, raw, build, loaded)
 
@@ -157,13 +194,7 @@ class BuildWriter:
         self.close()
 
     def close(self) -> None:
-        try:
-            self.raw.rollback()
-            with self.raw.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock_all()")
-            self.raw.commit()
-        finally:
-            self.raw.close()
+        _release(self.raw)
 
     def add_documents(self, corpus_version: str, docs: Iterable[tuple[str, str, str]]) -> None:
         """Upsert (doc_id, title, body) rows of a corpus version (binary COPY into a temp table, then insert)."""
@@ -178,22 +209,37 @@ class BuildWriter:
                         "SELECT %s, doc_id, title, body FROM _docs_in ON CONFLICT DO NOTHING", (corpus_version,))
         self.raw.commit()
 
-    def add(self, doc_ids: Sequence[str], memories: Sequence[np.ndarray]) -> int:
-        """Load one batch (binary COPY) and commit it; documents already in the build are skipped."""
+    def add(self, doc_ids: Sequence[str], memories: Sequence[np.ndarray], dense: np.ndarray | None = None) -> int:
+        """Load one batch (binary COPY) and commit it; documents already in the build are skipped.
+
+        Args:
+            dense: [len(doc_ids), dense_dim] sentence vectors; required when the build has a dense model.
+        """
         if self.build.status != "loading":
             raise StoreError(f"build {self.build.id} is {self.build.status}, not loading")
         b, n = self.build, 0
+        if b.dense_model is not None:
+            if dense is None:
+                raise StoreError(f"build {b.id} holds {b.dense_model} vectors: pass dense= with every batch")
+            dense = np.asarray(dense, dtype=np.float32)
+            if dense.shape != (len(doc_ids), b.dense_dim):
+                raise StoreError(f"dense vectors of shape {dense.shape} do not fit build {b.id} "
+                                 f"({len(doc_ids)} documents x {b.dense_dim})")
+        elif dense is not None:
+            raise StoreError(f"build {b.id} was opened without a dense model; its dense vectors would be lost")
         with self.raw.cursor() as cur:
-            with cur.copy("COPY memories (build_id, doc_id, n_mem, memory, ann) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["int8", "text", "int2", "bytea", "vector"])
-                for doc_id, mem in zip(doc_ids, memories, strict=True):
+            with cur.copy("COPY memories (build_id, doc_id, n_mem, memory, ann, dense) FROM STDIN (FORMAT BINARY)"
+                          ) as copy:
+                copy.set_types(["int8", "text", "int2", "bytea", "vector", "vector"])
+                for i, (doc_id, mem) in enumerate(zip(doc_ids, memories, strict=True)):
                     if doc_id in self.loaded:
                         continue
                     mem = np.asarray(mem, dtype=np.float32)
                     if mem.ndim != 2 or mem.shape[1] != b.hidden_size or not 1 <= mem.shape[0] <= b.n_mem_max:
                         raise StoreError(f"document {doc_id!r}: memory of shape {mem.shape} does not fit build "
                                          f"{b.id} (hidden {b.hidden_size}, at most {b.n_mem_max} rows)")
-                    copy.write_row((b.id, doc_id, mem.shape[0], mem.astype("<f2").tobytes(), mem.mean(0)))
+                    copy.write_row((b.id, doc_id, mem.shape[0], mem.astype("<f2").tobytes(), mem.mean(0),
+                                    None if dense is None else dense[i]))
                     n += 1
         self.raw.commit()
         self.loaded.update(doc_ids)
@@ -223,10 +269,42 @@ class BuildWriter:
                         (maintenance_work_mem, str(int(parallel_workers))))
             cur.execute(f"CREATE INDEX IF NOT EXISTS {b.index_name} ON memories USING hnsw ({b.ann_expr} {ops})"
                         f" WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) WHERE build_id = {int(b.id)}")
+            if b.dense_model is not None:
+                cur.execute(f"CREATE INDEX IF NOT EXISTS {b.dense_index_name} ON memories USING hnsw "
+                            f"({b.dense_expr} vector_cosine_ops) WITH (m = {int(m)}, "
+                            f"ef_construction = {int(ef_construction)}) WHERE build_id = {int(b.id)}")
+            _lexical_statistics(cur, b.corpus_version)
             cur.execute("UPDATE index_builds SET status = 'ready', published_at = now() WHERE id = %s", (b.id,))
         self.raw.commit()
         self.build = get_build(self.engine, b.id)
         return self.build
+
+
+def _lexical_statistics(cur, corpus_version: str) -> None:
+    """BM25 statistics of a corpus version from its documents' tsvectors, once (the first build to publish
+    computes them; a concurrent one waits on the lock and then finds them done). Runs inside the publishing
+    transaction, so a build is never ready without them."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("lexical", 0, corpus_version),))
+    cur.execute("SELECT 1 FROM lexical_corpora WHERE corpus_version = %s", (corpus_version,))
+    if cur.fetchone() is not None:
+        return
+    cur.execute("CREATE TEMP TABLE _tf ON COMMIT DROP AS SELECT d.doc_id, u.lexeme, cardinality(u.positions) AS tf "
+                "FROM documents d, unnest(d.tsv) u WHERE d.corpus_version = %s", (corpus_version,))
+    cur.execute("SELECT (SELECT count(*) FROM documents WHERE corpus_version = %s), coalesce(sum(tf), 0) FROM _tf",
+                (corpus_version,))
+    n_docs, total = cur.fetchone()
+    avg_len = float(total) / max(1, int(n_docs))
+    cur.execute("INSERT INTO lexical_terms (corpus_version, lexeme, df, idf) SELECT %(c)s, lexeme, count(*), "
+                "ln(1 + (%(n)s - count(*) + 0.5) / (count(*) + 0.5)) FROM _tf GROUP BY lexeme",
+                {"c": corpus_version, "n": int(n_docs)})
+    cur.execute("INSERT INTO lexical_postings (corpus_version, lexeme, doc_id, w) "
+                "SELECT %(c)s, t.lexeme, t.doc_id, t.tf * (%(k1)s + 1) / (t.tf + %(k1)s * (1 - %(b)s + %(b)s * l.n / "
+                "%(avg)s)) FROM _tf t JOIN (SELECT doc_id, sum(tf) AS n FROM _tf GROUP BY doc_id) l USING (doc_id)",
+                {"c": corpus_version, "k1": BM25_K1, "b": BM25_B, "avg": max(avg_len, 1e-9)})
+    cur.execute("INSERT INTO lexical_corpora (corpus_version, n_docs, avg_len, k1, b) VALUES (%s, %s, %s, %s, %s)",
+                (corpus_version, int(n_docs), avg_len, BM25_K1, BM25_B))
+    cur.execute("ANALYZE lexical_postings")
+    cur.execute("ANALYZE lexical_terms")
 
 
 def delete_build(engine: Engine, build_id: int) -> None:
@@ -234,4 +312,5 @@ def delete_build(engine: Engine, build_id: int) -> None:
     build = get_build(engine, build_id)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"DROP INDEX IF EXISTS {build.index_name}")
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {build.dense_index_name}")
         conn.execute(text("DELETE FROM index_builds WHERE id = :b"), {"b": build_id})

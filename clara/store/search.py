@@ -1,9 +1,14 @@
-"""Whole-corpus retrieval: ANN over the compact per-document vector, then the paper's exact flattened cosine.
+"""Retrieval from an index build: a first stage proposes candidates, the query reasoner re-ranks them.
 
-Stage 1 asks the build's partial HNSW index for the ``candidates`` nearest documents by the mean memory vector
-(halfvec cosine, or Hamming distance over the binary-quantised vector above 4,000 dimensions). Stage 2 decodes
-those documents' memory tensors and re-scores them with the cosine between flattened [n, hidden] tensors, the
-score CLaRa trains (spec section 7). ``exact=True`` skips stage 1 and scores every document of the build.
+First stages (``MODES``), each one SQL query:
+- ``clara``: the build's HNSW index over each document's mean memory vector (halfvec cosine, or Hamming
+  distance over the binary-quantised vector above 4,000 dimensions) - CLaRa alone, over the whole corpus;
+- ``dense``: the build's HNSW index over its sentence-encoder vectors (``clara.dense``);
+- ``lexical``: BM25 over Postgres full text (statistics in ``lexical_*``, see migration 002);
+- ``hybrid``: reciprocal-rank fusion (RRF) of ``dense`` and ``lexical``.
+The re-rank decodes the candidates' memory tensors and scores them with the paper's flattened cosine against the
+query reasoner's tensor. The first-stage rank can be fused into the final order (``fuse``): the final score is
+``1/(RRF_K + rank_clara) + fuse/(RRF_K + rank_first_stage)``. ``exact=True`` scores every document of the build.
 """
 
 from __future__ import annotations
@@ -16,15 +21,24 @@ from sqlalchemy import Engine, text
 
 from clara.store.builds import Build, StoreError
 
+MODES = ("clara", "dense", "lexical", "hybrid")
+RRF_K = 60  # the constant of Cormack et al.'s reciprocal-rank fusion: ranks past ~60 matter little
+DEFAULT_CANDIDATES = {"clara": 100, "dense": 20, "lexical": 20, "hybrid": 20}
+"""Candidates per mode: the paper re-ranks 20 from a dense retriever; CLaRa's own ANN over mean vectors is a
+coarse proxy of its re-rank score, so it passes more."""
+
 
 @dataclass
 class Hit:
     doc_id: str
     score: float
+    """The re-rank score: the flattened cosine, or the fused score when ``fuse`` > 0."""
     title: str
     text: str
     memory: np.ndarray
     """[n_mem, hidden] float32, ready to hand to the generator."""
+    first_rank: int | None = None
+    """1-based rank in the first stage (None for exact search)."""
 
 
 def decode_memory(blob: bytes, n_mem: int, hidden: int) -> np.ndarray:
@@ -51,24 +65,110 @@ def _check_query(build: Build, query: np.ndarray) -> np.ndarray:
     return query
 
 
-def ann_candidates(engine: Engine, build: Build, query: np.ndarray, candidates: int) -> list[str]:
-    """Stage 1: document ids of the ``candidates`` nearest mean vectors, from the build's HNSW index."""
-    query = _check_query(build, query)
-    q_mean = query.mean(0)
-    # The expression must match the partial index's exactly; its dimension comes from our own build row.
+def _vector_literal(v: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in np.asarray(v, dtype=np.float32).ravel()) + "]"
+
+
+def _nearest_sql(build: Build, column: str) -> str:
+    """ORDER BY expression of an HNSW search; it must match the partial index's expression exactly, and its
+    dimensions come from our own build row."""
+    if column == "dense":
+        return f"{build.dense_expr} <=> CAST(:q AS vector({int(build.dense_dim or 0)}))"
     if build.ann_kind == "halfvec":
-        order = f"{build.ann_expr} <=> CAST(:q AS halfvec({int(build.hidden_size)}))"
+        return f"{build.ann_expr} <=> CAST(:q AS halfvec({int(build.hidden_size)}))"
+    return f"{build.ann_expr} <~> binary_quantize(CAST(:q AS vector({int(build.hidden_size)})))"
+
+
+_LEXICAL_SQL = """
+    SELECT p.doc_id, sum(p.w * t.idf) AS score
+    FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', :text))) AS lexeme) q
+    JOIN lexical_terms t ON t.corpus_version = :c AND t.lexeme = q.lexeme
+    JOIN lexical_postings p ON p.corpus_version = :c AND p.lexeme = q.lexeme
+    GROUP BY p.doc_id ORDER BY score DESC, p.doc_id LIMIT :depth"""
+
+
+def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.ndarray | None = None,
+               text_query: str | None = None, dense_query: np.ndarray | None = None,
+               depth: int | None = None) -> list[tuple[str, float]]:
+    """First stage: the ``n`` best (doc_id, score) of ``mode``, best first.
+
+    Args:
+        query: the query reasoner's tensor [n, hidden] (mode ``clara``).
+        text_query: the question (``lexical``, ``hybrid``).
+        dense_query: the question's sentence vector from the build's dense model (``dense``, ``hybrid``).
+        depth: how deep each list of ``hybrid`` goes before fusion (default 2n).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown retrieval mode {mode!r}; known: {', '.join(MODES)}")
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    needs_dense = mode in ("dense", "hybrid")
+    if needs_dense and build.dense_model is None:
+        raise StoreError(f"build {build.id} has no dense vectors (built without a dense model); "
+                         f"rebuild it or use mode 'clara' or 'lexical'")
+    if needs_dense and dense_query is None:
+        raise ValueError(f"mode {mode!r} needs the question's {build.dense_model} vector (dense_query)")
+    if mode in ("lexical", "hybrid") and not text_query:
+        raise ValueError(f"mode {mode!r} needs the question text (text_query)")
+    if mode == "clara" and query is None:
+        raise ValueError("mode 'clara' needs the query reasoner's tensor (query)")
+    params: dict = {"b": build.id, "c": build.corpus_version, "n": n, "text": text_query, "depth": n}
+    if mode == "clara":
+        params["q"] = _vector_literal(_check_query(build, query).mean(0))
+        sql = (f"SELECT doc_id, 1 - ({_nearest_sql(build, 'ann')}) FROM memories WHERE build_id = CAST(:b AS bigint) "
+               f"ORDER BY {_nearest_sql(build, 'ann')} LIMIT :n")
+    elif mode == "lexical":
+        sql = _LEXICAL_SQL
     else:
-        order = f"{build.ann_expr} <~> binary_quantize(CAST(:q AS vector({int(build.hidden_size)})))"
+        dense_query = np.asarray(dense_query, dtype=np.float32).ravel()
+        if dense_query.shape[0] != build.dense_dim:
+            raise StoreError(f"dense query of dimension {dense_query.shape[0]} does not match build {build.id} "
+                             f"({build.dense_model}, {build.dense_dim})")
+        params["q"] = _vector_literal(dense_query)
+        dense_sql = (f"SELECT doc_id, 1 - ({_nearest_sql(build, 'dense')}) AS score FROM memories "
+                     f"WHERE build_id = CAST(:b AS bigint) ORDER BY {_nearest_sql(build, 'dense')} LIMIT :depth")
+        if mode == "dense":
+            sql = dense_sql
+        else:
+            params["depth"] = depth or 2 * n
+            sql = (f"WITH d AS (SELECT doc_id, row_number() OVER (ORDER BY score DESC) AS r FROM ({dense_sql}) x), "
+                   f"l AS (SELECT doc_id, row_number() OVER (ORDER BY score DESC, doc_id) AS r FROM ({_LEXICAL_SQL}) y) "
+                   f"SELECT doc_id, coalesce(1.0 / ({RRF_K} + d.r), 0) + coalesce(1.0 / ({RRF_K} + l.r), 0) AS score "
+                   f"FROM d FULL JOIN l USING (doc_id) ORDER BY score DESC, doc_id LIMIT :n")
     with engine.begin() as conn:
         # Custom plans so the planner sees the literal build id and can use that build's partial index.
         conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
-        conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": str(max(40, candidates))})
-        rows = conn.execute(text(f"SELECT doc_id FROM memories WHERE build_id = CAST(:b AS bigint) "
-                                 f"ORDER BY {order} LIMIT :n"),
-                            {"b": build.id, "q": "[" + ",".join(f"{x:.7g}" for x in q_mean) + "]",
-                             "n": candidates}).all()
-    return [r[0] for r in rows]
+        conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"),
+                     {"ef": str(max(40, params["depth"], n))})
+        rows = conn.execute(text(sql), params).all()
+    return [(r[0], float(r[1])) for r in rows]
+
+
+def memories_of(engine: Engine, build: Build, doc_ids: list[str]) -> dict[str, np.ndarray]:
+    """Decoded memory tensors of ``doc_ids`` in ``build`` (documents not in the build are absent)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT doc_id, n_mem, memory FROM memories WHERE build_id = :b "
+                                 "AND doc_id = ANY(:ids)"), {"b": build.id, "ids": list(doc_ids)}).all()
+    return {r[0]: decode_memory(r[2], r[1], build.hidden_size) for r in rows}
+
+
+def rerank(query: np.ndarray, first: list[tuple[str, float]], memories: dict[str, np.ndarray], n_mem_max: int,
+           fuse: float = 0.0) -> list[tuple[str, float, int]]:
+    """Order first-stage candidates by the flattened cosine (fused with their first-stage rank when ``fuse`` > 0).
+
+    Returns (doc_id, score, first-stage rank), best first.
+    """
+    ids = [d for d, _ in first if d in memories]
+    if not ids:
+        return []
+    cos = flat_cosine_np(query, [memories[d] for d in ids], n_mem_max)
+    first_rank = {d: i + 1 for i, (d, _) in enumerate(first)}
+    if fuse <= 0:
+        order = sorted(range(len(ids)), key=lambda i: (-cos[i], first_rank[ids[i]]))
+        return [(ids[i], float(cos[i]), first_rank[ids[i]]) for i in order]
+    clara_rank = {ids[i]: r + 1 for r, i in enumerate(sorted(range(len(ids)), key=lambda i: -cos[i]))}
+    fused = {d: 1.0 / (RRF_K + clara_rank[d]) + fuse / (RRF_K + first_rank[d]) for d in ids}
+    return [(d, fused[d], first_rank[d]) for d in sorted(ids, key=lambda d: (-fused[d], first_rank[d]))]
 
 
 def _hits(engine: Engine, build: Build, doc_ids: list[str], scores: dict[str, float],
@@ -80,12 +180,15 @@ def _hits(engine: Engine, build: Build, doc_ids: list[str], scores: dict[str, fl
     return [Hit(d, scores[d], *docs.get(d, ("", "")), memories[d]) for d in doc_ids]
 
 
-def search(engine: Engine, build: Build, query: np.ndarray, k: int = 5, candidates: int = 100,
-           exact: bool = False) -> list[Hit]:
+def search(engine: Engine, build: Build, query: np.ndarray, k: int = 5, *, mode: str = "clara",
+           candidates: int | None = None, text_query: str | None = None, dense_query: np.ndarray | None = None,
+           fuse: float = 0.0, exact: bool = False) -> list[Hit]:
     """Top-k documents of ``build`` for a query memory tensor [n, hidden], best first.
 
     Args:
-        candidates: how many the ANN stage passes to the exact re-score (ignored with ``exact``).
+        mode: the first stage (``MODES``); ``text_query`` / ``dense_query`` as ``first_stage`` needs them.
+        candidates: how many the first stage passes to the re-rank (default ``DEFAULT_CANDIDATES[mode]``).
+        fuse: weight of the first-stage rank in the final score (0: the flattened cosine alone).
         exact: score every document of the build (brute force; for evaluation and for measuring recall).
     """
     query = _check_query(build, query)
@@ -93,16 +196,14 @@ def search(engine: Engine, build: Build, query: np.ndarray, k: int = 5, candidat
         raise ValueError("k must be >= 1")
     if exact:
         return exact_search(engine, build, query, k)
-    ids = ann_candidates(engine, build, query, max(candidates, k))
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT doc_id, n_mem, memory FROM memories WHERE build_id = :b "
-                                 "AND doc_id = ANY(:ids)"), {"b": build.id, "ids": ids}).all()
-    mems = {r[0]: decode_memory(r[2], r[1], build.hidden_size) for r in rows}
-    order = list(mems)
-    s = flat_cosine_np(query, [mems[d] for d in order], build.n_mem_max)
-    scores = dict(zip(order, s.tolist()))
-    top = sorted(order, key=lambda d: -scores[d])[:k]
-    return _hits(engine, build, top, scores, mems)
+    n = max(candidates or DEFAULT_CANDIDATES.get(mode, 20), k)
+    first = first_stage(engine, build, mode, n, query=query, text_query=text_query, dense_query=dense_query)
+    mems = memories_of(engine, build, [d for d, _ in first])
+    ranked = rerank(query, first, mems, build.n_mem_max, fuse)[:k]
+    hits = _hits(engine, build, [d for d, _, _ in ranked], {d: s for d, s, _ in ranked}, mems)
+    for h, (_, _, r) in zip(hits, ranked):
+        h.first_rank = r
+    return hits
 
 
 def exact_search(engine: Engine, build: Build, query: np.ndarray, k: int, chunk: int = 2000) -> list[Hit]:
