@@ -177,7 +177,8 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
     if "c" in parts:
         if "b" not in parts:
             raise SystemExit("part (c) needs part (b) (it reuses its passage sets and compressed passages)")
-        if stage != "e2e":
+        trained_qr = not model.adapter_is_zero("query_reasoner")
+        if not trained_qr:  # the paper's initialisation of the query reasoner
             model.copy_adapter("compressor", "query_reasoner")
         pool = [d.id for d in docs] if retrieval == "full" else sorted({d for ids in forced for d in ids})
         todo = [d for d in pool if d not in mem]
@@ -191,7 +192,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
             **_score(own, qa),
             "recall@1": 100 * sum(recall_at(i, r.gold_doc_ids, 1) for i, r in zip(ids, qa)) / len(qa),
             "recall@5": 100 * sum(recall_at(i, r.gold_doc_ids, 5) for i, r in zip(ids, qa)) / len(qa),
-            "query_reasoner": "trained (e2e)" if stage == "e2e" else "compressor copy (no e2e)",
+            "query_reasoner": "trained (e2e)" if trained_qr else "compressor copy (no e2e)",
             "searched_passages": len(pool), "retrieval": retrieval}
         result["examples_own_retrieval"] = [{"question": r.question, "answers": r.answers, "clara": x,
                                              "found_gold": r.gold_doc_ids[0] in i}

@@ -378,6 +378,13 @@ def evaluate_cmd(
     baselines: str = typer.Option("bm25,minilm", help="Raw-text retrievers to compare ('' for none)."),
     use_store: bool = typer.Option(False, help="Retrieve from a pgvector build (compressed now if missing) "
                                                 "instead of an exact in-memory index."),
+    mode: str = typer.Option("hybrid", help="With --use-store: CLaRa's first stage (clara, dense, lexical, "
+                                            "hybrid) before the query reasoner's re-rank."),
+    candidates: Optional[int] = typer.Option(None, help="First-stage candidates re-ranked (default: 20; 100 for "
+                                                        "mode clara)."),
+    fuse: float = typer.Option(0.0, help="Weight of the first-stage rank in CLaRa's final order."),
+    settings: str = typer.Option("normal,oracle", help="Settings: normal, oracle (gold forced into the k), "
+                                                       "oracle-candidates (the paper's: gold among the candidates)."),
     database_url: Optional[str] = DbOpt,
     device: Optional[str] = DeviceOpt,
     seed: int = typer.Option(0, help="Sampling seed."),
@@ -391,13 +398,14 @@ def evaluate_cmd(
 
     try:
         wanted = {int(r) for r in rates.split(",")} if rates else None
-        models = {}
+        models, refs = {}, {}
         for ref in model:
             m = load_checkpoint(resolve_model(ref), device=device)
             if wanted is None or m.cfg.compression_rate in wanted:
                 if m.cfg.compression_rate in models:
                     raise ValueError(f"two models at rate {m.cfg.compression_rate}")
                 models[m.cfg.compression_rate] = m
+                refs[m.cfg.compression_rate] = ref  # kept with its model: a filtered rate must not shift them
         if not models:
             raise ValueError(f"no model at the requested rates {sorted(wanted or [])}")
         # Split as the models do (all share one base); passage ids then match synthesis and training data.
@@ -405,14 +413,18 @@ def evaluate_cmd(
         questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
         stores = None
         if use_store:
+            from clara.dense import DenseEncoder
             from clara.store.db import connect
             from clara.store.indexing import corpus_version_of, index_corpus
 
             engine = connect(database_url)
             version = corpus_version_of(docs)
-            stores = {rate: (engine, index_corpus(engine, m, docs, model_uri=str(ref), corpus_version=version))
-                      for (rate, m), ref in zip(models.items(), model)}
-        cfg = EvalConfig(k=k, max_new_tokens=max_new_tokens,
+            dense = DenseEncoder()
+            stores = {rate: (engine, index_corpus(engine, m, docs, model_uri=str(refs[rate]), corpus_version=version,
+                                                  dense=dense, reuse=True))
+                      for rate, m in models.items()}
+        cfg = EvalConfig(k=k, max_new_tokens=max_new_tokens, mode=mode, n_candidates=candidates, fuse=fuse,
+                         settings=tuple(x for x in settings.split(",") if x),
                          baselines=tuple(b for b in baselines.split(",") if b))
         rows = evaluate(questions, docs, models, out, cfg, stores=stores,
                         progress=lambda msg: typer.echo(msg, err=True))
@@ -434,6 +446,7 @@ def compress_cmd(
     model_uri: Optional[str] = typer.Option(None, help="Model reference to record (default: the checkpoint path)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N documents."),
     batch_size: int = typer.Option(64, help="Documents per committed batch."),
+    dense: bool = typer.Option(True, help="Also store MiniLM vectors (the dense and hybrid first stages)."),
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Compress a corpus offline and load it into a new index build (resumable; published when complete)."""
@@ -451,13 +464,17 @@ def compress_cmd(
         if rate is not None and rate != m.cfg.compression_rate:
             raise ValueError(f"{model} was trained at rate {m.cfg.compression_rate}, not {rate}")
         engine = connect(database_url)
+        from clara.dense import DenseEncoder
+
         build = index_corpus(engine, m, docs, model_uri=model_uri or str(model.resolve()),
-                             corpus_version=corpus_version or corpus_version_of(docs), batch_size=batch_size)
+                             corpus_version=corpus_version or corpus_version_of(docs), batch_size=batch_size,
+                             dense=DenseEncoder() if dense else None)
     except (IngestError, FileNotFoundError, ValueError, StoreError) as exc:
         _fail(exc)
     typer.echo(json.dumps({"build_id": build.id, "status": build.status, "n_docs": build.n_docs,
                            "model_uri": build.model_uri, "rate": build.compression_rate,
-                           "corpus_version": build.corpus_version, "ann": build.ann_kind}))
+                           "corpus_version": build.corpus_version, "ann": build.ann_kind,
+                           "dense_model": build.dense_model}))
 
 
 @store_app.command("start")

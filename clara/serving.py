@@ -20,14 +20,26 @@ class Answer:
 
 
 class Answerer:
-    def __init__(self, model, engine, build, k: int = 5, candidates: int = 100, max_new_tokens: int = 64):
+    """Answers from one build: ``mode``'s first stage in Postgres, the query reasoner's re-rank, the generator.
+    Retrieval is the evaluation's own (``clara.eval.retrievers.ClaraRetriever``), so what is served is what was
+    measured."""
+
+    def __init__(self, model, engine, build, k: int = 5, mode: str = "clara", candidates: int | None = None,
+                 fuse: float = 0.0, max_new_tokens: int = 64):
+        from clara.eval.retrievers import ClaraRetriever
+
         if build.compression_rate != model.cfg.compression_rate:
             raise ValueError(f"build {build.id} holds rate-{build.compression_rate} memories; the model is "
                              f"rate {model.cfg.compression_rate}")
         if build.hidden_size != model.hidden_size:
             raise ValueError(f"build {build.id} has hidden size {build.hidden_size}; the model {model.hidden_size}")
+        if mode in ("dense", "hybrid") and build.dense_model is None:
+            raise ValueError(f"retrieval mode {mode!r} needs dense vectors and build {build.id} has none; "
+                             f"rebuild it (clara compress) or serve with mode 'clara' or 'lexical'")
         self.model, self.engine, self.build = model, engine, build
-        self.k, self.candidates, self.max_new_tokens = k, candidates, max_new_tokens
+        self.k, self.max_new_tokens = k, max_new_tokens
+        self.retriever = ClaraRetriever(model, [], engine=engine, build=build, mode=mode, candidates=candidates,
+                                        fuse=fuse)
 
     @classmethod
     def load(cls, checkpoint: str | Path, build_id: int, *, database_url: str | None = None,
@@ -41,20 +53,21 @@ class Answerer:
         return cls(load_checkpoint(checkpoint, device=device), engine, build, **kwargs)
 
     def ask(self, questions: Sequence[str], k: int | None = None) -> list[Answer]:
-        import torch
-
-        from clara.store.search import search
-
         questions = [str(q) for q in questions]
         if not questions:
             return []
         if any(not q.strip() for q in questions):
             raise ValueError("empty question")
         k = k or self.k
-        queries = self.model.encode_queries(questions)
-        hits = [search(self.engine, self.build, q.float().cpu().numpy(), k=k, candidates=max(self.candidates, k))
-                for q in queries]
-        memories = [[torch.from_numpy(h.memory) for h in hs] for hs in hits]
+        queries = self.retriever.encode(questions)
+        ranked = [self.retriever.retrieve(q, t, k) for q, t in zip(questions, queries)]
+        memories = [[self.retriever.memory_of(d) for d, _ in r] for r in ranked]
         answers = self.model.generate(questions, memories, max_new_tokens=self.max_new_tokens)
-        return [Answer(q, a, [h.doc_id for h in hs], [h.title for h in hs], [round(h.score, 4) for h in hs])
-                for q, a, hs in zip(questions, answers, hits)]
+        titles = self._titles({d for r in ranked for d, _ in r})
+        return [Answer(q, a, [d for d, _ in r], [titles.get(d, "") for d, _ in r], [round(s, 4) for _, s in r])
+                for q, a, r in zip(questions, answers, ranked)]
+
+    def _titles(self, doc_ids: set[str]) -> dict[str, str]:
+        from clara.store.search import titles_of
+
+        return titles_of(self.engine, self.build, sorted(doc_ids))

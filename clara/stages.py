@@ -219,17 +219,25 @@ def read_memory_shard(path: str | Path) -> tuple[list[str], list[Any]]:
 
 
 def load_build(engine, shard_files: Sequence[str | Path], docs: Sequence[Document], *, model_uri: str,
-               corpus_version: str, compression_rate: int, hidden_size: int, n_mem_max: int):
-    """Load compressed shards into the build for (model_uri, rate, corpus_version) and publish it."""
+               corpus_version: str, compression_rate: int, hidden_size: int, n_mem_max: int, dense=None):
+    """Load compressed shards into the build for (model_uri, rate, corpus_version) and publish it.
+
+    ``dense`` (a ``clara.dense.DenseEncoder``) embeds the documents as they are loaded, for the dense and
+    hybrid first stages."""
     from clara.store.builds import BuildWriter
 
+    opts = {"dense_model": dense.name, "dense_dim": dense.dim} if dense is not None else {}
+    text_of = {d.id: d.full_text for d in docs}
     with BuildWriter.open(engine, model_uri, compression_rate, corpus_version, hidden_size=hidden_size,
-                          n_mem_max=n_mem_max) as writer:
+                          n_mem_max=n_mem_max, **opts) as writer:
         writer.add_documents(corpus_version, ((d.id, d.title, d.text) for d in docs))
         for f in shard_files:
             ids, mems = read_memory_shard(f)
-            for s in range(0, len(ids), 256):
-                writer.add(ids[s : s + 256], mems[s : s + 256])
+            todo = [(i, m) for i, m in zip(ids, mems) if i not in writer.loaded]  # resumed: embed only what is new
+            for s in range(0, len(todo), 256):
+                names = [i for i, _ in todo[s : s + 256]]
+                vectors = dense.embed([text_of[i] for i in names]) if dense is not None else None
+                writer.add(names, [m for _, m in todo[s : s + 256]], dense=vectors)
         missing = [d.id for d in docs if d.id not in writer.loaded]
         if missing:
             raise ValueError(f"{len(missing)} documents have no memory in the shards, e.g. {missing[:3]}")

@@ -38,6 +38,9 @@ class ClaraQAModel(mlflow.pyfunc.PythonModel):
         self.answerer = Answerer.load(context.artifacts["checkpoint"], int(cfg["build_id"]),
                                       database_url=os.environ.get("CLARA_DATABASE_URL") or cfg.get("database_url"),
                                       device=cfg.get("device"), k=int(cfg.get("k", 5)),
+                                      # versions registered before the first-stage modes searched with CLaRa alone
+                                      mode=str(cfg.get("mode", "clara")), fuse=float(cfg.get("fuse", 0.0)),
+                                      candidates=int(cfg["candidates"]) if cfg.get("candidates") else None,
                                       max_new_tokens=int(cfg.get("max_new_tokens", 64)))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):

@@ -362,9 +362,12 @@ def find_build(model_uri: str, rate: int, corpus_version: str) -> dict[str, Any]
 
     engine = connect()
     try:
-        b = ready_build(engine, model_uri=model_uri, compression_rate=rate, corpus_version=corpus_version)
-        return {"build_id": b.id, "n_docs": b.n_docs, "ann": b.ann_kind, "loaded": []}
-    except StoreError:
+        try:
+            b = ready_build(engine, model_uri=model_uri, compression_rate=rate, corpus_version=corpus_version)
+            if b.dense_model is not None:  # a build from before the first-stage modes is rebuilt, not reused
+                return {"build_id": b.id, "n_docs": b.n_docs, "ann": b.ann_kind, "loaded": []}
+        except StoreError:
+            pass
         loaded = stages.loaded_ids(engine, model_uri=model_uri, corpus_version=corpus_version, compression_rate=rate)
         return {"build_id": None, "loaded": sorted(loaded)}
     finally:
@@ -383,16 +386,20 @@ def load_build(shard_files: list[str], data: dict[str, Any], checkpoint: str, mo
     from clara.model.checkpoint import read_checkpoint_config
     from clara.store.db import connect
 
+    from clara.dense import DenseEncoder
+
     mcfg = _from_dict(ModelConfig, read_checkpoint_config(checkpoint)["model"])
     hidden = _hidden_size(checkpoint)
     engine = connect()
     try:
+        # Every build carries the dense vectors and BM25 statistics the first-stage modes need.
         b = stages.load_build(engine, shard_files, stages.load_docs(data["corpus_file"], data["max_docs"]),
                               model_uri=model_uri, corpus_version=data["corpus_version"],
-                              compression_rate=mcfg.compression_rate, hidden_size=hidden, n_mem_max=mcfg.n_mem_max)
+                              compression_rate=mcfg.compression_rate, hidden_size=hidden, n_mem_max=mcfg.n_mem_max,
+                              dense=DenseEncoder())
     finally:
         engine.dispose()
-    return {"build_id": b.id, "n_docs": b.n_docs, "ann": b.ann_kind}
+    return {"build_id": b.id, "n_docs": b.n_docs, "ann": b.ann_kind, "dense_model": b.dense_model}
 
 
 def _hidden_size(checkpoint: str) -> int:
@@ -444,7 +451,8 @@ def compress_corpus(e2e: dict[str, Any], data: dict[str, Any], shards: int, batc
 
 @task(name="evaluate", **_CACHED)
 def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], questions: int, top_k: int,
-             baselines: str, device: Optional[str], parent_run: str, experiment: str) -> dict[str, Any]:
+             baselines: str, retrieval: dict[str, Any], device: Optional[str], parent_run: str, experiment: str
+             ) -> dict[str, Any]:
     key = _key("evaluate", dict(locals()))  # first: only the parameters are local yet
     from clara.eval.datasets import subsample, synth_qa
     from clara.eval.run import EvalConfig, evaluate as run_eval
@@ -453,10 +461,13 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
     from clara.store.db import connect
 
     out = _work_dir("eval", key)
-    cfg = EvalConfig(k=top_k, baselines=tuple(b for b in baselines.split(",") if b), settings=("normal",))
+    cfg = EvalConfig(k=top_k, baselines=tuple(b for b in baselines.split(",") if b), settings=("normal",),
+                     mode=retrieval["mode"], fuse=retrieval["fuse"], n_candidates=retrieval["candidates"],
+                     retrieval_modes=())
     with _Stage("evaluate", parent_run, experiment,
                 {"model_uri": e2e["model_uri"], "build_id": build["build_id"], "questions": questions,
-                 "k": top_k, "baselines": baselines, "data_version": data["data_version"]}) as st:
+                 "k": top_k, "baselines": baselines, "data_version": data["data_version"],
+                 **{f"retrieval.{k}": v for k, v in retrieval.items()}}) as st:
         docs = stages.load_docs(data["corpus_file"], data["max_docs"])
         qa, _ = subsample(synth_qa(data["synth_dir"], split="dev"), docs, questions, None)
         model = load_checkpoint(_checkpoint(e2e), device=device)
@@ -478,7 +489,7 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
 @task(name="promote", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
 def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], data: dict[str, Any],
             scp: dict[str, Any], model_name: str, gate_metric: str, lower_is_better: bool, top_k: int,
-            parent_run: str, experiment: str) -> dict[str, Any]:
+            retrieval: dict[str, Any], parent_run: str, experiment: str) -> dict[str, Any]:
     """Register the model (once per set of inputs: a rerun finds its version) and run the gate (every time, so
     the decision reflects the production version as it is now)."""
     key = _key("promote", dict(locals()))
@@ -494,10 +505,11 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
         version, reused = str(found[0].version), True
     else:
         logged = log_pyfunc(e2e["run_id"], ClaraQAModel(), _checkpoint(e2e),
-                            {"build_id": build["build_id"], "k": top_k}, input_column="question")
+                            {"build_id": build["build_id"], "k": top_k, **retrieval}, input_column="question")
         version = register(c, model_name, logged, {
             **{f"eval.{k}": round(v, 6) for k, v in metrics.items()}, "eval.run_id": scores["run_id"],
             "data_version": data["data_version"], "build_id": build["build_id"], "compressor": scp["model_uri"],
+            **{f"retrieval.{k}": v for k, v in retrieval.items()},
             "git_commit": tracking.git_commit(PROJECT), "prefect.flow_run_id": str(flow_run.id),
             "clara.promote_key": key},
             description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
@@ -564,6 +576,8 @@ def clara(
     train_processes: int = 1,
     top_k: int = 5,
     n_candidates: int = 20,
+    retrieval_mode: Literal["clara", "dense", "lexical", "hybrid"] = "hybrid",
+    retrieval_fuse: float = 0.0,
     eval_questions: Optional[int] = None,
     baselines: str = "bm25",
     gate_metric: str = "f1",
@@ -626,9 +640,11 @@ def clara(
         build = compress_corpus.with_options(task_runner=runner)(e2e, data, shards, 16, device, **common)
         if build["reused"]:
             result["cached"].append("compress_corpus")
-        scores = staged(evaluate, e2e, build, data, budget["eval_questions"], top_k, baselines, device, **common)
+        retrieval = {"mode": retrieval_mode, "fuse": retrieval_fuse, "candidates": n_candidates}
+        scores = staged(evaluate, e2e, build, data, budget["eval_questions"], top_k, baselines, retrieval, device,
+                        **common)
         promotion = staged(promote, e2e, build, scores, data, scp, model_name, gate_metric, gate_lower_is_better,
-                           top_k, **common)
+                           top_k, retrieval, **common)
         if promotion["reused"]:
             result["cached"].append("promote")
         result.update(data=data, scp=scp, e2e=e2e, build=build, evaluation=scores, promotion=promotion)

@@ -46,3 +46,18 @@ def docs() -> list[str]:
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    """A migrated engine on the real PostgreSQL + pgvector: $CLARA_DATABASE_URL, else an embedded server."""
+    from clara.store.db import connect
+
+    url = os.environ.get("CLARA_DATABASE_URL")
+    if not url:
+        from clara.store.server import embedded_server, sqlalchemy_url
+
+        url = sqlalchemy_url(embedded_server(tmp_path_factory.mktemp("pg") / "data").get_uri())
+    eng = connect(url)
+    yield eng
+    eng.dispose()

@@ -39,7 +39,7 @@ def test_full_evaluation_with_the_tiny_model(fixtures, tmp_path, models):
     assert ("closed-book", None, "normal", 1) in kinds
     for name in ("bm25", "minilm"):
         assert {("raw-text", name, s, 1) for s in ("normal", "oracle")} <= kinds
-    assert {("clara", "clara", s, r) for s in ("normal", "oracle") for r in (16, 64)} <= kinds
+    assert {("clara", "clara-exact", s, r) for s in ("normal", "oracle") for r in (16, 64)} <= kinds
     for r in rows:
         assert set(REPORT_KEYS) <= set(r) and r["n"] == len(qa)
         assert 0.0 <= r["cem"] <= 1.0 and r["latency_ms_p50"] <= r["latency_ms_p95"]
@@ -90,3 +90,126 @@ def test_evaluate_cli(fixtures, tmp_path, models):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert {r["system"] for r in report} == {"clara", "raw-text", "closed-book"} and report[0]["n"] == 3
+
+
+def test_oracle_forces_gold_for_every_system_and_oracle_candidates_is_the_papers(fixtures, tmp_path, models):
+    docs = read_corpus(fixtures / "corpus.jsonl")
+    qa = load_qa_records(fixtures / "qa.jsonl")
+    cfg = EvalConfig(k=2, n_candidates=3, max_new_tokens=2, baselines=("bm25",),
+                     settings=("normal", "oracle", "oracle-candidates"), closed_book=False)
+    rows = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None, bars=False)
+    by = {(r["system"], r["setting"]): r for r in rows}
+    # The same meaning for every system: the gold passage is among the k the generator reads.
+    assert by[("raw-text", "oracle")]["recall@1"] == 1.0
+    assert by[("clara", "oracle")]["recall@1"] == 1.0
+    # The paper's variant only puts gold among the candidates; the query reasoner may still rank it lower.
+    cand = by[("clara", "oracle-candidates")]
+    assert cand["recall@20"] == 1.0 and cand["n"] == len(qa)
+    assert ("raw-text", "oracle-candidates") not in by
+    with pytest.raises(ValueError, match="unknown setting"):
+        evaluate(qa, docs, {16: models[16]}, tmp_path, EvalConfig(settings=("gold",)), progress=lambda m: None)
+
+
+def test_gold_that_names_a_split_document_counts_any_of_its_passages(tmp_path, models):
+    from clara.data.corpus import Document
+
+    long = [Document(f"big#p{i}", "Big", f"Part {i} of the big article about volcanoes {i}.", parent_id="big")
+            for i in range(3)]
+    topics = ["rivers", "deserts", "glaciers", "forests"]
+    docs = long + [Document(f"d{i}", f"T{i}", f"Text about {t}.") for i, t in enumerate(topics)]
+    qa = [QARecord("q", "Which article is about volcanoes?", ["volcanoes"], ["big"]),
+          QARecord("r", "Which text is about glaciers?", ["glaciers"], ["d2"])]
+    cfg = EvalConfig(k=2, max_new_tokens=2, baselines=("bm25",), closed_book=False)
+    rows = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None, bars=False)
+    bm25 = next(r for r in rows if r["retriever"] == "bm25" and r["setting"] == "normal")
+    assert bm25["recall@1"] == 1.0  # a passage of "big" first counts as finding "big"
+    oracle = next(r for r in rows if r["system"] == "clara" and r["setting"] == "oracle")
+    assert oracle["recall@1"] == 1.0
+    preds = [json.loads(l) for l in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    forced = next(p for p in preds if p["system"] == "clara" and p["setting"] == "oracle" and p["id"] == "q")
+    assert forced["retrieved"][0].startswith("big#p")
+    with pytest.raises(ValueError, match="missing from the corpus"):
+        evaluate([QARecord("x", "q?", ["a"], ["bigger"])], docs, {16: models[16]}, tmp_path)
+
+
+def test_untrained_query_reasoner_is_replaced_by_the_compressor(fixtures, tmp_path):
+    import torch
+
+    m = ClaraModel.build(preset("tiny", compression_rate=16))
+    perturb(m, seed=3)
+    m.reset_adapter("query_reasoner")  # a checkpoint that never went through E2E
+    assert m.adapter_is_zero("query_reasoner") and not m.adapter_is_zero("compressor")
+    docs = read_corpus(fixtures / "corpus.jsonl")
+    qa = load_qa_records(fixtures / "qa.jsonl")[:2]
+    rows = evaluate(qa, docs, {16: m}, tmp_path, EvalConfig(k=2, max_new_tokens=2, baselines=(), closed_book=False),
+                    progress=lambda msg: None, bars=False)
+    assert {r["query_reasoner"] for r in rows if r["system"] == "clara"} == {"compressor copy (no E2E)"}
+    assert "compressor copy (no E2E)" in (tmp_path / "report.md").read_text()
+    with torch.no_grad():
+        q = m.encode_queries(["What is the capital of France?"])[0]
+        with m.adapter("compressor"):
+            c = m.encode_texts(["What is the capital of France?"], max_len=m.cfg.query_max_len, query=True).memory[0]
+    torch.testing.assert_close(q, c)
+    trained = ClaraModel.build(preset("tiny", compression_rate=16))
+    perturb(trained, seed=4)
+    rows = evaluate(qa, docs, {16: trained}, tmp_path, EvalConfig(k=2, max_new_tokens=2, baselines=(),
+                                                                   closed_book=False), progress=lambda msg: None)
+    assert {r["query_reasoner"] for r in rows if r["system"] == "clara"} == {"trained"}
+
+
+def test_store_evaluation_reports_every_first_stage_alone_and_reranked(fixtures, tmp_path, models, engine):
+    from clara.dense import DenseEncoder
+    from clara.store.indexing import index_corpus
+
+    docs = read_corpus(fixtures / "corpus.jsonl")
+    qa = load_qa_records(fixtures / "qa.jsonl")
+    build = index_corpus(engine, models[16], docs, model_uri="eval-modes", corpus_version="eval-modes-v1",
+                         dense=DenseEncoder(), progress=False)
+    assert build.dense_model == "all-MiniLM-L6-v2" and build.dense_dim == 384
+    cfg = EvalConfig(k=2, max_new_tokens=2, baselines=("bm25", "minilm"), closed_book=False, settings=("normal",))
+    rows = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, stores={16: (engine, build)},
+                    progress=lambda m: None, bars=False)
+    first = {r["retriever"]: r for r in rows if r["system"] == "first-stage"}
+    reranked = {r["retriever"]: r for r in rows if r["setting"] == "retrieval" and r["system"] == "clara"}
+    assert set(first) == {"clara", "dense", "lexical", "hybrid"}
+    assert set(reranked) == {f"{m}+rerank" for m in first}
+    # Postgres BM25 and the dense stage find what the in-memory BM25 and MiniLM find on these easy questions.
+    bm25 = next(r for r in rows if r["retriever"] == "bm25")
+    minilm = next(r for r in rows if r["retriever"] == "minilm")
+    assert first["lexical"]["recall@5"] >= bm25["recall@5"] - 0.13
+    assert first["dense"]["recall@5"] == pytest.approx(minilm["recall@5"])
+    assert first["hybrid"]["recall@20"] == 1.0 and first["hybrid"]["retrieval_ms_p50"] > 0
+    # Re-ranking 20 candidates reorders them: the top 20 hold the same documents.
+    for mode in ("dense", "lexical", "hybrid"):
+        assert reranked[f"{mode}+rerank"]["recall@20"] == first[mode]["recall@20"]
+    qa_row = next(r for r in rows if r["system"] == "clara" and r["setting"] == "normal")
+    assert qa_row["retriever"] == "hybrid" and qa_row["mode"] == "hybrid"
+    # A second evaluation with reuse finds the same build instead of compressing again.
+    again = index_corpus(engine, models[16], docs, model_uri="eval-modes", corpus_version="eval-modes-v1",
+                         dense=DenseEncoder(), reuse=True, progress=False)
+    assert again.id == build.id
+
+
+def test_evaluate_cli_pairs_each_model_with_its_own_store_build(fixtures, tmp_path, models, engine):
+    from typer.testing import CliRunner
+
+    from clara.cli import app
+    from clara.model.checkpoint import save_checkpoint
+    from clara.store.builds import list_builds
+
+    ck16 = save_checkpoint(models[16], tmp_path / "ck16")
+    ck64 = save_checkpoint(models[64], tmp_path / "ck64")
+    before = {b.id for b in list_builds(engine)}
+    url = engine.url.render_as_string(hide_password=False)
+    res = CliRunner().invoke(app, ["evaluate", "--qa", str(fixtures / "qa.jsonl"), "--corpus",
+                                   str(fixtures / "corpus.jsonl"), "--model", str(ck16), "--model", str(ck64),
+                                   "--rates", "64", "--use-store", "--database-url", url, "--out", str(tmp_path / "e"),
+                                   "--k", "2", "--limit", "2", "--max-new-tokens", "2", "--baselines", "",
+                                   "--mode", "lexical"])
+    assert res.exit_code == 0, res.output
+    new = [b for b in list_builds(engine) if b.id not in before]
+    # Rate 16 was filtered out: the rate-64 model must be paired with its own checkpoint, not the first one.
+    assert [(b.compression_rate, b.model_uri) for b in new] == [(64, str(ck64))]
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert {r["rate"] for r in report if r["system"] == "clara"} == {64}
+    assert next(r for r in report if r["system"] == "clara" and r["setting"] == "normal")["retriever"] == "lexical"

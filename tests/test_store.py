@@ -17,18 +17,6 @@ from clara.store.db import connect, migrate
 from clara.store.search import first_stage, search
 
 
-@pytest.fixture(scope="session")
-def engine(tmp_path_factory):
-    url = os.environ.get("CLARA_DATABASE_URL")
-    if not url:
-        from clara.store.server import embedded_server, sqlalchemy_url
-
-        url = sqlalchemy_url(embedded_server(tmp_path_factory.mktemp("pg") / "data").get_uri())
-    eng = connect(url)
-    yield eng
-    eng.dispose()
-
-
 def random_memories(n_docs, n_mem, hidden, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal((n_mem, hidden)).astype(np.float32) for _ in range(n_docs)]

@@ -1,4 +1,4 @@
-"""Retrievers compared in evaluation: BM25, MiniLM (dense) and CLaRa's query reasoner.
+"""Retrievers compared in evaluation: BM25, MiniLM (dense) and CLaRa's query reasoner (over a store's first stage).
 
 Each returns, per question, the ranked (doc_id, score) list. The CLaRa retriever also hands back the compressed
 documents, from the pgvector store or from an exact in-memory index over the corpus.
@@ -64,17 +64,30 @@ class MiniLMRetriever:
 
 
 class ClaraRetriever:
-    """The query reasoner against compressed documents: the pgvector store (ANN + exact re-score) when a build
-    is given, else exact flattened cosine over an in-memory compression of the corpus."""
+    """The query reasoner against compressed documents.
+
+    With a store build: ``mode``'s first stage in Postgres, then the flattened-cosine re-rank
+    (``clara.store.search.search``). Without one (``mode="exact"``): exact flattened cosine over an in-memory
+    compression of the whole corpus.
+    """
 
     name = "clara"
 
-    def __init__(self, model, docs: Sequence[Document], *, engine=None, build=None, candidates: int = 100,
-                 compress_batch_size: int = 16):
-        self.model = model
-        self.engine, self.build, self.candidates = engine, build, candidates
+    def __init__(self, model, docs: Sequence[Document], *, engine=None, build=None, mode: str = "exact",
+                 candidates: int | None = None, fuse: float = 0.0, compress_batch_size: int = 16):
+        from clara.store.search import DEFAULT_CANDIDATES, MODES
+
+        if mode not in MODES + ("exact",):
+            raise ValueError(f"unknown retrieval mode {mode!r}; known: {', '.join(MODES + ('exact',))}")
+        if build is None and mode != "exact":
+            raise ValueError(f"retrieval mode {mode!r} needs a store build (evaluate with --use-store)")
+        self.model, self.engine, self.build = model, engine, build
+        self.mode, self.fuse = mode, fuse
+        self.n_candidates = candidates or DEFAULT_CANDIDATES.get(mode, 20)
         self.ids = [d.id for d in docs]
         self.memory: dict[str, torch.Tensor] = {}
+        self._dense = None
+        self._dense_cache: dict[str, np.ndarray] = {}
         if build is None:
             mems = [m.float().cpu() for m in model.compress([d.full_text for d in docs],
                                                              batch_size=compress_batch_size)]
@@ -85,27 +98,55 @@ class ClaraRetriever:
     def encode(self, questions: Sequence[str]) -> list[torch.Tensor]:
         return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
 
-    def retrieve_encoded(self, queries: Sequence[torch.Tensor], k: int) -> list[Ranked]:
-        if self.build is not None:
-            from clara.store.search import search
+    def _dense_query(self, question: str) -> np.ndarray | None:
+        if self.build is None or self.build.dense_model is None:
+            return None
+        if self._dense is None:
+            from clara.dense import MINILM, DenseEncoder
 
-            out = []
-            for q in queries:
-                hits = search(self.engine, self.build, q.numpy(), k=k, candidates=max(self.candidates, k))
-                for h in hits:
-                    self.memory.setdefault(h.doc_id, torch.from_numpy(h.memory))
-                out.append([(h.doc_id, h.score) for h in hits])
-            return out
-        q = torch.nn.functional.normalize(torch.stack([x.flatten() for x in queries]), dim=-1)
-        scores = q @ self.flat.T
-        top = scores.topk(min(k, len(self.ids)), dim=-1)
-        return [[(self.ids[int(i)], float(s)) for i, s in zip(ti, ts)] for ti, ts in zip(top.indices, top.values)]
+            if self.build.dense_model != MINILM:
+                raise ValueError(f"build {self.build.id} holds {self.build.dense_model} vectors; "
+                                 f"this version embeds questions with {MINILM} only")
+            self._dense = DenseEncoder()
+        if question not in self._dense_cache:
+            self._dense_cache[question] = self._dense.embed([question])[0]
+        return self._dense_cache[question]
 
-    def retrieve(self, questions: Sequence[str], k: int) -> list[Ranked]:
-        return self.retrieve_encoded(self.encode(questions), k)
+    def first_stage(self, question: str, mode: str, n: int) -> Ranked:
+        """A first stage alone (store only): ``n`` (doc_id, score), best first."""
+        from clara.store.search import first_stage
+
+        query = self.encode([question])[0].numpy() if mode == "clara" else None
+        return first_stage(self.engine, self.build, mode, n, query=query, text_query=question,
+                           dense_query=self._dense_query(question) if mode in ("dense", "hybrid") else None)
+
+    def retrieve(self, question: str, query: torch.Tensor, k: int, mode: str | None = None) -> Ranked:
+        """The top ``k`` for one question whose query-reasoner tensor is ``query``."""
+        mode = mode or self.mode
+        if mode == "exact":
+            if self.build is not None:
+                from clara.store.search import search
+
+                hits = search(self.engine, self.build, query.numpy(), k=k, exact=True)
+                return self._keep(hits)
+            scores = torch.nn.functional.normalize(query.flatten(), dim=-1) @ self.flat.T
+            top = scores.topk(min(k, len(self.ids)))
+            return [(self.ids[int(i)], float(s)) for i, s in zip(top.indices, top.values)]
+        from clara.store.search import DEFAULT_CANDIDATES, search
+
+        n = self.n_candidates if mode == self.mode else DEFAULT_CANDIDATES[mode]
+        hits = search(self.engine, self.build, query.numpy(), k=k, mode=mode, candidates=max(n, k),
+                      text_query=question, dense_query=self._dense_query(question) if mode in ("dense", "hybrid")
+                      else None, fuse=self.fuse)
+        return self._keep(hits)
+
+    def _keep(self, hits) -> Ranked:
+        for h in hits:
+            self.memory.setdefault(h.doc_id, torch.from_numpy(h.memory))
+        return [(h.doc_id, h.score) for h in hits]
 
     def score_docs(self, query: torch.Tensor, doc_ids: Sequence[str]) -> list[float]:
-        """Flattened cosine of one query against given documents (for Oracle candidates)."""
+        """Flattened cosine of one query against given documents (the oracle-candidates setting)."""
         docs = pad_memories([self.memory_of(d) for d in doc_ids], self.model.cfg.n_mem_max)
         return flat_cosine(query.unsqueeze(0), docs)[0].tolist()
 
@@ -113,14 +154,10 @@ class ClaraRetriever:
         if doc_id not in self.memory:
             if self.build is None:
                 raise KeyError(doc_id)
-            from sqlalchemy import text
+            from clara.store.search import memories_of
 
-            from clara.store.search import decode_memory
-
-            with self.engine.connect() as conn:
-                row = conn.execute(text("SELECT n_mem, memory FROM memories WHERE build_id = :b AND doc_id = :d"),
-                                   {"b": self.build.id, "d": doc_id}).first()
-            if row is None:
+            found = memories_of(self.engine, self.build, [doc_id])
+            if doc_id not in found:
                 raise KeyError(f"document {doc_id!r} is not in build {self.build.id}")
-            self.memory[doc_id] = torch.from_numpy(decode_memory(row[1], row[0], self.build.hidden_size))
+            self.memory[doc_id] = torch.from_numpy(found[doc_id])
         return self.memory[doc_id]

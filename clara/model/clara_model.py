@@ -186,6 +186,11 @@ class ClaraModel(nn.Module):
             for ps, pd in zip(self._adapter_params[src], self._adapter_params[dst], strict=True):
                 pd.copy_(ps)
 
+    def adapter_is_zero(self, name: str) -> bool:
+        """True when adapter ``name`` adds nothing to the base (every LoRA B is zero: never trained)."""
+        return all(not bool(p.detach().any()) for n, p in self.peft.named_parameters()
+                   if "lora_B" in n and f".{name}." in n)
+
     def reset_adapter(self, name: str) -> None:
         """Re-initialise adapter ``name`` as a fresh LoRA (B = 0, so it starts as the identity)."""
         for module in self.peft.modules():

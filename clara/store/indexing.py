@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from clara.data.corpus import Document, dumps
 from clara.model.clara_model import ClaraModel
-from clara.store.builds import Build, BuildWriter
+from clara.store.builds import Build, BuildWriter, StoreError, ready_build
 
 
 def corpus_version_of(docs: Sequence[Document]) -> str:
@@ -24,14 +24,28 @@ def corpus_version_of(docs: Sequence[Document]) -> str:
 
 
 def index_corpus(engine: Engine, model: ClaraModel, docs: Sequence[Document], *, model_uri: str,
-                 corpus_version: str, batch_size: int = 64, compress_batch_size: int = 16,
-                 progress: bool = True) -> Build:
+                 corpus_version: str, dense=None, reuse: bool = False, batch_size: int = 64,
+                 compress_batch_size: int = 16, progress: bool = True) -> Build:
     """Compress ``docs`` and load them into the build for (model_uri, rate, corpus_version); publish it.
+
+    Args:
+        dense: a ``clara.dense.DenseEncoder`` whose vectors go in with each batch (the dense and hybrid first
+            stages); None builds without them.
+        reuse: return the newest ready build of this key (with the same dense model) instead of building again.
 
     Resumable: documents a killed run already committed are skipped. Returns the published build.
     """
+    if reuse:
+        try:
+            found = ready_build(engine, model_uri=model_uri, compression_rate=model.cfg.compression_rate,
+                                corpus_version=corpus_version)
+            if found.dense_model == (dense.name if dense is not None else None):
+                return found
+        except StoreError:
+            pass
+    opts = {"dense_model": dense.name, "dense_dim": dense.dim} if dense is not None else {}
     with BuildWriter.open(engine, model_uri, model.cfg.compression_rate, corpus_version,
-                          hidden_size=model.hidden_size, n_mem_max=model.cfg.n_mem_max) as writer:
+                          hidden_size=model.hidden_size, n_mem_max=model.cfg.n_mem_max, **opts) as writer:
         writer.add_documents(corpus_version, ((d.id, d.title, d.text) for d in docs))
         todo = [d for d in docs if d.id not in writer.loaded]
         bar = tqdm(total=len(docs), initial=len(docs) - len(todo), desc=f"compress → build {writer.build.id}",
@@ -39,8 +53,10 @@ def index_corpus(engine: Engine, model: ClaraModel, docs: Sequence[Document], *,
         start = time.perf_counter()
         for s in range(0, len(todo), batch_size):
             batch = todo[s : s + batch_size]
-            mems = model.compress([d.full_text for d in batch], batch_size=compress_batch_size)
-            writer.add([d.id for d in batch], [m.float().cpu().numpy() for m in mems])
+            texts = [d.full_text for d in batch]
+            mems = model.compress(texts, batch_size=compress_batch_size)
+            writer.add([d.id for d in batch], [m.float().cpu().numpy() for m in mems],
+                       dense=dense.embed(texts) if dense is not None else None)
             bar.update(len(batch))
             bar.set_postfix(docs_s=f"{(s + len(batch)) / (time.perf_counter() - start):.1f}")
         bar.close()
