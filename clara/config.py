@@ -160,7 +160,11 @@ class E2EConfig:
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimSettings(lr=5e-6)))
     n_candidates: int = 20
-    """Candidates per question: its positives plus the best-scoring negatives."""
+    """Candidates per question: its positives plus hard negatives."""
+    negatives: str = "first_stage"
+    """Where the negatives come from: ``first_stage`` (the paper's: the top of a BM25 + MiniLM hybrid first stage,
+    computed once per question and corpus and cached) or ``query_reasoner`` (the current query reasoner's own
+    top, recomputed every step)."""
     top_k: int = 5
     """Documents selected for the generator."""
     tau: float = 0.02
@@ -178,6 +182,8 @@ class E2EConfig:
             raise ValueError(f"need 1 <= top_k ({self.top_k}) <= n_candidates ({self.n_candidates})")
         if self.tau <= 0:
             raise ValueError(f"tau must be positive, got {self.tau}")
+        if self.negatives not in ("first_stage", "query_reasoner"):
+            raise ValueError(f"negatives must be 'first_stage' or 'query_reasoner', not {self.negatives!r}")
 
 
 # ----------------------------------------------------------------------------------------------- presets

@@ -25,6 +25,7 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps({"id": f"q{i}", "question": f"How many bridges does Town {i} have?",
                                        "answers": [str(i)], "gold_doc_ids": [f"d{i}"]}) + "\n" for i in range(4)))
+    tiny_model.reset_adapter("query_reasoner")  # an SCP checkpoint: its query reasoner was never trained
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
 
     result = quality_probe.probe(str(ckpt), dev, articles=None, k=3, max_new_tokens=4, retrieval="pool",

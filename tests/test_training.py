@@ -165,6 +165,9 @@ def test_candidates_and_recall_helpers():
     scores = torch.tensor([[0.9, 0.1, 0.8, 0.7, 0.2], [0.0, 0.5, 0.4, 0.3, 0.9]])
     cand = pick_candidates(scores, [[1], [0, 4]], 3)
     assert cand.tolist() == [[1, 0, 2], [0, 4, 1]]
+    # First-stage negatives come before the query reasoner's own top; duplicates and positives are skipped.
+    assert pick_candidates(scores, [[1], [0, 4]], 3, first=[[3, 1], [4, 2, 3]]).tolist() == [[1, 3, 0], [0, 4, 2]]
+    assert pick_candidates(scores, [[1]], 4, first=[[1]])[0].tolist() == [1, 0, 2, 3]  # short list: filled by score
     picked = torch.tensor([[1, 2], [1, 2]])  # positions within the candidate rows
     assert recall_at_k(picked, cand, [[1], [0, 4]]) == pytest.approx((0.0 + 0.5) / 2)
 
@@ -204,3 +207,25 @@ def test_e2e_rejects_gold_ids_missing_from_corpus(tmp_path):
     qa = [QARecord("1", "q?", ["a"], ["nope"])]
     with pytest.raises(ValueError, match="not in the corpus"):
         train_e2e(model, qa, {"d": "text"}, E2EConfig(n_candidates=1, top_k=1), tmp_path, progress=False)
+
+
+def test_first_stage_candidates_are_computed_once_and_cached(fixtures, tmp_path, monkeypatch):
+    from clara.eval import retrievers
+    from clara.training.e2e import first_stage_candidates
+
+    qa = load_qa_records(fixtures / "qa.jsonl")
+    corpus = load_corpus(fixtures / "corpus.jsonl")
+    first = first_stage_candidates(qa, corpus, 4, tmp_path)
+    assert len(first) == len(qa) and all(len(c) == 4 for c in first)
+    # The hybrid first stage puts the gold passage of these easy questions first.
+    assert sum(c[0] in r.gold_doc_ids for c, r in zip(first, qa)) >= len(qa) - 1
+    assert len(list(tmp_path.glob("first-stage-*.json"))) == 1
+
+    def refuse(*a, **k):
+        raise AssertionError("the cached candidates should have been read back")
+
+    monkeypatch.setattr(retrievers, "HybridRetriever", refuse)
+    assert first_stage_candidates(qa, corpus, 4, tmp_path) == first
+    # Other data is another key: a changed corpus is not served stale candidates.
+    with pytest.raises(AssertionError, match="cached"):
+        first_stage_candidates(qa, {**corpus, "extra": "An extra passage."}, 4, tmp_path)

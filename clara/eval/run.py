@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from clara.data.corpus import Document, dumps
 from clara.data.records import QARecord
 from clara.eval.metrics import answer_scores, mean, recall_at
-from clara.eval.retrievers import BM25Retriever, ClaraRetriever, MiniLMRetriever, Ranked
+from clara.eval.retrievers import ClaraRetriever, baseline
 
 RECALL_AT = (1, 3, 5, 20)
 REPORT_KEYS = ("system", "retriever", "setting", "rate", "n", "em", "f1", "cem", "recall@1", "recall@3", "recall@5",
@@ -199,7 +199,7 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
         depth = max(cfg.k, max(RECALL_AT))
         for name in cfg.baselines:
             progress(f"indexing {name}")
-            retriever = BM25Retriever(docs) if name == "bm25" else MiniLMRetriever(docs)
+            retriever = baseline(name, docs)
             for setting in cfg.settings:
                 if setting == "oracle-candidates" or (setting == "oracle" and not with_gold):
                     continue

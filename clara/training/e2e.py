@@ -1,10 +1,12 @@
 """Stage 3 (end-to-end): the generator's answer loss trains the query reasoner through differentiable top-k.
 
 The compressor is frozen and the document pool is compressed once, without gradients (which is what lets a
-corpus live in a database later). The query reasoner starts as a copy of the compressor adapter (spec section 7).
-Per question the candidates are its positives plus the pool documents the current query reasoner scores
-highest (retrieved negatives), up to N; k of them are selected with the straight-through top-k and handed to
-the generator. No relevance labels enter the loss; Recall@k against the positives is only logged.
+corpus live in a database later). The query reasoner starts as a copy of the compressor adapter (the paper's
+initialisation). Per question the candidates are its positives plus hard negatives, N in all: by default the top
+of a first stage (BM25 + MiniLM fused by reciprocal rank, as the paper re-ranks a dense retriever's top 20 and
+as the store serves), computed once per question and cached; optionally the pool documents the current query
+reasoner scores highest. k of them are selected with the straight-through top-k and handed to the generator. No
+relevance labels enter the loss; Recall@k against the positives is only logged.
 """
 
 from __future__ import annotations
@@ -43,16 +45,56 @@ def compress_pool(model: ClaraModel, docs: Sequence[str], batch_size: int = 16) 
     return pad_memories(mems, model.cfg.n_mem_max), n_mem
 
 
-def pick_candidates(scores: torch.Tensor, positives: Sequence[Sequence[int]], n: int) -> torch.Tensor:
-    """Per row: the positives (at most n) then the highest-scoring other documents, n in all. [B, n] indices."""
+def pick_candidates(scores: torch.Tensor, positives: Sequence[Sequence[int]], n: int,
+                    first: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Per row: the positives (at most n), then the first stage's documents (``first``, when given), then the
+    highest-scoring other documents, n in all. [B, n] indices."""
     rows = []
     for b, pos in enumerate(positives):
-        pos = list(dict.fromkeys(pos))[:n]
-        ranked = scores[b].argsort(descending=True).tolist()
-        pos_set = set(pos)
-        negatives = [i for i in ranked if i not in pos_set][: n - len(pos)]
-        rows.append(pos + negatives)
+        row = list(dict.fromkeys(pos))[:n]
+        seen = set(row)
+        for i in list(first[b] if first is not None else []) + scores[b].argsort(descending=True).tolist():
+            if len(row) == n:
+                break
+            if i not in seen:
+                row.append(i)
+                seen.add(i)
+        rows.append(row)
     return torch.tensor(rows, device=scores.device)
+
+
+def first_stage_candidates(records: Sequence[QARecord], corpus: Mapping[str, str], n: int,
+                           cache: str | Path | None = None) -> list[list[str]]:
+    """The hybrid first stage's top ``n`` document ids per question (BM25 + MiniLM, reciprocal-rank fusion).
+
+    Cached as JSON under ``cache`` keyed by a hash of the corpus, the questions and ``n``, so a resumed or repeated
+    run with the same data reads them back instead of embedding the corpus again.
+    """
+    import hashlib
+    import json
+
+    from clara.data.corpus import Document
+    from clara.dense import MINILM
+    from clara.eval.retrievers import HybridRetriever
+
+    h = hashlib.sha256(f"hybrid:bm25+{MINILM}:n={n}\n".encode())
+    for d, t in corpus.items():
+        h.update(f"{d}\x00{t}\x01".encode())
+    for r in records:
+        h.update(f"{r.question}\x02".encode())
+    path = Path(cache) / f"first-stage-{h.hexdigest()[:24]}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    retriever = HybridRetriever([Document(d, "", t) for d, t in corpus.items()])
+    out: list[list[str]] = []
+    for s in range(0, len(records), 64):
+        out += [[d for d, _ in ranked] for ranked in retriever.retrieve([r.question for r in records[s: s + 64]], n)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out), encoding="utf-8")
+        tmp.replace(path)  # atomic: a file that exists is complete
+    return out
 
 
 def recall_at_k(selected: torch.Tensor, candidates: torch.Tensor, positives: Sequence[Sequence[int]]) -> float:
@@ -66,16 +108,18 @@ def recall_at_k(selected: torch.Tensor, candidates: torch.Tensor, positives: Seq
 
 
 def e2e_loss(model: ClaraModel, batch: Sequence[QARecord], pool: torch.Tensor, pool_n: torch.Tensor,
-             pool_flat: torch.Tensor, doc_index: Mapping[str, int], cfg: E2EConfig
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Answer CE through the differentiable top-k; also returns Recall@k of the selection."""
+             pool_flat: torch.Tensor, doc_index: Mapping[str, int], cfg: E2EConfig,
+             first: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Answer CE through the differentiable top-k; also returns Recall@k of the selection.
+
+    ``first``: per question of the batch, the first stage's pool indices (hard negatives come from there)."""
     with model.adapter("query_reasoner"):
         enc = model.encode_texts([r.question for r in batch], max_len=model.cfg.query_max_len, query=True)
     q = F.normalize(enc.memory.flatten(1).float(), dim=-1)  # [B, n*H], grad -> query reasoner
     positives = [[doc_index[d] for d in r.gold_doc_ids if d in doc_index] for r in batch]
     n_cand = min(cfg.n_candidates, pool.shape[0])
     with torch.no_grad():
-        candidates = pick_candidates(q @ pool_flat.T, positives, n_cand)  # [B, N]
+        candidates = pick_candidates(q @ pool_flat.T, positives, n_cand, first)  # [B, N]
     scores = torch.einsum("bf,bnf->bn", q, pool_flat[candidates])  # flattened cosine, differentiable
     k = min(cfg.top_k, n_cand)
     weights, picked = differentiable_topk(scores, k, cfg.tau)  # [B, k, N], [B, k]
@@ -94,7 +138,8 @@ def e2e_loss(model: ClaraModel, batch: Sequence[QARecord], pool: torch.Tensor, p
 
 @torch.no_grad()
 def selection_recall(model: ClaraModel, records: Sequence[QARecord], pool_flat: torch.Tensor,
-                     doc_index: Mapping[str, int], cfg: E2EConfig, batch_size: int = 16) -> float:
+                     doc_index: Mapping[str, int], cfg: E2EConfig, batch_size: int = 16,
+                     first: Sequence[Sequence[int]] | None = None) -> float:
     """Recall@k of the top-k the current query reasoner selects among positives + retrieved negatives.
 
     The same candidate protocol as training, without gradients: a fixed yardstick to compare before and after.
@@ -107,7 +152,8 @@ def selection_recall(model: ClaraModel, records: Sequence[QARecord], pool_flat: 
         batch = records[s : s + batch_size]
         q = F.normalize(torch.stack(queries[s : s + batch_size]).flatten(1).float(), dim=-1)
         positives = [[doc_index[d] for d in r.gold_doc_ids if d in doc_index] for r in batch]
-        candidates = pick_candidates(q @ pool_flat.T, positives, n_cand)
+        candidates = pick_candidates(q @ pool_flat.T, positives, n_cand,
+                                     first[s : s + batch_size] if first is not None else None)
         scores = torch.einsum("bf,bnf->bn", q, pool_flat[candidates])
         picked = scores.topk(k, dim=-1).indices
         with_pos = sum(1 for p in positives if p)
@@ -119,13 +165,15 @@ def selection_recall(model: ClaraModel, records: Sequence[QARecord], pool_flat: 
 
 def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[str, str], cfg: E2EConfig,
               out_dir: str | Path, *, callback: MetricsCallback | None = None, resume: bool = True,
-              progress: bool = True, compress_batch_size: int = 16) -> Path:
+              progress: bool = True, compress_batch_size: int = 16, candidates_cache: str | Path | None = None
+              ) -> Path:
     """Train query reasoner + generator end to end; write the final checkpoint to ``out_dir/model``.
 
     Args:
         model: a model whose compressor is trained (SCP checkpoint); it stays frozen here.
         records: questions with answers and ``gold_doc_ids`` (ids into ``corpus``).
         corpus: id -> text; the whole mapping is the document pool negatives are drawn from.
+        candidates_cache: folder for the first stage's candidates (default: ``out_dir``).
     """
     out_dir = Path(out_dir)
     final = out_dir / "model"
@@ -143,6 +191,10 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     doc_index = {d: i for i, d in enumerate(doc_ids)}
     pool, pool_n = compress_pool(model, [corpus[d] for d in doc_ids], compress_batch_size)
     pool_flat = F.normalize(pool.flatten(1).float(), dim=-1)
+    first = None
+    if cfg.negatives == "first_stage":
+        ranked = first_stage_candidates(records, corpus, cfg.n_candidates, candidates_cache or out_dir)
+        first = [[doc_index[d] for d in ids] for ids in ranked]
 
     model.copy_adapter("compressor", "query_reasoner")
     model.set_trainable(["query_reasoner", "generator"], special=False)
@@ -161,8 +213,10 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
         t0 = time.perf_counter()
         sums = {"loss": 0.0, recall_key: 0.0, "score_margin": 0.0}
         for micro in range(train.grad_accum):
-            batch = [records[i] for i in dist.shard(batch_indices(step, micro, train, len(records)))]
-            loss, parts = e2e_loss(model, batch, pool, pool_n, pool_flat, doc_index, cfg)
+            idx = dist.shard(batch_indices(step, micro, train, len(records)))
+            batch = [records[i] for i in idx]
+            loss, parts = e2e_loss(model, batch, pool, pool_n, pool_flat, doc_index, cfg,
+                                   [first[i] for i in idx] if first is not None else None)
             (loss / train.grad_accum).backward()
             sums["loss"] += loss.item() / train.grad_accum
             sums[recall_key] += parts[recall_key] / train.grad_accum
