@@ -365,7 +365,8 @@ def find_build(model_uri: str, rate: int, corpus_version: str) -> dict[str, Any]
         try:
             b = ready_build(engine, model_uri=model_uri, compression_rate=rate, corpus_version=corpus_version)
             if b.dense_model is not None:  # a build from before the first-stage modes is rebuilt, not reused
-                return {"build_id": b.id, "n_docs": b.n_docs, "ann": b.ann_kind, "loaded": []}
+                return {"build_id": b.id, "n_docs": b.n_docs, "ann": b.ann_kind, "dense_model": b.dense_model,
+                        "loaded": []}
         except StoreError:
             pass
         loaded = stages.loaded_ids(engine, model_uri=model_uri, corpus_version=corpus_version, compression_rate=rate)
@@ -424,7 +425,9 @@ def compress_corpus(e2e: dict[str, Any], data: dict[str, Any], shards: int, batc
         earlier = c.search_runs([tracking.experiment_id(c, experiment)],
                                 f"tags.`clara.stage` = 'compress_corpus' AND tags.build_id = '{found['build_id']}'",
                                 max_results=1)
-        return {"build_id": found["build_id"], "n_docs": found["n_docs"], "ann": found["ann"], "reused": True,
+        # The same fields as a fresh build's: the evaluate stage's cache key is computed from this dict.
+        return {"build_id": found["build_id"], "n_docs": found["n_docs"], "ann": found["ann"],
+                "dense_model": found["dense_model"], "reused": True,
                 "run_id": earlier[0].info.run_id if earlier else None}
     checkpoint = str(_checkpoint(e2e))
     key = _key("compress", {"model": e2e["model_uri"], "corpus": data["corpus_version"]})

@@ -29,10 +29,15 @@ def synth_qa(synth_dir: str | Path, split: str = "dev", kinds: Sequence[str] = (
 
 
 def description_retrieval(docs: Sequence[Document]) -> list[QARecord]:
-    """Retrieval only: each article's human-written Wikipedia description as the query, the article as gold.
-    Only articles kept whole (not split into passages), so that one document is the answer."""
-    out = [QARecord(f"desc:{d.id}", d.meta["description"], [], [d.id])
-           for d in docs if d.parent_id is None and d.meta.get("description")]
+    """Retrieval only: each article's human-written Wikipedia description as the query, the article as gold
+    (an article split into passages is found when any of its passages is: evaluation matches ``parent_id``)."""
+    seen: set[str] = set()
+    out = []
+    for d in docs:
+        article = d.parent_id or d.id
+        if article not in seen and d.meta.get("description"):
+            seen.add(article)
+            out.append(QARecord(f"desc:{article}", d.meta["description"], [], [article]))
     if not out:
         raise ValueError("no documents with a 'description' field (the bundled corpus has them)")
     return out
@@ -57,8 +62,12 @@ def subsample(qa: Sequence[QARecord], docs: Sequence[Document], limit: int | Non
     if corpus_limit is None or corpus_limit >= len(docs):
         return qa, list(docs)
     gold = {g for r in qa for g in r.gold_doc_ids}
-    keep = [d for d in docs if d.id in gold]
-    others = [d for d in docs if d.id not in gold]
+
+    def is_gold(d: Document) -> bool:  # a passage of a gold document is kept with it
+        return d.id in gold or d.parent_id in gold
+
+    keep = [d for d in docs if is_gold(d)]
+    others = [d for d in docs if not is_gold(d)]
     random.Random(seed + 1).shuffle(others)
     keep += others[: max(0, corpus_limit - len(keep))]
     order = {d.id: i for i, d in enumerate(docs)}

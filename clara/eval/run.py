@@ -82,6 +82,7 @@ def _row(system: str, retriever: str | None, setting: str, rate: int, acc: _Acc,
     row["context_tokens"] = mean(acc.context) if acc.context else None
     row["latency_ms_p50"], row["latency_ms_p95"] = _pct(total, 50), _pct(total, 95)
     row["retrieval_ms_p50"], row["retrieval_ms_p95"] = _pct(acc.retrieval_s, 50), _pct(acc.retrieval_s, 95)
+    row["retrieval_ms_p99"] = _pct(acc.retrieval_s, 99)
     row["generation_ms_p50"], row["generation_ms_p95"] = _pct(acc.generation_s, 50), _pct(acc.generation_s, 95)
     row["real_ratio"] = mean(acc.real_ratio) if acc.real_ratio else None
     row.update(extra)
