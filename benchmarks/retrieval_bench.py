@@ -61,8 +61,31 @@ def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, d
             table += [{**_slim(r), "retriever": f"hybrid+rerank fuse={w}"} for r in fused
                       if r["retriever"] == "hybrid+rerank"]
         result["sets"][name] = {"questions": len(qa), "rows": table}
+    result["store_sql_ms"] = sql_latency(engine, build, model, [r.question for r in sets["descriptions"]][:300])
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def sql_latency(engine, build, model, questions: Sequence[str], n: int = 20) -> dict[str, dict[str, float]]:
+    """The candidate stage alone: one first-stage SQL query per question with its vectors computed beforehand
+    (the rows above also count encoding the question). p50/p99 in ms per mode."""
+    import numpy as np
+
+    from clara.dense import DenseEncoder
+    from clara.store.search import MODES, first_stage
+
+    dense = DenseEncoder().embed(list(questions))
+    tensors = [q.float().cpu().numpy() for q in model.encode_queries(list(questions))]
+    out = {}
+    for mode in MODES:
+        times = []
+        for q, d, t in zip(questions, dense, tensors):
+            t0 = time.perf_counter()
+            first_stage(engine, build, mode, n, query=t, text_query=q, dense_query=d)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        out[mode] = {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99)),
+                     "queries": len(times), "candidates": n}
+    return out
 
 
 def _slim(r: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +105,9 @@ def markdown(result: dict[str, Any]) -> str:
             cells = [f"{100 * r[k]:.1f}" if r[k] is not None else "–" for k in ("recall@1", "recall@5", "recall@20")]
             cells += [f"{r[k]:.1f}" if r[k] is not None else "–" for k in ("retrieval_ms_p50", "retrieval_ms_p99")]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Store, candidate stage alone (SQL, vectors precomputed), {result['corpus_passages']} passages:", "",
+              "| mode | ms p50 | ms p99 |", "|---|---|---|"]
+    lines += [f"| {m} | {v['p50']:.1f} | {v['p99']:.1f} |" for m, v in result["store_sql_ms"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -90,12 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("--corpus", default="bundled")
     ap.add_argument("--descriptions", type=int, default=1000, help="Seeded sample of description queries.")
-    ap.add_argument("--dev", type=Path, default=Path(__file__).parent / "dev" / "natural_dev.jsonl")
+    ap.add_argument("--dev", default=str(Path(__file__).parent / "dev" / "natural_dev.jsonl"),
+                    help="Natural-question dev set ('none' to skip).")
     ap.add_argument("--database-url", default=None)
     ap.add_argument("--work", type=Path, default=Path("runs/retrieval_bench"), help="Evaluation reports.")
     ap.add_argument("--out", type=Path, default=None, help="JSON result.")
     args = ap.parse_args(argv)
-    result = run(args.checkpoint, corpus=args.corpus, descriptions=args.descriptions, dev=args.dev,
+    dev = None if args.dev.lower() == "none" else Path(args.dev)
+    result = run(args.checkpoint, corpus=args.corpus, descriptions=args.descriptions, dev=dev,
                  database_url=args.database_url, out_dir=args.work)
     text = markdown(result)
     print(text)
