@@ -71,7 +71,8 @@ def query_stats(engine, build, queries, k=5, candidates=100, exact_queries=None,
         ann_t.append(time.perf_counter() - t0)
         if sources is not None:
             planted_top1.append(float(hits[0].doc_id == sources[i]))
-            planted_cand.append(float(sources[i] in {d for d, _ in first_stage(engine, build, "clara", candidates, query=q)}))
+            cands = {d for d, _ in first_stage(engine, build, "clara", candidates, query=q)}
+            planted_cand.append(float(sources[i] in cands))
         if i < exact_queries:
             t0 = time.perf_counter()
             exact = search(engine, build, q, k=10, exact=True)
