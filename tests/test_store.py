@@ -343,7 +343,13 @@ def test_dense_build_resume_and_mismatch(engine):
         w.add(["d0", "d1"], mems[:2], dense=dense[:2])
         with pytest.raises(StoreError, match="pass dense="):
             w.add(["d2"], mems[2:3])
-    # Killed here: the rerun must use the same dense model, keeps d0/d1 and loads the rest once.
+    # Killed here: nothing of it is visible (no ready build, no BM25 statistics for its corpus version); the rerun
+    # must use the same dense model, keeps d0/d1 and loads the rest once.
+    with pytest.raises(StoreError, match="no ready index build"):
+        ready_build(engine, model_uri=key[0])
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM lexical_corpora WHERE corpus_version = :c"),
+                            {"c": key[2]}).scalar() == 0
     with pytest.raises(StoreError, match="dense"):
         BuildWriter.open(engine, *key, hidden_size=8, n_mem_max=2)
     with BuildWriter.open(engine, *key, hidden_size=8, n_mem_max=2, dense_model="enc", dense_dim=8) as w:
@@ -353,6 +359,7 @@ def test_dense_build_resume_and_mismatch(engine):
     assert build.n_docs == 4
     got = first_stage(engine, build, "dense", 4, dense_query=dense[3])
     assert got[0][0] == "d3" and len(got) == 4
+    assert first_stage(engine, build, "lexical", 4, text_query="body 2")  # statistics published with the build
 
 
 def test_dense_stage_uses_the_builds_partial_hnsw_index(engine):
