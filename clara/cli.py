@@ -149,6 +149,8 @@ def train_e2e_cmd(
     candidates: Optional[int] = typer.Option(None, help="Candidates per question (N, default 20)."),
     top_k: Optional[int] = typer.Option(None, help="Documents selected for the generator (k, default 5)."),
     tau: Optional[float] = typer.Option(None, help="Soft top-k temperature (default 0.02)."),
+    negatives: Optional[str] = typer.Option(None, help="first_stage (default: BM25 + MiniLM hybrid top, cached) or "
+                                                       "query_reasoner (its own top, every step)."),
     batch_size: Optional[int] = BatchOpt,
     grad_accum: Optional[int] = AccumOpt,
     max_steps: Optional[int] = StepsOpt,
@@ -168,7 +170,8 @@ def train_e2e_cmd(
         records = load_qa_records(data)
         docs = load_corpus(corpus)
         raw = _read_config(config)
-        raw.update({k: v for k, v in dict(n_candidates=candidates, top_k=top_k, tau=tau).items() if v is not None})
+        raw.update({k: v for k, v in dict(n_candidates=candidates, top_k=top_k, tau=tau, negatives=negatives).items()
+                    if v is not None})
         raw["train"] = _merge(raw.get("train", {}),
                               _train_overrides(batch_size, grad_accum, max_steps, lr, checkpoint_every, seed))
         cfg = _from_dict(E2EConfig, raw)
