@@ -385,7 +385,8 @@ def evaluate_cmd(
                                             "hybrid) before the query reasoner's re-rank."),
     candidates: Optional[int] = typer.Option(None, help="First-stage candidates re-ranked (default: 20; 100 for "
                                                         "mode clara)."),
-    fuse: float = typer.Option(0.0, help="Weight of the first-stage rank in CLaRa's final order."),
+    fuse: float = typer.Option(2.0, help="Weight of the first-stage rank in CLaRa's final order (0: the query "
+                                         "reasoner's order alone)."),
     settings: str = typer.Option("normal,oracle", help="Settings: normal, oracle (gold forced into the k), "
                                                        "oracle-candidates (the paper's: gold among the candidates)."),
     database_url: Optional[str] = DbOpt,

@@ -24,8 +24,8 @@ class Answerer:
     Retrieval is the evaluation's own (``clara.eval.retrievers.ClaraRetriever``), so what is served is what was
     measured."""
 
-    def __init__(self, model, engine, build, k: int = 5, mode: str = "clara", candidates: int | None = None,
-                 fuse: float = 0.0, max_new_tokens: int = 64):
+    def __init__(self, model, engine, build, k: int = 5, mode: str = "hybrid", candidates: int | None = None,
+                 fuse: float = 2.0, max_new_tokens: int = 64):
         from clara.eval.retrievers import ClaraRetriever
 
         if build.compression_rate != model.cfg.compression_rate:

@@ -580,7 +580,7 @@ def clara(
     top_k: int = 5,
     n_candidates: int = 20,
     retrieval_mode: Literal["clara", "dense", "lexical", "hybrid"] = "hybrid",
-    retrieval_fuse: float = 0.0,
+    retrieval_fuse: float = 2.0,
     eval_questions: Optional[int] = None,
     baselines: str = "bm25",
     gate_metric: str = "f1",

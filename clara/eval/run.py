@@ -45,8 +45,9 @@ class EvalConfig:
     n_candidates: int | None = None
     """First-stage candidates the query reasoner re-ranks (None: ``clara.store.search.DEFAULT_CANDIDATES``);
     also the pool of the ``oracle-candidates`` setting (20 when None)."""
-    fuse: float = 0.0
-    """Weight of the first-stage rank in CLaRa's final order (see ``clara.store.search``)."""
+    fuse: float = 2.0
+    """Weight of the first-stage rank in CLaRa's final order (see ``clara.store.search``). 2.0 won on both dev
+    sets (``benchmarks/results/retrieval.md``)."""
     retrieval_modes: tuple[str, ...] = ("clara", "dense", "lexical", "hybrid")
     """With a store: retrieval-only rows for these first stages, alone and re-ranked."""
     max_new_tokens: int = 64
