@@ -5,6 +5,7 @@ ANN + re-score (latency), exact top-10 vs what the ANN stage hands to the re-sco
 
     python benchmarks/store_bench.py --docs 10000 --scale-rows 1000000 --out runs/store_bench.json
     python benchmarks/store_bench.py --model runs/bench/scp --real-docs 1000   # real compressed vectors too
+    python benchmarks/store_bench.py --docs 0 --scale-rows 0 --hybrid-rows 1000000   # first stages at scale
 """
 
 from __future__ import annotations
@@ -132,6 +133,53 @@ def real_vectors(engine, model_path, n_docs, n_queries):
     return stats
 
 
+def hybrid_scale(engine, rows: int, dim: int = 384, words: int = 12, vocab: int = 50_000, n_queries: int = 100,
+                 seed: int = 6, batch: int = 20_000) -> dict:
+    """The dense, lexical and hybrid first stages over ``rows`` random documents: random unit vectors, and texts of
+    Zipf-distributed synthetic words (a few frequent words and a long tail, as in natural text) so that BM25's
+    posting lists have realistic lengths. Load, index and per-query SQL latency (p50/p99, 20 candidates)."""
+    rng = np.random.default_rng(seed)
+
+    def texts(n):
+        return [" ".join(f"w{int(i)}" for i in row) for row in rng.zipf(1.3, size=(n, words)) % vocab]
+
+    def unit(n):
+        v = rng.standard_normal((n, dim), dtype=np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    version = f"hybrid-scale-{rows}-{seed}"
+    t0 = time.perf_counter()
+    with BuildWriter.open(engine, f"bench-hybrid-{rows}", 16, version, hidden_size=8, n_mem_max=1,
+                          dense_model="random", dense_dim=dim) as w:
+        for s in range(0, rows, batch):
+            n = min(batch, rows - s)
+            w.add_documents(version, ((f"d{s + i}", "", t) for i, t in enumerate(texts(n))))
+        t_docs = time.perf_counter()
+        for s in range(0, rows, batch):
+            n = min(batch, rows - s)
+            w.add([f"d{s + i}" for i in range(n)], list(rng.standard_normal((n, 1, 8), dtype=np.float32)),
+                  dense=unit(n))
+        t_load = time.perf_counter()
+        build = w.publish(maintenance_work_mem="2GB")
+        t_pub = time.perf_counter()
+    out = {"rows": rows, "dense_dim": dim, "words_per_doc": words, "vocab": vocab,
+           "documents_seconds": t_docs - t0, "memories_dense_copy_seconds": t_load - t_docs,
+           "publish_seconds (HNSW x2 + BM25 statistics)": t_pub - t_load}
+    questions = texts(n_queries)
+    qvec = unit(n_queries)
+    for mode in ("dense", "lexical", "hybrid"):
+        times = []
+        for q, v in zip(questions, qvec):
+            t = time.perf_counter()
+            first_stage(engine, build, mode, 20, text_query=" ".join(q.split()[:4]), dense_query=v)
+            times.append(time.perf_counter() - t)
+        out[f"{mode}_ms_p50"], out[f"{mode}_ms_p99"] = percentile(times, 50), percentile(times, 99)
+    with engine.connect() as conn:
+        out["postings"] = conn.execute(text("SELECT count(*) FROM lexical_postings WHERE corpus_version = :c"),
+                                       {"c": version}).scalar()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--database-url", default=None)
@@ -145,6 +193,7 @@ def main() -> None:
     ap.add_argument("--scale-exact-queries", type=int, default=10)
     ap.add_argument("--model", type=Path, default=None, help="SCP checkpoint for real compressed vectors")
     ap.add_argument("--real-docs", type=int, default=1000)
+    ap.add_argument("--hybrid-rows", type=int, default=0, help="Random rows for the first stages at scale.")
     ap.add_argument("--out", type=Path, default=Path("runs/store_bench.json"))
     args = ap.parse_args()
 
@@ -157,14 +206,16 @@ def main() -> None:
     tag = str(int(time.time()))
     results: dict = {"hidden": args.hidden, "n_mem": args.n_mem}
 
-    insert_rps = insert_baseline(engine, 2000, args.n_mem, args.hidden, seed=1)
-    build, load = load_random(engine, (f"bench-{tag}", 16, "random-10k"), args.docs, args.n_mem, args.hidden, 2)
-    load["insert_rows_per_s"] = insert_rps
-    load["copy_vs_insert"] = load["load_rows_per_s"] / insert_rps
-    queries, sources = perturbed_queries(engine, build, args.queries, 0.5, 3)
-    results["random_10k"] = {"docs": args.docs, **load,
-                             **query_stats(engine, build, queries, sources=sources)}
-    print(json.dumps(results, indent=2), flush=True)
+    if args.docs:
+        insert_rps = insert_baseline(engine, 2000, args.n_mem, args.hidden, seed=1)
+        build, load = load_random(engine, (f"bench-{tag}", 16, "random-10k"), args.docs, args.n_mem, args.hidden,
+                                  2)
+        load["insert_rows_per_s"] = insert_rps
+        load["copy_vs_insert"] = load["load_rows_per_s"] / insert_rps
+        queries, sources = perturbed_queries(engine, build, args.queries, 0.5, 3)
+        results["random_10k"] = {"docs": args.docs, **load,
+                                 **query_stats(engine, build, queries, sources=sources)}
+        print(json.dumps(results, indent=2), flush=True)
 
     if args.model is not None:
         results["real_compressed"] = real_vectors(engine, args.model, args.real_docs, min(args.queries, 100))
@@ -180,6 +231,8 @@ def main() -> None:
         with engine.connect() as conn:
             results["scale"]["table_bytes"] = conn.execute(
                 text("SELECT pg_total_relation_size('memories')")).scalar()
+    if args.hybrid_rows:
+        results["hybrid_scale"] = hybrid_scale(engine, args.hybrid_rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
