@@ -4,8 +4,8 @@ Two query sets over one corpus: each article's human-written description -> that
 passage of the article counts), and the hand-written natural-question dev set (retrieval only; its answers are
 not used). Rows: BM25 and MiniLM in memory; the store's lexical (Postgres BM25), dense (MiniLM in pgvector), hybrid
 (RRF) and clara (ANN over mean memory vectors) first stages, alone and re-ranked by the query reasoner; then
-hybrid + re-rank with the first-stage rank fused in at several weights (the ``+rerank`` rows are fuse 0). R@1/5/20 and per-question latency
-(p50/p99), all measured in this run. A checkpoint without E2E uses its compressor as the query reasoner.
+hybrid + re-rank with the first-stage rank fused in at several weights (the ``+rerank`` rows are fuse 0).
+R@1/5/20 and per-question latency (p50/p99), all measured in this run. A checkpoint without E2E uses its compressor as the query reasoner.
 
     python benchmarks/retrieval_bench.py CHECKPOINT --descriptions 1000 --out benchmarks/results/retrieval.json
 """
