@@ -177,9 +177,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
     if "c" in parts:
         if "b" not in parts:
             raise SystemExit("part (c) needs part (b) (it reuses its passage sets and compressed passages)")
-        trained_qr = not model.adapter_is_zero("query_reasoner")
-        if not trained_qr:  # the paper's initialisation of the query reasoner
-            model.copy_adapter("compressor", "query_reasoner")
+        trained_qr = not model.ensure_query_reasoner()
         pool = [d.id for d in docs] if retrieval == "full" else sorted({d for ids in forced for d in ids})
         todo = [d for d in pool if d not in mem]
         mem.update(zip(todo, model.compress([by_id[d].full_text for d in todo])))

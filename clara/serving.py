@@ -63,11 +63,6 @@ class Answerer:
         ranked = [self.retriever.retrieve(q, t, k) for q, t in zip(questions, queries)]
         memories = [[self.retriever.memory_of(d) for d, _ in r] for r in ranked]
         answers = self.model.generate(questions, memories, max_new_tokens=self.max_new_tokens)
-        titles = self._titles({d for r in ranked for d, _ in r})
+        titles = self.retriever.titles  # the search already read them with the documents
         return [Answer(q, a, [d for d, _ in r], [titles.get(d, "") for d, _ in r], [round(s, 4) for _, s in r])
                 for q, a, r in zip(questions, answers, ranked)]
-
-    def _titles(self, doc_ids: set[str]) -> dict[str, str]:
-        from clara.store.search import titles_of
-
-        return titles_of(self.engine, self.build, sorted(doc_ids))

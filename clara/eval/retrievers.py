@@ -117,8 +117,8 @@ class ClaraRetriever:
         self.n_candidates = candidates or DEFAULT_CANDIDATES.get(mode, 20)
         self.ids = [d.id for d in docs]
         self.memory: dict[str, torch.Tensor] = {}
+        self.titles: dict[str, str] = {}  # of the documents a store search returned
         self._dense = None
-        self._dense_cache: dict[str, np.ndarray] = {}
         if build is None:
             mems = [m.float().cpu() for m in model.compress([d.full_text for d in docs],
                                                              batch_size=compress_batch_size)]
@@ -129,8 +129,10 @@ class ClaraRetriever:
     def encode(self, questions: Sequence[str]) -> list[torch.Tensor]:
         return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
 
-    def _dense_query(self, question: str) -> np.ndarray | None:
-        if self.build is None or self.build.dense_model is None:
+    def _dense_query(self, question: str, mode: str) -> np.ndarray | None:
+        """The question's sentence vector when ``mode`` needs one. Not cached: every timed retrieval includes
+        encoding its question, and a long-lived server would keep every question it was asked."""
+        if mode not in ("dense", "hybrid") or self.build is None or self.build.dense_model is None:
             return None
         if self._dense is None:
             from clara.dense import MINILM, DenseEncoder
@@ -139,9 +141,7 @@ class ClaraRetriever:
                 raise ValueError(f"build {self.build.id} holds {self.build.dense_model} vectors; "
                                  f"this version embeds questions with {MINILM} only")
             self._dense = DenseEncoder()
-        if question not in self._dense_cache:
-            self._dense_cache[question] = self._dense.embed([question])[0]
-        return self._dense_cache[question]
+        return self._dense.embed([question])[0]
 
     def first_stage(self, question: str, mode: str, n: int) -> Ranked:
         """A first stage alone (store only): ``n`` (doc_id, score), best first."""
@@ -149,7 +149,7 @@ class ClaraRetriever:
 
         query = self.encode([question])[0].numpy() if mode == "clara" else None
         return first_stage(self.engine, self.build, mode, n, query=query, text_query=question,
-                           dense_query=self._dense_query(question) if mode in ("dense", "hybrid") else None)
+                           dense_query=self._dense_query(question, mode))
 
     def retrieve(self, question: str, query: torch.Tensor, k: int, mode: str | None = None) -> Ranked:
         """The top ``k`` for one question whose query-reasoner tensor is ``query``."""
@@ -167,13 +167,13 @@ class ClaraRetriever:
 
         n = self.n_candidates if mode == self.mode else DEFAULT_CANDIDATES[mode]
         hits = search(self.engine, self.build, query.numpy(), k=k, mode=mode, candidates=max(n, k),
-                      text_query=question, dense_query=self._dense_query(question) if mode in ("dense", "hybrid")
-                      else None, fuse=self.fuse)
+                      text_query=question, dense_query=self._dense_query(question, mode), fuse=self.fuse)
         return self._keep(hits)
 
     def _keep(self, hits) -> Ranked:
         for h in hits:
             self.memory.setdefault(h.doc_id, torch.from_numpy(h.memory))
+            self.titles[h.doc_id] = h.title
         return [(h.doc_id, h.score) for h in hits]
 
     def score_docs(self, query: torch.Tensor, doc_ids: Sequence[str]) -> list[float]:

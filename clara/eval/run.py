@@ -225,8 +225,7 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
         # ---- CLaRa at every rate
         for rate, model in sorted(models.items()):
             query_reasoner = "trained"
-            if model.adapter_is_zero("query_reasoner"):
-                model.copy_adapter("compressor", "query_reasoner")
+            if model.ensure_query_reasoner():
                 query_reasoner = "compressor copy (no E2E)"
                 progress(f"rate {rate}: the query reasoner was never trained (no E2E); using the compressor")
             engine, build = (stores or {}).get(rate, (None, None))

@@ -191,6 +191,14 @@ class ClaraModel(nn.Module):
         return all(not bool(p.detach().any()) for n, p in self.peft.named_parameters()
                    if "lora_B" in n and f".{name}." in n)
 
+    def ensure_query_reasoner(self) -> bool:
+        """Before E2E the query reasoner is untrained (zero); give it the compressor's weights, the paper's
+        initialisation. Returns True if it did (the query reasoner is then a compressor copy)."""
+        if not self.adapter_is_zero("query_reasoner"):
+            return False
+        self.copy_adapter("compressor", "query_reasoner")
+        return True
+
     def reset_adapter(self, name: str) -> None:
         """Re-initialise adapter ``name`` as a fresh LoRA (B = 0, so it starts as the identity)."""
         for module in self.peft.modules():

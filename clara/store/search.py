@@ -171,13 +171,6 @@ def rerank(query: np.ndarray, first: list[tuple[str, float]], memories: dict[str
     return [(d, fused[d], first_rank[d]) for d in sorted(ids, key=lambda d: (-fused[d], first_rank[d]))]
 
 
-def titles_of(engine: Engine, build: Build, doc_ids: list[str]) -> dict[str, str]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT doc_id, title FROM documents WHERE corpus_version = :c "
-                                 "AND doc_id = ANY(:ids)"), {"c": build.corpus_version, "ids": list(doc_ids)}).all()
-    return {r[0]: r[1] for r in rows}
-
-
 def _hits(engine: Engine, build: Build, doc_ids: list[str], scores: dict[str, float],
           memories: dict[str, np.ndarray]) -> list[Hit]:
     with engine.connect() as conn:
