@@ -37,7 +37,7 @@ def test_migrations_from_empty_are_idempotent(engine):
         names = [r[0] for r in conn.execute(text("SELECT name FROM schema_migrations"))]
         tables = {r[0] for r in conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))}
         ext = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
-    assert names == ["001_init.sql", "002_first_stage.sql"]
+    assert names == ["001_init.sql", "002_first_stage.sql", "003_lexical_impact.sql"]
     assert {"documents", "index_builds", "memories"} <= tables
     assert ext is not None
     assert migrate(engine) == []
@@ -244,8 +244,10 @@ def load_texts(engine, key, passages, *, dense=None, dense_model="test-dense"):
         return w.publish(), dict(zip(ids, mems))
 
 
-def python_bm25(engine, passages, question, k1=1.2, b=0.75):
-    """BM25 written out from Postgres's own lexemes: the reference the SQL must equal."""
+def python_bm25(engine, passages, question, k1=1.2, b=0.75, per_term=None, pool=None):
+    """BM25 written out from Postgres's own lexemes: the reference the SQL must equal. Pruned (``per_term``): each
+    term contributes its ``per_term`` highest weights to a partial sum, and the ``pool`` best partial sums get their
+    exact scores."""
     import math
 
     with engine.connect() as conn:
@@ -256,16 +258,18 @@ def python_bm25(engine, passages, question, k1=1.2, b=0.75):
         q = {lex for lex, _ in lexemes(question)}
     avg = sum(sum(v.values()) for v in docs.values()) / len(docs)
     out = {}
-    for d, tf in docs.items():
-        length = sum(tf.values())
-        s = 0.0
-        for lex in q & set(tf):
-            df = sum(1 for v in docs.values() if lex in v)
-            idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
-            s += idf * tf[lex] * (k1 + 1) / (tf[lex] + k1 * (1 - b + b * length / avg))
-        if s > 0:
-            out[d] = s
-    return out
+    weights, idf = {}, {}
+    for lex in q:
+        df = sum(1 for v in docs.values() if lex in v)
+        idf[lex] = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+        weights[lex] = {d: tf[lex] * (k1 + 1) / (tf[lex] + k1 * (1 - b + b * sum(tf.values()) / avg))
+                        for d, tf in docs.items() if lex in tf}
+    partial: dict[str, float] = {}
+    for lex, w in weights.items():
+        for d in sorted(w, key=lambda d: (-w[d], d))[:per_term]:
+            partial[d] = partial.get(d, 0.0) + idf[lex] * w[d]
+    pool = sorted(partial, key=lambda d: (-partial[d], d))[:pool]
+    return {d: sum(idf[lex] * w[d] for lex, w in weights.items() if d in w) for d in pool}
 
 
 def test_lexical_mode_is_bm25_over_postgres_full_text(engine):
@@ -279,6 +283,19 @@ def test_lexical_mode_is_bm25_over_postgres_full_text(engine):
     # another repeats "river" four times.
     assert first_stage(engine, build, "lexical", 5, text_query="river Rhone")[0][0] == "city"
     assert first_stage(engine, build, "lexical", 5, text_query="zzz qqq") == []
+    # Pruned: each term proposes only its best posting; those candidates get their exact score over all terms
+    # (the passage repeating "river" keeps its "sea" weight too), and a passage that no list proposes is dropped.
+    pruned = dict(first_stage(engine, build, "lexical", 5, text_query="river sea Rhone", postings_per_term=1))
+    full = dict(first_stage(engine, build, "lexical", 5, text_query="river sea Rhone"))
+    assert pruned == pytest.approx(python_bm25(engine, PASSAGES, "river sea Rhone", per_term=1), rel=1e-5)
+    # The pool (10x the results asked for) holds the best partial sums: with n=1 a pool of 10 covers them all here.
+    top1 = first_stage(engine, build, "lexical", 1, text_query="river sea Rhone", postings_per_term=1)
+    assert dict(top1) == pytest.approx(dict(sorted(pruned.items(), key=lambda kv: -kv[1])[:1]), rel=1e-6)
+    assert all(pruned[d] == pytest.approx(full[d], rel=1e-6) for d in pruned)
+    assert len(first_stage(engine, build, "lexical", 5, text_query="river", postings_per_term=1)) == 1
+    assert len(first_stage(engine, build, "lexical", 5, text_query="river")) == 3
+    with pytest.raises(ValueError, match="postings_per_term"):
+        first_stage(engine, build, "lexical", 5, text_query=question, postings_per_term=0)
     # A second build of the same corpus version reuses the statistics instead of duplicating them.
     again, _ = load_texts(engine, ("m-lex-2", 16, "lex-v1"), PASSAGES)
     assert first_stage(engine, again, "lexical", 5, text_query=question) == got

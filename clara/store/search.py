@@ -4,7 +4,8 @@ First stages (``MODES``), each one SQL query:
 - ``clara``: the build's HNSW index over each document's mean memory vector (halfvec cosine, or Hamming
   distance over the binary-quantised vector above 4,000 dimensions) - CLaRa alone, over the whole corpus;
 - ``dense``: the build's HNSW index over its sentence-encoder vectors (``clara.dense``);
-- ``lexical``: BM25 over Postgres full text (statistics in ``lexical_*``, see migration 002);
+- ``lexical``: BM25 over Postgres full text (statistics in ``lexical_*``, see migration 002), each query term
+  reading only its ``LEXICAL_POSTINGS_PER_TERM`` highest-weight postings (migration 003);
 - ``hybrid``: reciprocal-rank fusion (RRF) of ``dense`` and ``lexical``.
 The re-rank decodes the candidates' memory tensors and scores them with the paper's flattened cosine against the
 query reasoner's tensor. The first-stage rank can be fused into the final order (``fuse``): the final score is
@@ -23,6 +24,14 @@ from clara.store.builds import Build, StoreError
 
 MODES = ("clara", "dense", "lexical", "hybrid")
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal-rank fusion: ranks past ~60 matter little
+LEXICAL_POSTINGS_PER_TERM = 2000
+"""Impact-ordered pruning of BM25. Each query term's postings are read in descending weight order, at most M of
+them; the documents with the best partial sums (10x the number asked for) then get their exact BM25 over every
+query term (one primary-key probe per document and term). A list is cut only when it is longer than M, i.e. for a
+frequent, low-idf term, and a document then loses at most ``idf * w_M`` of that term before re-scoring. With no list
+cut (every term rarer than M) the result is exact BM25. Cost per query is bounded by M per term instead of growing
+with the corpus: lossless on the bundled corpus's questions (``benchmarks/results/lexical_pruning.json``), and
+1M-row figures in ``benchmarks/results/store_hybrid_1m.json``."""
 DEFAULT_CANDIDATES = {"clara": 100, "dense": 20, "lexical": 20, "hybrid": 20}
 """Candidates per mode: the paper re-ranks 20 from a dense retriever; CLaRa's own ANN over mean vectors is a
 coarse proxy of its re-rank score, so it passes more."""
@@ -80,16 +89,25 @@ def _nearest_sql(build: Build, column: str) -> str:
 
 
 _LEXICAL_SQL = """
-    SELECT p.doc_id, sum(p.w * t.idf) AS score
-    FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', :text))) AS lexeme) q
-    JOIN lexical_terms t ON t.corpus_version = :c AND t.lexeme = q.lexeme
-    JOIN lexical_postings p ON p.corpus_version = :c AND p.lexeme = q.lexeme
-    GROUP BY p.doc_id ORDER BY score DESC, p.doc_id LIMIT :depth"""
+    WITH q AS (SELECT t.lexeme, t.idf
+               FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', :text))) AS lexeme) l
+               JOIN lexical_terms t ON t.corpus_version = :c AND t.lexeme = l.lexeme),
+    lists AS (SELECT p.doc_id, p.w * q.idf AS s FROM q
+              CROSS JOIN LATERAL (SELECT doc_id, w FROM lexical_postings
+                                  WHERE corpus_version = :c AND lexeme = q.lexeme
+                                  ORDER BY w DESC, doc_id LIMIT :per_term) p),
+    pool AS (SELECT doc_id FROM lists GROUP BY doc_id ORDER BY sum(s) DESC, doc_id LIMIT :pool)
+    SELECT pool.doc_id, sum(p.w * q.idf) AS score
+    FROM pool CROSS JOIN q
+    JOIN lexical_postings p ON p.corpus_version = :c AND p.lexeme = q.lexeme AND p.doc_id = pool.doc_id
+    GROUP BY pool.doc_id ORDER BY score DESC, pool.doc_id LIMIT :depth"""
+_LEXICAL_POOL = 10  # candidates re-scored exactly per result: the pool is the best 10x by the partial score
 
 
 def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.ndarray | None = None,
                text_query: str | None = None, dense_query: np.ndarray | None = None,
-               depth: int | None = None) -> list[tuple[str, float]]:
+               depth: int | None = None, postings_per_term: int = LEXICAL_POSTINGS_PER_TERM
+               ) -> list[tuple[str, float]]:
     """First stage: the ``n`` best (doc_id, score) of ``mode``, best first.
 
     Args:
@@ -97,11 +115,14 @@ def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.nd
         text_query: the question (``lexical``, ``hybrid``).
         dense_query: the question's sentence vector from the build's dense model (``dense``, ``hybrid``).
         depth: how deep each list of ``hybrid`` goes before fusion (default 2n).
+        postings_per_term: BM25 pruning, see ``LEXICAL_POSTINGS_PER_TERM`` (``lexical``, ``hybrid``).
     """
     if mode not in MODES:
         raise ValueError(f"unknown retrieval mode {mode!r}; known: {', '.join(MODES)}")
     if n < 1:
         raise ValueError("n must be >= 1")
+    if postings_per_term < 1:
+        raise ValueError("postings_per_term must be >= 1")
     needs_dense = mode in ("dense", "hybrid")
     if needs_dense and build.dense_model is None:
         raise StoreError(f"build {build.id} has no dense vectors (built without a dense model); "
@@ -112,7 +133,8 @@ def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.nd
         raise ValueError(f"mode {mode!r} needs the question text (text_query)")
     if mode == "clara" and query is None:
         raise ValueError("mode 'clara' needs the query reasoner's tensor (query)")
-    params: dict = {"b": build.id, "c": build.corpus_version, "n": n, "text": text_query, "depth": n}
+    params: dict = {"b": build.id, "c": build.corpus_version, "n": n, "text": text_query, "depth": n,
+                    "per_term": postings_per_term}
     if mode == "clara":
         params["q"] = _vector_literal(_check_query(build, query).mean(0))
         sql = (f"SELECT doc_id, 1 - ({_nearest_sql(build, 'ann')}) FROM memories WHERE build_id = CAST(:b AS bigint) "
@@ -135,6 +157,7 @@ def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.nd
                    f"l AS (SELECT doc_id, row_number() OVER (ORDER BY score DESC, doc_id) AS r FROM ({_LEXICAL_SQL}) y) "
                    f"SELECT doc_id, coalesce(1.0 / ({RRF_K} + d.r), 0) + coalesce(1.0 / ({RRF_K} + l.r), 0) AS score "
                    f"FROM d FULL JOIN l USING (doc_id) ORDER BY score DESC, doc_id LIMIT :n")
+    params["pool"] = _LEXICAL_POOL * params["depth"]
     with engine.begin() as conn:
         # Custom plans so the planner sees the literal build id and can use that build's partial index.
         conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
