@@ -491,17 +491,19 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
 
 @task(name="promote", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
 def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], data: dict[str, Any],
-            scp: dict[str, Any], model_name: str, gate_metric: str, lower_is_better: bool, top_k: int,
+            scp: dict[str, Any], model_name: str, gate_metric: str, gate_rule: dict[str, float], top_k: int,
             retrieval: dict[str, Any], parent_run: str, experiment: str) -> dict[str, Any]:
     """Register the model (once per set of inputs: a rerun finds its version) and run the gate (every time, so
     the decision reflects the production version as it is now)."""
     key = _key("promote", dict(locals()))
-    from flows.registry import gate, log_pyfunc, register
+    from clara.eval.gate import GateRule
+    from flows.registry import PER_QUESTION_METRICS, gate, log_pyfunc, register
     from flows.models import ClaraQAModel
 
     metrics = scores["metrics"]
-    if gate_metric not in metrics:
-        raise ValueError(f"gate metric {gate_metric!r} is not in the evaluation; choose one of {sorted(metrics)}")
+    if gate_metric not in PER_QUESTION_METRICS:
+        raise ValueError(f"gate metric {gate_metric!r} cannot be compared question by question; "
+                         f"choose one of {', '.join(PER_QUESTION_METRICS)}")
     c = tracking.client()
     found = c.search_model_versions(f"name = '{model_name}' AND tags.`clara.promote_key` = '{key}'")
     if found:
@@ -517,7 +519,7 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
             "clara.promote_key": key},
             description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
         reused = False
-    decision = gate(c, model_name, version, gate_metric, higher_is_better=not lower_is_better)
+    decision = gate(c, model_name, version, gate_metric, rule=GateRule(**gate_rule))
     return {"name": model_name, "version": version, "alias": decision.alias, "reason": decision.reason,
             "model_uri": f"models:/{model_name}/{version}", "reused": reused}
 
@@ -584,7 +586,8 @@ def clara(
     eval_questions: Optional[int] = None,
     baselines: str = "bm25",
     gate_metric: str = "f1",
-    gate_lower_is_better: bool = False,
+    gate_margin: float = 0.0,
+    gate_max_latency_regression: float = 0.10,
     shards: int = 1,
     dask_address: Optional[str] = None,
     dask_workers: int = 0,
@@ -646,7 +649,8 @@ def clara(
         retrieval = {"mode": retrieval_mode, "fuse": retrieval_fuse, "candidates": n_candidates}
         scores = staged(evaluate, e2e, build, data, budget["eval_questions"], top_k, baselines, retrieval, device,
                         **common)
-        promotion = staged(promote, e2e, build, scores, data, scp, model_name, gate_metric, gate_lower_is_better,
+        gate_rule = {"margin": gate_margin, "max_latency_regression": gate_max_latency_regression}
+        promotion = staged(promote, e2e, build, scores, data, scp, model_name, gate_metric, gate_rule,
                            top_k, retrieval, **common)
         if promotion["reused"]:
             result["cached"].append("promote")

@@ -1,6 +1,8 @@
 """Registered models and the promotion gate.
 
-A model version carries its evaluation as version tags (``eval.<metric>``). The alias ``production`` names the
+A model version carries its evaluation as version tags (``eval.<metric>``) and, through ``eval.run_id``, the
+evaluation run whose ``evaluation/predictions.jsonl`` holds its per-question scores and latencies: the gate pairs
+those with production's (``clara.eval.gate``). The alias ``production`` names the
 version users get (``models:/clara@production``); ``challenger`` names a newer version that did not beat it.
 Every move of ``production`` is appended, with its reason, to the registered model's ``production.history``
 tag, which is what ``rollback`` walks back through.
@@ -9,6 +11,7 @@ tag, which is what ``rollback`` walks back through.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,11 @@ from typing import Any, Mapping
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from clara.eval.gate import GateRule, NotComparable, judge
+
+PER_QUESTION_METRICS = ("em", "f1", "cem", "em_first", "f1_first", "cem_first")
+"""Metrics the gate can pair question by question (the answer scores in ``predictions.jsonl``)."""
 
 PRODUCTION, CHALLENGER = "production", "challenger"
 HISTORY_TAG = "production.history"
@@ -38,6 +46,11 @@ class Decision:
     previous: str | None = None
     """The production version before this decision (None if there was none)."""
     previous_value: float | None = None
+    gain: float | None = None
+    """Paired mean gain over production, with its interval (None when no pairing was made)."""
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int | None = None
 
 
 def _alias_version(c: MlflowClient, name: str, alias: str) -> str | None:
@@ -67,34 +80,83 @@ def _set_production(c: MlflowClient, name: str, version: str, reason: str, actio
         c.delete_registered_model_alias(name, CHALLENGER)
 
 
-def gate(c: MlflowClient, name: str, version: str | int, metric: str, higher_is_better: bool = True) -> Decision:
-    """Move ``production`` to ``version`` if it beats the current production version on ``metric`` (or there
-    is none); otherwise point ``challenger`` at it. The reason is recorded on the version either way."""
+def evidence(c: MlflowClient, name: str, version: str, metric: str
+             ) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Per-question ``metric`` and latency (ms) of a version's CLaRa answers, keyed by question id; None when the
+    version has no evaluation run or that run has no predictions."""
+    run_id = c.get_model_version(name, version).tags.get("eval.run_id")
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = c.download_artifacts(run_id, "evaluation/predictions.jsonl", tmp)
+        except (MlflowException, OSError):
+            return None
+        scores, latency = {}, {}
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                e = json.loads(line)
+                if e["system"] != "clara" or e["setting"] != "normal" or "scores" not in e:
+                    continue
+                scores[e["id"]] = float(e["scores"][metric])
+                if e.get("latency_ms") is not None:
+                    latency[e["id"]] = float(e["latency_ms"])
+    return scores, latency
+
+
+def gate(c: MlflowClient, name: str, version: str | int, metric: str, rule: GateRule = GateRule()) -> Decision:
+    """Move ``production`` to ``version`` if it beats the current production version on ``metric`` with evidence:
+    the paired bootstrap interval of the per-question gain clears ``rule.margin`` and p95 latency is within
+    ``rule.max_latency_regression`` (``clara.eval.gate``); otherwise point ``challenger`` at it. With no
+    production version it becomes production. The reason, the interval and n are recorded on the version."""
     version = str(version)
+    if metric not in PER_QUESTION_METRICS:
+        raise RegistryError(f"gate metric {metric!r} has no per-question scores to pair; "
+                            f"use one of {', '.join(PER_QUESTION_METRICS)}")
     value = _metric(c, name, version, metric)
     if value is None:
         raise RegistryError(f"{name} v{version} has no eval.{metric} tag: evaluate it before gating")
     current = _alias_version(c, name, PRODUCTION)
     current_value = _metric(c, name, current, metric) if current else None
+    verdict = None
     if current is None:
         alias, reason = PRODUCTION, f"first production version ({metric} = {value:.4f})"
     elif current == version:
         alias, reason = PRODUCTION, f"already production ({metric} = {value:.4f})"
-    elif current_value is None:
-        alias, reason = PRODUCTION, f"production v{current} has no {metric} to compare; {metric} = {value:.4f}"
-    elif (value > current_value) if higher_is_better else (value < current_value):
-        alias, reason = PRODUCTION, (f"{metric} {value:.4f} beats production v{current} "
-                                     f"({current_value:.4f})")
     else:
-        alias, reason = CHALLENGER, (f"{metric} {value:.4f} does not beat production v{current} "
-                                     f"({current_value:.4f}); production stays v{current}")
+        mine, theirs = evidence(c, name, version, metric), evidence(c, name, current, metric)
+        if mine is None or theirs is None:
+            which = f"v{version}" if mine is None else f"production v{current}"
+            alias, reason = CHALLENGER, (f"{which} has no per-question evaluation to pair with; production stays "
+                                         f"v{current} (promote by hand with `clara promote` if intended)")
+        else:
+            try:
+                verdict = judge(metric, mine[0], theirs[0], challenger_latency=mine[1], production_latency=theirs[1],
+                                rule=rule)
+                alias = PRODUCTION if verdict.promote else CHALLENGER
+                reason = (f"beats production v{current}: {verdict.reason}" if verdict.promote else
+                          f"vs production v{current}: {verdict.reason}; production stays v{current}")
+            except NotComparable as exc:
+                alias, reason = CHALLENGER, (f"not comparable with production v{current} ({exc}): evaluate both "
+                                             f"on the same questions; production stays v{current}")
     if alias == PRODUCTION and current != version:
         _set_production(c, name, version, reason, "gate")
     elif alias == CHALLENGER:
         c.set_registered_model_alias(name, CHALLENGER, version)
     c.set_model_version_tag(name, version, "gate.decision", alias)
     c.set_model_version_tag(name, version, "gate.reason", reason)
-    return Decision(name, version, alias, reason, metric, value, current, current_value)
+    decision = Decision(name, version, alias, reason, metric, value, current, current_value)
+    if verdict is not None:
+        g = verdict.gain
+        decision.gain, decision.ci_low, decision.ci_high, decision.n = g.gain, g.low, g.high, g.n
+        tags = {"gate.gain": g.gain, "gate.ci_low": g.low, "gate.ci_high": g.high, "gate.n": g.n,
+                "gate.latency_ok": verdict.latency_ok}
+        if verdict.latency_p95 is not None:
+            tags["gate.latency_p95_ms"] = verdict.latency_p95
+            tags["gate.production_latency_p95_ms"] = verdict.production_latency_p95
+        for k, v in tags.items():
+            c.set_model_version_tag(name, version, k, str(round(v, 6) if isinstance(v, float) else v))
+    return decision
 
 
 def promote(c: MlflowClient, name: str, version: str | int, reason: str) -> Decision:

@@ -43,6 +43,7 @@ def test_full_evaluation_with_the_tiny_model(fixtures, tmp_path, models):
     for r in rows:
         assert set(REPORT_KEYS) <= set(r) and r["n"] == len(qa)
         assert 0.0 <= r["cem"] <= 1.0 and r["latency_ms_p50"] <= r["latency_ms_p95"]
+        assert 0 < r["ttft_ms_p50"] <= r["ttft_ms_p95"] <= r["generation_ms_p95"] + 1e-6
         if r["system"] == "closed-book":
             assert r["recall@1"] is None and r["context_tokens"] == 0
         else:
@@ -55,7 +56,7 @@ def test_full_evaluation_with_the_tiny_model(fixtures, tmp_path, models):
     assert clara16["context_tokens"] == 2 * 16 and clara16["real_ratio"] > 0
     preds = [json.loads(l) for l in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == len(qa) * len(rows)
-    assert all("prediction" in p and "question" in p for p in preds)
+    assert all("prediction" in p and "question" in p and p["latency_ms"] > 0 for p in preds)
     assert "| system |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "quality_vs_rate.png").stat().st_size > 1000
     assert (tmp_path / "latency_vs_rate.png").stat().st_size > 1000

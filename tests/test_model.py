@@ -143,6 +143,17 @@ def test_generation_stops_at_eos_and_never_emits_special_tokens(tiny_model, docs
     with tiny_model.adapter("generator"):
         stopped = tiny_model.greedy_decode(row, [mem], max_new_tokens=12, eos_token_id=stop)[0]
     assert stopped == free[: free.index(stop)]
+    # Timing: the first token comes after prefill, the rest are decoding; EOS counts as a produced token.
+    from clara.model.decoding import Timing
+
+    t = Timing()
+    with tiny_model.adapter("generator"):
+        tiny_model.greedy_decode(row, [mem], max_new_tokens=12, timing=t)
+    assert t.new_tokens == 12 and 0 < t.first_token_s <= t.total_s and t.decode_tokens_per_s > 0
+    t = Timing()
+    with tiny_model.adapter("generator"):
+        tiny_model.greedy_decode(row, [mem], max_new_tokens=12, eos_token_id=stop, timing=t)
+    assert t.new_tokens == free.index(stop) + 1
 
 
 def test_prompt_memory_mismatch_is_an_error(tiny_model, docs):

@@ -190,31 +190,45 @@ def test_mlflow_models_serve_answers_over_http(services, tmp_path):
         proc.wait(30)
 
 
-def _register_copy(f1: float) -> str:
-    """Another version of ``clara`` (the same logged model) with a chosen evaluation score."""
+def _register_copy(shift: float) -> str:
+    """Another version of ``clara`` (the same logged model) whose evaluation is production's with every
+    per-question F1 shifted by ``shift``: the same questions and latencies, so the gate pairs them."""
+    import json
+    import tempfile
+
     from flows.registry import register
 
     c = _client()
     source = c.get_model_version_by_alias("clara", "production")
     model_uri = f"models:/{source.model_id}" if getattr(source, "model_id", None) else source.source
-    return register(c, "clara", model_uri, {"eval.f1": f1})
+    evaluated = source.tags["eval.run_id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(c.download_artifacts(evaluated, "evaluation/predictions.jsonl", tmp), encoding="utf-8") as f:
+            entries = [json.loads(line) for line in f]
+    for e in entries:
+        if "scores" in e:
+            e["scores"]["f1"] += shift
+    run = c.create_run(c.get_run(evaluated).info.experiment_id).info.run_id
+    c.log_text(run, "".join(json.dumps(e) + "\n" for e in entries), "evaluation/predictions.jsonl")
+    c.set_terminated(run)
+    return register(c, "clara", model_uri, {"eval.f1": float(source.tags["eval.f1"]) + shift, "eval.run_id": run})
 
 
 def test_gate_keeps_production_unless_the_new_version_is_better():
     from flows.registry import gate, history
 
     c = _client()
-    current = float(c.get_model_version_by_alias("clara", "production").tags["eval.f1"])
-    worse = _register_copy(current - 1.0)
+    worse = _register_copy(-0.5)
     d = gate(c, "clara", worse, "f1")
-    assert d.alias == "challenger" and "does not beat production v1" in d.reason
+    assert d.alias == "challenger" and "production stays v1" in d.reason and d.ci_high < 0
     assert c.get_model_version_by_alias("clara", "production").version == "1"
     assert c.get_model_version_by_alias("clara", "challenger").version == worse
     assert c.get_model_version("clara", worse).tags["gate.reason"] == d.reason
 
-    better = _register_copy(current + 1.0)
+    better = _register_copy(+0.5)
     d = gate(c, "clara", better, "f1")
-    assert d.alias == "production" and d.previous == "1"
+    assert d.alias == "production" and d.previous == "1" and d.ci_low == pytest.approx(0.5)
+    assert d.n == int(c.get_model_version("clara", better).tags["gate.n"]) > 0
     assert c.get_model_version_by_alias("clara", "production").version == better
     assert [e["version"] for e in history(c, "clara")] == ["1", better]
 
@@ -287,6 +301,9 @@ def test_training_stages_run_under_torchrun(services, repo):
         history = c.get_metric_history(result[stage]["run_id"], "loss")
         assert [m.step for m in history] == [1, 2, 3][: len(history)] and history
     assert result["promotion"]["version"] not in ("1",)
+    # A second real run on the same data answered the same questions: the gate paired them with production's.
+    assert "paired questions" in result["promotion"]["reason"], result["promotion"]["reason"]
+    print("gate:", result["promotion"]["alias"], "-", result["promotion"]["reason"])
 
 
 def test_refresh_cache_recomputes_cached_stages(services, repo):

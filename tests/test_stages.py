@@ -135,37 +135,64 @@ def test_only_transient_failures_are_retried():
 
 @pytest.fixture
 def registry(tmp_path):
-    """A real MLflow registry on SQLite (no server): enough for the gate's rules."""
+    """A real MLflow registry on SQLite (no server): enough for the gate's rules. ``add(f1, per_question,
+    latency_ms)`` registers a version whose evaluation run holds a predictions.jsonl with those per-question
+    F1 scores and latencies (questions q0, q1, …)."""
+    import json
+
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.create_experiment("eval", artifact_location=(tmp_path / "artifacts").as_uri())
     c.create_registered_model("m")
 
-    def add(f1: float | None) -> str:
+    def add(f1: float | None, per_question=None, latency_ms=None) -> str:
         tags = {"eval.f1": str(f1)} if f1 is not None else {}
+        if per_question is not None:
+            run = c.create_run(exp).info.run_id
+            lines = [json.dumps({"id": f"q{i}", "system": "clara", "setting": "normal", "scores": {"f1": s},
+                                 "latency_ms": latency_ms}) for i, s in enumerate(per_question)]
+            lines.append(json.dumps({"id": "q0", "system": "closed-book", "setting": "normal", "scores": {"f1": 1.0}}))
+            c.log_text(run, "\n".join(lines) + "\n", "evaluation/predictions.jsonl")
+            tags["eval.run_id"] = run
         return str(c.create_model_version("m", source=str(tmp_path), tags=tags).version)
 
     return c, add
 
 
-def test_gate_rules(registry):
+def test_gate_promotes_on_paired_evidence_only(registry):
     from flows.registry import RegistryError, gate
 
     c, add = registry
-    v1, v2, v3, v4 = add(0.30), add(0.30), add(0.25), add(0.31)
-    assert gate(c, "m", v1, "f1").alias == "production"
-    tie = gate(c, "m", v2, "f1")  # a tie does not move production
-    assert tie.alias == "challenger" and "does not beat" in tie.reason
-    assert gate(c, "m", v3, "f1").alias == "challenger"
-    assert str(c.get_model_version_by_alias("m", "challenger").version) == v3
-    win = gate(c, "m", v4, "f1")
+    base = [0.2, 0.4, 0.6, 0.3] * 10
+    v1 = add(0.375, base, 100.0)
+    assert gate(c, "m", v1, "f1").alias == "production"  # the first version
+    tie = gate(c, "m", add(0.375, base, 100.0), "f1")
+    assert tie.alias == "challenger" and "no positive mean gain" in tie.reason and tie.n == 40
+    noisy = [s + (0.3 if i % 2 else -0.25) for i, s in enumerate(base)]  # mean +0.025, +-0.3 per question
+    v_noisy = add(sum(noisy) / 40, noisy, 100.0)
+    d = gate(c, "m", v_noisy, "f1")
+    assert d.alias == "challenger" and d.ci_low < 0 < d.ci_high and "production stays v1" in d.reason
+    assert str(c.get_model_version_by_alias("m", "challenger").version) == v_noisy
+    slow = gate(c, "m", add(0.875, [s + 0.5 for s in base], 150.0), "f1")
+    assert slow.alias == "challenger" and "latency regression" in slow.reason
+    v_win = add(0.875, [s + 0.5 for s in base], 105.0)
+    win = gate(c, "m", v_win, "f1")
     assert win.alias == "production" and win.previous == v1 and "beats production v1" in win.reason
-    assert gate(c, "m", v4, "f1").reason.startswith("already production")
-    lower = gate(c, "m", v3, "f1", higher_is_better=False)  # e.g. a latency metric
-    assert lower.alias == "production"
+    tags = c.get_model_version("m", v_win).tags
+    assert float(tags["gate.ci_low"]) == pytest.approx(0.5) and tags["gate.n"] == "40"
+    assert float(tags["gate.latency_p95_ms"]) == pytest.approx(105.0)
+    assert gate(c, "m", v_win, "f1").reason.startswith("already production")
+    # Not paired: other questions, or no per-question evaluation at all.
+    other = gate(c, "m", add(0.9, [0.9] * 50, 100.0), "f1")
+    assert other.alias == "challenger" and "not comparable" in other.reason and "40 of the challenger's 50" in other.reason
+    bare = gate(c, "m", add(0.99), "f1")
+    assert bare.alias == "challenger" and "no per-question evaluation" in bare.reason
     with pytest.raises(RegistryError, match="no eval.f1"):
         gate(c, "m", add(None), "f1")
+    with pytest.raises(RegistryError, match="per-question"):
+        gate(c, "m", v_win, "recall_at_5")
 
 
 def test_rollback_walks_back_one_promotion_at_a_time(registry):

@@ -24,7 +24,7 @@ from torch import nn
 from clara.config import ModelConfig
 from clara.model import prompts
 from clara.model.base import cpu_has_native_bf16, load_base, resolve_device, resolve_dtype
-from clara.model.decoding import greedy_decode
+from clara.model.decoding import Timing, greedy_decode
 
 ADAPTERS = ("compressor", "generator", "query_reasoner")
 ENC_TOKEN = "<ENC>"
@@ -403,7 +403,8 @@ class ClaraModel(nn.Module):
     # ------------------------------------------------------------------------------------------ generate
 
     def greedy_decode(self, rows: list[list[int]], memories: list[list[torch.Tensor]], max_new_tokens: int,
-                      eos_token_id: int | Sequence[int] | None = None) -> list[list[int]]:
+                      eos_token_id: int | Sequence[int] | None = None, timing: Timing | None = None
+                      ) -> list[list[int]]:
         """Greedy decoding of prompt rows (memory vectors spliced in) under the active adapter."""
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
         embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=True)
@@ -411,29 +412,33 @@ class ClaraModel(nn.Module):
         banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
         with self.amp():
             return greedy_decode(self.base_model, self.embed, embeds, mask, max_new_tokens,
-                                 [eos] if isinstance(eos, int) else list(eos), banned)
+                                 [eos] if isinstance(eos, int) else list(eos), banned, timing)
 
-    def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None):
+    def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None,
+                        timing: Timing | None = None):
         was_training = self.peft.training
         self.peft.eval()
         try:
             with self.adapter(adapter):
-                ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id)
+                ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id, timing)
         finally:
             self.peft.train(was_training)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
     def generate(self, questions: Sequence[str], memories: Sequence[Sequence[torch.Tensor]],
-                 max_new_tokens: int = 64, eos_token_id: int | None = None) -> list[str]:
-        """Answer each question from its compressed documents (a list of [n_i, hidden] tensors each)."""
+                 max_new_tokens: int = 64, eos_token_id: int | None = None, timing: Timing | None = None
+                 ) -> list[str]:
+        """Answer each question from its compressed documents (a list of [n_i, hidden] tensors each).
+        ``timing``: filled in with time to first token and decoding speed (``clara.model.decoding.Timing``)."""
         if len(questions) != len(memories):
             raise ValueError(f"{len(questions)} questions but {len(memories)} document lists")
         rows = [self.qa_prompt(q, [m.shape[0] for m in mems]) for q, mems in zip(questions, memories)]
         mems = [[m.to(self.device) for m in ms] for ms in memories]
-        return self._run_generation(rows, mems, "generator", max_new_tokens, eos_token_id)
+        return self._run_generation(rows, mems, "generator", max_new_tokens, eos_token_id, timing)
 
     def generate_from_text(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
-                           max_new_tokens: int = 64) -> list[str]:
+                           max_new_tokens: int = 64, timing: Timing | None = None,
+                           eos_token_id: int | None = None) -> list[str]:
         """The raw-text baseline: the same base, adapters off, documents as text in the same QA prompt.
         A question with no documents is answered closed book."""
         rows = []
@@ -444,7 +449,7 @@ class ClaraModel(nn.Module):
             else:  # closed book: the same instruction, no background at all
                 user = f"Question:{q}"
             rows.append(self.prompt_ids(user, prompts.QA_SYSTEM))
-        return self._run_generation(rows, [[] for _ in rows], None, max_new_tokens)
+        return self._run_generation(rows, [[] for _ in rows], None, max_new_tokens, eos_token_id, timing)
 
     def paraphrase(self, memories: Sequence[torch.Tensor], max_new_tokens: int = 128) -> list[str]:
         """What the generator reads back from each compressed document (to inspect a compressor)."""

@@ -3,15 +3,37 @@ local teacher LM."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 
+@dataclass
+class Timing:
+    """Where one generation call's time went, filled in by ``greedy_decode``. ``start`` is set by the caller when
+    the request begins (so prompt assembly counts toward the first token)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    """Time to first token: prompt assembly + prefill + the first token's logits (synchronised)."""
+    total_s: float | None = None
+    new_tokens: int = 0
+    """Tokens produced by the longest row (EOS included)."""
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first per second of decoding (None with fewer than two tokens)."""
+        if self.first_token_s is None or self.total_s is None or self.new_tokens < 2:
+            return None
+        return (self.new_tokens - 1) / max(1e-9, self.total_s - self.first_token_s)
+
+
 @torch.no_grad()
 def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor,
-                  max_new_tokens: int, eos_ids: Sequence[int], banned: tuple[int, int] | None = None
-                  ) -> list[list[int]]:
+                  max_new_tokens: int, eos_ids: Sequence[int], banned: tuple[int, int] | None = None,
+                  timing: Timing | None = None) -> list[list[int]]:
     """Decode greedily from left-padded prompt embeddings; each row stops at its first EOS (not returned).
 
     Args:
@@ -19,6 +41,7 @@ def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: tor
         embed: maps new token ids [B, 1] to input embeddings.
         embeds, mask: [B, L, H] left-padded prompt embeddings and their attention mask.
         banned: a [lo, hi) id range never to emit (CLaRa's input-only special tokens).
+        timing: filled in with time to first token, total time and tokens produced.
     """
     eos = set(int(e) for e in eos_ids)
     # Explicit positions: with left padding each row's first real token must be position 0.
@@ -27,12 +50,17 @@ def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: tor
     b = embeds.shape[0]
     done = [False] * b
     produced: list[list[int]] = [[] for _ in range(b)]
+    steps = 0
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()
         if banned is not None and banned[0] < logits.shape[-1]:
             logits[:, banned[0] : banned[1]] = float("-inf")
         nxt = logits.argmax(-1)
-        for i, tok in enumerate(nxt.tolist()):  # one device sync per step, not per row
+        tokens = nxt.tolist()  # one device sync per step, not per row
+        steps += 1
+        if timing is not None and timing.first_token_s is None:
+            timing.first_token_s = time.perf_counter() - timing.start
+        for i, tok in enumerate(tokens):
             if not done[i]:
                 if tok in eos:
                     done[i] = True
@@ -44,4 +72,7 @@ def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: tor
         pos = pos[:, -1:] + 1
         out = lm(inputs_embeds=embed(nxt.unsqueeze(1)), attention_mask=mask, position_ids=pos,
                  past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    if timing is not None:
+        timing.total_s = time.perf_counter() - timing.start
+        timing.new_tokens = steps
     return produced

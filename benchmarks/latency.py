@@ -1,0 +1,144 @@
+"""Latency the way compressed-context work reports it: time to first token (TTFT) and end to end, CLaRa against
+raw text with the same base, swept over k (documents per question) and the compression rate, in one run.
+
+    python benchmarks/latency.py [--preset smollm2-135m] [--out benchmarks/results/latency.json]
+
+For each k, raw text puts the k passages in the prompt; CLaRa puts k x (doc_max_len / rate) memory vectors there
+(compressed beforehand, as the store holds them: compression is reported separately, per document, not in TTFT).
+Every call decodes exactly ``--new-tokens`` tokens (EOS disabled) so end-to-end times compare like with like.
+Adapters are freshly initialised: timing does not depend on trained weights. Per cell: TTFT and end-to-end p50/p95,
+decode tokens/s, and the ratios raw / CLaRa measured in this run. Writes JSON and a plot (``latency.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+NO_EOS = -1  # an id no tokenizer produces: decoding always runs to --new-tokens
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000.0, q))
+
+
+def timed(call, repeats: int) -> dict[str, float]:
+    from clara.model.decoding import Timing
+
+    call(Timing())  # warm-up: allocator, kernels, caches
+    ttft, total, tps = [], [], []
+    for _ in range(repeats):
+        t = Timing()
+        call(t)
+        ttft.append(t.first_token_s)
+        total.append(t.total_s)
+        if t.decode_tokens_per_s is not None:
+            tps.append(t.decode_tokens_per_s)
+    return {"ttft_ms_p50": pct(ttft, 50), "ttft_ms_p95": pct(ttft, 95), "e2e_ms_p50": pct(total, 50),
+            "e2e_ms_p95": pct(total, 95), "decode_tokens_per_s": statistics.median(tps) if tps else None}
+
+
+def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tokens: int, seed: int) -> dict[str, Any]:
+    from clara import stages
+    from clara.config import preset
+    from clara.model.clara_model import ClaraModel
+
+    torch.manual_seed(seed)
+    cfg0 = preset(preset_name)
+    docs, _ = stages.ingest("bundled", cfg0)
+    rng = np.random.default_rng(seed)
+    texts = [docs[i].full_text for i in rng.choice(len(docs), max(ks), replace=False)]
+    question = "Which city was the capital of the empire when the treaty described above was signed?"
+    result: dict[str, Any] = {"preset": preset_name, "base": cfg0.base, "doc_max_len": cfg0.doc_max_len,
+                              "new_tokens": new_tokens, "repeats": repeats, "threads": torch.get_num_threads(),
+                              "machine": platform.processor() or platform.machine(), "raw": {}, "clara": {}}
+    base_model = None
+    for rate in rates:
+        model = ClaraModel.build(preset(preset_name, compression_rate=rate))
+        model.peft.eval()
+        if base_model is None:  # raw text: the same base with adapters off, measured once per k
+            base_model = model
+            doc_tokens = model.tokenize_texts(texts, cfg0.doc_max_len)
+            result["doc_tokens_mean"] = float(np.mean([len(t) for t in doc_tokens]))
+            for k in ks:
+                result["raw"][k] = timed(lambda t, k=k: model.generate_from_text(
+                    [question], [texts[:k]], max_new_tokens=new_tokens, timing=t, eos_token_id=NO_EOS), repeats)
+                print(f"raw text k={k}: {result['raw'][k]}", flush=True)
+        t0 = time.perf_counter()
+        mems = model.compress(texts)
+        compress_s = time.perf_counter() - t0
+        cells = {"memory_tokens_per_doc": int(mems[0].shape[0]), "compress_docs_per_s": len(texts) / compress_s}
+        for k in ks:
+            cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens, timing=t,
+                                                       eos_token_id=NO_EOS), repeats)
+            raw = result["raw"][k]
+            cell["ttft_speedup_vs_raw"] = raw["ttft_ms_p50"] / cell["ttft_ms_p50"]
+            cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
+            cells[k] = cell
+            print(f"clara rate {rate} k={k}: {cell}", flush=True)
+        result["clara"][rate] = cells
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(int(k) for k in result["raw"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "ttft_ms_p50", "time to first token (p50)"),
+                           (axes[1], "e2e_ms_p50", f"end to end, {result['new_tokens']} new tokens (p50)")):
+        ax.plot(ks, [result["raw"][k][key] for k in ks], "k-o", label="raw text")
+        for rate, cells in result["clara"].items():
+            ax.plot(ks, [cells[k][key] for k in ks], "-o", label=f"CLaRa rate {rate}")
+        ax.set_xlabel("documents per question (k)")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{result['base']}, {result['doc_max_len']}-token passages, {result['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--ks", default="1,5,10,20")
+    ap.add_argument("--rates", default="4,16,64")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("runs/latency.json"))
+    args = ap.parse_args()
+    ks = [int(x) for x in args.ks.split(",")]
+    rates = [int(x) for x in args.rates.split(",")]
+    result = run(args.preset, ks, rates, args.repeats, args.new_tokens, args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(result, args.out.with_suffix(".png"))
+    print(f"\n{'k':>3} {'raw TTFT':>9} " + " ".join(f"{'r' + str(r) + ' TTFT':>9} {'x':>5}" for r in rates)
+          + "   end-to-end speed-up per rate")
+    for k in ks:
+        raw = result["raw"][k]
+        cells = " ".join(f"{result['clara'][r][k]['ttft_ms_p50']:9.1f} {result['clara'][r][k]['ttft_speedup_vs_raw']:5.2f}"
+                         for r in rates)
+        e2e = " ".join(f"{result['clara'][r][k]['e2e_speedup_vs_raw']:5.2f}" for r in rates)
+        print(f"{k:>3} {raw['ttft_ms_p50']:9.1f} {cells}   {e2e}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
