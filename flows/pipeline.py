@@ -244,7 +244,6 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
     from flows.registry import log_pyfunc, register
-    from flows.models import CompressorModel
     from clara.training.scp import train_scp
 
     init = load_checkpoint(init_from, device=device) if init_from else None
@@ -278,7 +277,7 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
             model, live = init or ClaraModel.build(cfg.model), _LiveMetrics(st.c, st.run_id)
             final = train_scp(model, load_scp_records(train_file), cfg, work, callback=live, progress=False)
             live.replay_if_silent(work)
-        logged = log_pyfunc(st.run_id, CompressorModel(), final, {}, input_column="text")
+        logged = log_pyfunc(st.run_id, "compressor", final, {}, input_column="text")
         version = register(st.c, "clara-compressor", logged,
                            {"data_version": data["data_version"], "compression_rate": compression_rate,
                             "preset": preset}, description="CLaRa compressor (SCP): documents -> memory tokens")
@@ -498,7 +497,6 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
     key = _key("promote", dict(locals()))
     from clara.eval.gate import GateRule
     from flows.registry import PER_QUESTION_METRICS, gate, log_pyfunc, register
-    from flows.models import ClaraQAModel
 
     metrics = scores["metrics"]
     if gate_metric not in PER_QUESTION_METRICS:
@@ -509,7 +507,7 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
     if found:
         version, reused = str(found[0].version), True
     else:
-        logged = log_pyfunc(e2e["run_id"], ClaraQAModel(), _checkpoint(e2e),
+        logged = log_pyfunc(e2e["run_id"], "qa", _checkpoint(e2e),
                             {"build_id": build["build_id"], "k": top_k, **retrieval}, input_column="question")
         version = register(c, model_name, logged, {
             **{f"eval.{k}": round(v, 6) for k, v in metrics.items()}, "eval.run_id": scores["run_id"],

@@ -216,13 +216,21 @@ def register(c: MlflowClient, name: str, model_uri: str, tags: Mapping[str, Any]
     return str(mv.version)
 
 
-def log_pyfunc(run_id: str, python_model, checkpoint: str | Path, model_config: Mapping[str, Any],
+MODEL_CODE = {"qa": Path(__file__).parent / "model_code" / "qa.py",
+              "compressor": Path(__file__).parent / "model_code" / "compressor.py"}
+"""The pyfunc models, as MLflow "models from code" files: loading one never unpickles anything."""
+
+
+def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Mapping[str, Any],
                input_column: str) -> str:
-    """Log ``python_model`` with the checkpoint folder (safetensors + JSON) as its artifact; returns the URI."""
+    """Log the ``kind`` model (``MODEL_CODE``) with the checkpoint folder (safetensors + JSON) as its artifact;
+    returns the URI."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    if kind not in MODEL_CODE:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_CODE)}")
     signature = ModelSignature(inputs=Schema([ColSpec("string", input_column)]))
     # The running environment is the model's environment (pinned in pyproject.toml); listing it here keeps
     # MLflow from loading the model to infer requirements.
@@ -232,7 +240,7 @@ def log_pyfunc(run_id: str, python_model, checkpoint: str | Path, model_config: 
 
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=python_model,
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE[kind]),
                                        artifacts={"checkpoint": str(checkpoint)},
                                        model_config=dict(model_config), signature=signature,
                                        pip_requirements=reqs)

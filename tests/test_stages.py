@@ -213,3 +213,41 @@ def test_rollback_walks_back_one_promotion_at_a_time(registry):
     assert "rollback from v3: v3 is broken" in c.get_model_version("m", v2).tags["production.reason"]
     with pytest.raises(RegistryError, match="reason"):
         promote(c, "m", v3, "  ")
+
+
+def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs, tmp_path, monkeypatch):
+    """log_pyfunc logs MLflow "models from code": the model folder holds our code file and the safetensors
+    checkpoint, no pickled python_model, and loading it never calls pickle / cloudpickle."""
+    import pickle
+
+    import cloudpickle
+    import mlflow
+    import pandas as pd
+
+    from clara.model.checkpoint import save_checkpoint
+    from flows.registry import log_pyfunc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("models", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = mlflow.MlflowClient(uri).create_run(exp).info.run_id
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    model_uri = log_pyfunc(run_id, "compressor", ckpt, {"device": "cpu"}, input_column="text")
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl")))
+    assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.pickle"))
+    assert "compressor.py" in (local / "MLmodel").read_text()
+
+    def refuse(*a, **k):
+        raise AssertionError("loading a registered model tried to unpickle")
+
+    for mod in (pickle, cloudpickle):
+        monkeypatch.setattr(mod, "load", refuse)
+        monkeypatch.setattr(mod, "loads", refuse)
+    model = mlflow.pyfunc.load_model(model_uri)
+    out = model.predict(pd.DataFrame({"text": docs[:2]}))
+    expected = tiny_model.compress(docs[:2])
+    assert list(out["n_mem"]) == [int(m.shape[0]) for m in expected]
+    np.testing.assert_allclose(np.array(out["memory"][0]), expected[0].float().numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="unknown model kind"):
+        log_pyfunc(run_id, "pickle-me", ckpt, {}, input_column="text")
