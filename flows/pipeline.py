@@ -556,6 +556,38 @@ def _summary(result: dict[str, Any], exp: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_parameters(p: dict[str, Any]) -> None:
+    """Every budget and choice the stages would otherwise reject late (after minutes of synthesis or training),
+    all reported at once."""
+    from clara.config import COMPRESSION_RATES
+
+    problems = []
+    if p["compression_rate"] not in COMPRESSION_RATES:
+        problems.append(f"compression_rate={p['compression_rate']} (one of {', '.join(map(str, COMPRESSION_RATES))})")
+    at_least = {"top_k": 1, "n_candidates": 1, "eval_questions": 1, "shards": 1, "train_processes": 1,
+                "scp_batch_size": 1, "instruct_batch_size": 1, "e2e_batch_size": 1, "max_docs": 0,
+                "scp_steps": 0, "instruct_steps": 0, "e2e_steps": 0, "dask_workers": 0}
+    for name, low in at_least.items():
+        value = p.get(name)
+        if value is not None and value < low:
+            problems.append(f"{name}={value} (at least {low})")
+    if p["n_candidates"] < p["top_k"]:
+        problems.append(f"n_candidates={p['n_candidates']} is below top_k={p['top_k']}")
+    for name in ("scp_lr", "instruct_lr", "e2e_lr"):
+        if not p[name] > 0:
+            problems.append(f"{name}={p[name]} (must be > 0)")
+    if p["retrieval_fuse"] < 0 or p["gate_max_latency_regression"] < 0:
+        problems.append("retrieval_fuse and gate_max_latency_regression must be >= 0")
+    if problems:
+        raise ValueError("invalid parameters: " + "; ".join(problems))
+
+
+def _fail(c, parent: str, exc: BaseException) -> None:
+    # The reason goes on the run, so that someone browsing MLflow sees why it failed without Prefect's logs.
+    tracking.set_tags(c, parent, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+    tracking.finish(c, parent, ok=False)
+
+
 @flow(name="clara", log_prints=True)
 def clara(
     profile: Literal["demo", "quality", "gpu"] = "demo",
@@ -604,14 +636,20 @@ def clara(
     to the project folder; ``none`` turns the profile's off).
     """
     params = dict(locals())
-    budget = profiles.resolve(profile, {k: params[k] for k in profiles.PROFILES["demo"]})
-    params.update(budget)  # MLflow records the budgets this run used, not the Nones it was called with
     project = str(Path(project_dir).resolve()) if project_dir else str(PROJECT)
     c = tracking.client()
     exp = tracking.experiment_id(c, experiment)
     parent = tracking.start_run(c, exp, f"pipeline {flow_run.name}", tags={
         "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
         "git_commit": tracking.git_commit(project), "clara.stage": "pipeline"})
+    try:
+        # Bad parameters fail here, before any stage, with the reason on the MLflow run as well as in Prefect.
+        budget = profiles.resolve(profile, {k: params[k] for k in profiles.PROFILES["demo"]})
+        params.update(budget)  # MLflow records the budgets this run used, not the Nones it was called with
+        check_parameters(params)
+    except BaseException as exc:
+        _fail(c, parent, exc)
+        raise
     tracking.log_params(c, parent, params)
     runner = task_runner(dask_address, dask_workers)
     teacher_spec = {"kind": teacher, "model": teacher_model, "base_url": teacher_base_url}
@@ -666,8 +704,8 @@ def clara(
         create_markdown_artifact(summary, key="clara-evaluation",
                                  description="CLaRa evaluation and model promotion for this pipeline run")
         print(summary)
-    except BaseException:
-        tracking.finish(c, parent, ok=False)
+    except BaseException as exc:
+        _fail(c, parent, exc)
         raise
     tracking.finish(c, parent)
     return result

@@ -314,3 +314,19 @@ def test_refresh_cache_recomputes_cached_stages(services, repo):
     assert again["scp"]["run_id"] != services["first"]["scp"]["run_id"]
     # The checkpoint on disk was already complete: its recorded steps are replayed into the new run.
     assert [m.step for m in _client().get_metric_history(again["scp"]["run_id"], "loss")] == [1, 2, 3]
+
+
+def test_bad_parameters_fail_at_once_with_the_reason_on_the_run(services, repo):
+    import time
+
+    from flows.pipeline import clara
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="compression_rate=7"):
+        clara(**{**TINY, "compression_rate": 7}, project_dir=str(repo))
+    assert time.perf_counter() - t0 < 60  # no stage ran
+    c = _client()
+    runs = c.search_runs([c.get_experiment_by_name("clara").experiment_id],
+                         "tags.`clara.stage` = 'pipeline' AND attributes.status = 'FAILED'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    assert "invalid parameters: compression_rate=7" in runs[0].data.tags["error"]

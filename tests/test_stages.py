@@ -251,3 +251,22 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
     np.testing.assert_allclose(np.array(out["memory"][0]), expected[0].float().numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="unknown model kind"):
         log_pyfunc(run_id, "pickle-me", ckpt, {}, input_column="text")
+
+
+def test_pipeline_parameters_are_checked_before_any_stage():
+    import inspect
+
+    from flows import profiles
+    from flows.pipeline import check_parameters, clara
+
+    defaults = {k: v.default for k, v in inspect.signature(clara.fn).parameters.items()}
+    params = {**defaults, **profiles.resolve("demo", {k: defaults[k] for k in profiles.PROFILES["demo"]})}
+    check_parameters(params)  # the defaults are fine
+    with pytest.raises(ValueError) as err:
+        check_parameters({**params, "compression_rate": 7, "top_k": 0, "e2e_lr": 0.0, "scp_batch_size": -1})
+    msg = str(err.value)
+    assert "compression_rate=7 (one of 4, 16, 32, 64, 128, 256)" in msg
+    assert "top_k=0 (at least 1)" in msg and "e2e_lr=0.0" in msg and "scp_batch_size=-1" in msg
+    with pytest.raises(ValueError, match="n_candidates=3 is below top_k=5"):
+        check_parameters({**params, "n_candidates": 3, "top_k": 5})
+    assert params["max_docs"] == 300 and check_parameters({**params, "max_docs": 0}) is None  # 0: whole corpus
