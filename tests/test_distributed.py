@@ -28,7 +28,9 @@ def test_two_processes_under_torchrun_train_identical_weights(tmp_path, fixtures
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
                            str(Path(__file__).with_name("ddp_worker.py")), str(fixtures), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the failing rank's own error, not only the launcher's tail (which blames the rank that was still waiting)
+    errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line)
+    assert proc.returncode == 0, errors[-3000:] + "\n...\n" + proc.stderr[-1500:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     assert not set(ranks[0]["first_batch"]) & set(ranks[1]["first_batch"])  # each saw different examples

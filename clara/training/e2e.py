@@ -11,6 +11,7 @@ relevance labels enter the loss; Recall@k against the positives is only logged.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -91,7 +92,8 @@ def first_stage_candidates(records: Sequence[QARecord], corpus: Mapping[str, str
         out += [[d for d, _ in ranked] for ranked in retriever.retrieve([r.question for r in records[s: s + 64]], n)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # one temporary file per process: under torchrun every rank computes the same list and writes it
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(out), encoding="utf-8")
         tmp.replace(path)  # atomic: a file that exists is complete
     return out
