@@ -10,6 +10,30 @@ from pathlib import Path
 from typing import Sequence
 
 
+MAX_QUESTION_CHARS = 2000
+"""Longer input is refused rather than truncated: a question is a sentence or two, and a megabyte of text would
+turn into thousands of lexical query terms (a denial of service, not a question)."""
+
+
+MAX_DOCUMENT_CHARS = 1_000_000
+"""Documents sent to the served compressor: it reads only the first ``doc_max_len`` tokens anyway."""
+
+
+def check_questions(questions: Sequence[object], max_chars: int = MAX_QUESTION_CHARS,
+                    what: str = "question") -> list[str]:
+    """The inputs as strings, or a ``ValueError`` naming the first bad one (its position and what is wrong)."""
+    out = []
+    for i, q in enumerate(questions):
+        if not isinstance(q, str):
+            raise ValueError(f"{what} {i}: expected a string, got {type(q).__name__}")
+        if not q.strip():
+            raise ValueError(f"{what} {i}: empty {what}")
+        if len(q) > max_chars:
+            raise ValueError(f"{what} {i}: {len(q):,} characters; at most {max_chars:,} are accepted")
+        out.append(q)
+    return out
+
+
 @dataclass
 class Answer:
     question: str
@@ -53,11 +77,9 @@ class Answerer:
         return cls(load_checkpoint(checkpoint, device=device), engine, build, **kwargs)
 
     def ask(self, questions: Sequence[str], k: int | None = None) -> list[Answer]:
-        questions = [str(q) for q in questions]
+        questions = check_questions(questions)
         if not questions:
             return []
-        if any(not q.strip() for q in questions):
-            raise ValueError("empty question")
         k = k or self.k
         queries = self.retriever.encode(questions)
         ranked = [self.retriever.retrieve(q, t, k) for q, t in zip(questions, queries)]

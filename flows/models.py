@@ -15,17 +15,37 @@ from clara.serving import Answerer
 
 
 def _questions(model_input: Any, column: str = "question") -> list[str]:
-    """Accept what ``mlflow models serve`` and ``predict`` hand over: a DataFrame, dicts, strings."""
-    if hasattr(model_input, "columns"):
-        if column not in model_input.columns:
-            raise ValueError(f"input needs a {column!r} column; got {list(model_input.columns)}")
-        return [str(x) for x in model_input[column].tolist()]
-    if isinstance(model_input, dict):
-        value = model_input.get(column)
-        return [str(v) for v in (value if isinstance(value, list) else [value])]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(x[column]) if isinstance(x, dict) else str(x) for x in model_input]
+    """Accept what ``mlflow models serve`` and ``predict`` hand over: a DataFrame, dicts, strings.
+
+    Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``: the scoring server answers it with HTTP 400 and
+    this message (any other exception becomes a generic "unexpected error" with a stack trace).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from clara.serving import MAX_DOCUMENT_CHARS, MAX_QUESTION_CHARS, check_questions
+
+    try:
+        if hasattr(model_input, "columns"):
+            if column not in model_input.columns:
+                raise ValueError(f"input needs a {column!r} column; got {list(model_input.columns)}")
+            values = model_input[column].tolist()
+        elif isinstance(model_input, dict):
+            if column not in model_input:
+                raise ValueError(f"input needs a {column!r} field; got {sorted(model_input)}")
+            value = model_input[column]
+            values = value if isinstance(value, list) else [value]
+        elif isinstance(model_input, str):
+            values = [model_input]
+        else:
+            values = [x.get(column) if isinstance(x, dict) else x for x in model_input]
+        if not values:
+            raise ValueError("no questions in the input")
+        if column == "text":
+            return check_questions(values, MAX_DOCUMENT_CHARS, "text")
+        return check_questions(values, MAX_QUESTION_CHARS, column)
+    except ValueError as e:
+        raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 class ClaraQAModel(mlflow.pyfunc.PythonModel):

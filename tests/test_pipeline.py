@@ -185,6 +185,21 @@ def test_mlflow_models_serve_answers_over_http(services, tmp_path):
         assert r.status_code == 200, (r.text, (tmp_path / "serve.log").read_text()[-2000:])
         (pred,) = r.json()["predictions"]
         assert isinstance(pred["answer"], str) and len(pred["titles"]) == TINY["top_k"]
+        # malformed requests get a 4xx that says what is wrong, and the server keeps answering
+        bad = {"no question column": ([{"query": "What is an urban area?"}], "needs a 'question' column"),
+               "a 1 MB question": ([{"question": "x" * 1_000_000}], "at most 2,000 are accepted"),
+               "a number": ([{"question": 42}], "expected a string"),
+               "an empty question": ([{"question": "  "}], "empty question")}
+        for case, (records, message) in bad.items():
+            r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={"dataframe_records": records})
+            assert 400 <= r.status_code < 500 and message in r.text, (case, r.status_code, r.text[:500])
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, content=b"{not json",
+                       headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500
+        assert proc.poll() is None
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                       json={"dataframe_records": [{"question": "What is an urban area?"}]})
+        assert r.status_code == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

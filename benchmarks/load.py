@@ -1,0 +1,199 @@
+"""The served production model under load: ``mlflow models serve`` on 127.0.0.1, N concurrent clients for a fixed
+time each, then malformed requests. Needs the services' environment (the tracking server holding the model):
+
+    eval "$(python -m infra.services env)"
+    python benchmarks/load.py [--model models:/clara@production] [--clients 1,4,16] [--seconds 60]
+                              [--out benchmarks/results/load.json]
+
+Per client count: completed requests/s, latency p50/p95/p99, errors (any non-200: must be 0), and the throughput
+ratio against one client measured in the same run. The server's resident memory (the serve process and its
+workers) is read after the warm-up and at the end. Questions are the dev set's, one per request, in a seeded
+order. Then each malformed request is sent once: its HTTP status and the message the server answered with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV = ROOT / "benchmarks" / "dev" / "natural_dev.jsonl"
+
+MALFORMED: dict[str, Any] = {
+    "no question column": {"dataframe_records": [{"query": "Who founded Rome?"}]},
+    "1 MB question": {"dataframe_records": [{"question": "x" * 1_000_000}]},
+    "question is a number": {"dataframe_records": [{"question": 42}]},
+    "empty question": {"dataframe_records": [{"question": "   "}]},
+    "not JSON": b"{not json",
+    "no records key": {"questions": ["Who founded Rome?"]},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its children (uvicorn workers), in MiB."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
+                                 "-h", "127.0.0.1", "-p", str(port), "-t", "600"],
+                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the model server exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise RuntimeError(f"the model server did not answer /ping within 300 s; see {log}")
+
+
+def load(url: str, questions: list[str], clients: int, seconds: float, seed: int) -> dict[str, Any]:
+    """``clients`` threads, each sending one question at a time until ``seconds`` have passed."""
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        with httpx.Client(timeout=600) as http:
+            while time.monotonic() < stop:
+                q = rng.choice(questions)
+                t0 = time.perf_counter()
+                try:
+                    code = str(http.post(url, json={"dataframe_records": [{"question": q}]}).status_code)
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                dt = time.perf_counter() - t0
+                with lock:
+                    statuses[code] = statuses.get(code, 0) + 1
+                    if code == "200":
+                        latencies.append(dt)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0  # includes the requests in flight at the deadline
+    ms = np.asarray(latencies) * 1000.0
+    ok = statuses.get("200", 0)
+    return {"clients": clients, "seconds": round(wall, 1), "requests": sum(statuses.values()), "ok": ok,
+            "errors": sum(statuses.values()) - ok, "statuses": statuses, "requests_per_s": ok / wall,
+            "ms_p50": float(np.percentile(ms, 50)) if ok else None,
+            "ms_p95": float(np.percentile(ms, 95)) if ok else None,
+            "ms_p99": float(np.percentile(ms, 99)) if ok else None}
+
+
+def malformed(url: str) -> dict[str, Any]:
+    import httpx
+
+    out = {}
+    for case, body in MALFORMED.items():
+        if isinstance(body, bytes):
+            r = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=120)
+        else:
+            r = httpx.post(url, json=body, timeout=120)
+        try:
+            message = str(r.json().get("message", r.text))
+        except ValueError:
+            message = r.text
+        out[case] = {"status": r.status_code, "message": message.splitlines()[0][:300] if message else ""}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models:/clara@production")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/load.json")
+    args = ap.parse_args()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        sys.exit('MLFLOW_TRACKING_URI is not set: run  eval "$(python -m infra.services env)"  first')
+
+    questions = [json.loads(line)["question"] for line in DEV.read_text(encoding="utf-8").splitlines() if line]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/invocations"
+    proc = start_server(args.model, port, out.with_suffix(".server.log"))
+    try:
+        import httpx
+
+        warm = httpx.post(url, json={"dataframe_records": [{"question": questions[0]}]}, timeout=600)
+        if warm.status_code != 200:
+            raise RuntimeError(f"warm-up request failed with {warm.status_code}: {warm.text[:500]}")
+        result: dict[str, Any] = {"model": args.model, "host": "127.0.0.1", "threads": os.cpu_count(),
+                                  "seconds_per_level": args.seconds, "rss_mb_start": rss_mb(proc.pid), "levels": []}
+        for n in [int(x) for x in args.clients.split(",")]:
+            level = load(url, questions, n, args.seconds, args.seed)
+            result["levels"].append(level)
+            print(json.dumps(level), flush=True)
+        base = result["levels"][0]["requests_per_s"]
+        for level in result["levels"]:
+            level["throughput_vs_first"] = level["requests_per_s"] / base if base else None
+        result["malformed"] = malformed(url)
+        result["server_alive_after"] = proc.poll() is None
+        result["rss_mb_end"] = rss_mb(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print("\n| clients | req/s | p50 ms | p95 ms | p99 ms | errors | throughput vs 1 |\n|---|---|---|---|---|---|---|")
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    for lv in result["levels"]:
+        print(f"| {lv['clients']} | {lv['requests_per_s']:.2f} | {f(lv['ms_p50'], '.0f')} | {f(lv['ms_p95'], '.0f')} | "
+              f"{f(lv['ms_p99'], '.0f')} | {lv['errors']} | {f(lv['throughput_vs_first'], '.2f')} |")
+    print(f"\nserver RSS {result['rss_mb_start']:.0f} MiB -> {result['rss_mb_end']:.0f} MiB")
+    for case, r in result["malformed"].items():
+        print(f"{case}: {r['status']} {r['message'][:120]}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
