@@ -80,10 +80,24 @@ def _set_production(c: MlflowClient, name: str, version: str, reason: str, actio
         c.delete_registered_model_alias(name, CHALLENGER)
 
 
-def evidence(c: MlflowClient, name: str, version: str, metric: str
-             ) -> tuple[dict[str, float], dict[str, float]] | None:
-    """Per-question ``metric`` and latency (ms) of a version's CLaRa answers, keyed by question id; None when the
-    version has no evaluation run or that run has no predictions."""
+LATENCY_REFERENCE = "raw-text"
+"""The system whose per-question latency in the same evaluation run is the gate's latency yardstick
+(``clara.eval.gate``): it runs on the same base, questions and machine, and has no trained weights that change."""
+
+
+@dataclass
+class Evidence:
+    """A version's per-question CLaRa ``metric`` and latency (ms), and the reference system's latency from the
+    same run, each keyed by question id."""
+
+    scores: dict[str, float]
+    latency: dict[str, float]
+    reference: dict[str, float]
+
+
+def evidence(c: MlflowClient, name: str, version: str, metric: str) -> Evidence | None:
+    """A version's evidence from its evaluation run's ``predictions.jsonl``; None when the version has no
+    evaluation run or that run has no predictions."""
     run_id = c.get_model_version(name, version).tags.get("eval.run_id")
     if not run_id:
         return None
@@ -92,16 +106,20 @@ def evidence(c: MlflowClient, name: str, version: str, metric: str
             path = c.download_artifacts(run_id, "evaluation/predictions.jsonl", tmp)
         except (MlflowException, OSError):
             return None
-        scores, latency = {}, {}
+        out = Evidence({}, {}, {})
         with open(path, encoding="utf-8") as f:
             for line in f:
                 e = json.loads(line)
-                if e["system"] != "clara" or e["setting"] != "normal" or "scores" not in e:
+                if e["setting"] != "normal":
                     continue
-                scores[e["id"]] = float(e["scores"][metric])
+                if e["system"] == LATENCY_REFERENCE and e.get("latency_ms") is not None:
+                    out.reference.setdefault(e["id"], float(e["latency_ms"]))  # the first retriever's, if several
+                if e["system"] != "clara" or "scores" not in e:
+                    continue
+                out.scores[e["id"]] = float(e["scores"][metric])
                 if e.get("latency_ms") is not None:
-                    latency[e["id"]] = float(e["latency_ms"])
-    return scores, latency
+                    out.latency[e["id"]] = float(e["latency_ms"])
+    return out
 
 
 def gate(c: MlflowClient, name: str, version: str | int, metric: str, rule: GateRule = GateRule()) -> Decision:
@@ -131,8 +149,9 @@ def gate(c: MlflowClient, name: str, version: str | int, metric: str, rule: Gate
                                          f"v{current} (promote by hand with `clara promote` if intended)")
         else:
             try:
-                verdict = judge(metric, mine[0], theirs[0], challenger_latency=mine[1], production_latency=theirs[1],
-                                rule=rule)
+                verdict = judge(metric, mine.scores, theirs.scores, challenger_latency=mine.latency,
+                                production_latency=theirs.latency, challenger_reference=mine.reference,
+                                production_reference=theirs.reference, rule=rule)
                 alias = PRODUCTION if verdict.promote else CHALLENGER
                 reason = (f"beats production v{current}: {verdict.reason}" if verdict.promote else
                           f"vs production v{current}: {verdict.reason}; production stays v{current}")
@@ -154,6 +173,8 @@ def gate(c: MlflowClient, name: str, version: str | int, metric: str, rule: Gate
         if verdict.latency_p95 is not None:
             tags["gate.latency_p95_ms"] = verdict.latency_p95
             tags["gate.production_latency_p95_ms"] = verdict.production_latency_p95
+        if verdict.latency_change is not None:
+            tags["gate.latency_change"] = verdict.latency_change
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, str(round(v, 6) if isinstance(v, float) else v))
     return decision

@@ -74,3 +74,23 @@ def test_margin_lower_is_better_and_unpaired():
     rng = np.random.default_rng(3)
     a, b = rng.uniform(size=30), rng.uniform(size=30)
     assert paired_bootstrap(a, b) == paired_bootstrap(a, b)
+
+
+def test_latency_is_judged_against_the_same_runs_reference_when_both_have_one():
+    # The second evaluation ran on a busier machine: everything, the reference included, is 30 % slower. Absolute
+    # p95 says "regression"; relative to the reference nothing changed (the real pipeline runs showed this).
+    prod = np.full(40, 0.3)
+    win = dict(challenger_latency=scores(np.full(40, 130.0)), production_latency=scores(np.full(40, 100.0)))
+    assert not judge("f1", scores(prod + 0.3), scores(prod), **win).promote
+    v = judge("f1", scores(prod + 0.3), scores(prod), **win, challenger_reference=scores(np.full(40, 650.0)),
+              production_reference=scores(np.full(40, 500.0)))
+    assert v.promote and v.latency_change == pytest.approx(0.0) and "0.200 vs 0.200 of the same run's" in v.reason
+    # A real regression still shows: the challenger slower while its reference is not.
+    v = judge("f1", scores(prod + 0.3), scores(prod), **win, challenger_reference=scores(np.full(40, 500.0)),
+              production_reference=scores(np.full(40, 500.0)))
+    assert not v.promote and v.latency_change == pytest.approx(0.3) and "latency regression" in v.reason
+    # A reference missing for some question is not used.
+    partial = scores(np.full(39, 650.0))
+    v = judge("f1", scores(prod + 0.3), scores(prod), **win, challenger_reference=partial,
+              production_reference=scores(np.full(40, 500.0)))
+    assert not v.promote and "of the same run's" not in v.reason

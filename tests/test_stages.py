@@ -147,18 +147,34 @@ def registry(tmp_path):
     exp = c.create_experiment("eval", artifact_location=(tmp_path / "artifacts").as_uri())
     c.create_registered_model("m")
 
-    def add(f1: float | None, per_question=None, latency_ms=None) -> str:
+    def add(f1: float | None, per_question=None, latency_ms=None, reference_ms=None) -> str:
         tags = {"eval.f1": str(f1)} if f1 is not None else {}
         if per_question is not None:
             run = c.create_run(exp).info.run_id
             lines = [json.dumps({"id": f"q{i}", "system": "clara", "setting": "normal", "scores": {"f1": s},
                                  "latency_ms": latency_ms}) for i, s in enumerate(per_question)]
             lines.append(json.dumps({"id": "q0", "system": "closed-book", "setting": "normal", "scores": {"f1": 1.0}}))
+            if reference_ms is not None:  # raw text answering the same questions in the same run
+                lines += [json.dumps({"id": f"q{i}", "system": "raw-text", "setting": "normal", "scores": {"f1": 0.5},
+                                      "latency_ms": reference_ms}) for i in range(len(per_question))]
             c.log_text(run, "\n".join(lines) + "\n", "evaluation/predictions.jsonl")
             tags["eval.run_id"] = run
         return str(c.create_model_version("m", source=str(tmp_path), tags=tags).version)
 
     return c, add
+
+
+def test_gate_judges_latency_against_the_same_runs_raw_text(registry):
+    from flows.registry import gate
+
+    c, add = registry
+    base = [0.2, 0.4, 0.6, 0.3] * 10
+    gate(c, "m", add(0.375, base, 1100.0, reference_ms=5800.0), "f1")
+    # The second run's machine was busier: CLaRa's p95 +26 %, raw text's +19 % (the real runs of 2026-12-01).
+    d = gate(c, "m", add(0.875, [s + 0.5 for s in base], 1390.0, reference_ms=6900.0), "f1")
+    assert d.alias == "production" and "of the same run's reference (+6%" in d.reason
+    tags = c.get_model_version("m", d.version).tags
+    assert float(tags["gate.latency_change"]) == pytest.approx(1390 / 6900 / (1100 / 5800) - 1, rel=1e-4)
 
 
 def test_gate_promotes_on_paired_evidence_only(registry):

@@ -5,6 +5,10 @@ interval comes from a paired bootstrap (questions resampled with replacement, th
 what the two share cancels out). The challenger is promoted when the interval's lower end clears ``margin``, the
 mean gain is positive, and its p95 latency over those questions is at most ``1 + max_latency_regression`` times
 production's. Over 30 questions a real gain of a few F1 points usually does not clear the bar: that is the point.
+
+Latency is compared as a ratio to a reference measured in the same evaluation run when both runs have one (the
+raw-text system answering the same questions on the same machine): two evaluations hours apart on a shared CPU
+differ by 20-35 % in absolute p95 for the *same* system, which would decide the gate by machine load alone.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class Verdict:
     """The challenger's p95 latency over the paired questions, ms (None when latencies are missing)."""
     production_latency_p95: float | None
     latency_ok: bool
+    latency_change: float | None = None
+    """The compared change: challenger / production - 1, of p95 relative to the same-run reference when both
+    runs have one, else of absolute p95."""
 
 
 class NotComparable(ValueError):
@@ -78,8 +85,13 @@ def paired_bootstrap(challenger: np.ndarray, production: np.ndarray, rule: GateR
 def judge(metric: str, challenger: Mapping[str, float], production: Mapping[str, float], *,
           challenger_latency: Mapping[str, float] | None = None,
           production_latency: Mapping[str, float] | None = None,
+          challenger_reference: Mapping[str, float] | None = None,
+          production_reference: Mapping[str, float] | None = None,
           higher_is_better: bool = True, rule: GateRule = GateRule()) -> Verdict:
     """Decide on per-question scores keyed by question id (and per-question latencies in ms, when known).
+
+    ``*_reference`` are per-question latencies of a reference system from the same evaluation run as each
+    version's own; with both, latency is judged relative to them (see the module's note).
 
     Raises:
         NotComparable: the challenger answered questions production did not (or none at all).
@@ -92,28 +104,40 @@ def judge(metric: str, challenger: Mapping[str, float], production: Mapping[str,
     a = np.array([challenger[q] for q in ids])
     b = np.array([production[q] for q in ids])
     gain = paired_bootstrap(a, b, rule) if higher_is_better else paired_bootstrap(b, a, rule)
-    lat_c = lat_p = None
-    latency_ok = True
-    if challenger_latency and production_latency and all(q in challenger_latency and q in production_latency
-                                                          for q in ids):
-        lat_c = float(np.percentile([challenger_latency[q] for q in ids], 95))
-        lat_p = float(np.percentile([production_latency[q] for q in ids], 95))
+
+    def p95(values: Mapping[str, float] | None) -> float | None:
+        if not values or not all(q in values for q in ids):
+            return None
+        return float(np.percentile([values[q] for q in ids], 95))
+
+    lat_c, lat_p = p95(challenger_latency), p95(production_latency)
+    ref_c, ref_p = p95(challenger_reference), p95(production_reference)
+    latency_ok, change = True, None
+    if lat_c is None or lat_p is None:
+        lat_c = lat_p = None
+        latency = "p95 latency not compared (no per-question latencies)"
+    elif ref_c and ref_p:
+        rel_c, rel_p = lat_c / ref_c, lat_p / ref_p
+        change = rel_c / rel_p - 1
+        latency_ok = rel_c <= (1 + rule.max_latency_regression) * rel_p
+        latency = (f"p95 latency {lat_c:.0f} ms vs {lat_p:.0f} ms, {rel_c:.3f} vs {rel_p:.3f} of the same run's "
+                   f"reference ({change:+.0%}, limit +{rule.max_latency_regression:.0%})")
+    else:
+        change = lat_c / lat_p - 1 if lat_p else None
         latency_ok = lat_c <= (1 + rule.max_latency_regression) * lat_p
+        latency = (f"p95 latency {lat_c:.0f} ms vs {lat_p:.0f} ms ("
+                   f"{'n/a' if change is None else format(change, '+.0%')}, limit +{rule.max_latency_regression:.0%})")
     evidence = gain.low >= rule.margin and gain.gain > 0
     interval = (f"{metric} gain {gain.gain:+.4f}, {100 * gain.confidence:.0f}% CI [{gain.low:+.4f}, "
                 f"{gain.high:+.4f}] over {gain.n} paired questions")
-    if lat_c is None:
-        latency = "p95 latency not compared (no per-question latencies)"
-    else:
-        change = f"{lat_c / lat_p - 1:+.0%}" if lat_p else "n/a"
-        latency = (f"p95 latency {lat_c:.0f} ms vs {lat_p:.0f} ms ({change}, limit "
-                   f"+{rule.max_latency_regression:.0%})")
     if evidence and latency_ok:
-        return Verdict(True, f"{interval}: lower end >= {rule.margin:g}; {latency}", gain, lat_c, lat_p, True)
+        return Verdict(True, f"{interval}: lower end >= {rule.margin:g}; {latency}", gain, lat_c, lat_p, True,
+                       change)
     why = []
     if not evidence:
         why.append(f"lower end {gain.low:+.4f} < margin {rule.margin:g}" if gain.low < rule.margin
                    else "no positive mean gain")
     if not latency_ok:
         why.append("latency regression")
-    return Verdict(False, f"{interval}; {latency}: not promoted ({', '.join(why)})", gain, lat_c, lat_p, latency_ok)
+    return Verdict(False, f"{interval}; {latency}: not promoted ({', '.join(why)})", gain, lat_c, lat_p, latency_ok,
+                   change)
