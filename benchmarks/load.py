@@ -139,6 +139,8 @@ def malformed(url: str) -> dict[str, Any]:
             message = str(r.json().get("message", r.text))
         except ValueError:
             message = r.text
+        # MLflow puts the input's repr before the model's own message ("Failed to predict data '…'. Error: …")
+        message = message.rsplit("Error: ", 1)[-1].strip()
         out[case] = {"status": r.status_code, "message": message.splitlines()[0][:300] if message else ""}
     return out
 

@@ -49,10 +49,15 @@ def _questions(model_input: Any, column: str = "question") -> list[str]:
 
 
 class ClaraQAModel(mlflow.pyfunc.PythonModel):
-    """Questions in (column ``question``), answers out with the retrieved documents and their scores."""
+    """Questions in (column ``question``), answers out with the retrieved documents and their scores.
+
+    Concurrent requests (``mlflow models serve`` runs each in its own thread) are answered in shared batches
+    (``clara.serving.Batcher``, at most ``max_batch`` questions, model config), one model call at a time."""
 
     def load_context(self, context) -> None:
         import os
+
+        from clara.serving import Batcher
 
         cfg = dict(context.model_config or {})
         self.answerer = Answerer.load(context.artifacts["checkpoint"], int(cfg["build_id"]),
@@ -62,12 +67,22 @@ class ClaraQAModel(mlflow.pyfunc.PythonModel):
                                       mode=str(cfg.get("mode", "clara")), fuse=float(cfg.get("fuse", 0.0)),
                                       candidates=int(cfg["candidates"]) if cfg.get("candidates") else None,
                                       max_new_tokens=int(cfg.get("max_new_tokens", 64)))
+        self.batcher = Batcher(self._answer, max_batch=int(cfg.get("max_batch", 8)))
+
+    def _answer(self, items: list[tuple[str, int | None]]) -> list:
+        """Answer (question, k) pairs: one ``ask`` per distinct k, results in the order given."""
+        out: list = [None] * len(items)
+        for k in dict.fromkeys(k for _, k in items):
+            idx = [i for i, (_, kk) in enumerate(items) if kk == k]
+            for i, a in zip(idx, self.answerer.ask([items[i][0] for i in idx], k=k)):
+                out[i] = a
+        return out
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
         k = int(params["k"]) if params and params.get("k") else None
-        answers = self.answerer.ask(_questions(model_input), k=k)
+        answers = self.batcher([(q, k) for q in _questions(model_input)])
         return pd.DataFrame([a.__dict__ for a in answers],
                             columns=["question", "answer", "doc_ids", "titles", "scores"])
 
