@@ -186,7 +186,7 @@ def test_mlflow_models_serve_answers_over_http(services, tmp_path):
         (pred,) = r.json()["predictions"]
         assert isinstance(pred["answer"], str) and len(pred["titles"]) == TINY["top_k"]
         # malformed requests get a 4xx that says what is wrong, and the server keeps answering
-        bad = {"no question column": ([{"query": "What is an urban area?"}], "needs a 'question' column"),
+        bad = {"no question column": ([{"query": "What is an urban area?"}], "missing inputs ['question']"),
                "a 1 MB question": ([{"question": "x" * 1_000_000}], "at most 2,000 are accepted"),
                "a number": ([{"question": 42}], "expected a string"),
                "an empty question": ([{"question": "  "}], "empty question")}
