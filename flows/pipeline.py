@@ -578,8 +578,28 @@ def check_parameters(p: dict[str, Any]) -> None:
             problems.append(f"{name}={p[name]} (must be > 0)")
     if p["retrieval_fuse"] < 0 or p["gate_max_latency_regression"] < 0:
         problems.append("retrieval_fuse and gate_max_latency_regression must be >= 0")
+    problems += _model_problems(p["preset"])
     if problems:
         raise ValueError("invalid parameters: " + "; ".join(problems))
+
+
+def _model_problems(name: str) -> list[str]:
+    """A preset that is neither bundled nor readable (a local folder, or a hub id this machine can fetch or has
+    cached) would fail only when SCP loads it, after synthesis: read its config now instead."""
+    from clara.config import preset
+
+    base = preset(name).base
+    if base in ("tiny", "smollm2-135m"):  # built or converted locally from installed packages
+        return []
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return [f"preset={name!r}: not a bundled preset (tiny, smollm2-135m), and no model config could be read "
+                f"from {base!r} ({first})"]
+    return []
 
 
 def _fail(c, parent: str, exc: BaseException) -> None:

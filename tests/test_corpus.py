@@ -110,3 +110,13 @@ def test_written_corpus_is_canonical_and_round_trips(tmp_path):
 def test_missing_corpus_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="corpus not found"):
         ingest_path(tmp_path / "nope.jsonl")
+
+
+def test_an_empty_corpus_is_an_error_not_a_run_over_zero_passages(tmp_path):
+    with pytest.raises(IngestError, match=r"empty\.jsonl: empty corpus: it has no rows"):
+        ingest_path(write_lines(tmp_path / "empty.jsonl", []))
+    bad = write_lines(tmp_path / "bad.jsonl", [l for l, _ in BAD_ROWS[:3]])
+    with pytest.raises(IngestError, match=r"empty corpus: all 3 rows were rejected \(first: .*bad\.jsonl:1: malformed"):
+        ingest_path(bad, on_error="skip")
+    with pytest.raises(IngestError, match="empty corpus"):
+        ingest_path(tmp_path)  # a folder without .txt/.md files

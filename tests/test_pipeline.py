@@ -345,3 +345,25 @@ def test_bad_parameters_fail_at_once_with_the_reason_on_the_run(services, repo):
                          "tags.`clara.stage` = 'pipeline' AND attributes.status = 'FAILED'",
                          order_by=["attributes.start_time DESC"], max_results=1)
     assert "invalid parameters: compression_rate=7" in runs[0].data.tags["error"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", b"", "empty corpus: it has no rows"),
+    # the pipeline skips bad rows (and reports them); a corpus of nothing but bad rows is empty
+    ("latin1.jsonl", b'{"id": "a", "title": "A", "text": "Caf\xe9 au lait."}\n', "all 1 rows were rejected"),
+    ("missing.jsonl", None, "missing.jsonl' not found"),
+])
+def test_a_bad_corpus_fails_the_run_at_its_first_stage_with_the_reason(services, repo, tmp_path, name, content,
+                                                                       message):
+    from flows.pipeline import clara
+
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(Exception, match=message):
+        clara(**{**TINY, "corpus": str(path)}, project_dir=str(repo))
+    c = _client()
+    runs = c.search_runs([c.get_experiment_by_name("clara").experiment_id],
+                         "tags.`clara.stage` = 'pipeline' AND attributes.status = 'FAILED'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    assert message in runs[0].data.tags["error"]

@@ -286,3 +286,6 @@ def test_pipeline_parameters_are_checked_before_any_stage():
     with pytest.raises(ValueError, match="n_candidates=3 is below top_k=5"):
         check_parameters({**params, "n_candidates": 3, "top_k": 5})
     assert params["max_docs"] == 300 and check_parameters({**params, "max_docs": 0}) is None  # 0: whole corpus
+    with pytest.raises(ValueError, match="preset='no-such-model': not a bundled preset .* from 'no-such-model'"):
+        check_parameters({**params, "preset": "no-such-model"})  # HF_HUB_OFFLINE=1 in `make test`, as in services
+    check_parameters({**params, "preset": "tiny"})

@@ -219,6 +219,11 @@ def ingest(rows: Iterable[tuple[str, dict[str, Any] | None, str | None]], source
             docs.extend(Document(f"{doc.id}#p{i}", doc.title, p, parent_id=doc.id, meta=doc.meta)
                         for i, p in enumerate(parts))
     report.passages = len(docs)
+    if not docs:  # nothing downstream means anything over zero passages: say so here, not after a "run"
+        why = (f"all {report.rows_read:,} rows were rejected (first: {report.rejects[0].where}: "
+               f"{report.rejects[0].reason})" if report.rejects else
+               f"{report.rows_read:,} rows, all duplicates" if report.rows_read else "it has no rows")
+        raise IngestError(f"{source}: empty corpus: {why}")
     return docs, report
 
 
