@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -161,7 +162,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/invocations"
-    proc = start_server(args.model, port, out.with_suffix(".server.log"))
+    # the server's log is for diagnosing this run, not a result: it stays out of benchmarks/results
+    log = Path(tempfile.mkdtemp(prefix="clara-load-")) / "server.log"
+    print(f"server log: {log}", flush=True)
+    proc = start_server(args.model, port, log)
     try:
         import httpx
 

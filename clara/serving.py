@@ -6,6 +6,7 @@ MLflow model that ``models:/clara@production`` and ``mlflow models serve`` load.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, Sequence, TypeVar
@@ -13,11 +14,9 @@ from typing import Callable, Generic, Sequence, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-
 MAX_QUESTION_CHARS = 2000
 """Longer input is refused rather than truncated: a question is a sentence or two, and a megabyte of text would
 turn into thousands of lexical query terms (a denial of service, not a question)."""
-
 
 MAX_DOCUMENT_CHARS = 1_000_000
 """Documents sent to the served compressor: it reads only the first ``doc_max_len`` tokens anyway."""
@@ -118,8 +117,9 @@ class Batcher(Generic[T, R]):
         self._pending: list[_Slot[T, R]] = []
         self._pending_lock = threading.Lock()
         self._model_lock = threading.Lock()
-        self.batches: list[int] = []
-        """Items per model call (failed ones included), in order: for tests and the load benchmark."""
+        # bounded: a server lives long, and only the recent sizes say anything about how batching goes
+        self.batches: deque[int] = deque(maxlen=1000)
+        """Items per recent model call (failed ones included), oldest first."""
 
     def __call__(self, items: Sequence[T]) -> list[R]:
         slot: _Slot[T, R] = _Slot(list(items))
@@ -159,4 +159,3 @@ class Batcher(Generic[T, R]):
         for s in batch:
             s.result = results[at: at + len(s.items)]
             at += len(s.items)
-

@@ -14,16 +14,17 @@ import mlflow.pyfunc
 from clara.serving import Answerer
 
 
-def _questions(model_input: Any, column: str = "question") -> list[str]:
+def _questions(model_input: Any, column: str = "question", max_chars: int | None = None) -> list[str]:
     """Accept what ``mlflow models serve`` and ``predict`` hand over: a DataFrame, dicts, strings.
 
     Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``: the scoring server answers it with HTTP 400 and
-    this message (any other exception becomes a generic "unexpected error" with a stack trace).
+    this message (any other exception becomes a generic "unexpected error" with a stack trace). Values longer than
+    ``max_chars`` (default: ``clara.serving.MAX_QUESTION_CHARS``) are refused.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    from clara.serving import MAX_DOCUMENT_CHARS, MAX_QUESTION_CHARS, check_questions
+    from clara.serving import MAX_QUESTION_CHARS, check_questions
 
     try:
         if hasattr(model_input, "columns"):
@@ -41,9 +42,7 @@ def _questions(model_input: Any, column: str = "question") -> list[str]:
             values = [x.get(column) if isinstance(x, dict) else x for x in model_input]
         if not values:
             raise ValueError("no questions in the input")
-        if column == "text":
-            return check_questions(values, MAX_DOCUMENT_CHARS, "text")
-        return check_questions(values, MAX_QUESTION_CHARS, column)
+        return check_questions(values, max_chars or MAX_QUESTION_CHARS, column)
     except ValueError as e:
         raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
@@ -99,7 +98,9 @@ class CompressorModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        texts = _questions(model_input, column="text")
+        from clara.serving import MAX_DOCUMENT_CHARS
+
+        texts = _questions(model_input, column="text", max_chars=MAX_DOCUMENT_CHARS)
         mems = self.model.compress(texts)
         return pd.DataFrame({"n_mem": [int(m.shape[0]) for m in mems],
                              "memory": [m.float().cpu().numpy().tolist() for m in mems]})

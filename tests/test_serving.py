@@ -29,7 +29,12 @@ def test_bad_input_is_a_bad_request_that_names_the_problem(bad, message):
 
 
 def test_documents_may_be_long_but_not_unbounded():
-    assert _questions(pd.DataFrame({"text": ["y" * 50_000]}), column="text") == ["y" * 50_000]
+    from clara.serving import MAX_DOCUMENT_CHARS
+
+    long = pd.DataFrame({"text": ["y" * 50_000]})
+    assert _questions(long, column="text", max_chars=MAX_DOCUMENT_CHARS) == ["y" * 50_000]
+    with pytest.raises(MlflowException, match="text 0: 50,000 characters; at most 2,000"):
+        _questions(long, column="text")  # the question limit unless the caller says otherwise
     with pytest.raises(ValueError, match="text 0: 1,000,001 characters"):
         check_questions(["y" * 1_000_001], 1_000_000, "text")
 
