@@ -45,7 +45,7 @@ def main() -> None:
     from clara.eval.datasets import description_retrieval
     from clara.store.builds import BuildWriter
     from clara.store.db import connect
-    from clara.store.indexing import corpus_version_of
+    from clara.data.corpus import corpus_version_of
     from clara.store.search import first_stage
 
     url = args.database_url

@@ -31,7 +31,8 @@ def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, d
     from clara.eval.run import EvalConfig, evaluate
     from clara.model.checkpoint import load_checkpoint
     from clara.store.db import connect
-    from clara.store.indexing import corpus_version_of, index_corpus
+    from clara.data.corpus import corpus_version_of
+    from clara.store.loading import index_corpus
 
     t0 = time.perf_counter()
     model = load_checkpoint(checkpoint)

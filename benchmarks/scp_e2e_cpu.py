@@ -28,6 +28,7 @@ from clara.config import E2EConfig, OptimSettings, SCPConfig, TrainConfig, prese
 from clara.data.records import QARecord, SCPRecord
 from clara.data.wiki import load_wiki_summaries
 from clara.model import ClaraModel, prompts
+from clara.model.topk import flat_unit
 from clara.training.e2e import compress_pool, selection_recall, train_e2e
 from clara.training.scp import train_scp
 
@@ -149,7 +150,7 @@ def main() -> None:
                                        seed=args.seed, optim=OptimSettings(lr=args.e2e_lr, warmup_ratio=0.05)))
     doc_ids = list(corpus)
     pool, _ = compress_pool(model, [corpus[d] for d in doc_ids])
-    pool_flat = torch.nn.functional.normalize(pool.flatten(1).float(), dim=-1)
+    pool_flat = flat_unit(pool)
     index = {d: i for i, d in enumerate(doc_ids)}
     model.copy_adapter("compressor", "query_reasoner")
     results["e2e_recall@5_before"] = selection_recall(model, qa, pool_flat, index, ecfg)

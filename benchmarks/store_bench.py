@@ -114,7 +114,7 @@ def perturbed_queries(engine, build, n, noise, seed):
 def real_vectors(engine, model_path, n_docs, n_queries):
     from clara.data.corpus import ingest_bundled
     from clara.model.checkpoint import load_checkpoint
-    from clara.store.indexing import index_corpus
+    from clara.store.loading import index_corpus
 
     model = load_checkpoint(model_path, device="cpu")
     docs = [d for d in ingest_bundled()[0] if d.parent_id is None and d.meta.get("description")][:n_docs]

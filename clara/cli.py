@@ -419,7 +419,8 @@ def evaluate_cmd(
         if use_store:
             from clara.dense import DenseEncoder
             from clara.store.db import connect
-            from clara.store.indexing import corpus_version_of, index_corpus
+            from clara.data.corpus import corpus_version_of
+            from clara.store.loading import index_corpus
 
             engine = connect(database_url)
             version = corpus_version_of(docs)
@@ -458,7 +459,8 @@ def compress_cmd(
     from clara.model.checkpoint import load_checkpoint
     from clara.store.builds import StoreError
     from clara.store.db import connect
-    from clara.store.indexing import corpus_version_of, index_corpus
+    from clara.data.corpus import corpus_version_of
+    from clara.store.loading import index_corpus
 
     try:
         m = load_checkpoint(model, device=device)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -170,90 +169,6 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
         atomic_write_lines(out / "instruct.jsonl", (dumps(r) for r in instruct))
         result["instruct"] = str(out / "instruct.jsonl")
     return result
-
-
-# ---------------------------------------------------------------------------------------- compression
-
-def compress_shard(checkpoint: str | Path, corpus_file: str | Path, start: int, end: int, out_file: str | Path,
-                   skip_ids: Sequence[str] = (), batch_size: int = 16, device: str | None = None) -> dict[str, Any]:
-    """Compress documents [start, end) into one safetensors file (fp16 memories, ids in its metadata).
-
-    An existing file is kept (the shard is done): a re-run after a crash redoes only missing shards.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from clara.model.checkpoint import load_checkpoint
-
-    out_file = Path(out_file)
-    if out_file.is_file():
-        return {"file": str(out_file), "documents": len(memory_shard_ids(out_file)), "reused": True}
-    skip = set(skip_ids)
-    docs = [d for d in load_docs(corpus_file)[start:end] if d.id not in skip]
-    tensors: dict[str, torch.Tensor] = {}
-    if docs:
-        model = load_checkpoint(checkpoint, device=device)
-        mems = model.compress([d.full_text for d in docs], batch_size=batch_size)
-        tensors = {f"m{i}": m.detach().to(torch.float16).cpu().contiguous() for i, m in enumerate(mems)}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"ids": json.dumps([d.id for d in docs])})
-    os.replace(tmp, out_file)  # atomic: a file that exists is complete
-    return {"file": str(out_file), "documents": len(docs), "reused": False}
-
-
-def memory_shard_ids(path: str | Path) -> list[str]:
-    """The document ids of a compression shard, from its header alone."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="np") as f:
-        return json.loads(f.metadata()["ids"])
-
-
-def read_memory_shard(path: str | Path) -> tuple[list[str], list[Any]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="np") as f:
-        ids = json.loads(f.metadata()["ids"])
-        return ids, [f.get_tensor(f"m{i}") for i in range(len(ids))]
-
-
-def load_build(engine, shard_files: Sequence[str | Path], docs: Sequence[Document], *, model_uri: str,
-               corpus_version: str, compression_rate: int, hidden_size: int, n_mem_max: int, dense=None):
-    """Load compressed shards into the build for (model_uri, rate, corpus_version) and publish it.
-
-    ``dense`` (a ``clara.dense.DenseEncoder``) embeds the documents as they are loaded, for the dense and
-    hybrid first stages."""
-    from clara.store.builds import BuildWriter
-
-    opts = {"dense_model": dense.name, "dense_dim": dense.dim} if dense is not None else {}
-    text_of = {d.id: d.full_text for d in docs}
-    with BuildWriter.open(engine, model_uri, compression_rate, corpus_version, hidden_size=hidden_size,
-                          n_mem_max=n_mem_max, **opts) as writer:
-        writer.add_documents(corpus_version, ((d.id, d.title, d.text) for d in docs))
-        for f in shard_files:
-            ids, mems = read_memory_shard(f)
-            todo = [(i, m) for i, m in zip(ids, mems) if i not in writer.loaded]  # resumed: embed only what is new
-            for s in range(0, len(todo), 256):
-                names = [i for i, _ in todo[s : s + 256]]
-                vectors = dense.embed([text_of[i] for i in names]) if dense is not None else None
-                writer.add(names, [m for _, m in todo[s : s + 256]], dense=vectors)
-        missing = [d.id for d in docs if d.id not in writer.loaded]
-        if missing:
-            raise ValueError(f"{len(missing)} documents have no memory in the shards, e.g. {missing[:3]}")
-        return writer.publish()
-
-
-def loaded_ids(engine, *, model_uri: str, corpus_version: str, compression_rate: int) -> set[str]:
-    """Documents an unfinished build of this key already holds (a killed run's work, not redone)."""
-    from sqlalchemy import text
-
-    with engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT m.doc_id FROM memories m JOIN index_builds b ON b.id = m.build_id WHERE b.model_uri = :m "
-            "AND b.compression_rate = :r AND b.corpus_version = :c AND b.status IN ('loading', 'indexing')"),
-            {"m": model_uri, "r": compression_rate, "c": corpus_version}).all()
-    return {r[0] for r in rows}
 
 
 # ------------------------------------------------------------------------------------------ evaluation

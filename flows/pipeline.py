@@ -356,7 +356,7 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
 @task(name="find-build", retries=3, retry_delay_seconds=5, retry_condition_fn=_transient)
 def find_build(model_uri: str, rate: int, corpus_version: str) -> dict[str, Any]:
     """A published build of exactly this model and corpus version (reused), else what a killed run loaded."""
-    from clara.store.builds import StoreError, ready_build
+    from clara.store.builds import StoreError, loaded_ids, ready_build
     from clara.store.db import connect
 
     engine = connect()
@@ -368,7 +368,7 @@ def find_build(model_uri: str, rate: int, corpus_version: str) -> dict[str, Any]
                         "loaded": []}
         except StoreError:
             pass
-        loaded = stages.loaded_ids(engine, model_uri=model_uri, corpus_version=corpus_version, compression_rate=rate)
+        loaded = loaded_ids(engine, model_uri=model_uri, corpus_version=corpus_version, compression_rate=rate)
         return {"build_id": None, "loaded": sorted(loaded)}
     finally:
         engine.dispose()
@@ -377,26 +377,27 @@ def find_build(model_uri: str, rate: int, corpus_version: str) -> dict[str, Any]
 @task(name="compress-shard", retries=1, retry_condition_fn=_transient)
 def compress_shard(checkpoint: str, corpus_file: str, start: int, end: int, out_file: str, skip_ids: list[str],
                    batch_size: int, device: Optional[str]) -> dict[str, Any]:
-    return stages.compress_shard(checkpoint, corpus_file, start, end, out_file, skip_ids, batch_size, device)
+    from clara.store.loading import compress_shard as compress
+
+    return compress(checkpoint, stages.load_docs(corpus_file)[start:end], out_file, skip_ids, batch_size, device)
 
 
 @task(name="load-build", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
 def load_build(shard_files: list[str], data: dict[str, Any], checkpoint: str, model_uri: str) -> dict[str, Any]:
     from clara.config import ModelConfig, _from_dict
     from clara.model.checkpoint import read_checkpoint_config
-    from clara.store.db import connect
-
     from clara.dense import DenseEncoder
+    from clara.store.db import connect
+    from clara.store.loading import load_build as load, shard_files as shards
 
     mcfg = _from_dict(ModelConfig, read_checkpoint_config(checkpoint)["model"])
     hidden = _hidden_size(checkpoint)
     engine = connect()
     try:
         # Every build carries the dense vectors and BM25 statistics the first-stage modes need.
-        b = stages.load_build(engine, shard_files, stages.load_docs(data["corpus_file"], data["max_docs"]),
-                              model_uri=model_uri, corpus_version=data["corpus_version"],
-                              compression_rate=mcfg.compression_rate, hidden_size=hidden, n_mem_max=mcfg.n_mem_max,
-                              dense=DenseEncoder())
+        b = load(engine, stages.load_docs(data["corpus_file"], data["max_docs"]), shards(shard_files),
+                 model_uri=model_uri, corpus_version=data["corpus_version"], compression_rate=mcfg.compression_rate,
+                 hidden_size=hidden, n_mem_max=mcfg.n_mem_max, dense=DenseEncoder())
     finally:
         engine.dispose()
     return {"build_id": b.id, "n_docs": b.n_docs, "ann": b.ann_kind, "dense_model": b.dense_model}

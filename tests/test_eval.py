@@ -160,7 +160,7 @@ def test_untrained_query_reasoner_is_replaced_by_the_compressor(fixtures, tmp_pa
 
 def test_store_evaluation_reports_every_first_stage_alone_and_reranked(fixtures, tmp_path, models, engine):
     from clara.dense import DenseEncoder
-    from clara.store.indexing import index_corpus
+    from clara.store.loading import index_corpus
 
     docs = read_corpus(fixtures / "corpus.jsonl")
     qa = load_qa_records(fixtures / "qa.jsonl")

@@ -67,13 +67,14 @@ def test_merge_refuses_overlapping_or_unfinished_shards(tmp_path):
 
 def test_compress_shard_writes_once_and_round_trips(tmp_path, tiny_model, monkeypatch):
     from clara.model.checkpoint import save_checkpoint
+    from clara.store.loading import compress_shard, read_memory_shard
 
     corpus = _corpus(tmp_path, 5)
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
     out = tmp_path / "shards" / "s0.safetensors"
-    info = stages.compress_shard(ckpt, corpus, 1, 5, out, skip_ids=["d2"])
+    info = compress_shard(ckpt, stages.load_docs(corpus)[1:5], out, skip_ids=["d2"])
     assert info == {"file": str(out), "documents": 3, "reused": False}
-    ids, mems = stages.read_memory_shard(out)
+    ids, mems = read_memory_shard(out)
     assert ids == ["d1", "d3", "d4"]
     docs = {d.id: d for d in stages.load_docs(corpus)}
     expected = tiny_model.compress([docs[i].full_text for i in ids])
@@ -81,7 +82,7 @@ def test_compress_shard_writes_once_and_round_trips(tmp_path, tiny_model, monkey
         np.testing.assert_allclose(got.astype(np.float32), want.detach().float().numpy(), atol=1e-2)
     # A finished shard is never recomputed (a rerun after a crash redoes only the missing ones).
     monkeypatch.setattr("clara.model.checkpoint.load_checkpoint", lambda *a, **k: pytest.fail("recomputed"))
-    assert stages.compress_shard(ckpt, corpus, 1, 5, out)["reused"] is True
+    assert compress_shard(ckpt, stages.load_docs(corpus)[1:5], out)["reused"] is True
     assert not list(out.parent.glob("*.tmp*"))
 
 

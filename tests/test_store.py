@@ -257,7 +257,6 @@ def python_bm25(engine, passages, question, k1=1.2, b=0.75, per_term=None, pool=
         docs = {d: dict(lexemes(t + "\n" + body)) for d, (t, body) in passages.items()}
         q = {lex for lex, _ in lexemes(question)}
     avg = sum(sum(v.values()) for v in docs.values()) / len(docs)
-    out = {}
     weights, idf = {}, {}
     for lex in q:
         df = sum(1 for v in docs.values() if lex in v)
@@ -395,3 +394,49 @@ def test_dense_stage_uses_the_builds_partial_hnsw_index(engine):
             f"EXPLAIN SELECT doc_id FROM memories WHERE build_id = CAST(:b AS bigint) ORDER BY {build.dense_expr} "
             "<=> CAST(:q AS vector(16)) LIMIT 5"), {"b": build.id, "q": "[" + ",".join(["0.1"] * 16) + "]"}))
     assert build.dense_index_name in plan
+
+
+def test_one_loader_for_shard_files_and_in_process_compression(engine, tmp_path, tiny_model):
+    """The pipeline's shard files and ``clara compress``'s in-process compression go through the same loader:
+    the same documents give the same stored memories; a resumed load is told what is there; a document the
+    source never delivers stops the build from being published."""
+    from clara.data.corpus import Document
+    from clara.model.checkpoint import save_checkpoint
+    from clara.store.loading import compress_shard, compressing, index_corpus, load_build, shard_files
+    from clara.store.search import memories_of
+
+    docs = [Document(f"d{i}", f"T{i}", f"Passage {i} tells fact {i * 3}.") for i in range(6)]
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    files = [compress_shard(ckpt, docs[s:e], tmp_path / f"s{s}.safetensors")["file"] for s, e in ((0, 4), (4, 6))]
+    shape = dict(compression_rate=tiny_model.cfg.compression_rate, hidden_size=tiny_model.hidden_size,
+                 n_mem_max=tiny_model.cfg.n_mem_max)
+    from_files = load_build(engine, docs, shard_files(files), model_uri="m-files", corpus_version="one-loader",
+                            **shape)
+    in_process = index_corpus(engine, tiny_model, docs, model_uri="m-inproc", corpus_version="one-loader",
+                              progress=False)
+    a = memories_of(engine, from_files, [d.id for d in docs])
+    b = memories_of(engine, in_process, [d.id for d in docs])
+    assert from_files.n_docs == in_process.n_docs == 6
+    for d in docs:
+        np.testing.assert_allclose(a[d.id], b[d.id], atol=2e-2)  # shard files hold fp16
+
+    # A resumed build: the source is told what is already loaded, and only the rest is compressed.
+    seen: list[set[str]] = []
+    with BuildWriter.open(engine, "m-resume", 16, "one-loader", hidden_size=tiny_model.hidden_size,
+                          n_mem_max=tiny_model.cfg.n_mem_max) as w:
+        w.add_documents("one-loader", [(d.id, d.title, d.text) for d in docs])
+        w.add(["d0", "d1"], [m.numpy() for m in tiny_model.compress([docs[0].full_text, docs[1].full_text])])
+    inner = compressing(tiny_model, docs, progress=False)
+
+    def watched(loaded):
+        seen.append(set(loaded))
+        return inner(loaded)
+
+    resumed = load_build(engine, docs, watched, model_uri="m-resume", corpus_version="one-loader", **shape)
+    assert seen == [{"d0", "d1"}] and resumed.n_docs == 6
+
+    with pytest.raises(ValueError, match="1 documents have no memory"):
+        load_build(engine, docs, shard_files(files[:1] + [compress_shard(ckpt, docs[4:5], tmp_path / "x.st")["file"]]),
+                   model_uri="m-missing", corpus_version="one-loader", **shape)
+    with pytest.raises(StoreError, match="no ready index build"):
+        ready_build(engine, model_uri="m-missing")

@@ -1,4 +1,5 @@
 import pytest
+import numpy as np
 import torch
 
 from clara.model.topk import differentiable_topk, flat_cosine
@@ -75,3 +76,24 @@ def test_flat_cosine_matches_manual_and_ignores_zero_slots():
     assert torch.allclose(s, manual, atol=1e-6)
     per_query = flat_cosine(q, d.unsqueeze(0).expand(2, -1, -1, -1))
     assert torch.allclose(per_query, s, atol=1e-6)
+
+
+def test_the_store_numpy_score_is_the_same_function_as_the_torch_one():
+    # The store scores with numpy (no torch in the query path); both must rank documents identically.
+    from clara.store.search import flat_cosine_np
+
+    torch.manual_seed(1)
+    n_max, h = 4, 8
+    q = torch.randn(1, n_max, h)
+    lengths = [4, 2, 1, 3]
+    mems = [torch.randn(n, h) for n in lengths]
+    padded = torch.zeros(len(mems), n_max, h)
+    for i, m in enumerate(mems):
+        padded[i, : m.shape[0]] = m
+    torch_scores = flat_cosine(q, padded)[0]
+    np_scores = flat_cosine_np(q[0].numpy(), [m.numpy() for m in mems], n_max)
+    assert np.allclose(torch_scores.numpy(), np_scores, atol=1e-6)
+    # A query with fewer rows than n_max is zero-padded by both.
+    short = q[:, :2]
+    assert np.allclose(flat_cosine(torch.nn.functional.pad(short, (0, 0, 0, n_max - 2)), padded)[0].numpy(),
+                       flat_cosine_np(short[0].numpy(), [m.numpy() for m in mems], n_max), atol=1e-6)

@@ -9,13 +9,14 @@ their parent id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from clara.data.records import RecordError, iter_jsonl
 
@@ -280,3 +281,12 @@ def read_corpus(path: str | Path) -> list[Document]:
     """Read a corpus written by ``write_corpus`` (or any valid JSONL corpus), failing on the first bad row."""
     docs, _ = ingest_path(path, on_error="fail")
     return docs
+
+
+def corpus_version_of(docs: Sequence[Document]) -> str:
+    """A content hash of the corpus (the store's corpus version when no DVC data version is given)."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(dumps(d.row()).encode())
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()[:16]

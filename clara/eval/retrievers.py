@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from clara.data.corpus import Document
-from clara.model.topk import flat_cosine, pad_memories
+from clara.model.topk import flat_cosine, flat_unit, pad_memories, unit_scores
 
 Ranked = list[tuple[str, float]]
 
@@ -124,7 +124,7 @@ class ClaraRetriever:
                                                              batch_size=compress_batch_size)]
             self.memory = dict(zip(self.ids, mems))
             # Normalised once: a query's scores are then one matrix product (the flattened cosine).
-            self.flat = torch.nn.functional.normalize(pad_memories(mems, model.cfg.n_mem_max).flatten(1), dim=-1)
+            self.flat = flat_unit(pad_memories(mems, model.cfg.n_mem_max))
 
     def encode(self, questions: Sequence[str]) -> list[torch.Tensor]:
         return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
@@ -160,7 +160,7 @@ class ClaraRetriever:
 
                 hits = search(self.engine, self.build, query.numpy(), k=k, exact=True)
                 return self._keep(hits)
-            scores = torch.nn.functional.normalize(query.flatten(), dim=-1) @ self.flat.T
+            scores = unit_scores(flat_unit(query.unsqueeze(0)), self.flat)[0]
             top = scores.topk(min(k, len(self.ids)))
             return [(self.ids[int(i)], float(s)) for i, s in zip(top.indices, top.values)]
         from clara.store.search import DEFAULT_CANDIDATES, search

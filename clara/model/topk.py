@@ -44,11 +44,24 @@ def differentiable_topk(scores: torch.Tensor, k: int, tau: float = 0.02) -> tupl
     return torch.stack(slots, dim=1), idx
 
 
+def flat_unit(memories: torch.Tensor) -> torch.Tensor:
+    """The vector the paper's score compares: a [..., n, H] memory tensor flattened to [..., n*H] and scaled to
+    unit length (fp32). Slots a document does not use are zero, so they add nothing to its norm; a pool is
+    turned into these once and scored many times with ``unit_scores``."""
+    return torch.nn.functional.normalize(memories.flatten(-2).float(), dim=-1)
+
+
+def unit_scores(query: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """Cosine scores of ``flat_unit`` vectors: query [B, F] against docs [N, F] (the same for every query) or
+    [B, N, F] (per-query candidates); returns [B, N]. Differentiable in both arguments."""
+    if docs.dim() == 2:
+        return query @ docs.T
+    return torch.einsum("bf,bnf->bn", query, docs)
+
+
 def flat_cosine(query: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
     """The paper's score: cosine between the flattened query tensor and each flattened document tensor.
-
-    Slots a document does not use (length-proportional mode) are zero, so they add nothing to the dot product
-    and nothing to that document's norm.
+    The store's numpy twin is ``clara.store.search.flat_cosine_np`` (a test keeps them equal).
 
     Args:
         query: [B, n, H].
@@ -56,12 +69,7 @@ def flat_cosine(query: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
     Returns:
         [B, N] scores in [-1, 1].
     """
-    q = torch.nn.functional.normalize(query.flatten(1).float(), dim=-1)
-    if docs.dim() == 3:
-        d = torch.nn.functional.normalize(docs.flatten(1).float(), dim=-1)
-        return q @ d.T
-    d = torch.nn.functional.normalize(docs.flatten(2).float(), dim=-1)
-    return torch.einsum("bf,bnf->bn", q, d)
+    return unit_scores(flat_unit(query), flat_unit(docs))
 
 
 def pad_memories(memories: Sequence[torch.Tensor], n_max: int) -> torch.Tensor:

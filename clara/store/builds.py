@@ -110,6 +110,16 @@ def list_builds(engine: Engine) -> list[Build]:
         return [_build(r) for r in conn.execute(text(f"SELECT {_COLUMNS} FROM index_builds ORDER BY id"))]
 
 
+def loaded_ids(engine: Engine, *, model_uri: str, corpus_version: str, compression_rate: int) -> set[str]:
+    """Documents an unfinished build of this key already holds (a killed run's work, not redone)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT m.doc_id FROM memories m JOIN index_builds b ON b.id = m.build_id WHERE b.model_uri = :m "
+            "AND b.compression_rate = :r AND b.corpus_version = :c AND b.status IN ('loading', 'indexing')"),
+            {"m": model_uri, "r": compression_rate, "c": corpus_version}).all()
+    return {r[0] for r in rows}
+
+
 def _release(raw) -> None:
     """Drop the session's advisory locks, then hand the connection back to the pool."""
     try:

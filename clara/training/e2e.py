@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clara.config import E2EConfig, to_dict
 from clara.data.records import QARecord
 from clara.model.checkpoint import load_adapter_weights
 from clara.model.clara_model import ClaraModel
-from clara.model.topk import differentiable_topk, pad_memories
+from clara.model.topk import differentiable_topk, flat_unit, pad_memories, unit_scores
 from clara.training.common import (
     Checkpointer,
     MetricsCallback,
@@ -117,12 +116,12 @@ def e2e_loss(model: ClaraModel, batch: Sequence[QARecord], pool: torch.Tensor, p
     ``first``: per question of the batch, the first stage's pool indices (hard negatives come from there)."""
     with model.adapter("query_reasoner"):
         enc = model.encode_texts([r.question for r in batch], max_len=model.cfg.query_max_len, query=True)
-    q = F.normalize(enc.memory.flatten(1).float(), dim=-1)  # [B, n*H], grad -> query reasoner
+    q = flat_unit(enc.memory)  # [B, n*H], grad -> query reasoner
     positives = [[doc_index[d] for d in r.gold_doc_ids if d in doc_index] for r in batch]
     n_cand = min(cfg.n_candidates, pool.shape[0])
     with torch.no_grad():
-        candidates = pick_candidates(q @ pool_flat.T, positives, n_cand, first)  # [B, N]
-    scores = torch.einsum("bf,bnf->bn", q, pool_flat[candidates])  # flattened cosine, differentiable
+        candidates = pick_candidates(unit_scores(q, pool_flat), positives, n_cand, first)  # [B, N]
+    scores = unit_scores(q, pool_flat[candidates])  # flattened cosine, differentiable
     k = min(cfg.top_k, n_cand)
     weights, picked = differentiable_topk(scores, k, cfg.tau)  # [B, k, N], [B, k]
     selected = torch.einsum("bkn,bnmh->bkmh", weights.to(pool.dtype), pool[candidates])  # == hard pick
@@ -152,11 +151,11 @@ def selection_recall(model: ClaraModel, records: Sequence[QARecord], pool_flat: 
     queries = model.encode_queries([r.question for r in records], batch_size=batch_size)
     for s in range(0, len(records), batch_size):
         batch = records[s : s + batch_size]
-        q = F.normalize(torch.stack(queries[s : s + batch_size]).flatten(1).float(), dim=-1)
+        q = flat_unit(torch.stack(queries[s : s + batch_size]))
         positives = [[doc_index[d] for d in r.gold_doc_ids if d in doc_index] for r in batch]
-        candidates = pick_candidates(q @ pool_flat.T, positives, n_cand,
+        candidates = pick_candidates(unit_scores(q, pool_flat), positives, n_cand,
                                      first[s : s + batch_size] if first is not None else None)
-        scores = torch.einsum("bf,bnf->bn", q, pool_flat[candidates])
+        scores = unit_scores(q, pool_flat[candidates])
         picked = scores.topk(k, dim=-1).indices
         with_pos = sum(1 for p in positives if p)
         if with_pos:
@@ -192,7 +191,7 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     doc_ids = list(corpus)
     doc_index = {d: i for i, d in enumerate(doc_ids)}
     pool, pool_n = compress_pool(model, [corpus[d] for d in doc_ids], compress_batch_size)
-    pool_flat = F.normalize(pool.flatten(1).float(), dim=-1)
+    pool_flat = flat_unit(pool)
     first = None
     if cfg.negatives == "first_stage":
         ranked = first_stage_candidates(records, corpus, cfg.n_candidates, candidates_cache or out_dir)
