@@ -47,13 +47,13 @@ def timed(call, repeats: int) -> dict[str, float]:
 
 
 def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tokens: int, seed: int) -> dict[str, Any]:
-    from clara import stages
+    from clara.data.corpus import ingest_corpus
     from clara.config import preset
     from clara.model.clara_model import ClaraModel
 
     torch.manual_seed(seed)
     cfg0 = preset(preset_name)
-    docs, _ = stages.ingest("bundled", cfg0)
+    docs, _ = ingest_corpus("bundled", cfg0)
     rng = np.random.default_rng(seed)
     texts = [docs[i].full_text for i in rng.choice(len(docs), max(ks), replace=False)]
     question = "Which city was the capital of the empire when the treaty described above was signed?"

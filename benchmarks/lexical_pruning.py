@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/lexical_pruning.json"))
     args = ap.parse_args()
 
-    from clara import stages
+    from clara.data.corpus import ingest_corpus
     from clara.config import preset
     from clara.data.records import load_qa_records
     from clara.eval.datasets import description_retrieval
@@ -54,7 +54,7 @@ def main() -> None:
 
         url = sqlalchemy_url(embedded_server(Path(tempfile.mkdtemp(prefix="clara-lex-")) / "pg").get_uri())
     engine = connect(url)
-    docs, _ = stages.ingest("bundled", preset(args.preset))  # the preset's passage length: the dev set's gold ids
+    docs, _ = ingest_corpus("bundled", preset(args.preset))  # the preset's passage length: the dev set's gold ids
     version = corpus_version_of(docs)
     t0 = time.perf_counter()
     placeholder = np.random.default_rng(args.seed).standard_normal((len(docs), 1, 8), dtype=np.float32)

@@ -39,7 +39,7 @@ def _timed(fn, reps: int) -> tuple[float, Any]:
 
 
 def run(reps: int = 2, n_docs: int = 8, new_tokens: int = 16) -> dict[str, Any]:
-    from clara import stages
+    from clara.data.corpus import ingest_corpus
     from clara.config import preset
     from clara.data.mixes import heldout
     from clara.model import ClaraModel
@@ -54,7 +54,7 @@ def run(reps: int = 2, n_docs: int = 8, new_tokens: int = 16) -> dict[str, Any]:
         for name, p in model.peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
-    docs, _ = stages.ingest("bundled", model.cfg)
+    docs, _ = ingest_corpus("bundled", model.cfg)
     train_docs = [d.full_text for d in docs[:n_docs]]
     held = [d for d in docs if heldout(d)][:8]
     batch = [Example([t], prompts.PARAPHRASE_USER[:1], t) for t in train_docs[:4]]

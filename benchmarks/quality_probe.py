@@ -103,7 +103,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
           heldout_passages: int = 40, max_new_tokens: int = 32, batch_size: int = 8, parts: str = "abc",
           seed: int = 0, amp: str | None = None, retrieval: str = "full", corpus: str = "bundled"
           ) -> dict[str, Any]:
-    from clara import stages
+    from clara.data.corpus import ingest_corpus
     from clara.data.mixes import heldout
     from clara.data.records import load_qa_records
     from clara.eval.retrievers import BM25Retriever
@@ -119,7 +119,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         model.uses_amp = amp == "bf16"
     meta = read_checkpoint_config(checkpoint)
     stage = meta.get("extra", {}).get("stage", "?")
-    docs_all, _ = stages.ingest(corpus, model.cfg)
+    docs_all, _ = ingest_corpus(corpus, model.cfg)
     docs = first_articles(docs_all, articles)
     by_id = {d.id: d for d in docs}
     qa = load_qa_records(dev)

@@ -24,7 +24,7 @@ FUSE_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 
 def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, dev: Path | None = None,
         database_url: str | None = None, seed: int = 0, out_dir: Path) -> dict[str, Any]:
-    from clara import stages
+    from clara.data.corpus import ingest_corpus
     from clara.data.records import QARecord, load_qa_records
     from clara.dense import DenseEncoder
     from clara.eval.datasets import description_retrieval
@@ -36,7 +36,7 @@ def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, d
 
     t0 = time.perf_counter()
     model = load_checkpoint(checkpoint)
-    docs, _ = stages.ingest(corpus, model.cfg)
+    docs, _ = ingest_corpus(corpus, model.cfg)
     engine = connect(database_url)
     build = index_corpus(engine, model, docs, model_uri=str(Path(checkpoint).resolve()),
                          corpus_version=corpus_version_of(docs), dense=DenseEncoder(), reuse=True)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from quality_probe import first_articles, reconstruction
 
-    from clara import stages
+    from clara.data.corpus import ingest_corpus
     from clara.config import LoraSettings, OptimSettings, SCPConfig, TrainConfig, preset
     from clara.data.mixes import heldout, reconstruction_rows
     from clara.data.records import parse_scp_record
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = preset("smollm2-135m", compression_rate=args.rate,
                  lora=LoraSettings(r=args.rank, alpha=2 * args.rank, dropout=0.1))
-    docs, _ = stages.ingest("bundled", cfg)
+    docs, _ = ingest_corpus("bundled", cfg)
     records = [parse_scp_record(row, f"reconstruction row {i}")
                for i, row in enumerate(reconstruction_rows(d for d in docs if not heldout(d)))]
     held = [d for d in first_articles(docs, 2000) if heldout(d)][: args.heldout]

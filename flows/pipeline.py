@@ -32,6 +32,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from clara import stages
+from clara.data.corpus import corpus_name, prepare_corpus, read_corpus
 from flows import profiles, tracking
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -163,9 +164,9 @@ _CACHED = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="
 def ingest_corpus(corpus: str, preset: str, project_dir: str) -> dict[str, Any]:
     from clara.config import preset as make_preset
 
-    out = Path(project_dir) / "data" / "corpus" / f"{stages.corpus_name(corpus)}.jsonl"
+    out = Path(project_dir) / "data" / "corpus" / f"{corpus_name(corpus)}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    return stages.prepare_corpus(corpus, make_preset(preset), out)
+    return prepare_corpus(corpus, make_preset(preset), out)
 
 
 @task(name="synthesize-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
@@ -186,7 +187,7 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
                project_dir: str, dvc_push: bool, parent_run: str, experiment: str, seed: int = 0) -> dict[str, Any]:
     """Corpus -> data/corpus/<name>.jsonl; teacher -> data/synth/<name>/ (train/dev); then a DVC snapshot."""
     log = get_run_logger()
-    name = stages.corpus_name(corpus)
+    name = corpus_name(corpus)
     prepared = ingest_corpus(corpus, preset, project_dir)
     corpus_file = prepared["path"]
     n = min(prepared["documents"], max_docs) if max_docs else prepared["documents"]
@@ -328,7 +329,7 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
     with _Stage("train_e2e", parent_run, experiment,
                 {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)}) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
-        docs = stages.load_docs(data["corpus_file"], data["max_docs"])
+        docs = read_corpus(data["corpus_file"], data["max_docs"])
         qa = synth_qa(data["synth_dir"], split="train")
         work = _work_dir("e2e", key)
         if processes > 1:
@@ -379,7 +380,7 @@ def compress_shard(checkpoint: str, corpus_file: str, start: int, end: int, out_
                    batch_size: int, device: Optional[str]) -> dict[str, Any]:
     from clara.store.loading import compress_shard as compress
 
-    return compress(checkpoint, stages.load_docs(corpus_file)[start:end], out_file, skip_ids, batch_size, device)
+    return compress(checkpoint, read_corpus(corpus_file)[start:end], out_file, skip_ids, batch_size, device)
 
 
 @task(name="load-build", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
@@ -395,7 +396,7 @@ def load_build(shard_files: list[str], data: dict[str, Any], checkpoint: str, mo
     engine = connect()
     try:
         # Every build carries the dense vectors and BM25 statistics the first-stage modes need.
-        b = load(engine, stages.load_docs(data["corpus_file"], data["max_docs"]), shards(shard_files),
+        b = load(engine, read_corpus(data["corpus_file"], data["max_docs"]), shards(shard_files),
                  model_uri=model_uri, corpus_version=data["corpus_version"], compression_rate=mcfg.compression_rate,
                  hidden_size=hidden, n_mem_max=mcfg.n_mem_max, dense=DenseEncoder())
     finally:
@@ -471,7 +472,7 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
                 {"model_uri": e2e["model_uri"], "build_id": build["build_id"], "questions": questions,
                  "k": top_k, "baselines": baselines, "data_version": data["data_version"],
                  **{f"retrieval.{k}": v for k, v in retrieval.items()}}) as st:
-        docs = stages.load_docs(data["corpus_file"], data["max_docs"])
+        docs = read_corpus(data["corpus_file"], data["max_docs"])
         qa, _ = subsample(synth_qa(data["synth_dir"], split="dev"), docs, questions, None)
         model = load_checkpoint(_checkpoint(e2e), device=device)
         engine = connect()

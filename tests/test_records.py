@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from clara.data.records import RecordError, load_corpus, load_qa_records, load_scp_records
+from clara.data.corpus import read_corpus
+from clara.data.records import RecordError, load_qa_records, load_scp_records
 
 
 def write(tmp_path, name, lines):
@@ -14,7 +15,7 @@ def write(tmp_path, name, lines):
 def test_fixture_files_load(fixtures):
     assert len(load_scp_records(fixtures / "scp.jsonl")) == 16
     assert len(load_qa_records(fixtures / "qa.jsonl")) == 8
-    assert len(load_corpus(fixtures / "corpus.jsonl")) == 8
+    assert len({d.id: d.full_text for d in read_corpus(fixtures / "corpus.jsonl")}) == 8
 
 
 @pytest.mark.parametrize(
@@ -39,7 +40,7 @@ def test_scp_errors_name_file_and_line(tmp_path, line, message):
 def test_non_utf8_and_empty_files(tmp_path):
     p = write(tmp_path, "bad.jsonl", [json.dumps({"id": "a", "text": "x"}), b'{"id": "b", "text": "caf\xe9"}'])
     with pytest.raises(RecordError, match=r"bad.jsonl:2: not valid UTF-8"):
-        load_corpus(p)
+        {d.id: d.full_text for d in read_corpus(p)}
     with pytest.raises(RecordError, match="no records"):
         load_scp_records(write(tmp_path, "empty.jsonl", [""]))
 
@@ -47,10 +48,10 @@ def test_non_utf8_and_empty_files(tmp_path):
 def test_corpus_and_qa_validation(tmp_path):
     p = write(tmp_path, "c.jsonl", [json.dumps({"id": "a", "text": "x"}), json.dumps({"id": "a", "text": "y"})])
     with pytest.raises(RecordError, match=r"c.jsonl:2: duplicate id: 'a'"):
-        load_corpus(p)
+        {d.id: d.full_text for d in read_corpus(p)}
     p = write(tmp_path, "c2.jsonl", [json.dumps({"id": "a", "text": "  "})])
     with pytest.raises(RecordError, match="empty document"):
-        load_corpus(p)
+        {d.id: d.full_text for d in read_corpus(p)}
     p = write(tmp_path, "q.jsonl", [json.dumps({"id": 1, "question": "q?", "golden_answers": ["x"],
                                                 "pos_doc_ids": [3]})])
     rec = load_qa_records(p)[0]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clara import stages
-from clara.data.corpus import Document, write_corpus
+from clara.data.corpus import Document, corpus_name, prepare_corpus, read_corpus, write_corpus
 
 
 @pytest.mark.parametrize("n,shards", [(10, 3), (3, 5), (0, 2), (7, 1), (100, 7)])
@@ -72,17 +72,17 @@ def test_compress_shard_writes_once_and_round_trips(tmp_path, tiny_model, monkey
     corpus = _corpus(tmp_path, 5)
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
     out = tmp_path / "shards" / "s0.safetensors"
-    info = compress_shard(ckpt, stages.load_docs(corpus)[1:5], out, skip_ids=["d2"])
+    info = compress_shard(ckpt, read_corpus(corpus)[1:5], out, skip_ids=["d2"])
     assert info == {"file": str(out), "documents": 3, "reused": False}
     ids, mems = read_memory_shard(out)
     assert ids == ["d1", "d3", "d4"]
-    docs = {d.id: d for d in stages.load_docs(corpus)}
+    docs = {d.id: d for d in read_corpus(corpus)}
     expected = tiny_model.compress([docs[i].full_text for i in ids])
     for got, want in zip(mems, expected):
         np.testing.assert_allclose(got.astype(np.float32), want.detach().float().numpy(), atol=1e-2)
     # A finished shard is never recomputed (a rerun after a crash redoes only the missing ones).
     monkeypatch.setattr("clara.model.checkpoint.load_checkpoint", lambda *a, **k: pytest.fail("recomputed"))
-    assert compress_shard(ckpt, stages.load_docs(corpus)[1:5], out)["reused"] is True
+    assert compress_shard(ckpt, read_corpus(corpus)[1:5], out)["reused"] is True
     assert not list(out.parent.glob("*.tmp*"))
 
 
@@ -92,14 +92,14 @@ def test_prepare_corpus_reuses_an_unchanged_source(tmp_path):
     src = _corpus(tmp_path, 3)
     out = tmp_path / "data" / "corpus" / "c.jsonl"
     out.parent.mkdir(parents=True)
-    first = stages.prepare_corpus(str(src), preset("tiny"), out)
+    first = prepare_corpus(str(src), preset("tiny"), out)
     assert first["documents"] == 3 and out.is_file()
     mtime = out.stat().st_mtime_ns
-    assert stages.prepare_corpus(str(src), preset("tiny"), out) == first
+    assert prepare_corpus(str(src), preset("tiny"), out) == first
     assert out.stat().st_mtime_ns == mtime
     write_corpus([Document("x", "X", "Something else entirely.")], src)
-    assert stages.prepare_corpus(str(src), preset("tiny"), out)["documents"] == 1
-    assert stages.corpus_name("bundled") == "wiki_en" and stages.corpus_name("/a/My Corpus.jsonl") == "My-Corpus"
+    assert prepare_corpus(str(src), preset("tiny"), out)["documents"] == 1
+    assert corpus_name("bundled") == "wiki_en" and corpus_name("/a/My Corpus.jsonl") == "My-Corpus"
 
 
 def test_cache_key_ignores_run_identity_but_not_inputs():

