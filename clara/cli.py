@@ -54,6 +54,20 @@ def _read_config(path: Optional[Path]) -> dict:
     return read_config_file(path) if path is not None else {}
 
 
+def quiet_libraries() -> None:
+    """Our entry points print our output, not the libraries' deprecation notices and weight-loading bars (a
+    user's own environment variables win)."""
+    import warnings
+
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("mlflow", "transformers", "peft", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -369,6 +383,7 @@ def data_version_cmd(repo: Path = typer.Option(Path("."), help="The git + DVC re
 
 @app.command("evaluate")
 def evaluate_cmd(
+    ctx: typer.Context,
     qa: str = typer.Option(..., help="QA JSONL {id, question, answers, gold_doc_ids}, 'synth:DIR' (the synthesized "
                                      "dev split) or 'descriptions' (description -> article, retrieval only)."),
     corpus: str = typer.Option(..., help="Corpus JSONL {id,title,text} or 'bundled'."),
@@ -405,7 +420,7 @@ def evaluate_cmd(
         wanted = {int(r) for r in rates.split(",")} if rates else None
         models, refs = {}, {}
         for ref in model:
-            m = load_checkpoint(resolve_model(ref), device=device)
+            m = load_checkpoint(resolve_model(ref, (ctx.obj or {}).get("resolve_uri")), device=device)
             if wanted is None or m.cfg.compression_rate in wanted:
                 if m.cfg.compression_rate in models:
                     raise ValueError(f"two models at rate {m.cfg.compression_rate}")
@@ -516,99 +531,6 @@ def store_builds(database_url: Optional[str] = DbOpt) -> None:
                    f"{b.ann_kind:<7} {b.corpus_version}  {b.model_uri}")
 
 
-# ------------------------------------------------------------------------------------------- registry
-
-ModelNameOpt = typer.Option("clara", "--name", help="Registered model name.")
-
-
-def _registry_call(fn, *args):
-    from mlflow.exceptions import MlflowException
-
-    from flows import tracking
-    from flows.registry import RegistryError
-
-    try:
-        return fn(tracking.client(), *args)
-    except (RegistryError, MlflowException) as exc:
-        _fail(exc)
-
-
-def _say(decision) -> None:
-    typer.echo(f"{decision.name} v{decision.version} -> {decision.alias} "
-               f"(was v{decision.previous or '-'}): {decision.reason}")
-
-
-@app.command("promote")
-def promote_cmd(version: str = typer.Option(..., "--version", help="Model version to make production."),
-                reason: str = typer.Option(..., help="Why (recorded on the version and in the history)."),
-                name: str = ModelNameOpt) -> None:
-    """Point the alias ``production`` at a version by hand (bypassing the pipeline's gate)."""
-    from flows.registry import promote
-
-    _say(_registry_call(promote, name, version, reason))
-
-
-@app.command("rollback")
-def rollback_cmd(reason: str = typer.Option(..., help="Why (recorded)."), name: str = ModelNameOpt) -> None:
-    """Move ``production`` back to the version that held it before the current one."""
-    from flows.registry import rollback
-
-    _say(_registry_call(rollback, name, reason))
-
-
-@app.command("models")
-def models_cmd(name: str = ModelNameOpt,
-               metric: str = typer.Option("f1", help="Evaluation metric to show.")) -> None:
-    """List a registered model's versions with their aliases, metric and gate decision."""
-    from flows import tracking
-
-    def show(c, name):
-        versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-        if not versions:
-            raise FileNotFoundError(f"no versions of {name!r} at {tracking.tracking_uri()}")
-        by_version: dict[str, list[str]] = {}
-        for alias, ver in c.get_registered_model(name).aliases.items():
-            by_version.setdefault(str(ver), []).append(alias)
-        for v in versions:
-            aliases = ",".join(sorted(by_version.get(str(v.version), []))) or "-"
-            typer.echo(f"v{v.version:<4} {aliases:<22} {metric} {v.tags.get('eval.' + metric, '-'):<10} "
-                       f"data {v.tags.get('data_version', '-')[:12]:<12} build {v.tags.get('build_id', '-'):<5} "
-                       f"{v.tags.get('production.reason') or v.tags.get('gate.reason', '')}")
-
-    try:
-        _registry_call(show, name)
-    except FileNotFoundError as exc:
-        _fail(exc)
-
-
-@app.command("ask")
-def ask_cmd(question: list[str] = typer.Argument(..., help="One or more questions."),
-            model: str = typer.Option("models:/clara@production", help="MLflow model URI."),
-            k: Optional[int] = typer.Option(None, help="Documents to retrieve (default: the model's)."),
-            as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
-    """Answer from the production model: retrieval from pgvector, generation from the memory tokens."""
-    import mlflow
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
-
-    from flows import tracking
-    from clara.store.builds import StoreError
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    try:
-        m = mlflow.pyfunc.load_model(model)
-        out = m.predict(pd.DataFrame({"question": question}), params={"k": k} if k else None)
-    except (MlflowException, StoreError, ValueError, OSError) as exc:
-        _fail(exc)
-    for row in out.to_dict("records"):
-        if as_json:
-            typer.echo(json.dumps(row))
-            continue
-        typer.echo(f"Q: {row['question']}\nA: {row['answer']}")
-        for title, doc_id, score in zip(row["titles"], row["doc_ids"], row["scores"]):
-            typer.echo(f"   {score:.3f}  {title}  [{doc_id}]")
-
-
 if __name__ == "__main__":
+    quiet_libraries()
     app()

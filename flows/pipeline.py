@@ -91,7 +91,7 @@ def _checkpoint(ref: dict[str, Any]) -> Path:
         return local
     from clara.eval.datasets import resolve_model
 
-    return resolve_model(ref["model_uri"])
+    return resolve_model(ref["model_uri"], tracking.download_model)
 
 
 class _Stage:

@@ -31,6 +31,15 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def download_model(uri: str) -> Path:
+    """The local folder of a model URI's artifacts (``models:/name@alias``, ``runs:/…``): the resolver the library's
+    commands are given for model URIs."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
 def experiment_id(c: MlflowClient, name: str = EXPERIMENT) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:

@@ -251,11 +251,17 @@ def test_gate_keeps_production_unless_the_new_version_is_better():
 def test_promote_and_rollback_by_hand_from_the_cli():
     from typer.testing import CliRunner
 
-    from clara.cli import app
+    from flows.cli import build_app, context
 
     c = _client()
     before = c.get_model_version_by_alias("clara", "production").version
-    runner = CliRunner()
+    app = build_app()
+
+    class Runner(CliRunner):  # the `clara` entry point hands the commands MLflow's URI resolver
+        def invoke(self, *args, **kwargs):
+            return super().invoke(*args, obj=context(), **kwargs)
+
+    runner = Runner()
     r = runner.invoke(app, ["promote", "--version", "2", "--reason", "hotfix from the on-call"])
     assert r.exit_code == 0, r.output
     assert c.get_model_version_by_alias("clara", "production").version == "2"

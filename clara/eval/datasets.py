@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from clara.data.corpus import Document
 from clara.data.records import QARecord, load_qa_records, read_jsonl
@@ -74,14 +74,18 @@ def subsample(qa: Sequence[QARecord], docs: Sequence[Document], limit: int | Non
     return qa, sorted(keep, key=lambda d: order[d.id])
 
 
-def resolve_model(ref: str) -> Path:
-    """A checkpoint folder, or an MLflow model URI (``models:/name@alias``, ``runs:/…``) downloaded locally."""
+UriResolver = Callable[[str], Path]
+"""Downloads what a model URI (``models:/name@alias``, ``runs:/…``) points at and returns the local folder."""
+
+
+def resolve_model(ref: str, resolve_uri: UriResolver | None = None) -> Path:
+    """A checkpoint folder, or a model URI fetched by ``resolve_uri`` (the library knows no tracking server:
+    the ``clara`` command line and the flows pass MLflow's, ``flows.tracking.download_model``)."""
     if ref.startswith(("models:/", "runs:/")):
-        try:
-            import mlflow
-        except ImportError as exc:
-            raise ValueError(f"{ref}: MLflow model URIs need mlflow installed") from exc
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+        if resolve_uri is None:
+            raise ValueError(f"{ref}: a model URI needs a resolver; give a checkpoint folder, or run this through "
+                             "the `clara` command, which resolves MLflow URIs")
+        local = Path(resolve_uri(ref))
         found = sorted(local.rglob("clara.json"))
         if not found:
             raise FileNotFoundError(f"{ref}: no clara checkpoint (clara.json) inside the downloaded artifacts")
