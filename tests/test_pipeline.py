@@ -1,8 +1,9 @@
 """The pipeline end to end against real services: a real MLflow server (started by infra/), Prefect's test
 harness (a real Prefect server on a temporary database), the embedded Postgres, DVC in a scratch git repo.
 
-The tiny preset keeps each pipeline run to seconds. Tests in this module run in order and build on each other
-(the first run's registered model is what the gate and CLI tests then move around)."""
+The tiny preset keeps each pipeline run to seconds. No test depends on another having run: the first pipeline run
+is a fixture (``first_run``) that whichever test needs it starts, and the tests that move aliases around work on
+their own registered model names, so every test passes alone, in any order."""
 
 from __future__ import annotations
 
@@ -74,38 +75,52 @@ def _client():
     return tracking.client()
 
 
-def test_failed_run_is_recorded_and_rerun_resumes_from_cached_stages(services, repo):
-    from mlflow.exceptions import MlflowException
+def _pipeline_runs(status: str) -> list:
+    c = _client()
+    exp = c.get_experiment_by_name("clara")
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], f"tags.`clara.stage` = 'pipeline' AND attributes.status = '{status}'")
 
+
+def _versions(name: str = "clara") -> list:
+    return _client().search_model_versions(f"name = '{name}'")
+
+
+@pytest.fixture(scope="module")
+def first_run(services, repo):
+    """A run that fails at its last stage (an unknown gate metric), then the same run again: the rerun must
+    reuse every finished stage. Whichever test first needs a trained, registered model starts this."""
     from flows.pipeline import clara
 
+    failed_before, versions_before = len(_pipeline_runs("FAILED")), len(_versions())
     with pytest.raises(ValueError, match="gate metric 'no-such-metric'"):
         clara(**TINY, gate_metric="no-such-metric", project_dir=str(repo))
-    c = _client()
-    failed = c.search_runs([c.get_experiment_by_name("clara").experiment_id],
-                           "tags.`clara.stage` = 'pipeline'")
-    assert [r.info.status for r in failed] == ["FAILED"]
-    with pytest.raises(MlflowException):
-        c.get_registered_model("clara")  # nothing registered by the failed run
-
+    failure = {"new_failed_runs": len(_pipeline_runs("FAILED")) - failed_before,
+               "new_versions": len(_versions()) - versions_before}
     result = clara(**TINY, project_dir=str(repo))
+    return {**result, "failure": failure}
+
+
+def test_failed_run_is_recorded_and_rerun_resumes_from_cached_stages(first_run):
+    assert first_run["failure"] == {"new_failed_runs": 1, "new_versions": 0}  # recorded, nothing registered
     # Everything up to the failure was reused, not recomputed.
     assert {"synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate"} <= \
-        set(result["cached"])
-    assert "promote" not in result["cached"]
-    services["first"] = result
+        set(first_run["cached"])
+    assert "promote" not in first_run["cached"]
 
 
-def test_run_left_registered_models_alias_build_and_lineage(services, repo):
+def test_run_left_registered_models_alias_build_and_lineage(first_run, repo):
     from clara.data.versioning import data_version, status_clean
     from clara.store.builds import get_build
     from clara.store.db import connect
+    from flows.registry import history
 
-    result = services["first"]
+    result = first_run
     c = _client()
-    prod = c.get_model_version_by_alias("clara", "production")
-    assert prod.version == result["promotion"]["version"] == "1"
-    assert result["promotion"]["alias"] == "production"
+    assert result["promotion"]["alias"] == "production"  # the first version of a model is production at once
+    assert history(c, "clara")[0]["version"] == result["promotion"]["version"]
+    prod = c.get_model_version("clara", result["promotion"]["version"])
     assert prod.tags["data_version"] == data_version(repo) == result["data"]["data_version"]
     assert "eval.f1" in prod.tags and prod.tags["build_id"] == str(result["build"]["build_id"])
     assert c.search_model_versions("name = 'clara-compressor'")
@@ -132,18 +147,23 @@ def test_run_left_registered_models_alias_build_and_lineage(services, repo):
     assert (repo / "data" / "synth" / "wiki_en" / "train.jsonl").is_file()
 
 
-def test_second_run_with_same_inputs_skips_every_stage(services, repo):
+def test_second_run_with_same_inputs_skips_every_stage(first_run, repo):
+    from clara.store.builds import list_builds
+    from clara.store.db import connect
+
     from flows.pipeline import clara
 
+    before = clara(**TINY, project_dir=str(repo))  # whatever other tests ran, these inputs have a finished run now
+    versions, builds = len(_versions()), len(list_builds(connect()))
     again = clara(**TINY, project_dir=str(repo))
     assert set(again["cached"]) == {"synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate",
                                     "promote"}
-    assert again["promotion"]["version"] == "1"  # no duplicate registration
-    assert again["build"]["build_id"] == services["first"]["build"]["build_id"]
-    assert len(_client().search_model_versions("name = 'clara'")) == 1
+    assert again["promotion"]["version"] == before["promotion"]["version"]  # no duplicate registration
+    assert again["build"]["build_id"] == before["build"]["build_id"]
+    assert len(_versions()) == versions and len(list_builds(connect())) == builds
 
 
-def test_production_model_loads_from_the_registry_and_answers(services):
+def test_production_model_loads_from_the_registry_and_answers(first_run):
     import mlflow
     import pandas as pd
 
@@ -153,12 +173,12 @@ def test_production_model_loads_from_the_registry_and_answers(services):
     assert len(out) == 2 and all(isinstance(a, str) for a in out["answer"])
     assert all(len(ids) == TINY["top_k"] for ids in out["doc_ids"])
     assert all(s == sorted(s, reverse=True) for s in out["scores"])
-    compressor = mlflow.pyfunc.load_model(services["first"]["scp"]["model_uri"])
+    compressor = mlflow.pyfunc.load_model(first_run["scp"]["model_uri"])
     mem = compressor.predict(pd.DataFrame({"text": ["Paris is the capital of France."]}))
     assert mem["n_mem"][0] == len(mem["memory"][0]) > 0
 
 
-def test_mlflow_models_serve_answers_over_http(services, tmp_path):
+def test_mlflow_models_serve_answers_over_http(first_run, tmp_path):
     import signal
     import sys
     import time
@@ -205,8 +225,8 @@ def test_mlflow_models_serve_answers_over_http(services, tmp_path):
         proc.wait(30)
 
 
-def _register_copy(shift: float) -> str:
-    """Another version of ``clara`` (the same logged model) whose evaluation is production's with every
+def _register_copy(first_run, name: str, shift: float) -> str:
+    """A version of model ``name`` (the first run's logged model) whose evaluation is the first run's with every
     per-question F1 shifted by ``shift``: the same questions and latencies, so the gate pairs them."""
     import json
     import tempfile
@@ -214,7 +234,7 @@ def _register_copy(shift: float) -> str:
     from flows.registry import register
 
     c = _client()
-    source = c.get_model_version_by_alias("clara", "production")
+    source = c.get_model_version("clara", first_run["promotion"]["version"])
     model_uri = f"models:/{source.model_id}" if getattr(source, "model_id", None) else source.source
     evaluated = source.tags["eval.run_id"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,35 +246,40 @@ def _register_copy(shift: float) -> str:
     run = c.create_run(c.get_run(evaluated).info.experiment_id).info.run_id
     c.log_text(run, "".join(json.dumps(e) + "\n" for e in entries), "evaluation/predictions.jsonl")
     c.set_terminated(run)
-    return register(c, "clara", model_uri, {"eval.f1": float(source.tags["eval.f1"]) + shift, "eval.run_id": run})
+    return register(c, name, model_uri, {"eval.f1": float(source.tags["eval.f1"]) + shift, "eval.run_id": run})
 
 
-def test_gate_keeps_production_unless_the_new_version_is_better():
+def test_gate_keeps_production_unless_the_new_version_is_better(first_run):
     from flows.registry import gate, history
 
-    c = _client()
-    worse = _register_copy(-0.5)
-    d = gate(c, "clara", worse, "f1")
-    assert d.alias == "challenger" and "production stays v1" in d.reason and d.ci_high < 0
-    assert c.get_model_version_by_alias("clara", "production").version == "1"
-    assert c.get_model_version_by_alias("clara", "challenger").version == worse
-    assert c.get_model_version("clara", worse).tags["gate.reason"] == d.reason
+    c, name = _client(), "clara-gate-test"
+    first = _register_copy(first_run, name, 0.0)
+    assert gate(c, name, first, "f1").alias == "production"  # a model's first version: production at once
+    worse = _register_copy(first_run, name, -0.5)
+    d = gate(c, name, worse, "f1")
+    assert d.alias == "challenger" and f"production stays v{first}" in d.reason and d.ci_high < 0
+    assert c.get_model_version_by_alias(name, "production").version == first
+    assert c.get_model_version_by_alias(name, "challenger").version == worse
+    assert c.get_model_version(name, worse).tags["gate.reason"] == d.reason
 
-    better = _register_copy(+0.5)
-    d = gate(c, "clara", better, "f1")
-    assert d.alias == "production" and d.previous == "1" and d.ci_low == pytest.approx(0.5)
-    assert d.n == int(c.get_model_version("clara", better).tags["gate.n"]) > 0
-    assert c.get_model_version_by_alias("clara", "production").version == better
-    assert [e["version"] for e in history(c, "clara")] == ["1", better]
+    better = _register_copy(first_run, name, +0.5)
+    d = gate(c, name, better, "f1")
+    assert d.alias == "production" and d.previous == first and d.ci_low == pytest.approx(0.5)
+    assert d.n == int(c.get_model_version(name, better).tags["gate.n"]) > 0
+    assert c.get_model_version_by_alias(name, "production").version == better
+    assert [e["version"] for e in history(c, name)] == [first, better]
 
 
-def test_promote_and_rollback_by_hand_from_the_cli():
+def test_promote_and_rollback_by_hand_from_the_cli(first_run):
     from typer.testing import CliRunner
 
     from flows.cli import build_app, context
+    from flows.registry import gate
 
-    c = _client()
-    before = c.get_model_version_by_alias("clara", "production").version
+    c, name = _client(), "clara-cli-test"
+    before = _register_copy(first_run, name, 0.0)
+    gate(c, name, before, "f1")
+    other = _register_copy(first_run, name, -0.1)
     app = build_app()
 
     class Runner(CliRunner):  # the `clara` entry point hands the commands MLflow's URI resolver
@@ -262,16 +287,16 @@ def test_promote_and_rollback_by_hand_from_the_cli():
             return super().invoke(*args, obj=context(), **kwargs)
 
     runner = Runner()
-    r = runner.invoke(app, ["promote", "--version", "2", "--reason", "hotfix from the on-call"])
+    r = runner.invoke(app, ["promote", "--name", name, "--version", other, "--reason", "hotfix from the on-call"])
     assert r.exit_code == 0, r.output
-    assert c.get_model_version_by_alias("clara", "production").version == "2"
-    assert c.get_model_version("clara", "2").tags["production.reason"] == "hotfix from the on-call"
-    r = runner.invoke(app, ["rollback", "--reason", "hotfix regressed"])
+    assert c.get_model_version_by_alias(name, "production").version == other
+    assert c.get_model_version(name, other).tags["production.reason"] == "hotfix from the on-call"
+    r = runner.invoke(app, ["rollback", "--name", name, "--reason", "hotfix regressed"])
     assert r.exit_code == 0, r.output
-    assert c.get_model_version_by_alias("clara", "production").version == before
-    r = runner.invoke(app, ["promote", "--version", "99", "--reason", "x"])
+    assert c.get_model_version_by_alias(name, "production").version == before
+    r = runner.invoke(app, ["promote", "--name", name, "--version", "99", "--reason", "x"])
     assert r.exit_code == 2 and "no version 99" in r.output
-    r = runner.invoke(app, ["models"])
+    r = runner.invoke(app, ["models", "--name", name])
     assert r.exit_code == 0 and "production" in r.output
     r = runner.invoke(app, ["ask", "--json", "What is an urban area?"])
     assert r.exit_code == 0, r.output
@@ -281,7 +306,7 @@ def test_promote_and_rollback_by_hand_from_the_cli():
     assert row["question"] == "What is an urban area?" and len(row["titles"]) == TINY["top_k"]
 
 
-def test_compression_shards_run_on_a_local_dask_cluster(services):
+def test_compression_shards_run_on_a_local_dask_cluster(first_run):
     """The scale-out path: shards compressed on two Dask worker processes give the same memories as one
     process, loaded into a new build."""
     import numpy as np
@@ -291,7 +316,7 @@ def test_compression_shards_run_on_a_local_dask_cluster(services):
     from clara.store.search import decode_memory
     from flows.pipeline import compress_corpus
 
-    first = services["first"]
+    first = first_run
     data = {**first["data"], "corpus_version": first["data"]["corpus_version"] + "/dask"}
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
@@ -309,30 +334,30 @@ def test_compression_shards_run_on_a_local_dask_cluster(services):
         np.testing.assert_allclose(decode_memory(a, n, hidden), decode_memory(b, n, hidden), atol=1e-2)
 
 
-def test_training_stages_run_under_torchrun(services, repo):
+def test_training_stages_run_under_torchrun(first_run, repo, monkeypatch):
     """train_processes > 1: SCP and E2E run as `clara train …` under torchrun (2 CPU processes here, one per GPU
     on a GPU host); their per-step metrics still reach the stage runs, and the rest of the pipeline follows."""
     from flows.pipeline import clara
 
-    os.environ["OMP_NUM_THREADS"] = "1"  # two processes on two cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two cores
     result = clara(**TINY, train_processes=2, project_dir=str(repo))
     assert not {"pretrain_scp", "instruct", "train_e2e"} & set(result["cached"])  # a different launch: new runs
     c = _client()
     for stage in ("scp", "e2e"):
         history = c.get_metric_history(result[stage]["run_id"], "loss")
         assert [m.step for m in history] == [1, 2, 3][: len(history)] and history
-    assert result["promotion"]["version"] not in ("1",)
+    assert result["promotion"]["version"] != first_run["promotion"]["version"]
     # A second real run on the same data answered the same questions: the gate paired them with production's.
     assert "paired questions" in result["promotion"]["reason"], result["promotion"]["reason"]
     print("gate:", result["promotion"]["alias"], "-", result["promotion"]["reason"])
 
 
-def test_refresh_cache_recomputes_cached_stages(services, repo):
+def test_refresh_cache_recomputes_cached_stages(first_run, repo):
     from flows.pipeline import clara
 
     again = clara(**TINY, project_dir=str(repo), refresh_cache=True)
     assert not {"pretrain_scp", "train_e2e", "evaluate"} & set(again["cached"])
-    assert again["scp"]["run_id"] != services["first"]["scp"]["run_id"]
+    assert again["scp"]["run_id"] != first_run["scp"]["run_id"]
     # The checkpoint on disk was already complete: its recorded steps are replayed into the new run.
     assert [m.step for m in _client().get_metric_history(again["scp"]["run_id"], "loss")] == [1, 2, 3]
 
