@@ -95,20 +95,34 @@ def _checkpoint(ref: dict[str, Any]) -> Path:
 
 
 class _Stage:
-    """A nested MLflow run for one stage, finished (or failed) on exit."""
+    """A nested MLflow run for one stage, finished (or failed) on exit. ``reads``: the DVC-versioned files the
+    stage reads, as ``(data key, context)`` pairs of the synthesize stage's reference, logged as the run's
+    dataset inputs."""
 
-    def __init__(self, name: str, parent_run: str, experiment: str, params: dict[str, Any]):
+    def __init__(self, name: str, parent_run: str, experiment: str, params: dict[str, Any],
+                 data: dict[str, Any] | None = None, reads: tuple[tuple[str, str], ...] = ()):
         self.c = tracking.client()
         self.exp = tracking.experiment_id(self.c, experiment)
         self.run_id = tracking.start_run(self.c, self.exp, name, parent=parent_run,
                                          tags={"clara.stage": name, "prefect.flow_run_id": str(flow_run.id)})
         tracking.log_params(self.c, self.run_id, params)
+        if data is not None:
+            tracking.log_datasets(self.c, self.run_id, [
+                (tracking.dvc_dataset(_data_file(data, key), data["data_version"], data.get("project_dir")), ctx)
+                for key, ctx in reads if _data_file(data, key)])
 
     def __enter__(self) -> "_Stage":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         tracking.finish(self.c, self.run_id, ok=exc_type is None)
+
+
+def _data_file(data: dict[str, Any], key: str) -> str | None:
+    """A file of the synthesize stage's reference: a key of it, or ``train``/``dev`` (the synthesized splits)."""
+    if key in ("train", "dev"):
+        return str(Path(data["synth_dir"]) / f"{key}.jsonl")
+    return data.get(key)
 
 
 def _torchrun(nproc: int, cli_args: list[str], out: Path, c, run_id: str) -> Path:
@@ -214,7 +228,9 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
     else:
         with _Stage("synthesize", parent_run, experiment,
                     {"corpus": corpus, "max_docs": max_docs, "shards": len(ranges), "teacher": teacher,
-                     "data_version": version}) as st:
+                     "data_version": version},
+                    {"data_version": version, "corpus_file": corpus_file, "project_dir": project_dir},
+                    reads=(("corpus_file", "source corpus"),)) as st:
             tracking.set_tags(st.c, st.run_id, {"data_version": version, "clara.synth_key": key})
             tracking.log_metrics(st.c, st.run_id, {
                 "documents_in": report["documents_in"], "documents_kept": report["documents_kept"],
@@ -230,7 +246,7 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
     return {"data_version": version, "corpus_file": corpus_file, "max_docs": n, "synth_dir": str(out),
             "scp_file": mixes["scp"], "instruct_file": mixes["instruct"],
             "corpus_version": version if n == prepared["documents"] else f"{version}/first-{n}",
-            "run_id": run_id, "reused": cached}
+            "project_dir": project_dir, "run_id": run_id, "reused": cached}
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -260,7 +276,8 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
                     train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
                                       optim=OptimSettings(lr=lr)))
     with _Stage("pretrain_scp", parent_run, experiment,
-                {"data_version": data["data_version"], "init_from": init_from, **to_dict(cfg)}) as st:
+                {"data_version": data["data_version"], "init_from": init_from, **to_dict(cfg)},
+                data, reads=(("scp_file", "training"),)) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"]})
         work, train_file = _work_dir("scp", key), Path(data["scp_file"])
         if init is not None and steps == 0:  # a trained starting point, used as it is
@@ -304,7 +321,8 @@ def instruct(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: 
                                                        checkpoint_every=max(10, steps // 4),
                                                        optim=OptimSettings(lr=lr)))
     with _Stage("instruct", parent_run, experiment,
-                {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)}) as st:
+                {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
+                data, reads=(("instruct_file", "training"),)) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
         work, live = _work_dir("instruct", key), _LiveMetrics(st.c, st.run_id)
         final = train_scp(model, load_scp_records(data["instruct_file"]), cfg, work, stage="instruct",
@@ -327,7 +345,8 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
     cfg = E2EConfig(train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
                                       optim=OptimSettings(lr=lr)), n_candidates=n_candidates, top_k=top_k)
     with _Stage("train_e2e", parent_run, experiment,
-                {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)}) as st:
+                {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
+                data, reads=(("train", "training"), ("corpus_file", "retrieval corpus"))) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
         docs = read_corpus(data["corpus_file"], data["max_docs"])
         qa = synth_qa(data["synth_dir"], split="train")
@@ -442,7 +461,7 @@ def compress_corpus(e2e: dict[str, Any], data: dict[str, Any], shards: int, batc
     built = load_build([p["file"] for p in parts], data, checkpoint, e2e["model_uri"])
     with _Stage("compress_corpus", parent_run, experiment,
                 {"model_uri": e2e["model_uri"], "corpus_version": data["corpus_version"], "shards": len(ranges),
-                 "build_id": built["build_id"]}) as st:
+                 "build_id": built["build_id"]}, data, reads=(("corpus_file", "corpus"),)) as st:
         new = sum(p["documents"] for p in parts if not p["reused"])
         tracking.set_tags(st.c, st.run_id, {"build_id": built["build_id"], "data_version": data["data_version"]})
         tracking.log_metrics(st.c, st.run_id, {"documents": built["n_docs"], "compress_seconds": compress_s,
@@ -471,7 +490,8 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
     with _Stage("evaluate", parent_run, experiment,
                 {"model_uri": e2e["model_uri"], "build_id": build["build_id"], "questions": questions,
                  "k": top_k, "baselines": baselines, "data_version": data["data_version"],
-                 **{f"retrieval.{k}": v for k, v in retrieval.items()}}) as st:
+                 **{f"retrieval.{k}": v for k, v in retrieval.items()}},
+                data, reads=(("dev", "evaluation"), ("corpus_file", "retrieval corpus"))) as st:
         docs = read_corpus(data["corpus_file"], data["max_docs"])
         qa, _ = subsample(synth_qa(data["synth_dir"], split="dev"), docs, questions, None)
         model = load_checkpoint(_checkpoint(e2e), device=device)

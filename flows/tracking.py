@@ -7,14 +7,16 @@ The tracking server is ``$MLFLOW_TRACKING_URI``, else the one ``infra/`` starts 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 EXPERIMENT = "clara"
 PARENT_TAG = "mlflow.parentRunId"
@@ -45,8 +47,42 @@ def experiment_id(c: MlflowClient, name: str = EXPERIMENT) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if "mlflow.experimentKind" not in exp.tags:  # made by an earlier version of this code
+            set_experiment_kind(c, exp.experiment_id)
         return exp.experiment_id
-    return c.create_experiment(name)
+    exp_id = c.create_experiment(name)
+    set_experiment_kind(c, exp_id)
+    return exp_id
+
+
+def set_experiment_kind(c: MlflowClient, exp_id: str) -> None:
+    """Mark the experiment as model training, so the UI opens on its runs and charts (an untagged experiment
+    opens in the GenAI overview with an empty traces chart)."""
+    c.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+
+
+def dvc_dataset(path: str | Path, data_version: str, project_dir: str | Path | None = None) -> Dataset:
+    """An MLflow dataset entry for a file under the DVC-tracked ``data/`` folder at ``data_version``: the runs
+    table's Dataset column then names what a run read, and the source says how to get it back
+    (``dvc get``/``dvc.api`` at that version)."""
+    path = Path(path)
+    try:
+        rel = str(path.resolve().relative_to(Path(project_dir).resolve())) if project_dir else str(path)
+    except ValueError:
+        rel = str(path)
+    rows = sum(1 for _ in path.open("rb")) if path.is_file() else None
+    digest = hashlib.sha256(f"{data_version}:{rel}".encode()).hexdigest()[:10]
+    source = json.dumps({"uri": f"dvc://{rel}@{data_version}", "path": rel, "data_version": data_version,
+                         "tracked_by": "data.dvc"})
+    name = rel.removeprefix("data/").removesuffix(".jsonl")
+    return Dataset(name=name, digest=digest, source_type="dvc", source=source,
+                   profile=json.dumps({"num_rows": rows}) if rows is not None else None)
+
+
+def log_datasets(c: MlflowClient, run_id: str, datasets: Sequence[tuple[Dataset, str]]) -> None:
+    """Record ``(dataset, context)`` pairs (context: training, evaluation, corpus …) as the run's inputs."""
+    if datasets:
+        c.log_inputs(run_id, [DatasetInput(d, [InputTag("mlflow.data.context", ctx)]) for d, ctx in datasets])
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

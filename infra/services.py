@@ -6,7 +6,9 @@
     python -m infra.services down
 
 Everything lives under one state folder (``$CLARA_STATE_DIR``, default ``.clara/`` in the project): ``logs/``
-(one log per service), ``pids/``, ``mlflow/`` (SQLite backend + artifact store) and ``prefect/`` (PREFECT_HOME).
+(one log per service), ``pids/``, ``mlflow/`` (artifact store) and ``prefect/`` (PREFECT_HOME). MLflow's backend store
+is a database ``mlflow`` on the same Postgres as the compressed corpus (``$CLARA_MLFLOW_BACKEND=sqlite`` for a
+file, or any SQLAlchemy URL).
 Ports come from ``$CLARA_MLFLOW_PORT`` (5000) and ``$CLARA_PREFECT_PORT`` (4200); everything binds to 127.0.0.1.
 A service that already answers its health check is left alone, so ``up`` can be run any number of times.
 """
@@ -140,14 +142,41 @@ def mlflow_healthy(layout: Layout) -> bool:
     return _http_ok(f"{layout.mlflow_uri}/health")
 
 
-def mlflow_up(layout: Layout, timeout: float = 180) -> str:
+def mlflow_backend(layout: Layout, postgres_url: str | None) -> str:
+    """MLflow's backend store, from ``$CLARA_MLFLOW_BACKEND``: ``postgres`` (the default: a database ``mlflow`` on
+    the Postgres server the store already runs), ``sqlite`` (a file under the state folder) or any SQLAlchemy URL."""
+    choice = os.environ.get("CLARA_MLFLOW_BACKEND", "postgres")
+    if choice == "sqlite" or (choice == "postgres" and postgres_url is None):
+        return f"sqlite:///{layout.state / 'mlflow' / 'mlflow.db'}"
+    if choice != "postgres":
+        return choice
+    return ensure_database(postgres_url, "mlflow")
+
+
+def ensure_database(url: str, name: str) -> str:
+    """The URL of database ``name`` on the server of ``url``, created if it does not exist yet."""
+    from sqlalchemy import create_engine, make_url, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE refuses to run in a transaction
+    try:
+        with engine.connect() as conn:
+            if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first() is None:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))  # a constant of ours, never user input
+    finally:
+        engine.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def mlflow_up(layout: Layout, backend: str | None = None, timeout: float = 180) -> str:
+    """The MLflow server on ``backend`` (default: ``mlflow_backend`` with no Postgres, i.e. SQLite)."""
     if mlflow_healthy(layout):
         return "running"
     home = layout.state / "mlflow"
     (home / "artifacts").mkdir(parents=True, exist_ok=True)
+    backend = backend or mlflow_backend(layout, None)
     # One worker: four would cost ~1.5 GB on a laptop for no gain with one pipeline (STACK.md).
     pid = _spawn(layout, "mlflow", [
-        _bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        _bin("mlflow"), "server", "--backend-store-uri", backend,
         "--artifacts-destination", str(home / "artifacts"), "--host", HOST, "--port", str(layout.mlflow_port),
         "--workers", "1"])
     _wait("MLflow", lambda: mlflow_healthy(layout), pid, timeout, layout.logs / "mlflow.log")
@@ -210,7 +239,11 @@ def _stop(layout: Layout, name: str, grace: float = 15) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 def up(layout: Layout, serve: bool = True) -> dict[str, str]:
-    out = {"postgres": postgres_up(layout), "mlflow": mlflow_up(layout), "prefect": prefect_up(layout)}
+    from sqlalchemy import make_url
+
+    pg = postgres_up(layout)
+    out = {"postgres": make_url(pg).render_as_string(hide_password=True),  # never print a password
+           "mlflow": mlflow_up(layout, mlflow_backend(layout, pg)), "prefect": prefect_up(layout)}
     if serve:
         out["serve"] = serve_up(layout)
     return out

@@ -43,7 +43,8 @@ def services(tmp_path_factory):
     db = os.environ.get("CLARA_DATABASE_URL") or sqlalchemy_url(embedded_server(root / "pg").get_uri())
     os.environ.update({"MLFLOW_TRACKING_URI": layout.mlflow_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
                        "CLARA_DATABASE_URL": db, "CLARA_CACHE_DIR": str(root / "cache")})
-    assert infra.mlflow_up(layout) == "started"
+    # MLflow's backend store on the same Postgres as the corpus store, as `infra.services up` runs it
+    assert infra.mlflow_up(layout, infra.mlflow_backend(layout, db)) == "started"
     assert infra.mlflow_up(layout) == "running"  # idempotent: a healthy server is left alone
     try:
         with prefect_test_harness(server_startup_timeout=120), prefect.settings.temporary_settings(
@@ -73,6 +74,10 @@ def _client():
     from flows import tracking
 
     return tracking.client()
+
+
+def services_db() -> str:
+    return os.environ["CLARA_DATABASE_URL"]
 
 
 def _pipeline_runs(status: str) -> list:
@@ -139,6 +144,24 @@ def test_run_left_registered_models_alias_build_and_lineage(first_run, repo):
     assert {r.data.tags["clara.stage"] for r in stage_runs} == {"synthesize", "pretrain_scp", "instruct", "train_e2e",
                                                                "compress_corpus", "evaluate"}
     assert all(r.data.tags["mlflow.parentRunId"] in pipelines for r in stage_runs)  # nested, one level
+    # What a user sees in the MLflow UI: a model-training experiment (runs and charts, not the GenAI overview)
+    # whose stage runs name the DVC-versioned data they read in the Dataset column.
+    assert c.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    for stage, context in (("scp", "training"), ("e2e", "training"), ("evaluation", "evaluation"),
+                           ("build", "corpus")):
+        inputs = c.get_run(result[stage]["run_id"]).inputs.dataset_inputs
+        assert context in {t.value for d in inputs for t in d.tags}, (stage, inputs)
+        assert all(json.loads(d.dataset.source)["data_version"] == result["data"]["data_version"] for d in inputs)
+    assert "synth/wiki_en/dev" in {d.dataset.name for d in c.get_run(result["evaluation"]["run_id"]).inputs
+                                   .dataset_inputs}
+    # The tracking server keeps its runs in the same Postgres as the corpus store.
+    from sqlalchemy import create_engine, make_url, text
+
+    mlflow_db = create_engine(make_url(services_db()).set(database="mlflow"))
+    with mlflow_db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM runs WHERE run_uuid = :r"),
+                            {"r": result["scp"]["run_id"]}).scalar() == 1
+    mlflow_db.dispose()
     scp_losses = c.get_metric_history(result["scp"]["run_id"], "loss")
     assert [m.step for m in scp_losses] == list(range(1, TINY["scp_steps"] + 1))  # one point per step
     artifacts = {a.path for a in c.list_artifacts(result["evaluation"]["run_id"], "evaluation")}
