@@ -11,16 +11,15 @@
       promote           task: register ``clara`` and move ``production`` only if it beats the current one
 
 Each stage receives explicit references from the one before (data version, run ids, model URIs, build id) and
-returns its own as a small JSON dict. The training, evaluation and promotion tasks are cached by their inputs
-(a rerun with unchanged inputs skips them: Prefect shows them as Cached); the shard tasks and the store are
-idempotent by themselves (finished shards and published builds are found and reused), and an interrupted
-stage resumes from its own checkpoints. Shards run on the flow's task runner: threads by default, a Dask
+returns its own as a small JSON dict. Whether a stage is skipped is decided by one rule (``flows.stagerun``): a
+finished run of that stage with the same input key whose outputs still exist; its recorded result is returned
+and the reason is logged. The shard tasks and the store are idempotent by themselves (finished shards and
+published builds are found and reused), and an interrupted stage resumes from its own checkpoints. Shards run on the flow's task runner: threads by default, a Dask
 cluster when ``dask_address`` or ``dask_workers`` is set.
 """
 
 # No `from __future__ import annotations`: Prefect builds the parameter form (a pydantic model) from the
 # evaluated annotations, and string annotations such as "Literal[...]" fail to resolve there.
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -34,29 +33,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from clara import stages
 from clara.data.corpus import corpus_name, prepare_corpus, read_corpus
 from flows import profiles, tracking
+from flows.stagerun import PipelineRun, StageRun, reuse, stage_key
 
 PROJECT = Path(__file__).resolve().parent.parent
-CACHE_VERSION = "2"  # bump when a stage's outputs change meaning, to invalidate cached results
 
 
 # ------------------------------------------------------------------------------------------- plumbing
-
-_NOT_INPUTS = ("parent_run", "run_id", "reused")
-
-
-def _key(stage: str, params: dict[str, Any]) -> str:
-    """The input hash of a stage: its parameters and upstream references, minus what names this run rather than
-    its inputs (the parent run, upstream run ids), plus the tracking server (results name MLflow runs, which
-    only exist on that server)."""
-    body = {k: ({kk: vv for kk, vv in v.items() if kk not in _NOT_INPUTS} if isinstance(v, dict) else v)
-            for k, v in params.items() if k not in _NOT_INPUTS}
-    raw = json.dumps([CACHE_VERSION, stage, tracking.tracking_uri(), body], sort_keys=True, default=str)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def _cache_key(context, parameters: dict[str, Any]) -> str:
-    return _key(context.task.name, parameters)
-
 
 def _transient(task, task_run, state) -> bool:
     """Retry only what a retry can fix: an unreachable database, teacher endpoint or tracking server."""
@@ -92,30 +74,6 @@ def _checkpoint(ref: dict[str, Any]) -> Path:
     from clara.eval.datasets import resolve_model
 
     return resolve_model(ref["model_uri"], tracking.download_model)
-
-
-class _Stage:
-    """A nested MLflow run for one stage, finished (or failed) on exit. ``reads``: the DVC-versioned files the
-    stage reads, as ``(data key, context)`` pairs of the synthesize stage's reference, logged as the run's
-    dataset inputs."""
-
-    def __init__(self, name: str, parent_run: str, experiment: str, params: dict[str, Any],
-                 data: dict[str, Any] | None = None, reads: tuple[tuple[str, str], ...] = ()):
-        self.c = tracking.client()
-        self.exp = tracking.experiment_id(self.c, experiment)
-        self.run_id = tracking.start_run(self.c, self.exp, name, parent=parent_run,
-                                         tags={"clara.stage": name, "prefect.flow_run_id": str(flow_run.id)})
-        tracking.log_params(self.c, self.run_id, params)
-        if data is not None:
-            tracking.log_datasets(self.c, self.run_id, [
-                (tracking.dvc_dataset(_data_file(data, key), data["data_version"], data.get("project_dir")), ctx)
-                for key, ctx in reads if _data_file(data, key)])
-
-    def __enter__(self) -> "_Stage":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        tracking.finish(self.c, self.run_id, ok=exc_type is None)
 
 
 def _data_file(data: dict[str, Any], key: str) -> str | None:
@@ -168,8 +126,34 @@ class _LiveMetrics:
             _replay_metrics(out, self.c, self.run_id)
 
 
-_CACHED = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
-               retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
+_RETRIED = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
+
+
+def _stage(name: str, ctx: dict[str, Any], params: dict[str, Any], key: str, data: dict[str, Any] | None = None,
+           reads: tuple[tuple[str, str], ...] = ()) -> StageRun:
+    """The nested run of stage ``name``, with the DVC-versioned files it reads (``(data key, context)`` pairs of
+    the synthesize stage's reference) as its dataset inputs."""
+    datasets = [] if data is None else [
+        (tracking.dvc_dataset(_data_file(data, k), data["data_version"], data.get("project_dir")), context)
+        for k, context in reads if _data_file(data, k)]
+    return StageRun(name, ctx["parent_run"], ctx["experiment"], params, key, datasets, str(flow_run.id))
+
+
+def _checkpoint_missing(result: dict[str, Any]) -> str | None:
+    """The cache rule's check for a training stage: its checkpoint is on disk or in MLflow."""
+    if (Path(result["checkpoint"]) / "clara.json").is_file():
+        return None
+    c = tracking.client()
+    uri = result["model_uri"]
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return None if c.list_artifacts(run_id, path) else f"its checkpoint {uri} is gone"
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    try:
+        c.get_model_version(name, version)
+        return None
+    except Exception:  # MlflowException: deleted version
+        return f"its model version {uri} is gone"
 
 
 # ----------------------------------------------------------------------------------------- synthesis
@@ -198,17 +182,21 @@ def dvc_snapshot(project_dir: str, push: bool) -> str:
 
 @flow(name="synthesize", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[str, Any], shards: int,
-               project_dir: str, dvc_push: bool, parent_run: str, experiment: str, seed: int = 0) -> dict[str, Any]:
-    """Corpus -> data/corpus/<name>.jsonl; teacher -> data/synth/<name>/ (train/dev); then a DVC snapshot."""
+               project_dir: str, dvc_push: bool, parent_run: str, experiment: str, refresh: bool = False,
+               seed: int = 0) -> dict[str, Any]:
+    """Corpus -> data/corpus/<name>.jsonl; teacher -> data/synth/<name>/ (train/dev); then a DVC snapshot.
+
+    The work always runs (finished shards are found, not redone; the data version is known only after the
+    snapshot); the run that records it is skipped when one with the same inputs and data version exists."""
     log = get_run_logger()
     name = corpus_name(corpus)
     prepared = ingest_corpus(corpus, preset, project_dir)
     corpus_file = prepared["path"]
     n = min(prepared["documents"], max_docs) if max_docs else prepared["documents"]
     cfg = {"seed": seed}
-    key = _key("synthesize", {"source": prepared["key"], "n": n, "teacher": teacher, "cfg": cfg})
+    work_key = stage_key("synthesize", {"source": prepared["key"], "n": n, "teacher": teacher, "cfg": cfg})
     ranges = stages.shard_ranges(n, shards)
-    work = _work_dir("synth", key)
+    work = _work_dir("synth", work_key)
     shard_dirs = [str(work / f"shard-{i:04d}") for i in range(len(ranges))]
     futures = [synthesize_shard.submit(corpus_file, s, e, d, teacher, cfg) for (s, e), d in zip(ranges, shard_dirs)]
     shard_reports = [f.result() for f in futures]
@@ -217,67 +205,71 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
     mixes = stages.training_mixes(corpus_file, out / "mix", out, max_docs=n, seed=seed)
     version = dvc_snapshot(project_dir, dvc_push)
     log.info("synthesized %d documents in %d shard(s); data version %s", n, len(ranges), version)
-
-    c = tracking.client()
-    exp = tracking.experiment_id(c, experiment)
-    earlier = c.search_runs([exp], f"tags.`clara.stage` = 'synthesize' AND tags.data_version = '{version}' "
-                                   f"AND tags.`clara.synth_key` = '{key}' AND attributes.status = 'FINISHED'",
-                            max_results=1)
-    if earlier:  # the same data from the same inputs: point at the run that recorded it
-        run_id, cached = earlier[0].info.run_id, True
-    else:
-        with _Stage("synthesize", parent_run, experiment,
-                    {"corpus": corpus, "max_docs": max_docs, "shards": len(ranges), "teacher": teacher,
-                     "data_version": version},
-                    {"data_version": version, "corpus_file": corpus_file, "project_dir": project_dir},
-                    reads=(("corpus_file", "source corpus"),)) as st:
-            tracking.set_tags(st.c, st.run_id, {"data_version": version, "clara.synth_key": key})
-            tracking.log_metrics(st.c, st.run_id, {
-                "documents_in": report["documents_in"], "documents_kept": report["documents_kept"],
-                "yield_documents": report["yield_documents"],
-                "verification_pass_rate": report["verification_pass_rate"],
-                "mean_coverage_kept": report["mean_coverage_kept"],
-                "seconds": sum(r["seconds_this_run"] for r in shard_reports),
-                **{f"rows.{k}": v for k, v in report["rows_out"].items()}})
-            st.c.log_dict(st.run_id, report, "synthesis/report.json")
-            st.c.log_artifact(st.run_id, str(out / "report.md"), "synthesis")
-            st.c.log_artifact(st.run_id, str(Path(project_dir) / "data.dvc"))
-        run_id, cached = st.run_id, False
-    return {"data_version": version, "corpus_file": corpus_file, "max_docs": n, "synth_dir": str(out),
+    data = {"data_version": version, "corpus_file": corpus_file, "max_docs": n, "synth_dir": str(out),
             "scp_file": mixes["scp"], "instruct_file": mixes["instruct"],
             "corpus_version": version if n == prepared["documents"] else f"{version}/first-{n}",
-            "project_dir": project_dir, "run_id": run_id, "reused": cached}
+            "project_dir": project_dir}
+    ctx = {"parent_run": parent_run, "experiment": experiment}
+    key = stage_key("synthesize", {"work": work_key, **data})
+    found = reuse(experiment, "synthesize", key, lambda r: None, refresh)  # the files were just written
+    if found:
+        return found
+    with _stage("synthesize", ctx, {"corpus": corpus, "max_docs": max_docs, "shards": len(ranges),
+                                    "teacher": teacher, "data_version": version}, key,
+                data, reads=(("corpus_file", "source corpus"),)) as st:
+        tracking.set_tags(st.c, st.run_id, {"data_version": version})
+        tracking.log_metrics(st.c, st.run_id, {
+            "documents_in": report["documents_in"], "documents_kept": report["documents_kept"],
+            "yield_documents": report["yield_documents"],
+            "verification_pass_rate": report["verification_pass_rate"],
+            "mean_coverage_kept": report["mean_coverage_kept"],
+            "seconds": sum(r["seconds_this_run"] for r in shard_reports),
+            **{f"rows.{k}": v for k, v in report["rows_out"].items()}})
+        st.c.log_dict(st.run_id, report, "synthesis/report.json")
+        st.c.log_artifact(st.run_id, str(out / "report.md"), "synthesis")
+        st.c.log_artifact(st.run_id, str(Path(project_dir) / "data.dvc"))
+        return st.finish(data)
 
 
 # ------------------------------------------------------------------------------------------- training
 
-@task(name="pretrain_scp", **_CACHED)
+@task(name="pretrain_scp", **_RETRIED)
 def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps: int, batch_size: int,
-                 lr: float, init_from: Optional[str], device: Optional[str], processes: int, parent_run: str,
-                 experiment: str) -> dict[str, Any]:
-    key = _key("pretrain_scp", dict(locals()))  # first: only the parameters are local yet
+                 lr: float, init_from: Optional[str], device: Optional[str], processes: int,
+                 ctx: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1 (SCP): compressor + generator on every passage's reconstruction and the synthesized QA;
+    registers the compressor as ``clara-compressor``."""
+    inputs = dict(data=data, preset=preset, compression_rate=compression_rate, steps=steps, batch_size=batch_size,
+                  lr=lr, init_from=init_from, device=device, processes=processes)
+    if init_from:  # a starting point of another base or rate is refused before anything else
+        from clara.model.checkpoint import read_checkpoint_config, resolve_checkpoint
+
+        start = read_checkpoint_config(resolve_checkpoint(init_from))["model"]
+        if start["base"] != preset:
+            raise ValueError(f"init_from {init_from} is a {start['base']!r} checkpoint, not {preset!r}: pass "
+                             f"init_from=none (and scp_steps) to train {preset!r} from scratch")
+        if start["compression_rate"] != compression_rate:
+            raise ValueError(f"init_from {init_from} was trained at rate {start['compression_rate']}, "
+                             f"not {compression_rate}")
+    key = stage_key("pretrain_scp", inputs)
+    found = reuse(ctx["experiment"], "pretrain_scp", key, _checkpoint_missing, ctx["refresh"])
+    if found:
+        return found
     from clara.config import OptimSettings, SCPConfig, TrainConfig, preset as make_preset, to_dict
     from clara.data.records import load_scp_records
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
-    from flows.registry import log_pyfunc, register
     from clara.training.scp import train_scp
+    from flows.registry import log_pyfunc, register
 
     init = load_checkpoint(init_from, device=device) if init_from else None
-    if init is not None and init.cfg.base != preset:
-        raise ValueError(f"init_from {init_from} is a {init.cfg.base!r} checkpoint, not {preset!r}: pass "
-                         f"init_from=none (and scp_steps) to train {preset!r} from scratch")
-    if init is not None and init.cfg.compression_rate != compression_rate:
-        raise ValueError(f"init_from {init_from} was trained at rate {init.cfg.compression_rate}, "
-                         f"not {compression_rate}")
     model_cfg = init.cfg if init is not None else \
         make_preset(preset, compression_rate=compression_rate, **({"device": device} if device else {}))
     cfg = SCPConfig(model=model_cfg,
                     train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
                                       optim=OptimSettings(lr=lr)))
-    with _Stage("pretrain_scp", parent_run, experiment,
-                {"data_version": data["data_version"], "init_from": init_from, **to_dict(cfg)},
-                data, reads=(("scp_file", "training"),)) as st:
+    with _stage("pretrain_scp", ctx, {"data_version": data["data_version"], "init_from": init_from, **to_dict(cfg)},
+                key, data, reads=(("scp_file", "training"),)) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"]})
         work, train_file = _work_dir("scp", key), Path(data["scp_file"])
         if init is not None and steps == 0:  # a trained starting point, used as it is
@@ -299,44 +291,52 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
         version = register(st.c, "clara-compressor", logged,
                            {"data_version": data["data_version"], "compression_rate": compression_rate,
                             "preset": preset}, description="CLaRa compressor (SCP): documents -> memory tokens")
-    return {"run_id": st.run_id, "checkpoint": str(final), "model_uri": f"models:/clara-compressor/{version}",
-            "version": version}
+        return st.finish({"checkpoint": str(final), "model_uri": f"models:/clara-compressor/{version}",
+                          "version": version})
 
 
-@task(name="instruct", **_CACHED)
+@task(name="instruct", **_RETRIED)
 def instruct(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int, lr: float,
-             device: Optional[str], parent_run: str, experiment: str) -> dict[str, Any]:
+             device: Optional[str], ctx: dict[str, Any]) -> dict[str, Any]:
     """Stage 2: each synthesized question over its gold passage and k-1 hard negatives, compressed; the
     compressor and generator continue from SCP. No steps (or no questions): SCP's checkpoint passes through."""
-    key = _key("instruct", dict(locals()))  # first: only the parameters are local yet
+    if steps <= 0 or not data.get("instruct_file"):
+        return {**scp, "skipped": True, "reused": False}
+    inputs = dict(scp=scp, data=data, steps=steps, batch_size=batch_size, lr=lr, device=device)
+    key = stage_key("instruct", inputs)
+    found = reuse(ctx["experiment"], "instruct", key, _checkpoint_missing, ctx["refresh"])
+    if found:
+        return found
     from clara.config import OptimSettings, SCPConfig, TrainConfig, to_dict
     from clara.data.records import load_scp_records
     from clara.model.checkpoint import load_checkpoint
     from clara.training.scp import train_scp
 
-    if steps <= 0 or not data.get("instruct_file"):
-        return {**scp, "skipped": True}
     model = load_checkpoint(_checkpoint(scp), device=device)
     cfg = SCPConfig(model=model.cfg, train=TrainConfig(batch_size=batch_size, max_steps=steps,
                                                        checkpoint_every=max(10, steps // 4),
                                                        optim=OptimSettings(lr=lr)))
-    with _Stage("instruct", parent_run, experiment,
-                {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
-                data, reads=(("instruct_file", "training"),)) as st:
+    with _stage("instruct", ctx, {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
+                key, data, reads=(("instruct_file", "training"),)) as st:
         tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
         work, live = _work_dir("instruct", key), _LiveMetrics(st.c, st.run_id)
         final = train_scp(model, load_scp_records(data["instruct_file"]), cfg, work, stage="instruct",
                           callback=live, progress=False)
         live.replay_if_silent(work)
         st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
-    return {"run_id": st.run_id, "checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint"}
+        return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint"})
 
 
-@task(name="train_e2e", **_CACHED)
-def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int, lr: float, top_k: int,
-              n_candidates: int, device: Optional[str], processes: int, parent_run: str, experiment: str
-              ) -> dict[str, Any]:
-    key = _key("train_e2e", dict(locals()))  # first: only the parameters are local yet
+@task(name="train_e2e", **_RETRIED)
+def train_e2e(init: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int, lr: float, top_k: int,
+              n_candidates: int, device: Optional[str], processes: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Stage 3: query reasoner + generator end to end through the differentiable top-k."""
+    inputs = dict(init=init, data=data, steps=steps, batch_size=batch_size, lr=lr, top_k=top_k,
+                  n_candidates=n_candidates, device=device, processes=processes)
+    key = stage_key("train_e2e", inputs)
+    found = reuse(ctx["experiment"], "train_e2e", key, _checkpoint_missing, ctx["refresh"])
+    if found:
+        return found
     from clara.config import E2EConfig, OptimSettings, TrainConfig, to_dict
     from clara.eval.datasets import synth_qa
     from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
@@ -344,10 +344,9 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
 
     cfg = E2EConfig(train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
                                       optim=OptimSettings(lr=lr)), n_candidates=n_candidates, top_k=top_k)
-    with _Stage("train_e2e", parent_run, experiment,
-                {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
-                data, reads=(("train", "training"), ("corpus_file", "retrieval corpus"))) as st:
-        tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
+    with _stage("train_e2e", ctx, {"data_version": data["data_version"], "init": init["model_uri"], **to_dict(cfg)},
+                key, data, reads=(("train", "training"), ("corpus_file", "retrieval corpus"))) as st:
+        tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": init["model_uri"]})
         docs = read_corpus(data["corpus_file"], data["max_docs"])
         qa = synth_qa(data["synth_dir"], split="train")
         work = _work_dir("e2e", key)
@@ -359,16 +358,16 @@ def train_e2e(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
             write_corpus(docs, work / "corpus.jsonl")
             (work / "e2e.json").write_text(json.dumps(to_dict(cfg)))
             final = _torchrun(processes, ["train", "e2e", "--data", str(work / "qa.jsonl"), "--corpus",
-                                          str(work / "corpus.jsonl"), "--init", str(_checkpoint(scp)), "--out",
+                                          str(work / "corpus.jsonl"), "--init", str(_checkpoint(init)), "--out",
                                           str(work), "--config", str(work / "e2e.json"),
                                           *(["--device", device] if device else [])], work, st.c, st.run_id)
         else:
-            model, live = load_checkpoint(_checkpoint(scp), device=device), _LiveMetrics(st.c, st.run_id)
+            model, live = load_checkpoint(_checkpoint(init), device=device), _LiveMetrics(st.c, st.run_id)
             final = train(model, qa, {d.id: d.full_text for d in docs}, cfg, work, callback=live, progress=False)
             live.replay_if_silent(work)
         st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
-    return {"run_id": st.run_id, "checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint",
-            "rate": read_checkpoint_config(final)["model"]["compression_rate"]}
+        return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint",
+                          "rate": read_checkpoint_config(final)["model"]["compression_rate"]})
 
 
 # -------------------------------------------------------------------------------------------- storage
@@ -430,53 +429,78 @@ def _hidden_size(checkpoint: str) -> int:
         return int(f.get_slice(next(iter(f.keys()))).get_shape()[-1])
 
 
+def _build_missing(result: dict[str, Any]) -> str | None:
+    """The cache rule's check for compress_corpus: its build is still published in the store."""
+    from clara.store.builds import StoreError, ready_build
+    from clara.store.db import connect
+
+    engine = connect()
+    try:
+        ready_build(engine, result["build_id"])
+        return None
+    except StoreError as exc:
+        return f"its build is not available ({exc})"
+    finally:
+        engine.dispose()
+
+
 @flow(name="compress_corpus", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def compress_corpus(e2e: dict[str, Any], data: dict[str, Any], shards: int, batch_size: int,
-                    device: Optional[str], parent_run: str, experiment: str) -> dict[str, Any]:
-    """The corpus through the trained compressor into a published pgvector build (reused when it exists)."""
+                    device: Optional[str], parent_run: str, experiment: str, refresh: bool = False) -> dict[str, Any]:
+    """The corpus through the trained compressor into a published pgvector build."""
     import time
 
-    log = get_run_logger()
-    found = find_build(e2e["model_uri"], e2e["rate"], data["corpus_version"])
-    if found["build_id"] is not None:
-        log.info("build %s already holds this model's compression of %s: reused",
-                 found["build_id"], data["corpus_version"])
-        c = tracking.client()
-        earlier = c.search_runs([tracking.experiment_id(c, experiment)],
-                                f"tags.`clara.stage` = 'compress_corpus' AND tags.build_id = '{found['build_id']}'",
-                                max_results=1)
-        # The same fields as a fresh build's: the evaluate stage's cache key is computed from this dict.
-        return {"build_id": found["build_id"], "n_docs": found["n_docs"], "ann": found["ann"],
-                "dense_model": found["dense_model"], "reused": True,
-                "run_id": earlier[0].info.run_id if earlier else None}
-    checkpoint = str(_checkpoint(e2e))
-    key = _key("compress", {"model": e2e["model_uri"], "corpus": data["corpus_version"]})
-    work = _work_dir("compress", key)
-    started = time.perf_counter()
+    key = stage_key("compress_corpus", {"model": e2e["model_uri"], "rate": e2e["rate"],
+                                        "corpus": data["corpus_version"], "shards": shards})
+    found = reuse(experiment, "compress_corpus", key, _build_missing, refresh)
+    if found:
+        return found
+    ctx = {"parent_run": parent_run, "experiment": experiment}
+    store = find_build(e2e["model_uri"], e2e["rate"], data["corpus_version"])
     ranges = stages.shard_ranges(data["max_docs"], shards)
-    futures = [compress_shard.submit(checkpoint, data["corpus_file"], s, e, str(work / f"shard-{i:04d}.safetensors"),
-                                     found["loaded"], batch_size, device) for i, (s, e) in enumerate(ranges)]
-    parts = [f.result() for f in futures]
-    compress_s = time.perf_counter() - started
-    built = load_build([p["file"] for p in parts], data, checkpoint, e2e["model_uri"])
-    with _Stage("compress_corpus", parent_run, experiment,
-                {"model_uri": e2e["model_uri"], "corpus_version": data["corpus_version"], "shards": len(ranges),
-                 "build_id": built["build_id"]}, data, reads=(("corpus_file", "corpus"),)) as st:
-        new = sum(p["documents"] for p in parts if not p["reused"])
+    with _stage("compress_corpus", ctx, {"model_uri": e2e["model_uri"], "corpus_version": data["corpus_version"],
+                                         "shards": len(ranges)}, key, data, reads=(("corpus_file", "corpus"),)) as st:
+        started, new = time.perf_counter(), 0
+        if store["build_id"] is not None:  # the store's own finished work (e.g. its run was deleted): recorded
+            get_run_logger().info("build %s already holds this model's compression of %s: not rebuilt",
+                                  store["build_id"], data["corpus_version"])
+            built = {k: store[k] for k in ("build_id", "n_docs", "ann", "dense_model")}
+        else:
+            checkpoint = str(_checkpoint(e2e))
+            work = _work_dir("compress", key)
+            futures = [compress_shard.submit(checkpoint, data["corpus_file"], s, e,
+                                             str(work / f"shard-{i:04d}.safetensors"), store["loaded"], batch_size,
+                                             device) for i, (s, e) in enumerate(ranges)]
+            parts = [f.result() for f in futures]
+            new = sum(p["documents"] for p in parts if not p["reused"])
+            built = load_build([p["file"] for p in parts], data, checkpoint, e2e["model_uri"])
+            shutil.rmtree(work, ignore_errors=True)  # the memories now live in the store
+        seconds = time.perf_counter() - started
         tracking.set_tags(st.c, st.run_id, {"build_id": built["build_id"], "data_version": data["data_version"]})
-        tracking.log_metrics(st.c, st.run_id, {"documents": built["n_docs"], "compress_seconds": compress_s,
-                                               "docs_per_s": new / compress_s if new else 0.0})
-    shutil.rmtree(work, ignore_errors=True)  # the memories now live in the store
-    return {**built, "reused": False, "run_id": st.run_id}
+        tracking.log_metrics(st.c, st.run_id, {"documents": built["n_docs"], "compress_seconds": seconds,
+                                               "docs_per_s": new / seconds if new else 0.0})
+        return st.finish(built)
 
 
 # ------------------------------------------------------------------------------------ evaluate, promote
 
-@task(name="evaluate", **_CACHED)
+def _evaluation_missing(result: dict[str, Any]) -> str | None:
+    """The cache rule's check for evaluate: the per-question predictions the gate pairs are still logged."""
+    names = {a.path for a in tracking.client().list_artifacts(result["run_id"], "evaluation")}
+    return None if "evaluation/predictions.jsonl" in names else "its predictions are gone"
+
+
+@task(name="evaluate", **_RETRIED)
 def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], questions: int, top_k: int,
-             baselines: str, retrieval: dict[str, Any], device: Optional[str], parent_run: str, experiment: str
+             baselines: str, retrieval: dict[str, Any], device: Optional[str], ctx: dict[str, Any]
              ) -> dict[str, Any]:
-    key = _key("evaluate", dict(locals()))  # first: only the parameters are local yet
+    """CLaRa (from the store) beside the raw-text baselines and closed book on the synthesized dev split."""
+    inputs = dict(e2e=e2e, build=build, data=data, questions=questions, top_k=top_k, baselines=baselines,
+                  retrieval=retrieval, device=device)
+    key = stage_key("evaluate", inputs)
+    found = reuse(ctx["experiment"], "evaluate", key, _evaluation_missing, ctx["refresh"])
+    if found:
+        return found
     from clara.eval.datasets import subsample, synth_qa
     from clara.eval.run import EvalConfig, evaluate as run_eval
     from clara.model.checkpoint import load_checkpoint
@@ -487,11 +511,11 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
     cfg = EvalConfig(k=top_k, baselines=tuple(b for b in baselines.split(",") if b), settings=("normal",),
                      mode=retrieval["mode"], fuse=retrieval["fuse"], n_candidates=retrieval["candidates"],
                      retrieval_modes=())
-    with _Stage("evaluate", parent_run, experiment,
-                {"model_uri": e2e["model_uri"], "build_id": build["build_id"], "questions": questions,
-                 "k": top_k, "baselines": baselines, "data_version": data["data_version"],
-                 **{f"retrieval.{k}": v for k, v in retrieval.items()}},
-                data, reads=(("dev", "evaluation"), ("corpus_file", "retrieval corpus"))) as st:
+    with _stage("evaluate", ctx, {"model_uri": e2e["model_uri"], "build_id": build["build_id"],
+                                  "questions": questions, "k": top_k, "baselines": baselines,
+                                  "data_version": data["data_version"],
+                                  **{f"retrieval.{k}": v for k, v in retrieval.items()}},
+                key, data, reads=(("dev", "evaluation"), ("corpus_file", "retrieval corpus"))) as st:
         docs = read_corpus(data["corpus_file"], data["max_docs"])
         qa, _ = subsample(synth_qa(data["synth_dir"], split="dev"), docs, questions, None)
         model = load_checkpoint(_checkpoint(e2e), device=device)
@@ -505,43 +529,53 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
             tracking.log_metrics(st.c, st.run_id, {f"{prefix}.{k}": v for k, v in stages.numeric(r).items()})
         st.c.log_artifacts(st.run_id, str(out), "evaluation")
         table = (out / "report.md").read_text(encoding="utf-8")
-    metrics = {tracking.metric_name(k): v for k, v in stages.numeric(stages.clara_row(rows)).items()}
-    return {"run_id": st.run_id, "metrics": metrics, "table": table,
-            "questions": len(qa)}
+        metrics = {tracking.metric_name(k): v for k, v in stages.numeric(stages.clara_row(rows)).items()}
+        return st.finish({"metrics": metrics, "table": table, "questions": len(qa)})
 
 
-@task(name="promote", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
+def _version_missing(result: dict[str, Any]) -> str | None:
+    """The cache rule's check for promote: the registered version still exists."""
+    try:
+        tracking.client().get_model_version(result["name"], result["version"])
+        return None
+    except Exception:  # MlflowException: deleted
+        return f"model version {result['name']} v{result['version']} is gone"
+
+
+@task(name="promote", **_RETRIED)
 def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], data: dict[str, Any],
             scp: dict[str, Any], model_name: str, gate_metric: str, gate_rule: dict[str, float], top_k: int,
-            retrieval: dict[str, Any], parent_run: str, experiment: str) -> dict[str, Any]:
+            retrieval: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     """Register the model (once per set of inputs: a rerun finds its version) and run the gate (every time, so
     the decision reflects the production version as it is now)."""
-    key = _key("promote", dict(locals()))
     from clara.eval.gate import GateRule
     from flows.registry import PER_QUESTION_METRICS, gate, log_pyfunc, register
 
-    metrics = scores["metrics"]
     if gate_metric not in PER_QUESTION_METRICS:
         raise ValueError(f"gate metric {gate_metric!r} cannot be compared question by question; "
                          f"choose one of {', '.join(PER_QUESTION_METRICS)}")
-    c = tracking.client()
-    found = c.search_model_versions(f"name = '{model_name}' AND tags.`clara.promote_key` = '{key}'")
-    if found:
-        version, reused = str(found[0].version), True
-    else:
-        logged = log_pyfunc(e2e["run_id"], "qa", _checkpoint(e2e),
-                            {"build_id": build["build_id"], "k": top_k, **retrieval}, input_column="question")
-        version = register(c, model_name, logged, {
-            **{f"eval.{k}": round(v, 6) for k, v in metrics.items()}, "eval.run_id": scores["run_id"],
-            "data_version": data["data_version"], "build_id": build["build_id"], "compressor": scp["model_uri"],
-            **{f"retrieval.{k}": v for k, v in retrieval.items()},
-            "git_commit": tracking.git_commit(PROJECT), "prefect.flow_run_id": str(flow_run.id),
-            "clara.promote_key": key},
-            description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
-        reused = False
-    decision = gate(c, model_name, version, gate_metric, rule=GateRule(**gate_rule))
-    return {"name": model_name, "version": version, "alias": decision.alias, "reason": decision.reason,
-            "model_uri": f"models:/{model_name}/{version}", "reused": reused}
+    inputs = dict(e2e=e2e, build=build, scores=scores, data=data, scp=scp, model_name=model_name, top_k=top_k,
+                  retrieval=retrieval)
+    key = stage_key("promote", inputs)
+    registered = reuse(ctx["experiment"], "promote", key, _version_missing, ctx["refresh"])
+    if registered is None:
+        with _stage("promote", ctx, {"model_name": model_name, "model_uri": e2e["model_uri"],
+                                     "build_id": build["build_id"]}, key) as st:
+            c = st.c
+            logged = log_pyfunc(e2e["run_id"], "qa", _checkpoint(e2e),
+                                {"build_id": build["build_id"], "k": top_k, **retrieval}, input_column="question")
+            version = register(c, model_name, logged, {
+                **{f"eval.{k}": round(v, 6) for k, v in scores["metrics"].items()}, "eval.run_id": scores["run_id"],
+                "data_version": data["data_version"], "build_id": build["build_id"], "compressor": scp["model_uri"],
+                **{f"retrieval.{k}": v for k, v in retrieval.items()},
+                "git_commit": tracking.git_commit(PROJECT), "prefect.flow_run_id": str(flow_run.id),
+                "clara.key": key},
+                description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
+            tracking.set_tags(c, st.run_id, {"model_version": version})
+            registered = st.finish({"name": model_name, "version": version,
+                                    "model_uri": f"models:/{model_name}/{version}"})
+    decision = gate(tracking.client(), model_name, registered["version"], gate_metric, rule=GateRule(**gate_rule))
+    return {**registered, "alias": decision.alias, "reason": decision.reason}
 
 
 # -------------------------------------------------------------------------------------------- parent
@@ -570,7 +604,7 @@ def _summary(result: dict[str, Any], exp: str) -> str:
              f"## Evaluation ({result['evaluation']['questions']} synthesized dev questions)", "",
              result["evaluation"]["table"], "", "## MLflow runs", "",
              f"- [pipeline]({tracking.run_url(result['parent_run'], exp, uri)})"]
-    for stage in ("synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate"):
+    for stage in ("synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate", "promote"):
         run = result["runs"].get(stage)
         if run:
             cached = " (cached)" if stage in result["cached"] else ""
@@ -624,12 +658,6 @@ def _model_problems(name: str) -> list[str]:
     return []
 
 
-def _fail(c, parent: str, exc: BaseException) -> None:
-    # The reason goes on the run, so that someone browsing MLflow sees why it failed without Prefect's logs.
-    tracking.set_tags(c, parent, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
-    tracking.finish(c, parent, ok=False)
-
-
 @flow(name="clara", log_prints=True)
 def clara(
     profile: Literal["demo", "quality", "gpu"] = "demo",
@@ -677,77 +705,71 @@ def clara(
     corpus). ``init_from``: a checkpoint folder to continue SCP from (``scp_steps=0`` uses it as it is; relative
     to the project folder; ``none`` turns the profile's off).
     """
-    params = dict(locals())
+    p = dict(locals())
     project = str(Path(project_dir).resolve()) if project_dir else str(PROJECT)
-    c = tracking.client()
-    exp = tracking.experiment_id(c, experiment)
-    parent = tracking.start_run(c, exp, f"pipeline {flow_run.name}", tags={
-        "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
-        "git_commit": tracking.git_commit(project), "clara.stage": "pipeline"})
+    run = PipelineRun.start(experiment, str(flow_run.id), str(flow_run.name), tracking.git_commit(project))
     try:
-        # Bad parameters fail here, before any stage, with the reason on the MLflow run as well as in Prefect.
-        budget = profiles.resolve(profile, {k: params[k] for k in profiles.PROFILES["demo"]})
-        params.update(budget)  # MLflow records the budgets this run used, not the Nones it was called with
-        check_parameters(params)
-    except BaseException as exc:
-        _fail(c, parent, exc)
-        raise
-    tracking.log_params(c, parent, params)
-    runner = task_runner(dask_address, dask_workers)
-    teacher_spec = {"kind": teacher, "model": teacher_model, "base_url": teacher_base_url}
-    result: dict[str, Any] = {"flow_run": str(flow_run.name), "parent_run": parent, "runs": {}, "cached": []}
-    common = dict(parent_run=parent, experiment=experiment)
-
-    def staged(t, *args, **kwargs):
-        # refresh_cache recomputes a cached stage (e.g. after its MLflow runs or checkpoints were deleted)
-        state = (t.with_options(refresh_cache=True) if refresh_cache else t)(*args, **kwargs, return_state=True)
-        if state.is_completed() and state.name == "Cached":
-            result["cached"].append(t.name)
-        return state.result()
-
-    try:
-        data = synthesize.with_options(task_runner=runner)(corpus, budget["max_docs"] or None, preset, teacher_spec,
-                                                           shards, project, dvc_push, **common)
-        if data["reused"]:
-            result["cached"].append("synthesize")
-        tracking.set_tags(c, parent, {"data_version": data["data_version"],
-                                      "corpus_version": data["corpus_version"]})
-        init = budget["init_from"]
-        if init and not Path(init).is_absolute():
-            init = str(Path(project) / init)
-        scp = staged(pretrain_scp, data, preset, compression_rate, budget["scp_steps"], budget["scp_batch_size"],
-                     scp_lr, init, device, train_processes, **common)
-        inst = staged(instruct, scp, data, budget["instruct_steps"], budget["instruct_batch_size"], instruct_lr,
-                      device, **common)
-        e2e = staged(train_e2e, inst, data, budget["e2e_steps"], budget["e2e_batch_size"], e2e_lr, top_k,
-                     n_candidates, device, train_processes, **common)
-        build = compress_corpus.with_options(task_runner=runner)(e2e, data, shards, 16, device, **common)
-        if build["reused"]:
-            result["cached"].append("compress_corpus")
+        b = _budget(p, project)  # bad parameters fail here, before any stage, with the reason on the run
+        tracking.log_params(tracking.client(), run.run_id, {**p, **b})
+        ctx = {"parent_run": run.run_id, "experiment": experiment, "refresh": refresh_cache}
+        runner = task_runner(dask_address, dask_workers)
         retrieval = {"mode": retrieval_mode, "fuse": retrieval_fuse, "candidates": n_candidates}
-        scores = staged(evaluate, e2e, build, data, budget["eval_questions"], top_k, baselines, retrieval, device,
-                        **common)
-        gate_rule = {"margin": gate_margin, "max_latency_regression": gate_max_latency_regression}
-        promotion = staged(promote, e2e, build, scores, data, scp, model_name, gate_metric, gate_rule,
-                           top_k, retrieval, **common)
-        if promotion["reused"]:
-            result["cached"].append("promote")
-        result.update(data=data, scp=scp, e2e=e2e, build=build, evaluation=scores, promotion=promotion)
-        result["runs"] = {"synthesize": data["run_id"], "pretrain_scp": scp["run_id"],
-                          "instruct": None if inst.get("skipped") else inst["run_id"], "train_e2e": e2e["run_id"],
-                          "compress_corpus": build.get("run_id"), "evaluate": scores["run_id"]}
-        tracking.set_tags(c, parent, {
-            "build_id": build["build_id"], "model_version": promotion["version"], "alias": promotion["alias"],
-            "gate_reason": promotion["reason"], "cached_stages": ",".join(result["cached"]) or "none",
-            **{f"run.{k}": v for k, v in result["runs"].items()}})
-        tracking.log_metrics(c, parent, {f"eval.{k}": v for k, v in scores["metrics"].items()})
-        summary = _summary(result, exp)
-        c.log_text(parent, summary, "summary.md")
-        create_markdown_artifact(summary, key="clara-evaluation",
-                                 description="CLaRa evaluation and model promotion for this pipeline run")
-        print(summary)
+
+        data = run.record("synthesize", synthesize.with_options(task_runner=runner)(
+            corpus=corpus, max_docs=b["max_docs"] or None, preset=preset, shards=shards, project_dir=project,
+            teacher={"kind": teacher, "model": teacher_model, "base_url": teacher_base_url}, dvc_push=dvc_push,
+            parent_run=run.run_id, experiment=experiment, refresh=refresh_cache))
+        scp = run.record("pretrain_scp", pretrain_scp(
+            data=data, preset=preset, compression_rate=compression_rate, steps=b["scp_steps"],
+            batch_size=b["scp_batch_size"], lr=scp_lr, init_from=b["init_from"], device=device,
+            processes=train_processes, ctx=ctx))
+        inst = run.record("instruct", instruct(
+            scp=scp, data=data, steps=b["instruct_steps"], batch_size=b["instruct_batch_size"], lr=instruct_lr,
+            device=device, ctx=ctx))
+        e2e = run.record("train_e2e", train_e2e(
+            init=inst, data=data, steps=b["e2e_steps"], batch_size=b["e2e_batch_size"], lr=e2e_lr, top_k=top_k,
+            n_candidates=n_candidates, device=device, processes=train_processes, ctx=ctx))
+        build = run.record("compress_corpus", compress_corpus.with_options(task_runner=runner)(
+            e2e=e2e, data=data, shards=shards, batch_size=16, device=device, parent_run=run.run_id,
+            experiment=experiment, refresh=refresh_cache))
+        scores = run.record("evaluate", evaluate(
+            e2e=e2e, build=build, data=data, questions=b["eval_questions"], top_k=top_k, baselines=baselines,
+            retrieval=retrieval, device=device, ctx=ctx))
+        promotion = run.record("promote", promote(
+            e2e=e2e, build=build, scores=scores, data=data, scp=scp, model_name=model_name, gate_metric=gate_metric,
+            gate_rule={"margin": gate_margin, "max_latency_regression": gate_max_latency_regression}, top_k=top_k,
+            retrieval=retrieval, ctx=ctx))
+
+        return _report(run)
     except BaseException as exc:
-        _fail(c, parent, exc)
+        run.fail(exc)
         raise
-    tracking.finish(c, parent)
+
+
+def _budget(p: dict[str, Any], project: str) -> dict[str, Any]:
+    """The profile's budgets with the explicit parameters on top, checked; ``init_from`` made absolute."""
+    budget = profiles.resolve(p["profile"], {k: p[k] for k in profiles.PROFILES["demo"]})
+    check_parameters({**p, **budget})
+    init = budget["init_from"]
+    if init and not Path(init).is_absolute():
+        budget["init_from"] = str(Path(project) / init)
+    return budget
+
+
+def _report(run: PipelineRun) -> dict[str, Any]:
+    """Finish the parent run (tags, metrics, summary) and return what every stage returned."""
+    s = run.stages
+    result = {"flow_run": run.flow_run_name, "parent_run": run.run_id, "data": s["synthesize"],
+              "scp": s["pretrain_scp"], "e2e": s["train_e2e"], "build": s["compress_corpus"],
+              "evaluation": s["evaluate"], "promotion": s["promote"], "cached": run.cached,
+              "runs": {k: None if r.get("skipped") else r.get("run_id") for k, r in s.items()}}
+    summary = _summary(result, run.exp_id)
+    p = result["promotion"]
+    run.finish({"data_version": result["data"]["data_version"], "corpus_version": result["data"]["corpus_version"],
+                "build_id": result["build"]["build_id"], "model_version": p["version"], "alias": p["alias"],
+                "gate_reason": p["reason"]},
+               {f"eval.{k}": v for k, v in result["evaluation"]["metrics"].items()}, summary)
+    create_markdown_artifact(summary, key="clara-evaluation",
+                             description="CLaRa evaluation and model promotion for this pipeline run")
+    print(summary)
     return result

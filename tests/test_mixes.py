@@ -128,7 +128,7 @@ def test_pipeline_refuses_a_starting_point_of_another_base_or_rate(tiny_model, t
 
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
     args = dict(data={}, steps=0, batch_size=1, lr=1e-4, init_from=str(ckpt), device=None, processes=1,
-                parent_run="-", experiment="-")
+                ctx={"parent_run": "-", "experiment": "-", "refresh": False})
     with pytest.raises(ValueError, match="init_from=none"):
         pretrain_scp.fn(preset="smollm2-135m", compression_rate=16, **args)
     with pytest.raises(ValueError, match="rate"):

@@ -142,7 +142,7 @@ def test_run_left_registered_models_alias_build_and_lineage(first_run, repo):
     pipelines = {r.info.run_id for r in c.search_runs([exp], "tags.`clara.stage` = 'pipeline'")}
     stage_runs = c.search_runs([exp], "tags.`clara.stage` != 'pipeline'")
     assert {r.data.tags["clara.stage"] for r in stage_runs} == {"synthesize", "pretrain_scp", "instruct", "train_e2e",
-                                                               "compress_corpus", "evaluate"}
+                                                               "compress_corpus", "evaluate", "promote"}
     assert all(r.data.tags["mlflow.parentRunId"] in pipelines for r in stage_runs)  # nested, one level
     # What a user sees in the MLflow UI: a model-training experiment (runs and charts, not the GenAI overview)
     # whose stage runs name the DVC-versioned data they read in the Dataset column.
@@ -421,3 +421,22 @@ def test_a_bad_corpus_fails_the_run_at_its_first_stage_with_the_reason(services,
                          "tags.`clara.stage` = 'pipeline' AND attributes.status = 'FAILED'",
                          order_by=["attributes.start_time DESC"], max_results=1)
     assert message in runs[0].data.tags["error"]
+
+
+def test_the_cache_rule_reuses_only_runs_whose_outputs_are_still_there(first_run):
+    from flows.pipeline import _checkpoint_missing, _version_missing
+    from flows.stagerun import reuse
+
+    c = _client()
+    key = c.get_run(first_run["scp"]["run_id"]).data.tags["clara.key"]
+    found = reuse("clara", "pretrain_scp", key, lambda r: None)
+    assert found["run_id"] == first_run["scp"]["run_id"] and found["reused"] and key in found["cached_reason"]
+    assert reuse("clara", "pretrain_scp", key, lambda r: "its checkpoint is gone") is None
+    assert reuse("clara", "pretrain_scp", key, lambda r: None, refresh=True) is None
+    assert reuse("clara", "pretrain_scp", "0" * 16, lambda r: None) is None  # other inputs
+    # The real checks: a checkpoint folder deleted from disk is still found in MLflow; a deleted version is not.
+    gone = {**first_run["scp"], "checkpoint": "/nonexistent"}
+    assert _checkpoint_missing(gone) is None
+    assert "gone" in _checkpoint_missing({**gone, "model_uri": "models:/clara-compressor/999"})
+    assert _checkpoint_missing({**gone, "model_uri": f"runs:/{first_run['scp']['run_id']}/nothing"})
+    assert _version_missing({"name": "clara", "version": "999"})

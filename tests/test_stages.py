@@ -103,13 +103,18 @@ def test_prepare_corpus_reuses_an_unchanged_source(tmp_path):
 
 
 def test_cache_key_ignores_run_identity_but_not_inputs():
-    from flows.pipeline import _key
+    from flows.stagerun import stage_key as _key
 
     a = _key("train_e2e", {"scp": {"run_id": "r1", "model_uri": "models:/c/1"}, "steps": 5, "parent_run": "p1"})
     b = _key("train_e2e", {"scp": {"run_id": "r2", "model_uri": "models:/c/1"}, "steps": 5, "parent_run": "p2"})
     c = _key("train_e2e", {"scp": {"run_id": "r1", "model_uri": "models:/c/2"}, "steps": 5, "parent_run": "p1"})
     d = _key("train_e2e", {"scp": {"run_id": "r1", "model_uri": "models:/c/1"}, "steps": 6, "parent_run": "p1"})
     assert a == b and len({a, c, d}) == 3
+    # run identity is ignored at any depth of the references (a reused stage's reason included)
+    e = _key("train_e2e", {"scp": {"run_id": "r9", "reused": True, "cached_reason": "x", "model_uri": "models:/c/1",
+                                   "inner": {"run_id": "z"}}, "steps": 5})
+    f = _key("train_e2e", {"scp": {"model_uri": "models:/c/1", "inner": {}}, "steps": 5})
+    assert e == f
 
 
 class _State:
