@@ -174,7 +174,7 @@ def mlflow_up(layout: Layout, backend: str | None = None, timeout: float = 180) 
     home = layout.state / "mlflow"
     (home / "artifacts").mkdir(parents=True, exist_ok=True)
     backend = backend or mlflow_backend(layout, None)
-    # One worker: four would cost ~1.5 GB on a laptop for no gain with one pipeline (STACK.md).
+    # One worker (~750 MB RSS): four cost ~1.5 GB on a laptop for no gain with one pipeline.
     pid = _spawn(layout, "mlflow", [
         _bin("mlflow"), "server", "--backend-store-uri", backend,
         "--artifacts-destination", str(home / "artifacts"), "--host", HOST, "--port", str(layout.mlflow_port),

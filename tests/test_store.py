@@ -161,6 +161,7 @@ def test_database_down_is_a_clear_error():
         connect("postgresql://postgres:secret@127.0.0.1:9/clara")
 
 
+@pytest.mark.slow  # a real process killed and restarted
 def test_compress_job_kill_and_resume(engine, tmp_path):
     """SIGKILL `clara compress` after its first committed batch; the rerun finishes the same build with every
     document exactly once."""

@@ -119,6 +119,7 @@ def test_cut_rows_of_an_unfinished_document_are_redone(fixtures, tmp_path):
     assert sorted(json.dumps(r, sort_keys=True) for r in rows_of(out)) == reference
 
 
+@pytest.mark.slow  # a real process killed and restarted
 def test_kill_and_resume_gives_no_duplicates_and_no_losses(fixtures, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     many = [Document(f"{d.id}-{i}", d.title, d.text) for i in range(4) for d in corpus_docs(fixtures)]

@@ -122,6 +122,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "clara.cli", *args]
 
 
+@pytest.mark.slow  # a real process killed and restarted
 def test_kill_and_resume_reaches_the_same_weights(fixtures, tmp_path):
     """SIGKILL a real training process after its first checkpoint; resuming must finish exactly as an
     uninterrupted run does (same data order, optimizer state, schedule and RNG), with one metrics line per step."""

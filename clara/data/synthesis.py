@@ -1,4 +1,4 @@
-"""Stage 0: salient data synthesis (spec section 4), resumable and idempotent.
+"""Stage 0: salient data synthesis (docs/design.md §4), resumable and idempotent.
 
 Per document the teacher proposes simple and complex questions, answers them from the document, and verifies
 each pair; a pair is kept only if the teacher judges it correct *and* every answer token occurs in the document.

@@ -1,4 +1,4 @@
-"""Answer and retrieval metrics (spec section 9). Pure functions.
+"""Answer and retrieval metrics (docs/design.md §9). Pure functions.
 
 Answers are normalised as the paper does (lower case, no punctuation, no articles, single spaces). Every answer
 metric is reported twice: the max over all gold answers (ours) and against the first gold answer only (the

@@ -1,4 +1,4 @@
-"""Differentiable top-k selection with a straight-through estimator (spec section 7)."""
+"""Differentiable top-k selection with a straight-through estimator (docs/design.md §7)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Stage 1 (SCP) and stage 2 (instruction tuning): compressor + generator on compressed documents.
 
 Loss = CE(response tokens only) + lambda * MSE(mean memory state, mean document state), both means over the
-compressor's last layer (spec section 5). Stage 1 targets are a document's QA lines or its paraphrase; stage 2
+compressor's last layer (docs/design.md §5). Stage 1 targets are a document's QA lines or its paraphrase; stage 2
 targets are a question's answer over k documents (gold among them).
 """
 
