@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # tests/ -> the repository
 FORBIDDEN = ("flows", "infra", "prefect", "mlflow")
 
 

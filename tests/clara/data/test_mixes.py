@@ -94,20 +94,6 @@ def test_amp_setting_is_checked():
         preset("tiny", amp="fp8")
 
 
-def test_profiles_resolve_with_explicit_parameters_winning():
-    from flows.profiles import PROFILES, resolve
-
-    demo = resolve("demo", {"scp_steps": None, "max_docs": 50})
-    assert demo["scp_steps"] == PROFILES["demo"]["scp_steps"] and demo["max_docs"] == 50
-    assert resolve("quality", {})["max_docs"] == 0  # the whole corpus
-    assert resolve("demo", {"init_from": "none"})["init_from"] is None  # a profile's starting point turned off
-    assert resolve("gpu", {"init_from": "runs/x"})["init_from"] == "runs/x"
-    with pytest.raises(ValueError, match="scp_steps"):
-        resolve("demo", {"init_from": "none", "scp_steps": 0})
-    with pytest.raises(ValueError, match="unknown profile"):
-        resolve("fast", {})
-
-
 def test_bf16_release_loads_and_answers_like_the_original(tiny_model, docs, tmp_path):
     from clara.model.checkpoint import export_release, load_checkpoint, read_checkpoint_config, save_checkpoint
 
@@ -120,16 +106,3 @@ def test_bf16_release_loads_and_answers_like_the_original(tiny_model, docs, tmp_
     loaded = load_checkpoint(rel)
     a, b = tiny_model.compress(docs), loaded.compress(docs)
     assert all(torch.allclose(x, y, atol=0.05, rtol=0.05) for x, y in zip(a, b))
-
-
-def test_pipeline_refuses_a_starting_point_of_another_base_or_rate(tiny_model, tmp_path):
-    from clara.model.checkpoint import save_checkpoint
-    from flows.pipeline import pretrain_scp
-
-    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
-    args = dict(data={}, steps=0, batch_size=1, lr=1e-4, init_from=str(ckpt), device=None, processes=1,
-                ctx={"parent_run": "-", "experiment": "-", "refresh": False})
-    with pytest.raises(ValueError, match="init_from=none"):
-        pretrain_scp.fn(preset="smollm2-135m", compression_rate=16, **args)
-    with pytest.raises(ValueError, match="rate"):
-        pretrain_scp.fn(preset="tiny", compression_rate=4, **args)
