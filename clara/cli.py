@@ -33,21 +33,6 @@ ResumeOpt = typer.Option(True, help="Continue from the latest checkpoint in --ou
 DbOpt = typer.Option(None, help="Database URL (default: $CLARA_DATABASE_URL, else the embedded server).")
 
 
-def _train_overrides(batch_size, grad_accum, max_steps, lr, checkpoint_every, seed) -> dict:
-    train: dict = {k: v for k, v in dict(batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-                                         checkpoint_every=checkpoint_every, seed=seed).items() if v is not None}
-    if lr is not None:
-        train["optim"] = {"lr": lr}
-    return train
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
 def _read_config(path: Optional[Path]) -> dict:
     from clara.config import read_config_file
 
@@ -120,7 +105,7 @@ def train_instruct_cmd(
 
 def _train_compressor(data, out, preset, config, rate, length_mode, device, batch_size, grad_accum, max_steps, lr,
                       checkpoint_every, seed, resume, stage, init) -> None:
-    from clara.config import SCPConfig, _from_dict, preset as make_preset, to_dict
+    from clara.config import SCPConfig, from_dict, merged, preset as make_preset, to_dict, train_overrides
     from clara.data.records import RecordError, load_scp_records
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
@@ -138,11 +123,11 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
                 raise ValueError(f"{init} was trained at rate {model.cfg.compression_rate}, not {rate}")
             model_cfg = to_dict(model.cfg)
         else:
-            model_cfg = to_dict(make_preset(preset, **_merge(raw.get("model", {}), model_over)))
+            model_cfg = to_dict(make_preset(preset, **merged(raw.get("model", {}), model_over)))
         raw["model"] = model_cfg
-        raw["train"] = _merge(raw.get("train", {}), _train_overrides(batch_size, grad_accum, max_steps, lr,
+        raw["train"] = merged(raw.get("train", {}), train_overrides(batch_size, grad_accum, max_steps, lr,
                                                                      checkpoint_every, seed))
-        cfg = _from_dict(SCPConfig, raw)
+        cfg = from_dict(SCPConfig, raw)
         if init is None:
             model = ClaraModel.build(cfg.model)
     except (RecordError, ValueError, OSError) as exc:
@@ -174,7 +159,7 @@ def train_e2e_cmd(
     resume: bool = ResumeOpt,
 ) -> None:
     """Stage 3: train query reasoner + generator from the answer loss through differentiable top-k."""
-    from clara.config import E2EConfig, _from_dict
+    from clara.config import E2EConfig, from_dict, merged, train_overrides
     from clara.data.corpus import read_corpus
     from clara.data.records import RecordError, load_qa_records
     from clara.model.checkpoint import load_checkpoint
@@ -187,9 +172,9 @@ def train_e2e_cmd(
         raw = _read_config(config)
         raw.update({k: v for k, v in dict(n_candidates=candidates, top_k=top_k, tau=tau, negatives=negatives).items()
                     if v is not None})
-        raw["train"] = _merge(raw.get("train", {}),
-                              _train_overrides(batch_size, grad_accum, max_steps, lr, checkpoint_every, seed))
-        cfg = _from_dict(E2EConfig, raw)
+        raw["train"] = merged(raw.get("train", {}),
+                              train_overrides(batch_size, grad_accum, max_steps, lr, checkpoint_every, seed))
+        cfg = from_dict(E2EConfig, raw)
         model = load_checkpoint(init, device=device)
     except (RecordError, ValueError, OSError) as exc:
         _fail(exc)

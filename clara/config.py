@@ -65,7 +65,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
-            self.lora = _from_dict(LoraSettings, self.lora)
+            self.lora = from_dict(LoraSettings, self.lora)
         self.lora.target_modules = tuple(self.lora.target_modules)
         if self.compression_rate not in COMPRESSION_RATES:
             raise ValueError(
@@ -127,7 +127,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):
-            self.optim = _from_dict(OptimSettings, self.optim)
+            self.optim = from_dict(OptimSettings, self.optim)
         self.optim.betas = tuple(self.optim.betas)  # type: ignore[assignment]
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
@@ -149,9 +149,9 @@ class SCPConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
-            self.model = _from_dict(ModelConfig, self.model)
+            self.model = from_dict(ModelConfig, self.model)
         if isinstance(self.train, dict):
-            self.train = _from_dict(TrainConfig, self.train)
+            self.train = from_dict(TrainConfig, self.train)
 
 
 @dataclass
@@ -177,7 +177,7 @@ class E2EConfig:
             optim = train.setdefault("optim", {})
             if isinstance(optim, dict):  # the E2E learning rate differs from TrainConfig's SCP default
                 train["optim"] = {"lr": 5e-6, **optim}
-            self.train = _from_dict(TrainConfig, train)
+            self.train = from_dict(TrainConfig, train)
         if not 1 <= self.top_k <= self.n_candidates:
             raise ValueError(f"need 1 <= top_k ({self.top_k}) <= n_candidates ({self.n_candidates})")
         if self.tau <= 0:
@@ -214,13 +214,33 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 T = TypeVar("T")
 
 
-def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build dataclass ``cls`` from a dict, refusing unknown keys so that a typo is an error, not a no-op."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     return cls(**data)
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` on top, nested tables merged key by key (a config file, then command-line options)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merged(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def train_overrides(batch_size: int | None = None, grad_accum: int | None = None, max_steps: int | None = None,
+                    lr: float | None = None, checkpoint_every: int | None = None, seed: int | None = None
+                    ) -> dict[str, Any]:
+    """The ``train`` table of a stage config from the options given (None: not given, the file's value stays)."""
+    train: dict[str, Any] = {k: v for k, v in dict(batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
+                                                   checkpoint_every=checkpoint_every, seed=seed).items()
+                             if v is not None}
+    if lr is not None:
+        train["optim"] = {"lr": lr}
+    return train
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -245,4 +265,4 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
     """Read a stage config from a JSON or TOML file (or none), then apply keyword overrides on top."""
     data = read_config_file(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return _from_dict(cls, data)
+    return from_dict(cls, data)

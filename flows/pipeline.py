@@ -403,13 +403,13 @@ def compress_shard(checkpoint: str, corpus_file: str, start: int, end: int, out_
 
 @task(name="load-build", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
 def load_build(shard_files: list[str], data: dict[str, Any], checkpoint: str, model_uri: str) -> dict[str, Any]:
-    from clara.config import ModelConfig, _from_dict
+    from clara.config import ModelConfig, from_dict
     from clara.model.checkpoint import read_checkpoint_config
     from clara.dense import DenseEncoder
     from clara.store.db import connect
     from clara.store.loading import load_build as load, shard_files as shards
 
-    mcfg = _from_dict(ModelConfig, read_checkpoint_config(checkpoint)["model"])
+    mcfg = from_dict(ModelConfig, read_checkpoint_config(checkpoint)["model"])
     hidden = _hidden_size(checkpoint)
     engine = connect()
     try:

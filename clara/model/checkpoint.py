@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from clara.config import ModelConfig, _from_dict, to_dict
+from clara.config import ModelConfig, from_dict, to_dict
 from clara.model.clara_model import ADAPTERS, ClaraModel
 
 FORMAT = "clara-checkpoint/1"
@@ -176,7 +176,7 @@ def load_checkpoint(path: str | Path, device: str | None = None, dtype: str | No
         model_cfg["dtype"] = dtype
     if base is not None:
         model_cfg["base"] = base
-    cfg = _from_dict(ModelConfig, model_cfg)
+    cfg = from_dict(ModelConfig, model_cfg)
     special = load_file(path / "special_embeddings.safetensors")["special"]
     base_dir = path / "base" if meta.get("base_included") and base is None else None
     model = ClaraModel.build(cfg, special=special, base_dir=base_dir)
