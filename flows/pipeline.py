@@ -14,8 +14,10 @@ Each stage receives explicit references from the one before (data version, run i
 returns its own as a small JSON dict. Whether a stage is skipped is decided by one rule (``flows.stagerun``): a
 finished run of that stage with the same input key whose outputs still exist; its recorded result is returned
 and the reason is logged. The shard tasks and the store are idempotent by themselves (finished shards and
-published builds are found and reused), and an interrupted stage resumes from its own checkpoints. Shards run on the flow's task runner: threads by default, a Dask
-cluster when ``dask_address`` or ``dask_workers`` is set.
+published builds are found and reused), and an interrupted stage resumes from its own checkpoints. Two runs
+with the same inputs at once: the second waits for the first at each stage (a lock on the shared Postgres) and
+then reuses its result. Shards run on the flow's task runner: threads by default, a Dask cluster when
+``dask_address`` or ``dask_workers`` is set.
 """
 
 # No `from __future__ import annotations`: Prefect builds the parameter form (a pydantic model) from the
@@ -33,7 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from clara import stages
 from clara.data.corpus import corpus_name, prepare_corpus, read_corpus
 from flows import profiles, tracking
-from flows.stagerun import PipelineRun, StageRun, reuse, stage_key
+from flows.stagerun import PipelineRun, StageRun, exclusive, reuse, stage_key
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -211,24 +213,25 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
             "project_dir": project_dir}
     ctx = {"parent_run": parent_run, "experiment": experiment}
     key = stage_key("synthesize", {"work": work_key, **data})
-    found = reuse(experiment, "synthesize", key, lambda r: None, refresh)  # the files were just written
-    if found:
-        return found
-    with _stage("synthesize", ctx, {"corpus": corpus, "max_docs": max_docs, "shards": len(ranges),
-                                    "teacher": teacher, "data_version": version}, key,
-                data, reads=(("corpus_file", "source corpus"),)) as st:
-        tracking.set_tags(st.c, st.run_id, {"data_version": version})
-        tracking.log_metrics(st.c, st.run_id, {
-            "documents_in": report["documents_in"], "documents_kept": report["documents_kept"],
-            "yield_documents": report["yield_documents"],
-            "verification_pass_rate": report["verification_pass_rate"],
-            "mean_coverage_kept": report["mean_coverage_kept"],
-            "seconds": sum(r["seconds_this_run"] for r in shard_reports),
-            **{f"rows.{k}": v for k, v in report["rows_out"].items()}})
-        st.c.log_dict(st.run_id, report, "synthesis/report.json")
-        st.c.log_artifact(st.run_id, str(out / "report.md"), "synthesis")
-        st.c.log_artifact(st.run_id, str(Path(project_dir) / "data.dvc"))
-        return st.finish(data)
+    with exclusive("synthesize", key):  # a second run with these inputs waits, then reuses
+        found = reuse(experiment, "synthesize", key, lambda r: None, refresh)  # the files were just written
+        if found:
+            return found
+        with _stage("synthesize", ctx, {"corpus": corpus, "max_docs": max_docs, "shards": len(ranges),
+                                        "teacher": teacher, "data_version": version}, key,
+                    data, reads=(("corpus_file", "source corpus"),)) as st:
+            tracking.set_tags(st.c, st.run_id, {"data_version": version})
+            tracking.log_metrics(st.c, st.run_id, {
+                "documents_in": report["documents_in"], "documents_kept": report["documents_kept"],
+                "yield_documents": report["yield_documents"],
+                "verification_pass_rate": report["verification_pass_rate"],
+                "mean_coverage_kept": report["mean_coverage_kept"],
+                "seconds": sum(r["seconds_this_run"] for r in shard_reports),
+                **{f"rows.{k}": v for k, v in report["rows_out"].items()}})
+            st.c.log_dict(st.run_id, report, "synthesis/report.json")
+            st.c.log_artifact(st.run_id, str(out / "report.md"), "synthesis")
+            st.c.log_artifact(st.run_id, str(Path(project_dir) / "data.dvc"))
+            return st.finish(data)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -252,47 +255,50 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
             raise ValueError(f"init_from {init_from} was trained at rate {start['compression_rate']}, "
                              f"not {compression_rate}")
     key = stage_key("pretrain_scp", inputs)
-    found = reuse(ctx["experiment"], "pretrain_scp", key, _checkpoint_missing, ctx["refresh"])
-    if found:
-        return found
-    from clara.config import OptimSettings, SCPConfig, TrainConfig, preset as make_preset, to_dict
-    from clara.data.records import load_scp_records
-    from clara.model import ClaraModel
-    from clara.model.checkpoint import load_checkpoint
-    from clara.training.scp import train_scp
-    from flows.registry import log_pyfunc, register
+    with exclusive("pretrain_scp", key):  # a second run with these inputs waits, then reuses
+        found = reuse(ctx["experiment"], "pretrain_scp", key, _checkpoint_missing, ctx["refresh"])
+        if found:
+            return found
+        from clara.config import OptimSettings, SCPConfig, TrainConfig, preset as make_preset, to_dict
+        from clara.data.records import load_scp_records
+        from clara.model import ClaraModel
+        from clara.model.checkpoint import load_checkpoint
+        from clara.training.scp import train_scp
+        from flows.registry import log_pyfunc, register_once
 
-    init = load_checkpoint(init_from, device=device) if init_from else None
-    model_cfg = init.cfg if init is not None else \
-        make_preset(preset, compression_rate=compression_rate, **({"device": device} if device else {}))
-    cfg = SCPConfig(model=model_cfg,
-                    train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
-                                      optim=OptimSettings(lr=lr)))
-    with _stage("pretrain_scp", ctx, {"data_version": data["data_version"], "init_from": init_from, **to_dict(cfg)},
-                key, data, reads=(("scp_file", "training"),)) as st:
-        tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"]})
-        work, train_file = _work_dir("scp", key), Path(data["scp_file"])
-        if init is not None and steps == 0:  # a trained starting point, used as it is
-            from clara.model.checkpoint import resolve_checkpoint
+        init = load_checkpoint(init_from, device=device) if init_from else None
+        model_cfg = init.cfg if init is not None else \
+            make_preset(preset, compression_rate=compression_rate, **({"device": device} if device else {}))
+        cfg = SCPConfig(model=model_cfg,
+                        train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
+                                          optim=OptimSettings(lr=lr)))
+        with _stage("pretrain_scp", ctx, {"data_version": data["data_version"], "init_from": init_from, **to_dict(cfg)},
+                    key, data, reads=(("scp_file", "training"),)) as st:
+            tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"]})
+            work, train_file = _work_dir("scp", key), Path(data["scp_file"])
+            if init is not None and steps == 0:  # a trained starting point, used as it is
+                from clara.model.checkpoint import resolve_checkpoint
 
-            final = resolve_checkpoint(init_from)
-        elif processes > 1 and init is None:
-            work.mkdir(parents=True, exist_ok=True)
-            (work / "train.json").write_text(json.dumps({"train": to_dict(cfg.train), "mse_weight": cfg.mse_weight}))
-            final = _torchrun(processes, ["train", "scp", "--data", str(train_file), "--out", str(work),
-                                          "--preset", preset, "--rate", str(compression_rate),
-                                          "--config", str(work / "train.json"), *(["--device", device] if device
-                                                                                   else [])], work, st.c, st.run_id)
-        else:
-            model, live = init or ClaraModel.build(cfg.model), _LiveMetrics(st.c, st.run_id)
-            final = train_scp(model, load_scp_records(train_file), cfg, work, callback=live, progress=False)
-            live.replay_if_silent(work)
-        logged = log_pyfunc(st.run_id, "compressor", final, {}, input_column="text")
-        version = register(st.c, "clara-compressor", logged,
-                           {"data_version": data["data_version"], "compression_rate": compression_rate,
-                            "preset": preset}, description="CLaRa compressor (SCP): documents -> memory tokens")
-        return st.finish({"checkpoint": str(final), "model_uri": f"models:/clara-compressor/{version}",
-                          "version": version})
+                final = resolve_checkpoint(init_from)
+            elif processes > 1 and init is None:
+                work.mkdir(parents=True, exist_ok=True)
+                (work / "train.json").write_text(json.dumps({"train": to_dict(cfg.train),
+                                                             "mse_weight": cfg.mse_weight}))
+                args = ["train", "scp", "--data", str(train_file), "--out", str(work), "--preset", preset,
+                        "--rate", str(compression_rate), "--config", str(work / "train.json"),
+                        *(["--device", device] if device else [])]
+                final = _torchrun(processes, args, work, st.c, st.run_id)
+            else:
+                model, live = init or ClaraModel.build(cfg.model), _LiveMetrics(st.c, st.run_id)
+                final = train_scp(model, load_scp_records(train_file), cfg, work, callback=live, progress=False)
+                live.replay_if_silent(work)
+            version, _ = register_once(
+                st.c, "clara-compressor", key,
+                lambda: log_pyfunc(st.run_id, "compressor", final, {}, input_column="text"),
+                {"data_version": data["data_version"], "compression_rate": compression_rate, "preset": preset},
+                description="CLaRa compressor (SCP): documents -> memory tokens")
+            return st.finish({"checkpoint": str(final), "model_uri": f"models:/clara-compressor/{version}",
+                              "version": version})
 
 
 @task(name="instruct", **_RETRIED)
@@ -304,27 +310,28 @@ def instruct(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: 
         return {**scp, "skipped": True, "reused": False}
     inputs = dict(scp=scp, data=data, steps=steps, batch_size=batch_size, lr=lr, device=device)
     key = stage_key("instruct", inputs)
-    found = reuse(ctx["experiment"], "instruct", key, _checkpoint_missing, ctx["refresh"])
-    if found:
-        return found
-    from clara.config import OptimSettings, SCPConfig, TrainConfig, to_dict
-    from clara.data.records import load_scp_records
-    from clara.model.checkpoint import load_checkpoint
-    from clara.training.scp import train_scp
+    with exclusive("instruct", key):  # a second run with these inputs waits, then reuses
+        found = reuse(ctx["experiment"], "instruct", key, _checkpoint_missing, ctx["refresh"])
+        if found:
+            return found
+        from clara.config import OptimSettings, SCPConfig, TrainConfig, to_dict
+        from clara.data.records import load_scp_records
+        from clara.model.checkpoint import load_checkpoint
+        from clara.training.scp import train_scp
 
-    model = load_checkpoint(_checkpoint(scp), device=device)
-    cfg = SCPConfig(model=model.cfg, train=TrainConfig(batch_size=batch_size, max_steps=steps,
-                                                       checkpoint_every=max(10, steps // 4),
-                                                       optim=OptimSettings(lr=lr)))
-    with _stage("instruct", ctx, {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
-                key, data, reads=(("instruct_file", "training"),)) as st:
-        tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
-        work, live = _work_dir("instruct", key), _LiveMetrics(st.c, st.run_id)
-        final = train_scp(model, load_scp_records(data["instruct_file"]), cfg, work, stage="instruct",
-                          callback=live, progress=False)
-        live.replay_if_silent(work)
-        st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
-        return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint"})
+        model = load_checkpoint(_checkpoint(scp), device=device)
+        cfg = SCPConfig(model=model.cfg, train=TrainConfig(batch_size=batch_size, max_steps=steps,
+                                                           checkpoint_every=max(10, steps // 4),
+                                                           optim=OptimSettings(lr=lr)))
+        with _stage("instruct", ctx, {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
+                    key, data, reads=(("instruct_file", "training"),)) as st:
+            tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
+            work, live = _work_dir("instruct", key), _LiveMetrics(st.c, st.run_id)
+            final = train_scp(model, load_scp_records(data["instruct_file"]), cfg, work, stage="instruct",
+                              callback=live, progress=False)
+            live.replay_if_silent(work)
+            st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
+            return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint"})
 
 
 @task(name="train_e2e", **_RETRIED)
@@ -334,40 +341,41 @@ def train_e2e(init: dict[str, Any], data: dict[str, Any], steps: int, batch_size
     inputs = dict(init=init, data=data, steps=steps, batch_size=batch_size, lr=lr, top_k=top_k,
                   n_candidates=n_candidates, device=device, processes=processes)
     key = stage_key("train_e2e", inputs)
-    found = reuse(ctx["experiment"], "train_e2e", key, _checkpoint_missing, ctx["refresh"])
-    if found:
-        return found
-    from clara.config import E2EConfig, OptimSettings, TrainConfig, to_dict
-    from clara.eval.datasets import synth_qa
-    from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
-    from clara.training.e2e import train_e2e as train
+    with exclusive("train_e2e", key):  # a second run with these inputs waits, then reuses
+        found = reuse(ctx["experiment"], "train_e2e", key, _checkpoint_missing, ctx["refresh"])
+        if found:
+            return found
+        from clara.config import E2EConfig, OptimSettings, TrainConfig, to_dict
+        from clara.eval.datasets import synth_qa
+        from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
+        from clara.training.e2e import train_e2e as train
 
-    cfg = E2EConfig(train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
-                                      optim=OptimSettings(lr=lr)), n_candidates=n_candidates, top_k=top_k)
-    with _stage("train_e2e", ctx, {"data_version": data["data_version"], "init": init["model_uri"], **to_dict(cfg)},
-                key, data, reads=(("train", "training"), ("corpus_file", "retrieval corpus"))) as st:
-        tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": init["model_uri"]})
-        docs = read_corpus(data["corpus_file"], data["max_docs"])
-        qa = synth_qa(data["synth_dir"], split="train")
-        work = _work_dir("e2e", key)
-        if processes > 1:
-            from clara.data.corpus import atomic_write_lines, write_corpus
+        cfg = E2EConfig(train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
+                                          optim=OptimSettings(lr=lr)), n_candidates=n_candidates, top_k=top_k)
+        with _stage("train_e2e", ctx, {"data_version": data["data_version"], "init": init["model_uri"], **to_dict(cfg)},
+                    key, data, reads=(("train", "training"), ("corpus_file", "retrieval corpus"))) as st:
+            tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": init["model_uri"]})
+            docs = read_corpus(data["corpus_file"], data["max_docs"])
+            qa = synth_qa(data["synth_dir"], split="train")
+            work = _work_dir("e2e", key)
+            if processes > 1:
+                from clara.data.corpus import atomic_write_lines, write_corpus
 
-            work.mkdir(parents=True, exist_ok=True)
-            atomic_write_lines(work / "qa.jsonl", (json.dumps(vars(r)) for r in qa))
-            write_corpus(docs, work / "corpus.jsonl")
-            (work / "e2e.json").write_text(json.dumps(to_dict(cfg)))
-            final = _torchrun(processes, ["train", "e2e", "--data", str(work / "qa.jsonl"), "--corpus",
-                                          str(work / "corpus.jsonl"), "--init", str(_checkpoint(init)), "--out",
-                                          str(work), "--config", str(work / "e2e.json"),
-                                          *(["--device", device] if device else [])], work, st.c, st.run_id)
-        else:
-            model, live = load_checkpoint(_checkpoint(init), device=device), _LiveMetrics(st.c, st.run_id)
-            final = train(model, qa, {d.id: d.full_text for d in docs}, cfg, work, callback=live, progress=False)
-            live.replay_if_silent(work)
-        st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
-        return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint",
-                          "rate": read_checkpoint_config(final)["model"]["compression_rate"]})
+                work.mkdir(parents=True, exist_ok=True)
+                atomic_write_lines(work / "qa.jsonl", (json.dumps(vars(r)) for r in qa))
+                write_corpus(docs, work / "corpus.jsonl")
+                (work / "e2e.json").write_text(json.dumps(to_dict(cfg)))
+                final = _torchrun(processes, ["train", "e2e", "--data", str(work / "qa.jsonl"), "--corpus",
+                                              str(work / "corpus.jsonl"), "--init", str(_checkpoint(init)), "--out",
+                                              str(work), "--config", str(work / "e2e.json"),
+                                              *(["--device", device] if device else [])], work, st.c, st.run_id)
+            else:
+                model, live = load_checkpoint(_checkpoint(init), device=device), _LiveMetrics(st.c, st.run_id)
+                final = train(model, qa, {d.id: d.full_text for d in docs}, cfg, work, callback=live, progress=False)
+                live.replay_if_silent(work)
+            st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
+            return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint",
+                              "rate": read_checkpoint_config(final)["model"]["compression_rate"]})
 
 
 # -------------------------------------------------------------------------------------------- storage
@@ -452,34 +460,35 @@ def compress_corpus(e2e: dict[str, Any], data: dict[str, Any], shards: int, batc
 
     key = stage_key("compress_corpus", {"model": e2e["model_uri"], "rate": e2e["rate"],
                                         "corpus": data["corpus_version"], "shards": shards})
-    found = reuse(experiment, "compress_corpus", key, _build_missing, refresh)
-    if found:
-        return found
-    ctx = {"parent_run": parent_run, "experiment": experiment}
-    store = find_build(e2e["model_uri"], e2e["rate"], data["corpus_version"])
-    ranges = stages.shard_ranges(data["max_docs"], shards)
-    with _stage("compress_corpus", ctx, {"model_uri": e2e["model_uri"], "corpus_version": data["corpus_version"],
-                                         "shards": len(ranges)}, key, data, reads=(("corpus_file", "corpus"),)) as st:
-        started, new = time.perf_counter(), 0
-        if store["build_id"] is not None:  # the store's own finished work (e.g. its run was deleted): recorded
-            get_run_logger().info("build %s already holds this model's compression of %s: not rebuilt",
-                                  store["build_id"], data["corpus_version"])
-            built = {k: store[k] for k in ("build_id", "n_docs", "ann", "dense_model")}
-        else:
-            checkpoint = str(_checkpoint(e2e))
-            work = _work_dir("compress", key)
-            futures = [compress_shard.submit(checkpoint, data["corpus_file"], s, e,
-                                             str(work / f"shard-{i:04d}.safetensors"), store["loaded"], batch_size,
-                                             device) for i, (s, e) in enumerate(ranges)]
-            parts = [f.result() for f in futures]
-            new = sum(p["documents"] for p in parts if not p["reused"])
-            built = load_build([p["file"] for p in parts], data, checkpoint, e2e["model_uri"])
-            shutil.rmtree(work, ignore_errors=True)  # the memories now live in the store
-        seconds = time.perf_counter() - started
-        tracking.set_tags(st.c, st.run_id, {"build_id": built["build_id"], "data_version": data["data_version"]})
-        tracking.log_metrics(st.c, st.run_id, {"documents": built["n_docs"], "compress_seconds": seconds,
-                                               "docs_per_s": new / seconds if new else 0.0})
-        return st.finish(built)
+    with exclusive("compress_corpus", key):  # a second run with these inputs waits, then reuses
+        found = reuse(experiment, "compress_corpus", key, _build_missing, refresh)
+        if found:
+            return found
+        ctx = {"parent_run": parent_run, "experiment": experiment}
+        store = find_build(e2e["model_uri"], e2e["rate"], data["corpus_version"])
+        ranges = stages.shard_ranges(data["max_docs"], shards)
+        params = {"model_uri": e2e["model_uri"], "corpus_version": data["corpus_version"], "shards": len(ranges)}
+        with _stage("compress_corpus", ctx, params, key, data, reads=(("corpus_file", "corpus"),)) as st:
+            started, new = time.perf_counter(), 0
+            if store["build_id"] is not None:  # the store's own finished work (e.g. its run was deleted): recorded
+                get_run_logger().info("build %s already holds this model's compression of %s: not rebuilt",
+                                      store["build_id"], data["corpus_version"])
+                built = {k: store[k] for k in ("build_id", "n_docs", "ann", "dense_model")}
+            else:
+                checkpoint = str(_checkpoint(e2e))
+                work = _work_dir("compress", key)
+                futures = [compress_shard.submit(checkpoint, data["corpus_file"], s, e,
+                                                 str(work / f"shard-{i:04d}.safetensors"), store["loaded"], batch_size,
+                                                 device) for i, (s, e) in enumerate(ranges)]
+                parts = [f.result() for f in futures]
+                new = sum(p["documents"] for p in parts if not p["reused"])
+                built = load_build([p["file"] for p in parts], data, checkpoint, e2e["model_uri"])
+                shutil.rmtree(work, ignore_errors=True)  # the memories now live in the store
+            seconds = time.perf_counter() - started
+            tracking.set_tags(st.c, st.run_id, {"build_id": built["build_id"], "data_version": data["data_version"]})
+            tracking.log_metrics(st.c, st.run_id, {"documents": built["n_docs"], "compress_seconds": seconds,
+                                                   "docs_per_s": new / seconds if new else 0.0})
+            return st.finish(built)
 
 
 # ------------------------------------------------------------------------------------ evaluate, promote
@@ -498,39 +507,40 @@ def evaluate(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, Any], q
     inputs = dict(e2e=e2e, build=build, data=data, questions=questions, top_k=top_k, baselines=baselines,
                   retrieval=retrieval, device=device)
     key = stage_key("evaluate", inputs)
-    found = reuse(ctx["experiment"], "evaluate", key, _evaluation_missing, ctx["refresh"])
-    if found:
-        return found
-    from clara.eval.datasets import subsample, synth_qa
-    from clara.eval.run import EvalConfig, evaluate as run_eval
-    from clara.model.checkpoint import load_checkpoint
-    from clara.store.builds import ready_build
-    from clara.store.db import connect
+    with exclusive("evaluate", key):  # a second run with these inputs waits, then reuses
+        found = reuse(ctx["experiment"], "evaluate", key, _evaluation_missing, ctx["refresh"])
+        if found:
+            return found
+        from clara.eval.datasets import subsample, synth_qa
+        from clara.eval.run import EvalConfig, evaluate as run_eval
+        from clara.model.checkpoint import load_checkpoint
+        from clara.store.builds import ready_build
+        from clara.store.db import connect
 
-    out = _work_dir("eval", key)
-    cfg = EvalConfig(k=top_k, baselines=tuple(b for b in baselines.split(",") if b), settings=("normal",),
-                     mode=retrieval["mode"], fuse=retrieval["fuse"], n_candidates=retrieval["candidates"],
-                     retrieval_modes=())
-    with _stage("evaluate", ctx, {"model_uri": e2e["model_uri"], "build_id": build["build_id"],
-                                  "questions": questions, "k": top_k, "baselines": baselines,
-                                  "data_version": data["data_version"],
-                                  **{f"retrieval.{k}": v for k, v in retrieval.items()}},
-                key, data, reads=(("dev", "evaluation"), ("corpus_file", "retrieval corpus"))) as st:
-        docs = read_corpus(data["corpus_file"], data["max_docs"])
-        qa, _ = subsample(synth_qa(data["synth_dir"], split="dev"), docs, questions, None)
-        model = load_checkpoint(_checkpoint(e2e), device=device)
-        engine = connect()
-        rows = run_eval(qa, docs, {model.cfg.compression_rate: model}, out, cfg,
-                        stores={model.cfg.compression_rate: (engine, ready_build(engine, build["build_id"]))},
-                        progress=lambda msg: None)
-        engine.dispose()
-        for r in rows:
-            prefix = r["system"] if r["system"] != "raw-text" else f"raw-text.{r['retriever']}"
-            tracking.log_metrics(st.c, st.run_id, {f"{prefix}.{k}": v for k, v in stages.numeric(r).items()})
-        st.c.log_artifacts(st.run_id, str(out), "evaluation")
-        table = (out / "report.md").read_text(encoding="utf-8")
-        metrics = {tracking.metric_name(k): v for k, v in stages.numeric(stages.clara_row(rows)).items()}
-        return st.finish({"metrics": metrics, "table": table, "questions": len(qa)})
+        out = _work_dir("eval", key)
+        cfg = EvalConfig(k=top_k, baselines=tuple(b for b in baselines.split(",") if b), settings=("normal",),
+                         mode=retrieval["mode"], fuse=retrieval["fuse"], n_candidates=retrieval["candidates"],
+                         retrieval_modes=())
+        with _stage("evaluate", ctx, {"model_uri": e2e["model_uri"], "build_id": build["build_id"],
+                                      "questions": questions, "k": top_k, "baselines": baselines,
+                                      "data_version": data["data_version"],
+                                      **{f"retrieval.{k}": v for k, v in retrieval.items()}},
+                    key, data, reads=(("dev", "evaluation"), ("corpus_file", "retrieval corpus"))) as st:
+            docs = read_corpus(data["corpus_file"], data["max_docs"])
+            qa, _ = subsample(synth_qa(data["synth_dir"], split="dev"), docs, questions, None)
+            model = load_checkpoint(_checkpoint(e2e), device=device)
+            engine = connect()
+            rows = run_eval(qa, docs, {model.cfg.compression_rate: model}, out, cfg,
+                            stores={model.cfg.compression_rate: (engine, ready_build(engine, build["build_id"]))},
+                            progress=lambda msg: None)
+            engine.dispose()
+            for r in rows:
+                prefix = r["system"] if r["system"] != "raw-text" else f"raw-text.{r['retriever']}"
+                tracking.log_metrics(st.c, st.run_id, {f"{prefix}.{k}": v for k, v in stages.numeric(r).items()})
+            st.c.log_artifacts(st.run_id, str(out), "evaluation")
+            table = (out / "report.md").read_text(encoding="utf-8")
+            metrics = {tracking.metric_name(k): v for k, v in stages.numeric(stages.clara_row(rows)).items()}
+            return st.finish({"metrics": metrics, "table": table, "questions": len(qa)})
 
 
 def _version_missing(result: dict[str, Any]) -> str | None:
@@ -549,7 +559,7 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
     """Register the model (once per set of inputs: a rerun finds its version) and run the gate (every time, so
     the decision reflects the production version as it is now)."""
     from clara.eval.gate import GateRule
-    from flows.registry import PER_QUESTION_METRICS, gate, log_pyfunc, register
+    from flows.registry import PER_QUESTION_METRICS, gate, log_pyfunc, register_once
 
     if gate_metric not in PER_QUESTION_METRICS:
         raise ValueError(f"gate metric {gate_metric!r} cannot be compared question by question; "
@@ -557,25 +567,27 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
     inputs = dict(e2e=e2e, build=build, scores=scores, data=data, scp=scp, model_name=model_name, top_k=top_k,
                   retrieval=retrieval)
     key = stage_key("promote", inputs)
-    registered = reuse(ctx["experiment"], "promote", key, _version_missing, ctx["refresh"])
-    if registered is None:
-        with _stage("promote", ctx, {"model_name": model_name, "model_uri": e2e["model_uri"],
-                                     "build_id": build["build_id"]}, key) as st:
-            c = st.c
-            logged = log_pyfunc(e2e["run_id"], "qa", _checkpoint(e2e),
-                                {"build_id": build["build_id"], "k": top_k, **retrieval}, input_column="question")
-            version = register(c, model_name, logged, {
-                **{f"eval.{k}": round(v, 6) for k, v in scores["metrics"].items()}, "eval.run_id": scores["run_id"],
-                "data_version": data["data_version"], "build_id": build["build_id"], "compressor": scp["model_uri"],
-                **{f"retrieval.{k}": v for k, v in retrieval.items()},
-                "git_commit": tracking.git_commit(PROJECT), "prefect.flow_run_id": str(flow_run.id),
-                "clara.key": key},
-                description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
-            tracking.set_tags(c, st.run_id, {"model_version": version})
-            registered = st.finish({"name": model_name, "version": version,
-                                    "model_uri": f"models:/{model_name}/{version}"})
-    decision = gate(tracking.client(), model_name, registered["version"], gate_metric, rule=GateRule(**gate_rule))
-    return {**registered, "alias": decision.alias, "reason": decision.reason}
+    with exclusive("promote", key):  # a second run with these inputs waits, then reuses
+        registered = reuse(ctx["experiment"], "promote", key, _version_missing, ctx["refresh"])
+        if registered is None:
+            with _stage("promote", ctx, {"model_name": model_name, "model_uri": e2e["model_uri"],
+                                         "build_id": build["build_id"]}, key) as st:
+                c = st.c
+                # A killed run may have registered and died before finishing its run: that version is found, not
+                # registered twice.
+                version, _ = register_once(c, model_name, key, lambda: log_pyfunc(
+                    e2e["run_id"], "qa", _checkpoint(e2e), {"build_id": build["build_id"], "k": top_k, **retrieval},
+                    input_column="question"), {
+                    **{f"eval.{k}": round(v, 6) for k, v in scores["metrics"].items()}, "eval.run_id": scores["run_id"],
+                    "data_version": data["data_version"], "build_id": build["build_id"], "compressor": scp["model_uri"],
+                    **{f"retrieval.{k}": v for k, v in retrieval.items()},
+                    "git_commit": tracking.git_commit(PROJECT), "prefect.flow_run_id": str(flow_run.id)},
+                    description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
+                tracking.set_tags(c, st.run_id, {"model_version": version})
+                registered = st.finish({"name": model_name, "version": version,
+                                        "model_uri": f"models:/{model_name}/{version}"})
+        decision = gate(tracking.client(), model_name, registered["version"], gate_metric, rule=GateRule(**gate_rule))
+        return {**registered, "alias": decision.alias, "reason": decision.reason}
 
 
 # -------------------------------------------------------------------------------------------- parent

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -235,6 +235,16 @@ def register(c: MlflowClient, name: str, model_uri: str, tags: Mapping[str, Any]
     mlflow.set_tracking_uri(c.tracking_uri)
     mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items() if v is not None})
     return str(mv.version)
+
+
+def register_once(c: MlflowClient, name: str, key: str, log_model: Callable[[], str], tags: Mapping[str, Any],
+                  description: str = "") -> tuple[str, bool]:
+    """The version of ``name`` registered for stage key ``key``: the existing one if a run (perhaps killed just
+    after registering) already made it, else ``log_model()`` registered now. Returns (version, found)."""
+    found = c.search_model_versions(f"name = '{name}' AND tags.`clara.key` = '{key}'")
+    if found:
+        return str(min(int(v.version) for v in found)), True
+    return register(c, name, log_model(), {**tags, "clara.key": key}, description), False
 
 
 MODEL_CODE = {"qa": Path(__file__).parent / "model_code" / "qa.py",

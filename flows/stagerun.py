@@ -14,11 +14,14 @@ stage is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from flows import tracking
 
@@ -26,6 +29,39 @@ CACHE_VERSION = "3"  # bump when a stage's outputs change meaning, to invalidate
 NOT_INPUTS = ("parent_run", "run_id", "reused", "cached_reason")
 """Keys that name a run rather than describe an input: left out of keys at any depth of the references."""
 RESULT_ARTIFACT = "stage/result.json"
+
+
+def _owner() -> dict[str, str]:
+    """Which process a run belongs to: the next pipeline run on this host closes runs whose process is gone."""
+    return {"clara.host": socket.gethostname(), "clara.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def close_dead_runs(c, exp_id: str) -> list[str]:
+    """Mark KILLED the runs a killed pipeline left RUNNING (same host, process gone), with the reason as a tag;
+    returns their ids. Runs of live processes, or of other hosts (whose processes cannot be checked from here),
+    are left alone."""
+    host, closed = socket.gethostname(), []
+    for run in c.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("clara.host") != host or not tags.get("clara.pid", "").isdigit():
+            continue
+        pid = int(tags["clara.pid"])
+        if pid != os.getpid() and not _alive(pid):
+            tracking.set_tags(c, run.info.run_id, {"clara.closed_reason": f"process {pid} on {host} died while the "
+                                                                          "run was RUNNING; closed by the next run"})
+            c.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def _strip(value: Any) -> Any:
@@ -90,6 +126,21 @@ def _read_result(c, run_id: str) -> str:
         return Path(c.download_artifacts(run_id, RESULT_ARTIFACT, tmp)).read_text(encoding="utf-8")
 
 
+@contextlib.contextmanager
+def exclusive(stage: str, key: str) -> Iterator[None]:
+    """Held while a stage with this key looks for a reusable run and, finding none, computes: a second pipeline
+    with the same inputs started at the same time waits here, then reuses the first one's result instead of
+    computing (and registering, and building) it again. A lock on the Postgres server every pipeline shares."""
+    from clara.store.db import advisory_lock, connect
+
+    engine = connect()
+    try:
+        with advisory_lock(engine, f"clara-stage:{stage}:{key}"):
+            yield
+    finally:
+        engine.dispose()
+
+
 class StageRun:
     """A nested MLflow run for one stage: started on entry with its parameters, dataset inputs and key; on a
     clean exit ``finish(result)`` records the result the cache rule returns next time, and the run is FINISHED;
@@ -100,7 +151,7 @@ class StageRun:
         self.name, self.key = name, key
         self.c = tracking.client()
         self.exp = tracking.experiment_id(self.c, experiment)
-        tags = {"clara.stage": name, "clara.key": key}
+        tags = {"clara.stage": name, "clara.key": key, **_owner()}
         if flow_run_id:
             tags["prefect.flow_run_id"] = flow_run_id
         self.run_id = tracking.start_run(self.c, self.exp, name, parent=parent_run, tags=tags)
@@ -136,9 +187,12 @@ class PipelineRun:
     def start(cls, experiment: str, flow_run_id: str, flow_run_name: str, git_commit: str | None) -> "PipelineRun":
         c = tracking.client()
         exp = tracking.experiment_id(c, experiment)
+        closed = close_dead_runs(c, exp)
+        if closed:
+            _logger().warning("closed %d run(s) a killed pipeline left RUNNING: %s", len(closed), ", ".join(closed))
         run = tracking.start_run(c, exp, f"pipeline {flow_run_name}", tags={
             "prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
-            "git_commit": git_commit, "clara.stage": "pipeline"})
+            "git_commit": git_commit, "clara.stage": "pipeline", **_owner()})
         return cls(experiment, run, exp, flow_run_name)
 
     def record(self, stage: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,10 @@ transaction, under an advisory lock (so two processes starting together do not r
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from importlib import resources
+from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import OperationalError
@@ -59,3 +62,19 @@ def connect(url: str | None = None, *, run_migrations: bool = True) -> Engine:
         register_vector(dbapi_conn)
 
     return engine
+
+
+@contextlib.contextmanager
+def advisory_lock(engine: Engine, name: str) -> Iterator[None]:
+    """Hold a session-level Postgres advisory lock named ``name`` while the block runs: every process sharing
+    this server that asks for the same name waits. The server drops it if the holder dies, so a killed holder
+    never blocks the next one."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()

@@ -440,3 +440,92 @@ def test_the_cache_rule_reuses_only_runs_whose_outputs_are_still_there(first_run
     assert "gone" in _checkpoint_missing({**gone, "model_uri": "models:/clara-compressor/999"})
     assert _checkpoint_missing({**gone, "model_uri": f"runs:/{first_run['scp']['run_id']}/nothing"})
     assert _version_missing({"name": "clara", "version": "999"})
+
+
+def _pipeline_process(params: dict) -> subprocess.Popen:
+    """The pipeline in its own process (as a deployment's worker runs it), against this module's services."""
+    import sys
+
+    import prefect.settings
+
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
+    code = "import json, sys; from flows.pipeline import clara; clara(**json.loads(sys.argv[1]))"
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_running_stage(stage: str, pid: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import time
+
+    c = _client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the pipeline exited ({proc.returncode}) before reaching {stage}: "
+                        f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
+        exp = c.get_experiment_by_name("clara")
+        if exp is not None and c.search_runs([exp.experiment_id], f"tags.`clara.stage` = '{stage}' AND "
+                                             f"tags.`clara.pid` = '{pid}' AND attributes.status = 'RUNNING'"):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{stage} did not start within {timeout:.0f} s")
+
+
+@pytest.mark.parametrize("stage, change", [
+    ("pretrain_scp", {"scp_steps": 40}),         # inputs no earlier test used, so the stage really runs
+    ("compress_corpus", {"e2e_steps": 3}),
+    ("promote", {"model_name": "clara-killed"}),
+])
+def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, repo, stage, change):
+    """SIGKILL the process running the pipeline while ``stage`` runs; run it again: it finishes, the dead
+    process's RUNNING runs are closed as KILLED, and nothing is there twice (model version, store rows)."""
+    import signal
+
+    from sqlalchemy import text
+
+    from clara.store.db import connect
+    from flows.pipeline import clara
+
+    params = {**TINY, **change, "project_dir": str(repo)}
+    proc = _pipeline_process(params)
+    _wait_for_running_stage(stage, proc.pid, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    c = _client()
+    exp = c.get_experiment_by_name("clara").experiment_id
+    left = c.search_runs([exp], f"tags.`clara.pid` = '{proc.pid}' AND attributes.status = 'RUNNING'")
+    assert left, "the kill left no RUNNING run to close"
+
+    result = clara(**params)
+    after = {r.info.run_id: r for r in c.search_runs([exp], f"tags.`clara.pid` = '{proc.pid}'")}
+    assert all(after[r.info.run_id].info.status == "KILLED" for r in left)
+    assert all("closed by the next run" in after[r.info.run_id].data.tags["clara.closed_reason"] for r in left)
+    name = params.get("model_name", "clara")
+    key = c.get_model_version(name, result["promotion"]["version"]).tags["clara.key"]
+    assert len(c.search_model_versions(f"name = '{name}' AND tags.`clara.key` = '{key}'")) == 1
+    compressor_key = c.get_run(result["scp"]["run_id"]).data.tags["clara.key"]
+    assert len(c.search_model_versions(f"name = 'clara-compressor' AND tags.`clara.key` = '{compressor_key}'")) == 1
+    with connect().connect() as conn:
+        builds = conn.execute(text("SELECT id, status FROM index_builds WHERE model_uri = :m AND corpus_version = :v"),
+                              {"m": result["e2e"]["model_uri"], "v": result["data"]["corpus_version"]}).all()
+        assert [b.status for b in builds] == ["ready"]
+        n, distinct = conn.execute(text("SELECT count(*), count(DISTINCT doc_id) FROM memories WHERE build_id = :b"),
+                                   {"b": builds[0].id}).one()
+    assert n == distinct == TINY["max_docs"]
+
+
+def test_two_runs_with_the_same_inputs_at_once_build_and_register_once(first_run, repo):
+    """Two deployments started together with the same (new) inputs: one waits for the other at each stage and
+    reuses its result — one build, one model version."""
+    params = {**TINY, "e2e_steps": 4, "model_name": "clara-twins", "project_dir": str(repo)}
+    procs = [_pipeline_process(params) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=900) == 0, p.stderr.read().decode(errors="replace")[-3000:]
+    c = _client()
+    versions = c.search_model_versions("name = 'clara-twins'")
+    assert len(versions) == 1
+    from clara.store.builds import list_builds
+    from clara.store.db import connect
+
+    model_uri = c.get_run(versions[0].tags["eval.run_id"]).data.params["model_uri"]
+    assert len([b for b in list_builds(connect()) if b.model_uri == model_uri]) == 1
