@@ -56,18 +56,21 @@ def services(tmp_path_factory):
         os.environ.update(saved)
 
 
-@pytest.fixture(scope="module")
-def repo(services):
+def _make_repo(path: Path, remote: Path) -> Path:
     """A git + DVC project with a local remote, as a user's checkout would be."""
     from clara.data.versioning import init
 
-    path = services["root"] / "project"
     path.mkdir()
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
                 ["git", "config", "user.name", "t"], ["git", "commit", "-q", "--allow-empty", "-m", "init"]):
         subprocess.run(cmd, cwd=path, check=True)
-    init(path, remote=services["root"] / "dvc-remote")
+    init(path, remote=remote)
     return path
+
+
+@pytest.fixture(scope="module")
+def repo(services):
+    return _make_repo(services["root"] / "project", services["root"] / "dvc-remote")
 
 
 def _client():
@@ -529,3 +532,43 @@ def test_two_runs_with_the_same_inputs_at_once_build_and_register_once(first_run
 
     model_uri = c.get_run(versions[0].tags["eval.run_id"]).data.params["model_uri"]
     assert len([b for b in list_builds(connect()) if b.model_uri == model_uri]) == 1
+
+
+def test_secrets_never_reach_mlflow(services, tmp_path, monkeypatch):
+    """A teacher API key and a database password in the environment: nothing a run writes to MLflow (params,
+    tags, metrics, artifacts, model versions) contains either."""
+    from fake_openai import FakeOpenAI
+    from sqlalchemy import create_engine, make_url, text
+
+    from flows.pipeline import clara
+
+    api_key, password = "sk-test-SECRET-4f1c9e", "pg-SECRET-77ab31"
+    admin = create_engine(services_db(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE ROLE clara_app LOGIN SUPERUSER PASSWORD '{password}'"))
+    admin.dispose()
+    url = make_url(services_db()).set(username="clara_app", password=password).render_as_string(hide_password=False)
+    monkeypatch.setenv("CLARA_DATABASE_URL", url)
+    monkeypatch.setenv("OPENAI_API_KEY", api_key)
+    project = _make_repo(tmp_path / "project", tmp_path / "remote")
+    with FakeOpenAI() as server:
+        result = clara(**{**TINY, "teacher": "openai", "teacher_model": "fake", "teacher_base_url": server.base_url,
+                          "model_name": "clara-secrets", "project_dir": str(project)})
+    c = _client()
+    exp = c.get_experiment_by_name("clara").experiment_id
+    runs = [c.get_run(result["parent_run"])] + c.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{result['parent_run']}'")
+    assert len(runs) >= 7
+    seen = []
+    for run in runs:
+        seen.append(json.dumps({"params": run.data.params, "tags": run.data.tags,
+                                "metrics": sorted(run.data.metrics), "inputs": [
+                                    d.dataset.source for d in run.inputs.dataset_inputs]}))
+        local = Path(c.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
+        seen += [f.read_bytes().decode("utf-8", errors="replace") for f in local.rglob("*") if f.is_file()]
+    for name in ("clara-secrets", "clara-compressor"):
+        seen += [json.dumps(v.tags) + str(v.source) for v in c.search_model_versions(f"name = '{name}'")]
+    everything = "\n".join(seen)
+    assert "fake" in everything and result["data"]["data_version"] in everything  # the scan did read the runs
+    assert api_key not in everything
+    assert password not in everything
