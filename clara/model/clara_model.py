@@ -334,8 +334,18 @@ class ClaraModel(nn.Module):
         return "".join(mem_token(i) for i in range(n)) + SEP_TOKEN
 
     def prompt_ids(self, user: str, system: str | None = None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompts.chat(system, user), tokenize=False,
-                                                  add_generation_prompt=True)
+        """The chat prompt's token ids. A template without a system role (older Mistral templates raise on one)
+        gets the system text folded into the user's turn instead of failing."""
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(prompts.chat(system, user), tokenize=False,
+                                                      add_generation_prompt=True)
+        except TemplateError:
+            if not system:
+                raise
+            text = self.tokenizer.apply_chat_template(prompts.chat(None, f"{system}\n\n{user}"), tokenize=False,
+                                                      add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def qa_prompt(self, question: str, n_per_doc: Sequence[int]) -> list[int]:

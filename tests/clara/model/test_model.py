@@ -175,3 +175,19 @@ def test_raw_text_baseline_and_paraphrase(tiny_model, docs):
 def test_single_string_is_rejected(tiny_model):
     with pytest.raises(TypeError):
         tiny_model.compress("just one string")
+
+
+def test_a_chat_template_without_a_system_role_gets_the_system_text_in_the_user_turn(tiny_model):
+    # Mistral-7B-Instruct-v0.2's template raises on a system message; our prompts must still build.
+    tok = tiny_model.tokenizer
+    saved = tok.chat_template
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('Conversation "
+                         "roles must alternate user/assistant') }}{% endif %}[INST] {{ m['content'] }} [/INST]"
+                         "{% endfor %}")
+    try:
+        ids = tiny_model.prompt_ids("What is it?", "Answer briefly.")
+        text = tok.decode(ids)
+        assert "Answer briefly." in text and "What is it?" in text and text.index("Answer") < text.index("What")
+        assert tok.decode(tiny_model.prompt_ids("What is it?")).count("[INST]") == 1
+    finally:
+        tok.chat_template = saved
