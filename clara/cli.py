@@ -15,10 +15,12 @@ train_app = typer.Typer(help="Train a stage: scp (1), instruct (2), e2e (3).", n
 model_app = typer.Typer(help="Inspect a model or checkpoint.", no_args_is_help=True)
 data_app = typer.Typer(help="Corpus ingestion and data versioning (DVC).", no_args_is_help=True)
 store_app = typer.Typer(help="The compressed corpus in PostgreSQL + pgvector.", no_args_is_help=True)
+import_app = typer.Typer(help="Import checkpoints made elsewhere.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(store_app, name="store")
+app.add_typer(import_app, name="import")
 
 PresetOpt = typer.Option("smollm2-135m", help="Model preset (tiny, smollm2-135m, mistral-7b) or a model path.")
 ConfigOpt = typer.Option(None, help="JSON/TOML stage config; command-line options override its fields.")
@@ -180,6 +182,28 @@ def train_e2e_cmd(
         _fail(exc)
     final = train_e2e(model, records, docs, cfg, out, resume=resume)
     typer.echo(f"wrote {final}")
+
+
+@import_app.command("ml-clara")
+def import_ml_clara_cmd(
+    folder: Path = typer.Argument(..., exists=True, file_okay=False,
+                                  help="One compression-N folder of a released CLaRa model (config.json, adapters.pth, "
+                                       "decoder_first_last_layers.pth)."),
+    out: Path = typer.Option(..., help="Where to write our checkpoint."),
+    base: Optional[str] = typer.Option(None, help="The base model (a local folder or hub id); default: the "
+                                                  "release's decoder_model_name."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: auto)."),
+) -> None:
+    """Import the authors' released CLaRa weights (apple/ml-clara) once; then compress, evaluate, register and
+    serve them like a model trained here (the pipeline's init_from=OUT, scp_steps=0)."""
+    from clara.model.ml_clara import ReleaseError, import_ml_clara
+
+    try:
+        path = import_ml_clara(folder, out, base=base, device=device, dtype=dtype)
+    except (ReleaseError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path}")
 
 
 @model_app.command("info")

@@ -56,6 +56,11 @@ class ModelConfig:
     """Mixed precision for fp32 weights: ``auto`` runs forwards under bf16 autocast on CPUs with native bf16
     (avx512_bf16 / AMX: ~2.5x faster on SmolLM2), ``bf16`` forces it, ``off`` keeps everything fp32. Adapter
     master weights and the loss stay fp32 either way; a bf16/fp16 base (``dtype``) never needs it."""
+    layout: Literal["clara", "ml-clara"] = "clara"
+    """How texts are laid out for the compressor and query reasoner, and which stage-1 prompts are used.
+    ``clara``: ``<ENC>`` text ``<MEM…>``, right-padded. ``ml-clara`` (checkpoints imported from the authors'
+    release): ``<ENC><s>`` text ``</s>`` left-padded to ``doc_max_len + 3`` tokens (``</s>`` only when the text
+    fits), then the memory tokens, and the authors' SCP prompts with their system messages."""
     seed: int = 0
     """Seeds the tiny model's random weights and the memory-token embedding initialisation."""
     tiny_hidden: int = 64
@@ -73,6 +78,11 @@ class ModelConfig:
             )
         if self.length_mode not in ("fixed", "proportional"):
             raise ValueError(f"length_mode must be 'fixed' or 'proportional', got {self.length_mode!r}")
+        if self.layout not in ("clara", "ml-clara"):
+            raise ValueError(f"layout must be 'clara' or 'ml-clara', got {self.layout!r}")
+        if self.layout == "ml-clara" and self.length_mode != "fixed":
+            raise ValueError("layout 'ml-clara' compresses every text into doc_max_len / rate memory tokens: "
+                             "length_mode must be 'fixed'")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.doc_max_len < self.compression_rate:

@@ -247,8 +247,10 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
     if init_from:  # a starting point of another base or rate is refused before anything else
         from clara.model.checkpoint import read_checkpoint_config, resolve_checkpoint
 
+        from clara.config import preset as preset_config
+
         start = read_checkpoint_config(resolve_checkpoint(init_from))["model"]
-        if start["base"] != preset:
+        if start["base"] != preset and start["base"] != preset_config(preset).base:
             raise ValueError(f"init_from {init_from} is a {start['base']!r} checkpoint, not {preset!r}: pass "
                              f"init_from=none (and scp_steps) to train {preset!r} from scratch")
         if start["compression_rate"] != compression_rate:

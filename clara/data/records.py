@@ -75,11 +75,17 @@ class SCPRecord:
 
 
 def parse_scp_record(obj: dict[str, Any], where: str) -> SCPRecord:
-    data_type = obj.get("data_type")
+    """One stage-1/2 row. Also the authors' instruct / E2E rows (apple/ml-clara): no ``data_type`` means ``qa``,
+    the answer may be ``answer`` (a string) or ``golden_answers``, the documents ``docs``, ``context`` or
+    ``content``."""
+    data_type = obj.get("data_type", "qa")
     if data_type not in ("qa", "paraphrase"):
         raise RecordError(f"{where}: data_type must be 'qa' or 'paraphrase', got {data_type!r}")
-    docs = _str_list(obj, "docs", where)
-    answers = _str_list(obj, "answers", where)
+    docs = _str_list(obj, next((k for k in ("docs", "context", "content") if k in obj), "docs"), where)
+    answer_key = next((k for k in ("answers", "answer", "golden_answers") if k in obj), "answers")
+    answers = _str_list(obj, answer_key, where)
+    if answer_key == "golden_answers":
+        answers = answers[:1]  # several acceptable answers to one question: the first is the target
     questions = _str_list(obj, "question", where, allow_empty=data_type == "paraphrase")
     if data_type == "qa" and len(questions) != len(answers) and len(questions) != 1:
         raise RecordError(f"{where}: {len(questions)} questions but {len(answers)} answers")
@@ -111,8 +117,8 @@ def load_qa_records(path: str | Path) -> list[QARecord]:
         question = obj.get("question")
         if not isinstance(question, str) or not question.strip():
             raise RecordError(f"{where}: field 'question' must be a non-empty string")
-        key = "answers" if "answers" in obj else "golden_answers"
-        answers = _str_list(obj, key, where)
+        key = next((k for k in ("answers", "golden_answers", "answer") if k in obj), "answers")
+        answers = _str_list(obj, key, where)  # the authors' rows carry one "answer" string
         gold_key = "gold_doc_ids" if "gold_doc_ids" in obj else "pos_doc_ids"
         gold = [str(g) for g in obj.get(gold_key, [])]
         out.append(QARecord(qid, question, answers, gold))

@@ -255,13 +255,21 @@ class ClaraModel(nn.Module):
         Rows are right-padded: in a causal model padding after the memory tokens cannot change them.
         Queries always get ``n_mem_max`` slots so that they cover every slot a document can use.
         """
-        token_ids = self.tokenize_texts(texts, max_len)
-        n_mem = [self.cfg.n_mem_max if query else self.cfg.n_mem_for(len(t)) for t in token_ids]
-        rows = [[self.enc_id] + t + self.mem_ids[:n] for t, n in zip(token_ids, n_mem)]
+        if self.cfg.layout == "ml-clara":
+            rows, token_ids, text_spans = self._ml_clara_rows(texts, max_len)
+            n_mem = [self.cfg.n_mem_max] * len(rows)
+        else:
+            token_ids = self.tokenize_texts(texts, max_len)
+            n_mem = [self.cfg.n_mem_max if query else self.cfg.n_mem_for(len(t)) for t in token_ids]
+            rows = [[self.enc_id] + t + self.mem_ids[:n] for t, n in zip(token_ids, n_mem)]
+            text_spans = [(1, 1 + len(t)) for t in token_ids]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        # None marks a left pad (ml-clara layout): masked like the right padding
+        ids = torch.tensor([[pad if x is None else x for x in r] + [pad] * (width - len(r)) for r in rows],
+                           device=self.device)
+        mask = torch.tensor([[0 if x is None else 1 for x in r] + [0] * (width - len(r)) for r in rows],
+                            device=self.device)
         hidden = self._decode_hidden(self.embed(ids), mask)
 
         b, h = len(rows), hidden.shape[-1]
@@ -270,17 +278,34 @@ class ClaraModel(nn.Module):
         pos = torch.zeros(b, n_max, dtype=torch.long, device=self.device)
         slot_used = torch.zeros(b, n_max, dtype=torch.bool, device=self.device)
         text_mask = torch.zeros(b, width, dtype=hidden.dtype, device=self.device)
-        for i, (t, n) in enumerate(zip(token_ids, n_mem)):
-            start = 1 + len(t)
-            pos[i, :n] = torch.arange(start, start + n, device=self.device)
+        for i, ((start, end), n) in enumerate(zip(text_spans, n_mem)):
+            first = len(rows[i]) - n  # the memory tokens close every row
+            pos[i, :n] = torch.arange(first, first + n, device=self.device)
             slot_used[i, :n] = True
-            text_mask[i, 1:start] = 1.0
+            text_mask[i, start:end] = 1.0
         memory = hidden.gather(1, pos.unsqueeze(-1).expand(b, n_max, h)) * slot_used.unsqueeze(-1)
         n_mem_t = torch.tensor(n_mem, device=self.device)
-        n_tok_t = torch.tensor([len(t) for t in token_ids], device=self.device)
+        n_tok_t = torch.tensor([e - s for s, e in text_spans], device=self.device)
         mem_mean = memory.sum(1) / n_mem_t.unsqueeze(-1)
         text_mean = (hidden * text_mask.unsqueeze(-1)).sum(1) / n_tok_t.clamp(min=1).unsqueeze(-1)
         return Encoded(memory, n_mem_t, n_tok_t, mem_mean, text_mean)
+
+    def _ml_clara_rows(self, texts: Sequence[str], max_len: int
+                       ) -> tuple[list[list[int | None]], list[list[int]], list[tuple[int, int]]]:
+        """The authors' layout: the string ``<ENC><s>{text}</s>`` tokenized as one (so the tokenizer treats the
+        markers exactly as theirs did), cut to ``max_len + 3`` tokens (``</s>`` is lost when the text is longer
+        than ``max_len + 1``), left-padded to that width, then the memory tokens. Pad positions are ``None``
+        (masked); the rows are all the same width, so positions count from the left edge as in their forward."""
+        tok = self.tokenizer
+        width = max_len + 3
+        strings = [f"{ENC_TOKEN}{tok.bos_token}{t}{tok.eos_token}" for t in texts]
+        encoded = tok(strings, add_special_tokens=False, truncation=True, max_length=width)["input_ids"]
+        rows, spans = [], []
+        for e in encoded:
+            left = width - len(e)
+            rows.append([None] * left + e + self.mem_ids[: self.cfg.n_mem_max])
+            spans.append((left + 2, left + len(e) - (1 if e[-1] == tok.eos_token_id else 0)))
+        return rows, encoded, spans
 
     @torch.no_grad()
     def compress(self, docs: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:
@@ -344,7 +369,7 @@ class ClaraModel(nn.Module):
         except TemplateError:
             if not system:
                 raise
-            text = self.tokenizer.apply_chat_template(prompts.chat(None, f"{system}\n\n{user}"), tokenize=False,
+            text = self.tokenizer.apply_chat_template(prompts.chat(None, f"{system}\n{user}"), tokenize=False,
                                                       add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -463,7 +488,8 @@ class ClaraModel(nn.Module):
 
     def paraphrase(self, memories: Sequence[torch.Tensor], max_new_tokens: int = 128) -> list[str]:
         """What the generator reads back from each compressed document (to inspect a compressor)."""
-        rows = [self.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=self.placeholders(m.shape[0])))
-                for m in memories]
+        p = prompts.PROMPTS[self.cfg.layout]
+        rows = [self.prompt_ids(p.paraphrase_users[0].format(documents=self.placeholders(m.shape[0])),
+                                p.paraphrase_system) for m in memories]
         return self._run_generation(rows, [[m.to(self.device)] for m in memories], "generator", max_new_tokens)
 

@@ -46,7 +46,7 @@ class Example:
     system: str | None = None
 
 
-def build_examples(records: Sequence[SCPRecord], stage: str = "scp") -> list[Example]:
+def build_examples(records: Sequence[SCPRecord], stage: str = "scp", layout: str = "clara") -> list[Example]:
     """Turn records into examples.
 
     SCP (stage 1): a ``qa`` record's target is all its "Question/Answer" lines; a ``paraphrase`` record's target
@@ -56,15 +56,16 @@ def build_examples(records: Sequence[SCPRecord], stage: str = "scp") -> list[Exa
     """
     if stage not in ("scp", "instruct"):
         raise ValueError(f"stage must be 'scp' or 'instruct', got {stage!r}")
+    p = prompts.PROMPTS[layout]  # an imported checkpoint keeps training on the prompts it was trained on
     out = []
     for r in records:
         if r.data_type == "paraphrase":
             if stage == "scp":
-                out.append(Example(r.docs, prompts.PARAPHRASE_USER, r.answers[0]))
+                out.append(Example(r.docs, p.paraphrase_users, r.answers[0], p.paraphrase_system))
         elif stage == "scp":
             # One question with several acceptable answers pairs with the first of them.
             answers = r.answers if len(r.answers) == len(r.questions) else r.answers[:1]
-            out.append(Example(r.docs, (prompts.SCP_QA_USER,), prompts.qa_lines(r.questions, answers)))
+            out.append(Example(r.docs, (p.scp_qa_user,), prompts.qa_lines(r.questions, answers), p.scp_qa_system))
         else:
             answers = r.answers if len(r.questions) > 1 else r.answers[:1]
             for q, a in zip(r.questions, answers):
@@ -117,7 +118,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
     """
     out_dir = Path(out_dir)
     final = out_dir / "model"
-    examples = build_examples(records, stage)
+    examples = build_examples(records, stage, model.cfg.layout)
     if not examples:
         raise ValueError("no training examples")
     train = cfg.train

@@ -59,3 +59,22 @@ def test_corpus_and_qa_validation(tmp_path):
     p = write(tmp_path, "q2.jsonl", [json.dumps({"id": 1, "question": "", "answers": ["x"]})])
     with pytest.raises(RecordError, match="'question'"):
         load_qa_records(p)
+
+
+def test_the_authors_instruct_and_e2e_rows_are_read(tmp_path):
+    # apple/ml-clara rows: no data_type, "answer" a string, gold as indices into the row's own docs
+    p = tmp_path / "instruct.jsonl"
+    p.write_text(json.dumps({"question": "Who wrote it?", "docs": ["d1", "d2"], "gold_answer": "Ann",
+                             "answer": "Ann"}) + "\n" +
+                 json.dumps({"question": "When?", "context": ["d3"], "golden_answers": ["1999", "in 1999"]}) + "\n")
+    a, b = load_scp_records(p)
+    assert (a.data_type, a.questions, a.answers, a.docs) == ("qa", ["Who wrote it?"], ["Ann"], ["d1", "d2"])
+    assert (b.answers, b.docs) == (["1999"], ["d3"])
+    q = tmp_path / "e2e.jsonl"
+    q.write_text(json.dumps({"question": "Who?", "docs": ["x", "y"], "answer": "Ann", "pos_index": [1]}) + "\n")
+    (r,) = load_qa_records(q)
+    assert r.question == "Who?" and r.answers == ["Ann"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "Who?", "docs": ["x"], "answer": 3}) + "\n")
+    with pytest.raises(RecordError, match="'answer' must be a list of strings"):
+        load_scp_records(bad)
