@@ -572,3 +572,23 @@ def test_secrets_never_reach_mlflow(services, tmp_path, monkeypatch):
     assert "fake" in everything and result["data"]["data_version"] in everything  # the scan did read the runs
     assert api_key not in everything
     assert password not in everything
+
+
+def test_an_imported_release_goes_through_the_pipeline(services, repo, tmp_path):
+    """The authors' weights, imported once, then compressed into the store, evaluated and registered like a
+    model trained here (init_from, scp_steps=0)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "library" / "model"))
+    from test_ml_clara import _release
+
+    from clara.model.ml_clara import import_ml_clara
+    from flows.pipeline import clara
+
+    _release(tmp_path / "release")
+    ckpt = import_ml_clara(tmp_path / "release", tmp_path / "imported")
+    result = clara(**{**TINY, "init_from": str(ckpt), "scp_steps": 0, "model_name": "clara-imported"},
+                   project_dir=str(repo))
+    version = _client().get_model_version("clara-imported", result["promotion"]["version"])
+    assert result["build"]["n_docs"] == TINY["max_docs"] and version.tags["eval.run_id"]
+    assert result["scp"]["checkpoint"] == str(ckpt)  # used as it is
