@@ -170,6 +170,8 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         ok = exc_type is None and self._result is not None
+        if exc is not None and tracking.outage(exc):
+            return  # the server is gone: the next pipeline run closes this run (close_dead_runs)
         tracking.finish(self.c, self.run_id, ok=ok)
 
 
@@ -205,10 +207,16 @@ class PipelineRun:
         return [s for s, r in self.stages.items() if r.get("reused")]
 
     def fail(self, exc: BaseException) -> None:
-        # The reason goes on the run, so that someone browsing MLflow sees why it failed without Prefect's logs.
-        c = tracking.client()
-        tracking.set_tags(c, self.run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        tracking.finish(c, self.run_id, ok=False)
+        """Record why the pipeline failed on its run (someone browsing MLflow sees it without Prefect's logs) and
+        raise what the user should read: the tracking server's outage said plainly, else ``exc`` itself."""
+        down = tracking.outage(exc)
+        if down is None:
+            c = tracking.client()
+            tracking.set_tags(c, self.run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+            tracking.finish(c, self.run_id, ok=False)
+            return
+        # The server is gone: the run cannot be marked now; the next pipeline run closes it (close_dead_runs).
+        raise tracking.TrackingUnavailable(down) from exc
 
     def finish(self, tags: Mapping[str, Any], metrics: Mapping[str, float], summary: str) -> None:
         c = tracking.client()

@@ -33,6 +33,29 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stopped answering: the message names it and how to bring it back."""
+
+
+def outage(exc: BaseException) -> str | None:
+    """If ``exc`` (or what caused it) is the tracking server not answering, what to tell the user; else None."""
+    import requests
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        unreachable = isinstance(exc, requests.ConnectionError) or (
+            "API request to" in text and any(s in text for s in ("Connection refused", "Max retries exceeded",
+                                                                 "Failed to establish", "timed out")))
+        if unreachable:
+            return (f"the MLflow tracking server at {tracking_uri()} does not answer; start it with "
+                    "`python -m infra.services up` (or `make services-up`) and run the deployment again: finished "
+                    "stages are reused, and an interrupted one resumes from its checkpoints")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def download_model(uri: str) -> Path:
     """The local folder of a model URI's artifacts (``models:/name@alias``, ``runs:/…``): the resolver the library's
     commands are given for model URIs."""

@@ -445,13 +445,13 @@ def test_the_cache_rule_reuses_only_runs_whose_outputs_are_still_there(first_run
     assert _version_missing({"name": "clara", "version": "999"})
 
 
-def _pipeline_process(params: dict) -> subprocess.Popen:
+def _pipeline_process(params: dict, env: dict | None = None) -> subprocess.Popen:
     """The pipeline in its own process (as a deployment's worker runs it), against this module's services."""
     import sys
 
     import prefect.settings
 
-    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(), **(env or {})}
     code = "import json, sys; from flows.pipeline import clara; clara(**json.loads(sys.argv[1]))"
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -592,3 +592,26 @@ def test_an_imported_release_goes_through_the_pipeline(services, repo, tmp_path)
     version = _client().get_model_version("clara-imported", result["promotion"]["version"])
     assert result["build"]["n_docs"] == TINY["max_docs"] and version.tags["eval.run_id"]
     assert result["scp"]["checkpoint"] == str(ckpt)  # used as it is
+
+
+def test_the_tracking_server_going_away_mid_training_is_a_clear_error_and_a_rerun_finishes(services, repo):
+    from flows.pipeline import clara
+    from infra import services as infra
+
+    layout = services["layout"]
+    params = {**TINY, "scp_steps": 60, "model_name": "clara-outage", "project_dir": str(repo)}
+    proc = _pipeline_process(params, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    _wait_for_running_stage("pretrain_scp", proc.pid, proc)
+    infra._stop(layout, "mlflow")
+    try:
+        assert proc.wait(timeout=600) != 0
+        err = proc.stderr.read().decode(errors="replace")
+        assert "TrackingUnavailable" in err and f"MLflow tracking server at {layout.mlflow_uri} does not answer" in err
+        assert "python -m infra.services up" in err
+    finally:
+        assert infra.mlflow_up(layout, infra.mlflow_backend(layout, services["db"])) == "started"
+    result = clara(**params)  # the same inputs: it finishes, and the dead process's runs are closed
+    assert result["promotion"]["name"] == "clara-outage"
+    c = _client()
+    exp = c.get_experiment_by_name("clara").experiment_id
+    assert not c.search_runs([exp], f"tags.`clara.pid` = '{proc.pid}' AND attributes.status = 'RUNNING'")
