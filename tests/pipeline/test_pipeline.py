@@ -476,7 +476,7 @@ def _wait_for_running_stage(stage: str, pid: int, proc: subprocess.Popen, timeou
 
 @pytest.mark.parametrize("stage, change", [
     ("pretrain_scp", {"scp_steps": 40}),         # inputs no earlier test used, so the stage really runs
-    ("compress_corpus", {"e2e_steps": 3}),
+    # (a compression killed mid-load is tests/library/store/test_store.py's kill-and-resume, at a lower cost)
     ("promote", {"model_name": "clara-killed"}),
 ])
 def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, repo, stage, change):
@@ -599,7 +599,7 @@ def test_the_tracking_server_going_away_mid_training_is_a_clear_error_and_a_reru
     from infra import services as infra
 
     layout = services["layout"]
-    params = {**TINY, "scp_steps": 60, "model_name": "clara-outage", "project_dir": str(repo)}
+    params = {**TINY, "scp_steps": 30, "model_name": "clara-outage", "project_dir": str(repo)}
     proc = _pipeline_process(params, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
     _wait_for_running_stage("pretrain_scp", proc.pid, proc)
     infra._stop(layout, "mlflow")
