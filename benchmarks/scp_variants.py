@@ -1,0 +1,82 @@
+"""SCP stage-1 reconstruction variants on the reading side and the compressor's learning rate, probed on held-out
+reconstruction (the quality probe's part (a), 40 held-out passages), beside ``scp_recipe.py``'s rank/lr/rate:
+
+    python benchmarks/scp_variants.py NAME STEPS [--clr LR] [--glr LR] [--wdrop P] [--freeze-gen N] [--const]
+
+--clr / --glr: compressor (+ special rows) / generator learning rates; --wdrop: word dropout on the teacher-forced
+target inputs (labels unchanged), so the generator cannot lean on its own prefix; --freeze-gen N: the generator
+frozen for the first N steps (N = STEPS: the base reads the memory, ICAE-style). Writes
+benchmarks/results/scp_recipe/v_NAME.json."""
+import argparse, json, random, sys, time, types
+import torch, torch.nn.functional as F
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality_probe import first_articles, reconstruction
+from clara.data.corpus import ingest_corpus
+from clara.config import preset
+from clara.data.mixes import heldout, reconstruction_rows
+from clara.data.records import parse_scp_record
+from clara.model.clara_model import ClaraModel
+from clara.training import scp as S
+from clara.training.common import warmup_cosine
+
+ap = argparse.ArgumentParser()
+ap.add_argument("name"); ap.add_argument("steps", type=int)
+ap.add_argument("--clr", type=float, default=5e-4); ap.add_argument("--glr", type=float, default=5e-4)
+ap.add_argument("--wdrop", type=float, default=0.0); ap.add_argument("--bs", type=int, default=8)
+ap.add_argument("--mse", type=float, default=0.1); ap.add_argument("--freeze-gen", type=int, default=0)
+ap.add_argument("--const", action="store_true")
+a = ap.parse_args()
+torch.manual_seed(0)
+cfg = preset("smollm2-135m", compression_rate=16)
+docs, _ = ingest_corpus("bundled", cfg)
+records = [parse_scp_record(r, "r") for r in reconstruction_rows(d for d in docs if not heldout(d))]
+held = [d for d in first_articles(docs, 2000) if heldout(d)][:40]
+model = ClaraModel.build(cfg)
+examples = S.build_examples(records, "scp")
+drop_rng = random.Random(1)
+orig_embed_prompts = model.embed_prompts
+state = {"drop": None}
+if a.wdrop > 0:
+    def response_loss(self, prompts_ids, targets, memories):
+        rows = [p + t for p, t in zip(prompts_ids, targets)]
+        if self.peft.training:
+            # inputs only: target tokens fed back are replaced by pad with prob p (labels unchanged)
+            pad = self.tokenizer.pad_token_id
+            rows = [p + [pad if drop_rng.random() < a.wdrop else x for x in t] for p, t in zip(prompts_ids, targets)]
+        embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=False)
+        hidden = self._decode_hidden(embeds, mask)
+        b_idx, t_idx, labels = [], [], []
+        for b, (p, t) in enumerate(zip(prompts_ids, targets)):
+            for j, tok in enumerate(t):
+                b_idx.append(b); t_idx.append(len(p) + j - 1); labels.append(tok)
+        h = hidden[torch.tensor(b_idx), torch.tensor(t_idx)]
+        return F.cross_entropy(self._logits(h), torch.tensor(labels))
+    model.response_loss = types.MethodType(response_loss, model)
+model.set_trainable(["compressor", "generator"], special=True)
+groups = [{"params": model._adapter_params["compressor"] + [model.special], "lr": a.clr},
+          {"params": model._adapter_params["generator"], "lr": a.glr}]
+opt = torch.optim.AdamW(groups, weight_decay=0.0)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: 1.0) if a.const else warmup_cosine(a.steps, 0.03, 0.1))
+rng = random.Random(0)
+model.peft.train()
+t0 = time.time(); ces = []
+for step in range(a.steps):
+    if a.freeze_gen:  # set_trainable, not requires_grad: adapter switches re-apply the trainable set
+        model.set_trainable(["compressor"] if step < a.freeze_gen else ["compressor", "generator"], special=True)
+    batch = rng.sample(examples, a.bs)
+    loss, m = S.compressed_lm_loss(model, batch, a.mse, 1024, rng)
+    opt.zero_grad(); loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+    opt.step(); sched.step(); ces.append(m["ce"])
+    if step % 10 == 0:
+        print(json.dumps({"step": step, "ce": round(m["ce"], 3), "mse": round(m["mse"], 3), "s": round(time.time() - t0)}), flush=True)
+model.set_trainable([], special=False)
+probe = reconstruction(model, held)
+res = {"name": a.name, **vars(a), "train_s": round(time.time() - t0), **probe,
+       "train_ce_last10": sum(ces[-10:]) / 10}
+print(json.dumps(res), flush=True)
+out = ROOT / "benchmarks" / "results" / "scp_recipe" / f"v_{a.name}.json"
+out.write_text(json.dumps(res, indent=1), encoding="utf-8")
