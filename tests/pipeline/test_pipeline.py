@@ -433,7 +433,11 @@ def test_the_cache_rule_reuses_only_runs_whose_outputs_are_still_there(first_run
     c = _client()
     key = c.get_run(first_run["scp"]["run_id"]).data.tags["clara.key"]
     found = reuse("clara", "pretrain_scp", key, lambda r: None)
-    assert found["run_id"] == first_run["scp"]["run_id"] and found["reused"] and key in found["cached_reason"]
+    # the newest finished run with this key (a refresh_cache test may have recomputed the stage since)
+    newest = c.get_run(found["run_id"])
+    assert newest.data.tags["clara.key"] == key and newest.info.status == "FINISHED"
+    assert newest.info.start_time >= c.get_run(first_run["scp"]["run_id"]).info.start_time
+    assert found["reused"] and key in found["cached_reason"]
     assert reuse("clara", "pretrain_scp", key, lambda r: "its checkpoint is gone") is None
     assert reuse("clara", "pretrain_scp", key, lambda r: None, refresh=True) is None
     assert reuse("clara", "pretrain_scp", "0" * 16, lambda r: None) is None  # other inputs
