@@ -206,15 +206,35 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
                 entry["latency_ms"] = 1000.0 * (acc.retrieval_s[-1] + answer_s)
             predictions.write(dumps(entry) + "\n")
 
+        def run(label: str, key: tuple[str, str | None, str, int], rank, answer, context) -> _Acc:
+            """The one timed loop every system goes through: per question, rank (timed as retrieval; None: no
+            retrieval), pick k (gold forced in for ``oracle``), answer (timed as generation), record."""
+            system, retriever, setting, rate = key
+            acc = _Acc()
+            for r in each(label):
+                ranked: list[str] | None = None
+                ids: list[str] = []
+                t0 = time.perf_counter()
+                if rank is not None:
+                    ranked = rank(r)
+                    ids = gold.forced(r, ranked, cfg.k) if setting == "oracle" else ranked[: cfg.k]
+                acc.retrieval_s.append(time.perf_counter() - t0 if rank is not None else 0.0)
+                pred = None
+                if with_answers:
+                    pred = acc.generate(lambda t: answer(r, ids, t))
+                    context(acc, ids)
+                retrieved = ranked
+                if ranked is not None and setting == "oracle":
+                    retrieved = ids + [d for d in ranked if d not in ids]
+                record(system, retriever, setting, rate, r, pred, retrieved, acc)
+            return acc
+
         # ---- closed book
         if cfg.closed_book and with_answers:
-            acc = _Acc()
-            for r in each("closed book"):
-                pred = acc.generate(lambda t: base.generate_from_text([r.question], [[]],
-                                                                      max_new_tokens=cfg.max_new_tokens, timing=t)[0])
-                acc.retrieval_s.append(0.0)
-                acc.context.append(0)
-                record("closed-book", None, "normal", 1, r, pred, None, acc)
+            acc = run("closed book", ("closed-book", None, "normal", 1), None,
+                      lambda r, ids, t: base.generate_from_text([r.question], [[]], max_new_tokens=cfg.max_new_tokens,
+                                                                timing=t)[0],
+                      lambda acc, ids: acc.context.append(0))
             rows.append(_row("closed-book", None, "normal", 1, acc))
 
         # ---- raw text with BM25 / MiniLM
@@ -225,20 +245,12 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
             for setting in cfg.settings:
                 if setting == "oracle-candidates" or (setting == "oracle" and not with_gold):
                     continue
-                acc = _Acc()
-                for r in each(f"raw-text / {name} / {setting}"):
-                    t0 = time.perf_counter()
-                    ranked = [d for d, _ in retriever.retrieve([r.question], depth)[0]]
-                    acc.retrieval_s.append(time.perf_counter() - t0)
-                    ids = gold.forced(r, ranked, cfg.k) if setting == "oracle" else ranked[: cfg.k]
-                    pred = None
-                    if with_answers:
-                        texts = [by_id[d].full_text for d in ids]
-                        pred = acc.generate(lambda t: base.generate_from_text(
-                            [r.question], [texts], max_new_tokens=cfg.max_new_tokens, timing=t)[0])
-                        acc.context.append(doc_tokens(ids))
-                    retrieved = ids + [d for d in ranked if d not in ids] if setting == "oracle" else ranked
-                    record("raw-text", name, setting, 1, r, pred, retrieved, acc)
+                acc = run(f"raw-text / {name} / {setting}", ("raw-text", name, setting, 1),
+                          lambda r, retriever=retriever: [d for d, _ in retriever.retrieve([r.question], depth)[0]],
+                          lambda r, ids, t: base.generate_from_text(
+                              [r.question], [[by_id[d].full_text for d in ids]], max_new_tokens=cfg.max_new_tokens,
+                              timing=t)[0],
+                          lambda acc, ids: acc.context.append(doc_tokens(ids)))
                 rows.append(_row("raw-text", name, setting, 1, acc))
 
         # ---- CLaRa at every rate
@@ -259,31 +271,25 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
             for setting in cfg.settings:
                 if setting != "normal" and not with_gold:
                     continue
-                acc = _Acc()
-                for r in each(f"clara / rate {rate} / {setting}"):
-                    t0 = time.perf_counter()
+                def rank(r: QARecord, setting=setting, retriever=retriever) -> list[str]:
                     query = retriever.encode([r.question])[0]
-                    if setting == "oracle-candidates":
-                        # The paper's Oracle: gold added to the N candidates, then the query reasoner picks k.
-                        pool = retriever.retrieve(r.question, query, retriever.n_candidates)
-                        cand = list(dict.fromkeys(gold.forced(r, [d for d, _ in pool], 1) + [d for d, _ in pool]))
-                        cand = cand[: retriever.n_candidates]
-                        ranked = [d for d, _ in sorted(zip(cand, retriever.score_docs(query, cand)),
-                                                       key=lambda x: -x[1])]
-                    else:
-                        ranked = [d for d, _ in retriever.retrieve(r.question, query, depth)]
-                    acc.retrieval_s.append(time.perf_counter() - t0)
-                    ids = gold.forced(r, ranked, cfg.k) if setting == "oracle" else ranked[: cfg.k]
-                    pred = None
-                    if with_answers:
-                        mems = [retriever.memory_of(d) for d in ids]
-                        pred = acc.generate(lambda t: model.generate([r.question], [mems],
-                                                                     max_new_tokens=cfg.max_new_tokens, timing=t)[0])
-                        n_mem = sum(m.shape[0] for m in mems)
-                        acc.context.append(n_mem)
-                        acc.real_ratio.append(doc_tokens(ids) / max(1, n_mem))
-                    retrieved = ids + [d for d in ranked if d not in ids] if setting == "oracle" else ranked
-                    record("clara", label, setting, rate, r, pred, retrieved, acc)
+                    if setting != "oracle-candidates":
+                        return [d for d, _ in retriever.retrieve(r.question, query, depth)]
+                    # The paper's Oracle: gold added to the N candidates, then the query reasoner picks k.
+                    pool = [d for d, _ in retriever.retrieve(r.question, query, retriever.n_candidates)]
+                    cand = list(dict.fromkeys(gold.forced(r, pool, 1) + pool))[: retriever.n_candidates]
+                    return [d for d, _ in sorted(zip(cand, retriever.score_docs(query, cand)), key=lambda x: -x[1])]
+
+                def context(acc: _Acc, ids: list[str], retriever=retriever) -> None:
+                    n_mem = sum(retriever.memory_of(d).shape[0] for d in ids)
+                    acc.context.append(n_mem)
+                    acc.real_ratio.append(doc_tokens(ids) / max(1, n_mem))
+
+                acc = run(f"clara / rate {rate} / {setting}", ("clara", label, setting, rate), rank,
+                          lambda r, ids, t, model=model, retriever=retriever: model.generate(
+                              [r.question], [[retriever.memory_of(d) for d in ids]],
+                              max_new_tokens=cfg.max_new_tokens, timing=t)[0],
+                          context)
                 rows.append(_row("clara", label, setting, rate, acc, **extra))
 
     (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
