@@ -145,17 +145,12 @@ def _checkpoint_missing(result: dict[str, Any]) -> str | None:
     """The cache rule's check for a training stage: its checkpoint is on disk or in MLflow."""
     if (Path(result["checkpoint"]) / "clara.json").is_file():
         return None
-    c = tracking.client()
     uri = result["model_uri"]
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        return None if c.list_artifacts(run_id, path) else f"its checkpoint {uri} is gone"
+        return None if tracking.client().list_artifacts(run_id, path) else f"its checkpoint {uri} is gone"
     name, _, version = uri.removeprefix("models:/").partition("/")
-    try:
-        c.get_model_version(name, version)
-        return None
-    except Exception:  # MlflowException: deleted version
-        return f"its model version {uri} is gone"
+    return _version_missing({"name": name, "version": version})
 
 
 # ----------------------------------------------------------------------------------------- synthesis
@@ -244,13 +239,13 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
     registers the compressor as ``clara-compressor``."""
     inputs = dict(data=data, preset=preset, compression_rate=compression_rate, steps=steps, batch_size=batch_size,
                   lr=lr, init_from=init_from, device=device, processes=processes)
+    from clara.config import ModelConfig, OptimSettings, SCPConfig, TrainConfig, from_dict, preset as make_preset
+    from clara.model.checkpoint import read_checkpoint_config, resolve_checkpoint
+
+    start = None
     if init_from:  # a starting point of another base or rate is refused before anything else
-        from clara.model.checkpoint import read_checkpoint_config, resolve_checkpoint
-
-        from clara.config import preset as preset_config
-
-        start = read_checkpoint_config(resolve_checkpoint(init_from))["model"]
-        if start["base"] != preset and start["base"] != preset_config(preset).base:
+        start = read_checkpoint_config(init_from)["model"]
+        if start["base"] != preset and start["base"] != make_preset(preset).base:
             raise ValueError(f"init_from {init_from} is a {start['base']!r} checkpoint, not {preset!r}: pass "
                              f"init_from=none (and scp_steps) to train {preset!r} from scratch")
         if start["compression_rate"] != compression_rate:
@@ -261,16 +256,17 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
         found = reuse(ctx["experiment"], "pretrain_scp", key, _checkpoint_missing, ctx["refresh"])
         if found:
             return found
-        from clara.config import OptimSettings, SCPConfig, TrainConfig, preset as make_preset, to_dict
+        from clara.config import to_dict
         from clara.data.records import load_scp_records
         from clara.model import ClaraModel
         from clara.model.checkpoint import load_checkpoint
         from clara.training.scp import train_scp
         from flows.registry import log_pyfunc, register_once
 
-        init = load_checkpoint(init_from, device=device) if init_from else None
-        model_cfg = init.cfg if init is not None else \
-            make_preset(preset, compression_rate=compression_rate, **({"device": device} if device else {}))
+        device_over = {"device": device} if device else {}
+        # The starting point's own config (read, not loaded: used as it is, it is never loaded here at all).
+        model_cfg = from_dict(ModelConfig, {**start, **device_over}) if start is not None else \
+            make_preset(preset, compression_rate=compression_rate, **device_over)
         cfg = SCPConfig(model=model_cfg,
                         train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
                                           optim=OptimSettings(lr=lr)))
@@ -278,11 +274,9 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
                     key, data, reads=(("scp_file", "training"),)) as st:
             tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"]})
             work, train_file = _work_dir("scp", key), Path(data["scp_file"])
-            if init is not None and steps == 0:  # a trained starting point, used as it is
-                from clara.model.checkpoint import resolve_checkpoint
-
+            if init_from and steps == 0:  # a trained starting point, used as it is
                 final = resolve_checkpoint(init_from)
-            elif processes > 1 and init is None:
+            elif processes > 1 and not init_from:
                 work.mkdir(parents=True, exist_ok=True)
                 (work / "train.json").write_text(json.dumps({"train": to_dict(cfg.train),
                                                              "mse_weight": cfg.mse_weight}))
@@ -291,7 +285,8 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
                         *(["--device", device] if device else [])]
                 final = _torchrun(processes, args, work, st.c, st.run_id)
             else:
-                model, live = init or ClaraModel.build(cfg.model), _LiveMetrics(st.c, st.run_id)
+                model = load_checkpoint(init_from, device=device) if init_from else ClaraModel.build(cfg.model)
+                live = _LiveMetrics(st.c, st.run_id)
                 final = train_scp(model, load_scp_records(train_file), cfg, work, callback=live, progress=False)
                 live.replay_if_silent(work)
             version, _ = register_once(

@@ -150,21 +150,9 @@ def mlflow_backend(layout: Layout, postgres_url: str | None) -> str:
         return f"sqlite:///{layout.state / 'mlflow' / 'mlflow.db'}"
     if choice != "postgres":
         return choice
+    from clara.store.db import ensure_database
+
     return ensure_database(postgres_url, "mlflow")
-
-
-def ensure_database(url: str, name: str) -> str:
-    """The URL of database ``name`` on the server of ``url``, created if it does not exist yet."""
-    from sqlalchemy import create_engine, make_url, text
-
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE refuses to run in a transaction
-    try:
-        with engine.connect() as conn:
-            if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first() is None:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))  # a constant of ours, never user input
-    finally:
-        engine.dispose()
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 def mlflow_up(layout: Layout, backend: str | None = None, timeout: float = 180) -> str:

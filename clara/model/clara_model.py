@@ -256,7 +256,7 @@ class ClaraModel(nn.Module):
         Queries always get ``n_mem_max`` slots so that they cover every slot a document can use.
         """
         if self.cfg.layout == "ml-clara":
-            rows, token_ids, text_spans = self._ml_clara_rows(texts, max_len)
+            rows, text_spans = self._ml_clara_rows(texts, max_len)
             n_mem = [self.cfg.n_mem_max] * len(rows)
         else:
             token_ids = self.tokenize_texts(texts, max_len)
@@ -291,11 +291,12 @@ class ClaraModel(nn.Module):
         return Encoded(memory, n_mem_t, n_tok_t, mem_mean, text_mean)
 
     def _ml_clara_rows(self, texts: Sequence[str], max_len: int
-                       ) -> tuple[list[list[int | None]], list[list[int]], list[tuple[int, int]]]:
+                       ) -> tuple[list[list[int | None]], list[tuple[int, int]]]:
         """The authors' layout: the string ``<ENC><s>{text}</s>`` tokenized as one (so the tokenizer treats the
         markers exactly as theirs did), cut to ``max_len + 3`` tokens (``</s>`` is lost when the text is longer
         than ``max_len + 1``), left-padded to that width, then the memory tokens. Pad positions are ``None``
-        (masked); the rows are all the same width, so positions count from the left edge as in their forward."""
+        (masked); the rows are all the same width, so positions count from the left edge as in their forward.
+        Returns the rows and each row's text span (after ``<ENC><s>``, before ``</s>``)."""
         tok = self.tokenizer
         width = max_len + 3
         strings = [f"{ENC_TOKEN}{tok.bos_token}{t}{tok.eos_token}" for t in texts]
@@ -305,7 +306,7 @@ class ClaraModel(nn.Module):
             left = width - len(e)
             rows.append([None] * left + e + self.mem_ids[: self.cfg.n_mem_max])
             spans.append((left + 2, left + len(e) - (1 if e[-1] == tok.eos_token_id else 0)))
-        return rows, encoded, spans
+        return rows, spans
 
     @torch.no_grad()
     def compress(self, docs: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:

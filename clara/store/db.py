@@ -78,3 +78,15 @@ def advisory_lock(engine: Engine, name: str) -> Iterator[None]:
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
             conn.commit()
+
+
+def ensure_database(url: str, name: str) -> str:
+    """The URL of database ``name`` on the server of ``url``, created if it does not exist yet."""
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE refuses to run in a transaction
+    try:
+        with engine.connect() as conn:
+            if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first() is None:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))  # a constant of ours, never user input
+    finally:
+        engine.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
