@@ -133,7 +133,7 @@ def exclusive(stage: str, key: str) -> Iterator[None]:
     computing (and registering, and building) it again. A lock on the Postgres server every pipeline shares."""
     from clara.store.db import advisory_lock, connect
 
-    engine = connect(run_migrations=False)  # a lock needs no schema
+    engine = connect()  # migrated: connections register the pgvector type, which the migrations create
     try:
         with advisory_lock(engine, f"clara-stage:{stage}:{key}"):
             yield
