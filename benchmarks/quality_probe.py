@@ -8,6 +8,10 @@ Three parts, each beside its references, on the corpus the questions are about (
 (a) **Reconstruction** — mean cross-entropy (nats/token) of held-out passages (``clara.data.mixes.heldout``:
     articles no training mix contains) read back from their memory tokens, beside the base model with no
     document and with the raw passage in the prompt. A useful compressor sits much nearer the raw reference.
+    Two controls say how much of that is the memory itself rather than the trained generator's knowledge of
+    the domain: the same generator given *another* held-out passage's memory (``memory_other``), and given no
+    document (``generator_no_document``). ``memory_use`` = memory_other − memory: what a passage's own memory
+    tokens are worth, in nats per token.
 (b) **Generator alone** — each dev question answered with its gold passage forced into the k documents (the
     other k-1 are BM25's best from other articles, in a seeded order): CLaRa from the compressed passages vs the
     base model from the same k passages as raw text, and closed book.
@@ -59,26 +63,42 @@ def reconstruction(model, passages: Sequence[Any], batch_size: int = 4) -> dict[
     """(a): mean CE per target token of each passage given its memory / nothing / its raw text."""
     from clara.model import prompts
 
-    sums = {"memory": 0.0, "no_document": 0.0, "raw_document": 0.0}
+    sums = {"memory": 0.0, "memory_other": 0.0, "generator_no_document": 0.0, "no_document": 0.0,
+            "raw_document": 0.0}
     tokens = 0
     model.peft.eval()
+
+    def rows_for(mems):
+        return [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=model.placeholders(m.shape[0])))
+                for m in mems]
+
+    if len(passages) < 2:
+        raise ValueError(f"reconstruction needs at least 2 held-out passages (the control reads another "
+                         f"passage's memory); got {len(passages)}")
+    starts = list(range(0, len(passages), batch_size))
+    if len(passages) - starts[-1] == 1 and len(starts) > 1:
+        starts.pop()  # a last batch of one has no neighbour: it joins the batch before
     with torch.no_grad():
-        for s in range(0, len(passages), batch_size):
-            chunk = [p.full_text for p in passages[s: s + batch_size]]
+        for s, e in zip(starts, starts[1:] + [len(passages)]):
+            chunk = [p.full_text for p in passages[s:e]]
             targets = [model.target_ids(t, 1024) for t in chunk]
             n = sum(len(t) for t in targets)
             mems = model.compress(chunk)
-            rows = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=model.placeholders(m.shape[0])))
-                    for m in mems]
-            with model.adapter("generator"):
-                sums["memory"] += model.response_loss(rows, targets, [[m] for m in mems]).item() * n
+            other = mems[1:] + mems[:1]  # each passage read from its neighbour's memory
             empty = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents="")) for _ in chunk]
+            with model.adapter("generator"):
+                sums["memory"] += model.response_loss(rows_for(mems), targets, [[m] for m in mems]).item() * n
+                sums["memory_other"] += model.response_loss(rows_for(other), targets,
+                                                            [[m] for m in other]).item() * n
+                sums["generator_no_document"] += model.response_loss(empty, targets,
+                                                                     [[] for _ in chunk]).item() * n
             raw = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=t)) for t in chunk]
             with model.adapter(None):
                 sums["no_document"] += model.response_loss(empty, targets, [[] for _ in chunk]).item() * n
                 sums["raw_document"] += model.response_loss(raw, targets, [[] for _ in chunk]).item() * n
             tokens += n
     out = {k: v / tokens for k, v in sums.items()}
+    out["memory_use"] = out["memory_other"] - out["memory"]
     # 0 = no better than no document, 1 = as good as reading the raw passage.
     out["gap_closed"] = (out["no_document"] - out["memory"]) / (out["no_document"] - out["raw_document"])
     out["passages"] = len(passages)
@@ -135,10 +155,11 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
 
     if "a" in parts:
         held = [d for d in docs_all if heldout(d)][:heldout_passages]
-        if held:
+        if len(held) >= 2:
             result["reconstruction"] = reconstruction(model, held)
         else:
-            result["reconstruction_skipped"] = "the corpus has no held-out article (clara.data.mixes.heldout)"
+            result["reconstruction_skipped"] = (f"the corpus has {len(held)} held-out passage(s) "
+                                                f"(clara.data.mixes.heldout); (a) needs 2")
 
     if "b" in parts:
         bm25 = BM25Retriever(docs)
@@ -206,7 +227,9 @@ def table(r: dict[str, Any]) -> str:
         a = r["reconstruction"]
         lines += ["", f"(a) reconstruction CE, {a['passages']} held-out passages (nats/token)",
                   f"    no document {a['no_document']:.3f} | memory tokens {a['memory']:.3f} | "
-                  f"raw document {a['raw_document']:.3f} | gap closed {100 * a['gap_closed']:.0f}%"]
+                  f"raw document {a['raw_document']:.3f} | gap closed {100 * a['gap_closed']:.0f}%",
+                  f"    controls: another passage's memory {a['memory_other']:.3f} | trained generator, no "
+                  f"document {a['generator_no_document']:.3f} | memory use {a['memory_use']:.3f} nats/token"]
     if "generator" in r:
         g = r["generator"]
         lines += ["", "(b) system                          CEM    EM    F1"]

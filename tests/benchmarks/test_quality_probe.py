@@ -17,9 +17,10 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     from clara.model.checkpoint import save_checkpoint
 
     monkeypatch.setenv("CLARA_CACHE_DIR", str(tmp_path / "cache"))
-    held = next(f"h{i}" for i in range(10_000) if heldout(Document(f"h{i}", "t", "x")))
+    held = [f"h{i}" for i in range(10_000) if heldout(Document(f"h{i}", "t", "x"))][:2]
     rows = [{"id": f"d{i}", "title": f"Town {i}", "text": f"Town {i} lies on river R{i} and has {i} bridges."}
-            for i in range(8)] + [{"id": held, "title": "Held", "text": "A held-out passage about a lake."}]
+            for i in range(8)] + [{"id": h, "title": f"Held {h}", "text": f"A held-out passage about lake {h}."}
+                                  for h in held]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dev = tmp_path / "dev.jsonl"
@@ -31,7 +32,9 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     result = quality_probe.probe(str(ckpt), dev, articles=None, k=3, max_new_tokens=4, retrieval="pool",
                                  corpus=str(corpus))
     a = result["reconstruction"]
-    assert a["passages"] == 1 and a["no_document"] > 0 and a["raw_document"] > 0 and a["memory"] > 0
+    assert a["passages"] == 2 and a["no_document"] > 0 and a["raw_document"] > 0 and a["memory"] > 0
+    assert a["memory_other"] > 0 and a["generator_no_document"] > 0
+    assert abs(a["memory_use"] - (a["memory_other"] - a["memory"])) < 1e-9
     g = result["generator"]
     assert set(g) == {"closed_book", "raw_text_forced", "clara_forced"}
     assert all(0 <= v <= 100 for s in g.values() for v in s.values())
