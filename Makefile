@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 
 # The whole pipeline on this machine: start the services (embedded Postgres, MLflow, Prefect server, the
 # served deployment clara/full-pipeline), run the deployment with `prefect deployment run`, wait, print the
-# evaluation table and the UI addresses. Extra deployment parameters: make pipeline PARAMS='--param scp_steps=200'
+# evaluation table and the UI addresses. Extra deployment parameters: make pipeline PARAMS="--param training='{\"scp_steps\": 200}'"
 pipeline: $(STAMP)
 	$(PY) -m infra.services up
 	eval "$$($(PY) -m infra.services env)" && $(PY) -m flows.run $(PARAMS)

@@ -34,7 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from clara import stages
 from clara.data.corpus import corpus_name, prepare_corpus, read_corpus
-from flows import profiles, tracking
+from flows import params, profiles, tracking
 from flows.stagerun import PipelineRun, StageRun, exclusive, reuse, stage_key
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -670,84 +670,59 @@ def _model_problems(name: str) -> list[str]:
 @flow(name="clara", log_prints=True)
 def clara(
     profile: Literal["demo", "quality", "gpu"] = "demo",
-    corpus: str = "bundled",
-    max_docs: Optional[int] = None,
-    preset: str = "smollm2-135m",
-    compression_rate: int = 16,
-    init_from: Optional[str] = None,
-    teacher: Literal["natural", "extractive", "transformers", "openai"] = "natural",
-    teacher_model: Optional[str] = None,
-    teacher_base_url: Optional[str] = None,
-    scp_steps: Optional[int] = None,
-    scp_batch_size: Optional[int] = None,
-    scp_lr: float = 5e-4,
-    instruct_steps: Optional[int] = None,
-    instruct_batch_size: Optional[int] = None,
-    instruct_lr: float = 2e-4,
-    e2e_steps: Optional[int] = None,
-    e2e_batch_size: Optional[int] = None,
-    e2e_lr: float = 1e-4,
-    train_processes: int = 1,
-    top_k: int = 5,
-    n_candidates: int = 20,
-    retrieval_mode: Literal["clara", "dense", "lexical", "hybrid"] = "hybrid",
-    retrieval_fuse: float = 2.0,
-    eval_questions: Optional[int] = None,
-    baselines: str = "bm25",
-    gate_metric: str = "f1",
-    gate_margin: float = 0.0,
-    gate_max_latency_regression: float = 0.10,
-    shards: int = 1,
-    dask_address: Optional[str] = None,
-    dask_workers: int = 0,
-    device: Optional[str] = None,
-    model_name: str = "clara",
-    experiment: str = tracking.EXPERIMENT,
-    project_dir: Optional[str] = None,
-    dvc_push: bool = True,
-    refresh_cache: bool = False,
+    data: params.Data = params.Data(),
+    model: params.Model = params.Model(),
+    training: params.Training = params.Training(),
+    evaluation: params.Evaluation = params.Evaluation(),
+    gate: params.Gate = params.Gate(),
+    execution: params.Execution = params.Execution(),
 ) -> dict[str, Any]:
     """Synthesize -> SCP -> instruct -> E2E -> compress the corpus into pgvector -> evaluate -> promote.
 
     ``profile`` sets the budgets (``flows.profiles``: ``demo`` runs on a CPU laptop in minutes, ``quality`` for
-    hours on a CPU, ``gpu`` on one GPU); a budget parameter given explicitly wins (``max_docs=0``: the whole
-    corpus). ``init_from``: a checkpoint folder to continue SCP from (``scp_steps=0`` uses it as it is; relative
-    to the project folder; ``none`` turns the profile's off).
+    hours on a CPU, ``gpu`` on one GPU); a budget given explicitly wins (``data.max_docs=0``: the whole corpus).
+    ``model.init_from``: a checkpoint folder to continue SCP from (``training.scp_steps=0`` uses it as it is;
+    relative to the project folder; ``none`` turns the profile's off). The groups are ``flows.params``.
     """
-    p = dict(locals())
-    project = str(Path(project_dir).resolve()) if project_dir else str(PROJECT)
-    run = PipelineRun.start(experiment, str(flow_run.id), str(flow_run.name), tracking.git_commit(project))
+    p = {"profile": profile, **params.flat({"data": data, "model": model, "training": training,
+                                             "evaluation": evaluation, "gate": gate, "execution": execution})}
+    ex, ev, t = execution, evaluation, training
+    project = str(Path(ex.project_dir).resolve()) if ex.project_dir else str(PROJECT)
+    run = PipelineRun.start(ex.experiment, str(flow_run.id), str(flow_run.name), tracking.git_commit(project))
     try:
         b = _budget(p, project)  # bad parameters fail here, before any stage, with the reason on the run
         tracking.log_params(tracking.client(), run.run_id, {**p, **b})
-        ctx = {"parent_run": run.run_id, "experiment": experiment, "refresh": refresh_cache}
-        runner = task_runner(dask_address, dask_workers)
-        retrieval = {"mode": retrieval_mode, "fuse": retrieval_fuse, "candidates": n_candidates}
+        ctx = {"parent_run": run.run_id, "experiment": ex.experiment, "refresh": ex.refresh_cache}
+        runner = task_runner(ex.dask_address, ex.dask_workers)
+        retrieval = {"mode": ev.retrieval_mode, "fuse": ev.retrieval_fuse, "candidates": ev.n_candidates}
 
-        data = run.record("synthesize", synthesize.with_options(task_runner=runner)(
-            corpus=corpus, max_docs=b["max_docs"] or None, preset=preset, shards=shards, project_dir=project,
-            teacher={"kind": teacher, "model": teacher_model, "base_url": teacher_base_url}, dvc_push=dvc_push,
-            parent_run=run.run_id, experiment=experiment, refresh=refresh_cache))
+        synthesized = run.record("synthesize", synthesize.with_options(task_runner=runner)(
+            corpus=data.corpus, max_docs=b["max_docs"] or None, preset=model.preset, shards=data.shards,
+            project_dir=project, teacher={"kind": data.teacher, "model": data.teacher_model,
+                                          "base_url": data.teacher_base_url},
+            dvc_push=data.dvc_push, parent_run=run.run_id, experiment=ex.experiment, refresh=ex.refresh_cache))
         scp = run.record("pretrain_scp", pretrain_scp(
-            data=data, preset=preset, compression_rate=compression_rate, steps=b["scp_steps"],
-            batch_size=b["scp_batch_size"], lr=scp_lr, init_from=b["init_from"], device=device,
-            processes=train_processes, ctx=ctx))
+            data=synthesized, preset=model.preset, compression_rate=model.compression_rate, steps=b["scp_steps"],
+            batch_size=b["scp_batch_size"], lr=t.scp_lr, init_from=b["init_from"], device=model.device,
+            processes=t.train_processes, ctx=ctx))
         inst = run.record("instruct", instruct(
-            scp=scp, data=data, steps=b["instruct_steps"], batch_size=b["instruct_batch_size"], lr=instruct_lr,
-            device=device, ctx=ctx))
+            scp=scp, data=synthesized, steps=b["instruct_steps"], batch_size=b["instruct_batch_size"],
+            lr=t.instruct_lr, device=model.device, ctx=ctx))
         e2e = run.record("train_e2e", train_e2e(
-            init=inst, data=data, steps=b["e2e_steps"], batch_size=b["e2e_batch_size"], lr=e2e_lr, top_k=top_k,
-            n_candidates=n_candidates, device=device, processes=train_processes, ctx=ctx))
+            init=inst, data=synthesized, steps=b["e2e_steps"], batch_size=b["e2e_batch_size"], lr=t.e2e_lr,
+            top_k=ev.top_k, n_candidates=ev.n_candidates, device=model.device, processes=t.train_processes,
+            ctx=ctx))
         build = run.record("compress_corpus", compress_corpus.with_options(task_runner=runner)(
-            e2e=e2e, data=data, shards=shards, batch_size=16, device=device, parent_run=run.run_id,
-            experiment=experiment, refresh=refresh_cache))
+            e2e=e2e, data=synthesized, shards=data.shards, batch_size=16, device=model.device,
+            parent_run=run.run_id, experiment=ex.experiment, refresh=ex.refresh_cache))
         scores = run.record("evaluate", evaluate(
-            e2e=e2e, build=build, data=data, questions=b["eval_questions"], top_k=top_k, baselines=baselines,
-            retrieval=retrieval, device=device, ctx=ctx))
+            e2e=e2e, build=build, data=synthesized, questions=b["eval_questions"], top_k=ev.top_k,
+            baselines=ev.baselines, retrieval=retrieval, device=model.device, ctx=ctx))
         promotion = run.record("promote", promote(
-            e2e=e2e, build=build, scores=scores, data=data, scp=scp, model_name=model_name, gate_metric=gate_metric,
-            gate_rule={"margin": gate_margin, "max_latency_regression": gate_max_latency_regression}, top_k=top_k,
-            retrieval=retrieval, ctx=ctx))
+            e2e=e2e, build=build, scores=scores, data=synthesized, scp=scp, model_name=gate.model_name,
+            gate_metric=gate.gate_metric, gate_rule={"margin": gate.gate_margin,
+                                                     "max_latency_regression": gate.gate_max_latency_regression},
+            top_k=ev.top_k, retrieval=retrieval, ctx=ctx))
 
         return _report(run)
     except BaseException as exc:

@@ -20,13 +20,28 @@ class RecordError(ValueError):
     """A malformed input row; the message starts with ``file:line:``."""
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+MAX_LINE_BYTES = 16 * 1024 * 1024
+"""A JSONL line longer than this is refused without being held in memory (a document is at most
+``corpus.DEFAULT_MAX_CHARS`` characters, a few MB even fully escaped)."""
+
+
+def iter_jsonl(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES
+               ) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """``(where, object, None)`` per non-blank line, or ``(where, None, reason)`` for a line that is not valid
-    UTF-8, not JSON, or not a JSON object. ``where`` is ``file:line``."""
+    UTF-8, not JSON, not a JSON object, or longer than ``max_line_bytes`` (read past in chunks, never whole).
+    ``where`` is ``file:line``."""
     path = Path(path)
     with path.open("rb") as fh:
-        for n, raw in enumerate(fh, start=1):
+        n = 0
+        while raw := fh.readline(max_line_bytes + 1):
+            n += 1
             where = f"{path}:{n}"
+            if len(raw) > max_line_bytes:
+                size = len(raw)
+                while not raw.endswith(b"\n") and (raw := fh.readline(1 << 20)):
+                    size += len(raw)
+                yield where, None, f"line too long: {size:,} bytes (at most {max_line_bytes:,})"
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

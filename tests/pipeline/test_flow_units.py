@@ -196,12 +196,11 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
 
 
 def test_pipeline_parameters_are_checked_before_any_stage():
-    import inspect
-
     from flows import profiles
-    from flows.pipeline import check_parameters, clara
+    from flows.params import flat
+    from flows.pipeline import check_parameters
 
-    defaults = {k: v.default for k, v in inspect.signature(clara.fn).parameters.items()}
+    defaults = flat({})
     params = {**defaults, **profiles.resolve("demo", {k: defaults[k] for k in profiles.PROFILES["demo"]})}
     check_parameters(params)  # the defaults are fine
     with pytest.raises(ValueError) as err:
@@ -215,6 +214,31 @@ def test_pipeline_parameters_are_checked_before_any_stage():
     with pytest.raises(ValueError, match="preset='no-such-model': not a bundled preset .* from 'no-such-model'"):
         check_parameters({**params, "preset": "no-such-model"})  # HF_HUB_OFFLINE=1 in `make test`, as in services
     check_parameters({**params, "preset": "tiny"})
+
+
+def test_parameters_are_grouped_for_the_run_form_and_flat_for_mlflow():
+    """The flow's signature is the profile plus six typed groups; flat() and grouped() are inverse; a misspelt
+    field is refused by name (a silently ignored budget would train for the profile's steps instead)."""
+    import inspect
+
+    import pydantic
+
+    from flows.params import GROUPS, Training, flat, grouped
+    from flows.pipeline import clara
+
+    signature = inspect.signature(clara.fn).parameters
+    assert list(signature) == ["profile", *GROUPS]
+    assert all(signature[g].annotation is cls for g, cls in GROUPS.items())
+    names = [f for cls in GROUPS.values() for f in cls.model_fields]
+    assert len(names) == len(set(names)) == len(flat({}))  # every field name is unique across groups
+    kwargs = grouped(profile="quality", scp_steps=0, init_from="ckpt", top_k=3)
+    assert kwargs["profile"] == "quality" and kwargs["training"] == Training(scp_steps=0)
+    assert flat(kwargs) == {**flat({}), "scp_steps": 0, "init_from": "ckpt", "top_k": 3}
+    assert flat({"training": {"scp_steps": 7}})["scp_lr"] == Training().scp_lr  # a partial group keeps defaults
+    with pytest.raises(ValueError, match="unknown pipeline parameter 'scp_step'"):
+        grouped(scp_step=3)
+    with pytest.raises(pydantic.ValidationError, match="scp_step"):
+        flat({"training": {"scp_step": 3}})
 
 
 def test_profiles_resolve_with_explicit_parameters_winning():

@@ -22,6 +22,14 @@ TINY = dict(preset="tiny", init_from="none", max_docs=40, scp_steps=3, scp_batch
             eval_questions=5, top_k=2, n_candidates=4, baselines="bm25")
 
 
+def run_pipeline(**flat):
+    """The parent flow called with flat settings (``flows.params.grouped`` sorts them into its groups)."""
+    from flows.params import grouped
+    from flows.pipeline import clara
+
+    return clara(**grouped(**flat))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,14 +107,13 @@ def _versions(name: str = "clara") -> list:
 def first_run(services, repo):
     """A run that fails at its last stage (an unknown gate metric), then the same run again: the rerun must
     reuse every finished stage. Whichever test first needs a trained, registered model starts this."""
-    from flows.pipeline import clara
 
     failed_before, versions_before = len(_pipeline_runs("FAILED")), len(_versions())
     with pytest.raises(ValueError, match="gate metric 'no-such-metric'"):
-        clara(**TINY, gate_metric="no-such-metric", project_dir=str(repo))
+        run_pipeline(**TINY, gate_metric="no-such-metric", project_dir=str(repo))
     failure = {"new_failed_runs": len(_pipeline_runs("FAILED")) - failed_before,
                "new_versions": len(_versions()) - versions_before}
-    result = clara(**TINY, project_dir=str(repo))
+    result = run_pipeline(**TINY, project_dir=str(repo))
     return {**result, "failure": failure}
 
 
@@ -177,11 +184,10 @@ def test_second_run_with_same_inputs_skips_every_stage(first_run, repo):
     from clara.store.builds import list_builds
     from clara.store.db import connect
 
-    from flows.pipeline import clara
 
-    before = clara(**TINY, project_dir=str(repo))  # whatever other tests ran, these inputs have a finished run now
+    before = run_pipeline(**TINY, project_dir=str(repo))  # whatever other tests ran, these inputs have a finished run now
     versions, builds = len(_versions()), len(list_builds(connect()))
-    again = clara(**TINY, project_dir=str(repo))
+    again = run_pipeline(**TINY, project_dir=str(repo))
     assert set(again["cached"]) == {"synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate",
                                     "promote"}
     assert again["promotion"]["version"] == before["promotion"]["version"]  # no duplicate registration
@@ -363,10 +369,9 @@ def test_compression_shards_run_on_a_local_dask_cluster(first_run):
 def test_training_stages_run_under_torchrun(first_run, repo, monkeypatch):
     """train_processes > 1: SCP and E2E run as `clara train …` under torchrun (2 CPU processes here, one per GPU
     on a GPU host); their per-step metrics still reach the stage runs, and the rest of the pipeline follows."""
-    from flows.pipeline import clara
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two cores
-    result = clara(**TINY, train_processes=2, project_dir=str(repo))
+    result = run_pipeline(**TINY, train_processes=2, project_dir=str(repo))
     assert not {"pretrain_scp", "instruct", "train_e2e"} & set(result["cached"])  # a different launch: new runs
     c = _client()
     for stage in ("scp", "e2e"):
@@ -379,9 +384,8 @@ def test_training_stages_run_under_torchrun(first_run, repo, monkeypatch):
 
 
 def test_refresh_cache_recomputes_cached_stages(first_run, repo):
-    from flows.pipeline import clara
 
-    again = clara(**TINY, project_dir=str(repo), refresh_cache=True)
+    again = run_pipeline(**TINY, project_dir=str(repo), refresh_cache=True)
     assert not {"pretrain_scp", "train_e2e", "evaluate"} & set(again["cached"])
     assert again["scp"]["run_id"] != first_run["scp"]["run_id"]
     # The checkpoint on disk was already complete: its recorded steps are replayed into the new run.
@@ -391,11 +395,10 @@ def test_refresh_cache_recomputes_cached_stages(first_run, repo):
 def test_bad_parameters_fail_at_once_with_the_reason_on_the_run(services, repo):
     import time
 
-    from flows.pipeline import clara
 
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="compression_rate=7"):
-        clara(**{**TINY, "compression_rate": 7}, project_dir=str(repo))
+        run_pipeline(**{**TINY, "compression_rate": 7}, project_dir=str(repo))
     assert time.perf_counter() - t0 < 60  # no stage ran
     c = _client()
     runs = c.search_runs([c.get_experiment_by_name("clara").experiment_id],
@@ -412,13 +415,12 @@ def test_bad_parameters_fail_at_once_with_the_reason_on_the_run(services, repo):
 ])
 def test_a_bad_corpus_fails_the_run_at_its_first_stage_with_the_reason(services, repo, tmp_path, name, content,
                                                                        message):
-    from flows.pipeline import clara
 
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(Exception, match=message):
-        clara(**{**TINY, "corpus": str(path)}, project_dir=str(repo))
+        run_pipeline(**{**TINY, "corpus": str(path)}, project_dir=str(repo))
     c = _client()
     runs = c.search_runs([c.get_experiment_by_name("clara").experiment_id],
                          "tags.`clara.stage` = 'pipeline' AND attributes.status = 'FAILED'",
@@ -456,7 +458,8 @@ def _pipeline_process(params: dict, env: dict | None = None) -> subprocess.Popen
     import prefect.settings
 
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(), **(env or {})}
-    code = "import json, sys; from flows.pipeline import clara; clara(**json.loads(sys.argv[1]))"
+    code = ("import json, sys; from flows.params import grouped; from flows.pipeline import clara; "
+            "clara(**grouped(**json.loads(sys.argv[1])))")
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -491,7 +494,6 @@ def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, rep
     from sqlalchemy import text
 
     from clara.store.db import connect
-    from flows.pipeline import clara
 
     params = {**TINY, **change, "project_dir": str(repo)}
     proc = _pipeline_process(params)
@@ -503,7 +505,7 @@ def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, rep
     left = c.search_runs([exp], f"tags.`clara.pid` = '{proc.pid}' AND attributes.status = 'RUNNING'")
     assert left, "the kill left no RUNNING run to close"
 
-    result = clara(**params)
+    result = run_pipeline(**params)
     after = {r.info.run_id: r for r in c.search_runs([exp], f"tags.`clara.pid` = '{proc.pid}'")}
     assert all(after[r.info.run_id].info.status == "KILLED" for r in left)
     assert all("closed by the next run" in after[r.info.run_id].data.tags["clara.closed_reason"] for r in left)
@@ -544,7 +546,6 @@ def test_secrets_never_reach_mlflow(services, tmp_path, monkeypatch):
     from fake_openai import FakeOpenAI
     from sqlalchemy import create_engine, make_url, text
 
-    from flows.pipeline import clara
 
     api_key, password = "sk-test-SECRET-4f1c9e", "pg-SECRET-77ab31"
     admin = create_engine(services_db(), isolation_level="AUTOCOMMIT")
@@ -556,7 +557,7 @@ def test_secrets_never_reach_mlflow(services, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", api_key)
     project = _make_repo(tmp_path / "project", tmp_path / "remote")
     with FakeOpenAI() as server:
-        result = clara(**{**TINY, "teacher": "openai", "teacher_model": "fake", "teacher_base_url": server.base_url,
+        result = run_pipeline(**{**TINY, "teacher": "openai", "teacher_model": "fake", "teacher_base_url": server.base_url,
                           "model_name": "clara-secrets", "project_dir": str(project)})
     c = _client()
     exp = c.get_experiment_by_name("clara").experiment_id
@@ -587,11 +588,10 @@ def test_an_imported_release_goes_through_the_pipeline(services, repo, tmp_path)
     from test_ml_clara import _release
 
     from clara.model.ml_clara import import_ml_clara
-    from flows.pipeline import clara
 
     _release(tmp_path / "release")
     ckpt = import_ml_clara(tmp_path / "release", tmp_path / "imported")
-    result = clara(**{**TINY, "init_from": str(ckpt), "scp_steps": 0, "model_name": "clara-imported"},
+    result = run_pipeline(**{**TINY, "init_from": str(ckpt), "scp_steps": 0, "model_name": "clara-imported"},
                    project_dir=str(repo))
     version = _client().get_model_version("clara-imported", result["promotion"]["version"])
     assert result["build"]["n_docs"] == TINY["max_docs"] and version.tags["eval.run_id"]
@@ -599,7 +599,6 @@ def test_an_imported_release_goes_through_the_pipeline(services, repo, tmp_path)
 
 
 def test_the_tracking_server_going_away_mid_training_is_a_clear_error_and_a_rerun_finishes(services, repo):
-    from flows.pipeline import clara
     from infra import services as infra
 
     layout = services["layout"]
@@ -614,7 +613,7 @@ def test_the_tracking_server_going_away_mid_training_is_a_clear_error_and_a_reru
         assert "python -m infra.services up" in err
     finally:
         assert infra.mlflow_up(layout, infra.mlflow_backend(layout, services["db"])) == "started"
-    result = clara(**params)  # the same inputs: it finishes, and the dead process's runs are closed
+    result = run_pipeline(**params)  # the same inputs: it finishes, and the dead process's runs are closed
     assert result["promotion"]["name"] == "clara-outage"
     c = _client()
     exp = c.get_experiment_by_name("clara").experiment_id

@@ -120,3 +120,35 @@ def test_an_empty_corpus_is_an_error_not_a_run_over_zero_passages(tmp_path):
         ingest_path(bad, on_error="skip")
     with pytest.raises(IngestError, match="empty corpus"):
         ingest_path(tmp_path)  # a folder without .txt/.md files
+
+
+@pytest.mark.slow
+def test_a_one_gigabyte_line_is_refused_without_being_held_in_memory(tmp_path):
+    """The line is read past in 1 MiB chunks: peak memory stays far below its size, and the next line is read."""
+    import resource
+
+    path = tmp_path / "huge.jsonl"
+    chunk = b"x" * (1 << 20)
+    with path.open("wb") as fh:
+        fh.write(GOOD.encode() + b"\n" + b'{"id": "big", "text": "')
+        for _ in range(1024):
+            fh.write(chunk)
+        fh.write(b'"}\n' + json.dumps({"id": "b", "text": "Beta follows."}).encode() + b"\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:
+        with pytest.raises(IngestError, match=r"huge\.jsonl:2: line too long: 1,073,741,8\d\d bytes"):
+            ingest_path(path)
+        docs, report = ingest_path(path, on_error="skip")
+    finally:
+        path.unlink()  # pytest keeps recent tmp folders: a 1 GB file should not stay behind
+    assert [d.id for d in docs] == ["a", "b"] and "line too long" in report.rejects[0].reason
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # < 200 MiB more at peak
+
+
+def test_an_overlong_line_is_one_reject_and_reading_goes_on(tmp_path):
+    from clara.data.records import iter_jsonl
+
+    path = write_lines(tmp_path / "c.jsonl", [GOOD, json.dumps({"id": "x", "text": "y" * 5000}), GOOD])
+    rows = list(iter_jsonl(path, max_line_bytes=1000))
+    assert [r[2] is None for r in rows] == [True, False, True]
+    assert rows[1][0].endswith("c.jsonl:2") and "line too long: 5,02" in rows[1][2] and "at most 1,000" in rows[1][2]
