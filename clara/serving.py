@@ -83,10 +83,13 @@ class Answerer:
         questions = check_questions(questions)
         if not questions:
             return []
+        from clara.store.db import answering
+
         k = k or self.k
         queries = self.retriever.encode(questions)
-        ranked = [self.retriever.retrieve(q, t, k) for q, t in zip(questions, queries)]
-        memories = [[self.retriever.memory_of(d) for d, _ in r] for r in ranked]
+        with answering(self.engine):
+            ranked = [self.retriever.retrieve(q, t, k) for q, t in zip(questions, queries)]
+            memories = [[self.retriever.memory_of(d) for d, _ in r] for r in ranked]
         answers = self.model.generate(questions, memories, max_new_tokens=self.max_new_tokens)
         titles = self.retriever.titles  # the search already read them with the documents
         return [Answer(q, a, [d for d, _ in r], [titles.get(d, "") for d, _ in r], [round(s, 4) for _, s in r])

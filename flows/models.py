@@ -80,8 +80,16 @@ class ClaraQAModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+        from clara.store.builds import StoreUnavailable
+
         k = int(params["k"]) if params and params.get("k") else None
-        answers = self.batcher([(q, k) for q in _questions(model_input)])
+        try:
+            answers = self.batcher([(q, k) for q in _questions(model_input)])
+        except StoreUnavailable as exc:  # the scoring server answers 503 with this message, and keeps serving
+            raise MlflowException(str(exc), error_code=TEMPORARILY_UNAVAILABLE) from None
         return pd.DataFrame([a.__dict__ for a in answers],
                             columns=["question", "answer", "doc_ids", "titles", "scores"])
 

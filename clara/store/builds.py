@@ -26,6 +26,10 @@ class StoreError(RuntimeError):
     pass
 
 
+class StoreUnavailable(StoreError):
+    """The database did not answer (stopped, restarting, unreachable): the same call can succeed later."""
+
+
 @dataclass(frozen=True)
 class Build:
     id: int

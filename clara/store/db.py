@@ -11,7 +11,7 @@ from typing import Iterator
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import OperationalError
 
-from clara.store.builds import StoreError
+from clara.store.builds import StoreError, StoreUnavailable
 from clara.store.server import database_url
 
 MIGRATION_LOCK = 7_300_001  # arbitrary, fixed advisory-lock key for schema changes
@@ -62,6 +62,24 @@ def connect(url: str | None = None, *, run_migrations: bool = True) -> Engine:
         register_vector(dbapi_conn)
 
     return engine
+
+
+@contextlib.contextmanager
+def answering(engine: Engine) -> Iterator[None]:
+    """Run store reads in this block; a database that does not answer becomes ``StoreUnavailable`` naming the
+    server and how to bring it back. The engine's pool pings connections before use, so once the server is up
+    again the next call simply works."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        yield
+    except DBAPIError as exc:
+        if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+            raise
+        first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0][:200]
+        raise StoreUnavailable(
+            f"the store's database at {engine.url.render_as_string(hide_password=True)} did not answer ({first}); "
+            f"start it (python -m infra.services up) or check $CLARA_DATABASE_URL, then ask again") from exc
 
 
 @contextlib.contextmanager

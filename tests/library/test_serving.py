@@ -99,3 +99,20 @@ def test_one_bad_request_does_not_fail_the_others_in_its_batch():
     with pytest.raises(ValueError, match="negative"):
         b2([-1])
     assert b2([1, 2]) == [1, 2]
+
+
+def test_a_store_outage_is_a_503_that_says_how_to_recover():
+    """What the scoring server gets when the database does not answer: 503 with the store's message (the
+    outage itself, against a real server, is tested in tests/library/store)."""
+    from clara.store.builds import StoreUnavailable
+    from flows.models import ClaraQAModel
+
+    def down(items):
+        raise StoreUnavailable("the store's database at postgresql://x did not answer (connection refused); "
+                               "start it (python -m infra.services up)")
+
+    model = ClaraQAModel()
+    model.batcher = down
+    with pytest.raises(MlflowException) as err:
+        model.predict(None, pd.DataFrame({"question": ["Where?"]}))
+    assert err.value.get_http_status_code() == 503 and "infra.services up" in err.value.message

