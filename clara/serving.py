@@ -83,11 +83,11 @@ class Answerer:
         questions = check_questions(questions)
         if not questions:
             return []
-        from clara.store.db import answering
+        from clara.store.db import reachable
 
         k = k or self.k
         queries = self.retriever.encode(questions)
-        with answering(self.engine):
+        with reachable(self.engine):
             ranked = [self.retriever.retrieve(q, t, k) for q, t in zip(questions, queries)]
             memories = [[self.retriever.memory_of(d) for d, _ in r] for r in ranked]
         answers = self.model.generate(questions, memories, max_new_tokens=self.max_new_tokens)

@@ -65,21 +65,23 @@ def connect(url: str | None = None, *, run_migrations: bool = True) -> Engine:
 
 
 @contextlib.contextmanager
-def answering(engine: Engine) -> Iterator[None]:
-    """Run store reads in this block; a database that does not answer becomes ``StoreUnavailable`` naming the
-    server and how to bring it back. The engine's pool pings connections before use, so once the server is up
-    again the next call simply works."""
+def reachable(engine: Engine) -> Iterator[None]:
+    """Run store calls in this block; a database that does not answer (through SQLAlchemy or a raw psycopg
+    connection, as the loader's COPY uses) becomes ``StoreUnavailable`` naming the server and how to bring it
+    back. The engine's pool pings connections before use, so once the server is up the next call just works."""
+    import psycopg
     from sqlalchemy.exc import DBAPIError
 
     try:
         yield
-    except DBAPIError as exc:
-        if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+    except (DBAPIError, psycopg.OperationalError) as exc:
+        if isinstance(exc, DBAPIError) and not (isinstance(exc, OperationalError) or exc.connection_invalidated):
             raise
-        first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0][:200]
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
         raise StoreUnavailable(
             f"the store's database at {engine.url.render_as_string(hide_password=True)} did not answer ({first}); "
-            f"start it (python -m infra.services up) or check $CLARA_DATABASE_URL, then ask again") from exc
+            f"start it (python -m infra.services up) or check $CLARA_DATABASE_URL, then try again") from exc
 
 
 @contextlib.contextmanager

@@ -540,6 +540,24 @@ def test_two_runs_with_the_same_inputs_at_once_build_and_register_once(first_run
     assert len([b for b in list_builds(connect()) if b.model_uri == model_uri]) == 1
 
 
+def test_two_runs_with_different_rates_run_side_by_side(first_run, repo):
+    """Two deployments started together at rates 4 and 16: both finish, each with its own store build at its own
+    rate and its own model version (they share only the synthesized data, which the second reuses)."""
+    procs = [_pipeline_process({**TINY, "compression_rate": rate, "scp_steps": 4, "model_name": "clara-rates",
+                                "project_dir": str(repo)}) for rate in (4, 16)]
+    for p in procs:
+        assert p.wait(timeout=900) == 0, p.stderr.read().decode(errors="replace")[-3000:]
+    c = _client()
+    versions = c.search_model_versions("name = 'clara-rates'")
+    assert len(versions) == 2
+    from clara.store.builds import list_builds
+    from clara.store.db import connect
+
+    uris = {c.get_run(v.tags["eval.run_id"]).data.params["model_uri"] for v in versions}
+    rates = sorted(b.compression_rate for b in list_builds(connect()) if b.model_uri in uris)
+    assert rates == [4, 16]
+
+
 def test_secrets_never_reach_mlflow(services, tmp_path, monkeypatch):
     """A teacher API key and a database password in the environment: nothing a run writes to MLflow (params,
     tags, metrics, artifacts, model versions) contains either."""

