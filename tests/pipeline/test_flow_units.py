@@ -266,3 +266,27 @@ def test_pipeline_refuses_a_starting_point_of_another_base_or_rate(tiny_model, t
         pretrain_scp.fn(preset="smollm2-135m", compression_rate=16, **args)
     with pytest.raises(ValueError, match="rate"):
         pretrain_scp.fn(preset="tiny", compression_rate=4, **args)
+
+
+def test_registration_with_the_tracking_server_gone_is_named_as_its_outage(monkeypatch):
+    """The promote stage's registry calls against a server that does not answer: the error the pipeline turns
+    into TrackingUnavailable (names the server and `python -m infra.services up`); nothing was registered, and
+    the next run's register_once registers exactly once (its key search finds nothing half-made)."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    from flows import tracking
+    from flows.registry import register_once
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    logged = []
+    with pytest.raises(Exception) as err:
+        register_once(MlflowClient(dead, dead), "clara", "k" * 16, lambda: logged.append(1) or "runs:/r/model", {})
+    message = tracking.outage(err.value)
+    assert message and dead in message and "python -m infra.services up" in message
+    assert logged == []  # the key search failed first: no model was logged for a version that cannot be made
