@@ -2,10 +2,19 @@
 reconstruction (the quality probe's part (a), 40 held-out passages), beside ``scp_recipe.py``'s rank/lr/rate:
 
     python benchmarks/scp_variants.py NAME STEPS [--clr LR] [--glr LR] [--wdrop P] [--freeze-gen N] [--const]
+                                                [--mse W] [--lexical A] [--layer N] [--soft-vocab T]
 
 --clr / --glr: compressor (+ special rows) / generator learning rates; --wdrop: word dropout on the teacher-forced
 target inputs (labels unchanged), so the generator cannot lean on its own prefix; --freeze-gen N: the generator
-frozen for the first N steps (N = STEPS: the base reads the memory, ICAE-style). Writes
+frozen for the first N steps (N = STEPS: the base reads the memory, ICAE-style); --mse: the alignment weight.
+Readouts that depart from the paper's (memory = last-layer states): --lexical A adds each memory slot's chunk of
+input embeddings (a bag of its 16 tokens, scaled to the state's norm, times A); --layer N reads memory after layer
+N; --soft-vocab T reads it through the LM head (softmax at temperature T, times the input embeddings: the base
+generator can read that from step 0).
+
+Every 10 steps it prints the live control (a fresh batch read with its own vs a neighbour's memory: ``use``), and
+at the end the quality probe's part (a) with its controls; ``memory_use`` (nats/token a passage's own memory is
+worth over another's) is the number that says whether the compressor carries the passage. Writes
 benchmarks/results/scp_recipe/v_NAME.json."""
 import argparse, json, random, sys, time, types
 import torch, torch.nn.functional as F
@@ -28,6 +37,9 @@ ap.add_argument("--clr", type=float, default=5e-4); ap.add_argument("--glr", typ
 ap.add_argument("--wdrop", type=float, default=0.0); ap.add_argument("--bs", type=int, default=8)
 ap.add_argument("--mse", type=float, default=0.1); ap.add_argument("--freeze-gen", type=int, default=0)
 ap.add_argument("--const", action="store_true")
+ap.add_argument("--lexical", type=float, default=0.0)
+ap.add_argument("--layer", type=int, default=0)
+ap.add_argument("--soft-vocab", type=float, default=0.0)
 a = ap.parse_args()
 torch.manual_seed(0)
 cfg = preset("smollm2-135m", compression_rate=16)
@@ -55,12 +67,52 @@ if a.wdrop > 0:
         h = hidden[torch.tensor(b_idx), torch.tensor(t_idx)]
         return F.cross_entropy(self._logits(h), torch.tensor(labels))
     model.response_loss = types.MethodType(response_loss, model)
+if a.lexical > 0:
+    orig_encode = model.encode_texts
+    def encode_texts(texts, *, max_len, query=False):
+        e = orig_encode(texts, max_len=max_len, query=query)
+        if query:
+            return e
+        emb = model.input_embeddings.weight
+        lex = torch.zeros_like(e.memory)
+        for i, t in enumerate(model.tokenize_texts(texts, max_len)):
+            n = int(e.n_mem[i])
+            for j, chunk in enumerate(torch.tensor(t).chunk(n)):
+                lex[i, j] = emb[chunk.to(emb.device)].sum(0)
+        norms = e.memory.norm(dim=-1, keepdim=True).detach()
+        e.memory = e.memory + a.lexical * lex / lex.norm(dim=-1, keepdim=True).clamp(min=1e-6) * norms
+        return e
+    model.encode_texts = encode_texts
+if a.layer > 0:
+    # memory from layer N (then the final norm): the compressor runs only the first N layers
+    decoder = model.base_model.get_decoder()
+    all_layers = decoder.layers
+    inner_encode = model.encode_texts
+    def encode_texts_layer(texts, *, max_len, query=False):
+        decoder.layers = all_layers[: a.layer]
+        try:
+            return inner_encode(texts, max_len=max_len, query=query)
+        finally:
+            decoder.layers = all_layers
+    model.encode_texts = encode_texts_layer
+if a.soft_vocab > 0:
+    # memory read through the LM head: each vector becomes the expected input embedding of the tokens the
+    # compressor's state predicts (temperature T), which the base generator can read from step 0
+    vocab_encode = model.encode_texts
+    def encode_texts_soft(texts, *, max_len, query=False):
+        e = vocab_encode(texts, max_len=max_len, query=query)
+        probs = torch.softmax(model._logits(e.memory) / a.soft_vocab, dim=-1)
+        e.memory = (probs.to(model.input_embeddings.weight.dtype) @ model.input_embeddings.weight)
+        e.memory = e.memory * torch.arange(e.memory.shape[1]).lt(e.n_mem.unsqueeze(1)).unsqueeze(-1)
+        return e
+    model.encode_texts = encode_texts_soft
 model.set_trainable(["compressor", "generator"], special=True)
 groups = [{"params": model._adapter_params["compressor"] + [model.special], "lr": a.clr},
           {"params": model._adapter_params["generator"], "lr": a.glr}]
 opt = torch.optim.AdamW(groups, weight_decay=0.0)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: 1.0) if a.const else warmup_cosine(a.steps, 0.03, 0.1))
 rng = random.Random(0)
+probe_rng = random.Random(123)  # the live control draws its own batches: training sees the same ones as before
 model.peft.train()
 t0 = time.time(); ces = []
 for step in range(a.steps):
@@ -71,8 +123,21 @@ for step in range(a.steps):
     opt.zero_grad(); loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
     opt.step(); sched.step(); ces.append(m["ce"])
-    if step % 10 == 0:
-        print(json.dumps({"step": step, "ce": round(m["ce"], 3), "mse": round(m["mse"], 3), "s": round(time.time() - t0)}), flush=True)
+    if step % 10 == 0 or step == a.steps - 1:
+        # live control on a fresh batch: the same generator reading each passage's own vs a neighbour's memory
+        with torch.no_grad():
+            probe_batch = probe_rng.sample(examples, 4)
+            own, _ = S.compressed_lm_loss(model, probe_batch, 0.0, 1024, random.Random(step))
+            from clara.model.clara_model import Encoded
+            saved = Encoded.unpad
+            Encoded.unpad = lambda self: (lambda m: m[1:] + m[:1])(saved(self))
+            try:
+                other, _ = S.compressed_lm_loss(model, probe_batch, 0.0, 1024, random.Random(step))
+            finally:
+                Encoded.unpad = saved
+        print(json.dumps({"step": step, "ce": round(m["ce"], 3), "mse": round(m["mse"], 3),
+                          "own": round(own.item(), 3), "other": round(other.item(), 3),
+                          "use": round(other.item() - own.item(), 3), "s": round(time.time() - t0)}), flush=True)
 model.set_trainable([], special=False)
 probe = reconstruction(model, held)
 res = {"name": a.name, **vars(a), "train_s": round(time.time() - t0), **probe,
