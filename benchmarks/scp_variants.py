@@ -40,6 +40,7 @@ ap.add_argument("--const", action="store_true")
 ap.add_argument("--lexical", type=float, default=0.0)
 ap.add_argument("--layer", type=int, default=0)
 ap.add_argument("--soft-vocab", type=float, default=0.0)
+ap.add_argument("--chunk-mse", action="store_true")
 a = ap.parse_args()
 torch.manual_seed(0)
 cfg = preset("smollm2-135m", compression_rate=16)
@@ -106,6 +107,28 @@ if a.soft_vocab > 0:
         e.memory = e.memory * torch.arange(e.memory.shape[1]).lt(e.n_mem.unsqueeze(1)).unsqueeze(-1)
         return e
     model.encode_texts = encode_texts_soft
+if a.chunk_mse:
+    # the alignment per slot: memory slot j toward the mean state of the j-th chunk of the passage's tokens
+    # (the paper aligns the mean of all slots to the mean of all tokens: one topic vector per passage)
+    stash = {}
+    inner_decode = model._decode_hidden
+    def decode_stash(embeds, mask):
+        stash["h"] = inner_decode(embeds, mask)
+        return stash["h"]
+    model._decode_hidden = decode_stash
+    chunk_encode = model.encode_texts
+    def encode_texts_chunks(texts, *, max_len, query=False):
+        e = chunk_encode(texts, max_len=max_len, query=query)
+        if query:
+            return e
+        h = stash.pop("h")
+        target = torch.zeros_like(e.memory)
+        for i, t in enumerate(model.tokenize_texts(texts, max_len)):
+            for j, idx in enumerate(torch.arange(1, 1 + len(t)).chunk(int(e.n_mem[i]))):
+                target[i, j] = h[i, idx].mean(0)
+        e.mem_mean, e.text_mean = e.memory, target
+        return e
+    model.encode_texts = encode_texts_chunks
 model.set_trainable(["compressor", "generator"], special=True)
 groups = [{"params": model._adapter_params["compressor"] + [model.special], "lr": a.clr},
           {"params": model._adapter_params["generator"], "lr": a.glr}]
