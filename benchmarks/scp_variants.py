@@ -2,11 +2,12 @@
 reconstruction (the quality probe's part (a), 40 held-out passages), beside ``scp_recipe.py``'s rank/lr/rate:
 
     python benchmarks/scp_variants.py NAME STEPS [--clr LR] [--glr LR] [--wdrop P] [--freeze-gen N] [--const]
-                                                [--mse W] [--lexical A] [--layer N] [--soft-vocab T]
+                                                [--mse W] [--chunk-mse] [--lexical A] [--layer N] [--soft-vocab T]
 
 --clr / --glr: compressor (+ special rows) / generator learning rates; --wdrop: word dropout on the teacher-forced
 target inputs (labels unchanged), so the generator cannot lean on its own prefix; --freeze-gen N: the generator
-frozen for the first N steps (N = STEPS: the base reads the memory, ICAE-style); --mse: the alignment weight.
+frozen for the first N steps (N = STEPS: the base reads the memory, ICAE-style); --mse: the alignment weight;
+--chunk-mse: align each memory slot to the mean state of its chunk of the passage (not all slots' mean to all).
 Readouts that depart from the paper's (memory = last-layer states): --lexical A adds each memory slot's chunk of
 input embeddings (a bag of its 16 tokens, scaled to the state's norm, times A); --layer N reads memory after layer
 N; --soft-vocab T reads it through the LM head (softmax at temperature T, times the input embeddings: the base
