@@ -168,134 +168,154 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
     unknown = set(cfg.settings) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(SETTINGS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    by_id = {d.id: d for d in docs}
+    if not models:
+        raise ValueError("at least one CLaRa model is needed")
     gold = Gold(docs)
     missing = gold.missing(qa)
     if missing:
         raise ValueError(f"{len(missing)} gold document id(s) are missing from the corpus (neither a passage id nor "
                          f"a split document's id), e.g. {missing[:5]}")
-    with_answers = all(r.answers for r in qa)
-    with_gold = all(r.gold_doc_ids for r in qa)
-    if not models:
-        raise ValueError("at least one CLaRa model is needed")
-    base = next(iter(models.values()))  # raw-text and closed-book use the same base, adapters off
-    rows: list[dict[str, Any]] = []
-
-    def each(label: str):
-        progress(label)
-        return tqdm(qa, desc=label, unit="q", disable=not bars, dynamic_ncols=True, mininterval=1.0, leave=False)
-
-    def doc_tokens(ids: Sequence[str]) -> int:
-        return sum(len(t) for t in base.tokenize_texts([by_id[d].full_text for d in ids], base.cfg.doc_max_len))
-
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as predictions:
-        def record(system, retriever, setting, rate, r: QARecord, pred, retrieved, acc: _Acc):
-            entry = {"id": r.id, "system": system, "retriever": retriever, "setting": setting, "rate": rate,
-                     "question": r.question, "answers": r.answers, "gold_doc_ids": r.gold_doc_ids,
-                     "prediction": pred, "retrieved": retrieved}
-            if pred is not None and r.answers:
-                scores = answer_scores(pred, r.answers)
-                acc.scores.append(scores)
-                entry["scores"] = scores
-            if r.gold_doc_ids and retrieved is not None:
-                gold.recalls(r, retrieved, acc)
-            if acc.retrieval_s:  # this question's time (the promotion gate compares p95 question by question)
-                answer_s = acc.generation_s[-1] if pred is not None and acc.generation_s else 0.0
-                entry["latency_ms"] = 1000.0 * (acc.retrieval_s[-1] + answer_s)
-            predictions.write(dumps(entry) + "\n")
-
-        def run(label: str, key: tuple[str, str | None, str, int], rank, answer, context) -> _Acc:
-            """The one timed loop every system goes through: per question, rank (timed as retrieval; None: no
-            retrieval), pick k (gold forced in for ``oracle``), answer (timed as generation), record."""
-            system, retriever, setting, rate = key
-            acc = _Acc()
-            for r in each(label):
-                ranked: list[str] | None = None
-                ids: list[str] = []
-                t0 = time.perf_counter()
-                if rank is not None:
-                    ranked = rank(r)
-                    ids = gold.forced(r, ranked, cfg.k) if setting == "oracle" else ranked[: cfg.k]
-                acc.retrieval_s.append(time.perf_counter() - t0 if rank is not None else 0.0)
-                pred = None
-                if with_answers:
-                    pred = acc.generate(lambda t: answer(r, ids, t))
-                    context(acc, ids)
-                retrieved = ranked
-                if ranked is not None and setting == "oracle":
-                    retrieved = ids + [d for d in ranked if d not in ids]
-                record(system, retriever, setting, rate, r, pred, retrieved, acc)
-            return acc
-
-        # ---- closed book
-        if cfg.closed_book and with_answers:
-            acc = run("closed book", ("closed-book", None, "normal", 1), None,
-                      lambda r, ids, t: base.generate_from_text([r.question], [[]], max_new_tokens=cfg.max_new_tokens,
-                                                                timing=t)[0],
-                      lambda acc, ids: acc.context.append(0))
-            rows.append(_row("closed-book", None, "normal", 1, acc))
-
-        # ---- raw text with BM25 / MiniLM
-        depth = max(cfg.k, max(RECALL_AT))
-        for name in cfg.baselines:
-            progress(f"indexing {name}")
-            retriever = baseline(name, docs)
-            for setting in cfg.settings:
-                if setting == "oracle-candidates" or (setting == "oracle" and not with_gold):
-                    continue
-                acc = run(f"raw-text / {name} / {setting}", ("raw-text", name, setting, 1),
-                          lambda r, retriever=retriever: [d for d, _ in retriever.retrieve([r.question], depth)[0]],
-                          lambda r, ids, t: base.generate_from_text(
-                              [r.question], [[by_id[d].full_text for d in ids]], max_new_tokens=cfg.max_new_tokens,
-                              timing=t)[0],
-                          lambda acc, ids: acc.context.append(doc_tokens(ids)))
-                rows.append(_row("raw-text", name, setting, 1, acc))
-
-        # ---- CLaRa at every rate
+        ev = _Evaluation(qa, docs, gold, next(iter(models.values())), cfg, predictions, progress, bars)
+        rows = ev.closed_book() + [row for name in cfg.baselines for row in ev.raw_text(name)]
         for rate, model in sorted(models.items()):
-            query_reasoner = "trained"
-            if model.ensure_query_reasoner():
-                query_reasoner = "compressor copy (no E2E)"
-                progress(f"rate {rate}: the query reasoner was never trained (no E2E); using the compressor")
-            engine, build = (stores or {}).get(rate, (None, None))
-            progress(f"compressing the corpus at rate {rate}" if build is None else f"using store build {build.id}")
-            mode = cfg.mode if build is not None else "exact"
-            retriever = ClaraRetriever(model, docs, engine=engine, build=build, mode=mode,
-                                       candidates=cfg.n_candidates, fuse=cfg.fuse)
-            label = mode if build is not None else "clara-exact"
-            extra = {"query_reasoner": query_reasoner, "mode": mode, "fuse": cfg.fuse}
-            if build is not None and with_gold:
-                rows += _retrieval_rows(qa, retriever, cfg, rate, gold, each, extra)
-            for setting in cfg.settings:
-                if setting != "normal" and not with_gold:
-                    continue
-                def rank(r: QARecord, setting=setting, retriever=retriever) -> list[str]:
-                    query = retriever.encode([r.question])[0]
-                    if setting != "oracle-candidates":
-                        return [d for d, _ in retriever.retrieve(r.question, query, depth)]
-                    # The paper's Oracle: gold added to the N candidates, then the query reasoner picks k.
-                    pool = [d for d, _ in retriever.retrieve(r.question, query, retriever.n_candidates)]
-                    cand = list(dict.fromkeys(gold.forced(r, pool, 1) + pool))[: retriever.n_candidates]
-                    return [d for d, _ in sorted(zip(cand, retriever.score_docs(query, cand)), key=lambda x: -x[1])]
-
-                def context(acc: _Acc, ids: list[str], retriever=retriever) -> None:
-                    n_mem = sum(retriever.memory_of(d).shape[0] for d in ids)
-                    acc.context.append(n_mem)
-                    acc.real_ratio.append(doc_tokens(ids) / max(1, n_mem))
-
-                acc = run(f"clara / rate {rate} / {setting}", ("clara", label, setting, rate), rank,
-                          lambda r, ids, t, model=model, retriever=retriever: model.generate(
-                              [r.question], [[retriever.memory_of(d) for d in ids]],
-                              max_new_tokens=cfg.max_new_tokens, timing=t)[0],
-                          context)
-                rows.append(_row("clara", label, setting, rate, acc, **extra))
-
+            rows += ev.clara(rate, model, *(stores or {}).get(rate, (None, None)))
     (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     (out / "report.md").write_text(report_markdown(rows), encoding="utf-8")
     plot_report(rows, out)
     return rows
+
+
+class _Evaluation:
+    """One evaluation: the systems' rows, each from the same timed loop (``run``), predictions written as they
+    come. Raw text and closed book use the first model's base with its adapters off."""
+
+    def __init__(self, qa: Sequence[QARecord], docs: Sequence[Document], gold: Gold, base, cfg: EvalConfig,
+                 predictions, progress: Callable[[str], None], bars: bool):
+        self.qa, self.docs, self.gold, self.base, self.cfg = qa, docs, gold, base, cfg
+        self.by_id = {d.id: d for d in docs}
+        self.predictions, self.progress, self.bars = predictions, progress, bars
+        self.with_answers = all(r.answers for r in qa)
+        self.with_gold = all(r.gold_doc_ids for r in qa)
+        self.depth = max(cfg.k, max(RECALL_AT))
+
+    def each(self, label: str):
+        self.progress(label)
+        return tqdm(self.qa, desc=label, unit="q", disable=not self.bars, dynamic_ncols=True, mininterval=1.0,
+                    leave=False)
+
+    def doc_tokens(self, ids: Sequence[str]) -> int:
+        return sum(len(t) for t in self.base.tokenize_texts([self.by_id[d].full_text for d in ids],
+                                                            self.base.cfg.doc_max_len))
+
+    def record(self, key: tuple[str, str | None, str, int], r: QARecord, pred: str | None,
+               retrieved: list[str] | None, acc: _Acc) -> None:
+        system, retriever, setting, rate = key
+        entry = {"id": r.id, "system": system, "retriever": retriever, "setting": setting, "rate": rate,
+                 "question": r.question, "answers": r.answers, "gold_doc_ids": r.gold_doc_ids,
+                 "prediction": pred, "retrieved": retrieved}
+        if pred is not None and r.answers:
+            scores = answer_scores(pred, r.answers)
+            acc.scores.append(scores)
+            entry["scores"] = scores
+        if r.gold_doc_ids and retrieved is not None:
+            self.gold.recalls(r, retrieved, acc)
+        if acc.retrieval_s:  # this question's time (the promotion gate compares p95 question by question)
+            answer_s = acc.generation_s[-1] if pred is not None and acc.generation_s else 0.0
+            entry["latency_ms"] = 1000.0 * (acc.retrieval_s[-1] + answer_s)
+        self.predictions.write(dumps(entry) + "\n")
+
+    def run(self, label: str, key: tuple[str, str | None, str, int], rank, answer, context) -> _Acc:
+        """The one timed loop every system goes through: per question, rank (timed as retrieval; None: no
+        retrieval), pick k (gold forced in for ``oracle``), answer (timed as generation), record."""
+        setting, acc = key[2], _Acc()
+        for r in self.each(label):
+            ranked: list[str] | None = None
+            ids: list[str] = []
+            t0 = time.perf_counter()
+            if rank is not None:
+                ranked = rank(r)
+                ids = self.gold.forced(r, ranked, self.cfg.k) if setting == "oracle" else ranked[: self.cfg.k]
+            acc.retrieval_s.append(time.perf_counter() - t0 if rank is not None else 0.0)
+            pred = None
+            if self.with_answers:
+                pred = acc.generate(lambda t: answer(r, ids, t))
+                context(acc, ids)
+            retrieved = ranked
+            if ranked is not None and setting == "oracle":
+                retrieved = ids + [d for d in ranked if d not in ids]
+            self.record(key, r, pred, retrieved, acc)
+        return acc
+
+    def closed_book(self) -> list[dict[str, Any]]:
+        if not (self.cfg.closed_book and self.with_answers):
+            return []
+        acc = self.run("closed book", ("closed-book", None, "normal", 1), None,
+                       lambda r, ids, t: self.base.generate_from_text(
+                           [r.question], [[]], max_new_tokens=self.cfg.max_new_tokens, timing=t)[0],
+                       lambda acc, ids: acc.context.append(0))
+        return [_row("closed-book", None, "normal", 1, acc)]
+
+    def raw_text(self, name: str) -> list[dict[str, Any]]:
+        """The base model reading the raw passages ``name`` (BM25, MiniLM) retrieves, in every setting."""
+        self.progress(f"indexing {name}")
+        retriever = baseline(name, self.docs)
+        rows = []
+        for setting in self.cfg.settings:
+            if setting == "oracle-candidates" or (setting == "oracle" and not self.with_gold):
+                continue
+            acc = self.run(f"raw-text / {name} / {setting}", ("raw-text", name, setting, 1),
+                           lambda r: [d for d, _ in retriever.retrieve([r.question], self.depth)[0]],
+                           lambda r, ids, t: self.base.generate_from_text(
+                               [r.question], [[self.by_id[d].full_text for d in ids]],
+                               max_new_tokens=self.cfg.max_new_tokens, timing=t)[0],
+                           lambda acc, ids: acc.context.append(self.doc_tokens(ids)))
+            rows.append(_row("raw-text", name, setting, 1, acc))
+        return rows
+
+    def clara(self, rate: int, model, engine=None, build=None) -> list[dict[str, Any]]:
+        """CLaRa at one rate: retrieval rows (from a store), then answers in every setting."""
+        cfg, gold = self.cfg, self.gold
+        query_reasoner = "trained"
+        if model.ensure_query_reasoner():
+            query_reasoner = "compressor copy (no E2E)"
+            self.progress(f"rate {rate}: the query reasoner was never trained (no E2E); using the compressor")
+        self.progress(f"compressing the corpus at rate {rate}" if build is None else f"using store build {build.id}")
+        mode = cfg.mode if build is not None else "exact"
+        retriever = ClaraRetriever(model, self.docs, engine=engine, build=build, mode=mode,
+                                   candidates=cfg.n_candidates, fuse=cfg.fuse)
+        label = mode if build is not None else "clara-exact"
+        extra = {"query_reasoner": query_reasoner, "mode": mode, "fuse": cfg.fuse}
+        rows = []
+        if build is not None and self.with_gold:
+            rows += _retrieval_rows(self.qa, retriever, cfg, rate, gold, self.each, extra)
+
+        def rank(r: QARecord, setting: str) -> list[str]:
+            query = retriever.encode([r.question])[0]
+            if setting != "oracle-candidates":
+                return [d for d, _ in retriever.retrieve(r.question, query, self.depth)]
+            # The paper's Oracle: gold added to the N candidates, then the query reasoner picks k.
+            pool = [d for d, _ in retriever.retrieve(r.question, query, retriever.n_candidates)]
+            cand = list(dict.fromkeys(gold.forced(r, pool, 1) + pool))[: retriever.n_candidates]
+            return [d for d, _ in sorted(zip(cand, retriever.score_docs(query, cand)), key=lambda x: -x[1])]
+
+        def context(acc: _Acc, ids: list[str]) -> None:
+            n_mem = sum(retriever.memory_of(d).shape[0] for d in ids)
+            acc.context.append(n_mem)
+            acc.real_ratio.append(self.doc_tokens(ids) / max(1, n_mem))
+
+        for setting in cfg.settings:
+            if setting != "normal" and not self.with_gold:
+                continue
+            acc = self.run(f"clara / rate {rate} / {setting}", ("clara", label, setting, rate),
+                           lambda r, setting=setting: rank(r, setting),
+                           lambda r, ids, t: model.generate([r.question], [[retriever.memory_of(d) for d in ids]],
+                                                            max_new_tokens=cfg.max_new_tokens, timing=t)[0],
+                           context)
+            rows.append(_row("clara", label, setting, rate, acc, **extra))
+        return rows
 
 
 def _retrieval_rows(qa: Sequence[QARecord], retriever: ClaraRetriever, cfg: EvalConfig, rate: int, gold: Gold,

@@ -483,6 +483,7 @@ def _wait_for_running_stage(stage: str, pid: int, proc: subprocess.Popen, timeou
 
 @pytest.mark.parametrize("stage, change", [
     ("pretrain_scp", {"scp_steps": 40}),         # inputs no earlier test used, so the stage really runs
+    ("train_e2e", {"e2e_steps": 40, "model_name": "clara-killed-e2e"}),
     # (a compression killed mid-load is tests/library/store/test_store.py's kill-and-resume, at a lower cost)
     ("promote", {"model_name": "clara-killed"}),
 ])
@@ -521,6 +522,50 @@ def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, rep
         n, distinct = conn.execute(text("SELECT count(*), count(DISTINCT doc_id) FROM memories WHERE build_id = :b"),
                                    {"b": builds[0].id}).one()
     assert n == distinct == TINY["max_docs"]
+
+
+def test_a_pipeline_killed_in_one_stage_after_another_finishes_when_run_again(first_run, repo):
+    """One lineage killed four times, each time in the next stage (synthesis, stage 2, corpus compression,
+    evaluation: each rerun reuses what the last one finished), then run to the end: every run the dead processes
+    left RUNNING is closed KILLED, and nothing is there twice (synthesized rows, model version, store rows)."""
+    import signal
+
+    from sqlalchemy import text
+
+    from clara.store.db import connect
+
+    params = {**TINY, "max_docs": 36, "instruct_steps": 30, "model_name": "clara-killed-chain",
+              "project_dir": str(repo)}
+    c = _client()
+    exp = c.get_experiment_by_name("clara").experiment_id
+    left = []
+    for stage in ("synthesize", "instruct", "compress_corpus", "evaluate"):
+        proc = _pipeline_process(params)
+        _wait_for_running_stage(stage, proc.pid, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        dead = c.search_runs([exp], f"tags.`clara.pid` = '{proc.pid}' AND attributes.status = 'RUNNING'")
+        assert any(r.data.tags.get("clara.stage") == stage for r in dead), f"no RUNNING {stage} run to close"
+        left += dead
+
+    result = run_pipeline(**params)
+    for r in left:
+        assert c.get_run(r.info.run_id).info.status == "KILLED", (r.data.tags.get("clara.stage"), r.info.run_id)
+    version = c.get_model_version("clara-killed-chain", result["promotion"]["version"])
+    assert len(c.search_model_versions(f"name = 'clara-killed-chain' AND "
+                                       f"tags.`clara.key` = '{version.tags['clara.key']}'")) == 1
+    for split in ("train", "dev"):
+        rows = [json.loads(line) for line in
+                (Path(result["data"]["synth_dir"]) / f"{split}.jsonl").read_text().splitlines()]
+        keys = [json.dumps([r.get("doc_id"), r.get("data_type"), r.get("kind"), r.get("question")]) for r in rows]
+        assert len(keys) == len(set(keys)), f"duplicate synthesized rows in {split}"
+    with connect().connect() as conn:
+        builds = conn.execute(text("SELECT id, status FROM index_builds WHERE model_uri = :m AND corpus_version = :v"),
+                              {"m": result["e2e"]["model_uri"], "v": result["data"]["corpus_version"]}).all()
+        assert [b.status for b in builds] == ["ready"]
+        n, distinct = conn.execute(text("SELECT count(*), count(DISTINCT doc_id) FROM memories WHERE build_id = :b"),
+                                   {"b": builds[0].id}).one()
+    assert n == distinct == params["max_docs"]
 
 
 def test_two_runs_with_the_same_inputs_at_once_build_and_register_once(first_run, repo):
