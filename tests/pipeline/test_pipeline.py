@@ -481,6 +481,21 @@ def _wait_for_running_stage(stage: str, pid: int, proc: subprocess.Popen, timeou
     pytest.fail(f"{stage} did not start within {timeout:.0f} s")
 
 
+def _assert_one_build_each_doc_once(result: dict, n_docs: int) -> None:
+    """The run's store key has one build, ready, holding each document exactly once."""
+    from sqlalchemy import text
+
+    from clara.store.db import connect
+
+    with connect().connect() as conn:
+        builds = conn.execute(text("SELECT id, status FROM index_builds WHERE model_uri = :m AND corpus_version = :v"),
+                              {"m": result["e2e"]["model_uri"], "v": result["data"]["corpus_version"]}).all()
+        assert [b.status for b in builds] == ["ready"]
+        n, distinct = conn.execute(text("SELECT count(*), count(DISTINCT doc_id) FROM memories WHERE build_id = :b"),
+                                   {"b": builds[0].id}).one()
+    assert n == distinct == n_docs
+
+
 @pytest.mark.parametrize("stage, change", [
     ("pretrain_scp", {"scp_steps": 40}),         # inputs no earlier test used, so the stage really runs
     ("train_e2e", {"e2e_steps": 40, "model_name": "clara-killed-e2e"}),
@@ -491,10 +506,6 @@ def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, rep
     """SIGKILL the process running the pipeline while ``stage`` runs; run it again: it finishes, the dead
     process's RUNNING runs are closed as KILLED, and nothing is there twice (model version, store rows)."""
     import signal
-
-    from sqlalchemy import text
-
-    from clara.store.db import connect
 
     params = {**TINY, **change, "project_dir": str(repo)}
     proc = _pipeline_process(params)
@@ -515,13 +526,7 @@ def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, rep
     assert len(c.search_model_versions(f"name = '{name}' AND tags.`clara.key` = '{key}'")) == 1
     compressor_key = c.get_run(result["scp"]["run_id"]).data.tags["clara.key"]
     assert len(c.search_model_versions(f"name = 'clara-compressor' AND tags.`clara.key` = '{compressor_key}'")) == 1
-    with connect().connect() as conn:
-        builds = conn.execute(text("SELECT id, status FROM index_builds WHERE model_uri = :m AND corpus_version = :v"),
-                              {"m": result["e2e"]["model_uri"], "v": result["data"]["corpus_version"]}).all()
-        assert [b.status for b in builds] == ["ready"]
-        n, distinct = conn.execute(text("SELECT count(*), count(DISTINCT doc_id) FROM memories WHERE build_id = :b"),
-                                   {"b": builds[0].id}).one()
-    assert n == distinct == TINY["max_docs"]
+    _assert_one_build_each_doc_once(result, TINY["max_docs"])
 
 
 def test_a_pipeline_killed_in_one_stage_after_another_finishes_when_run_again(first_run, repo):
@@ -529,10 +534,6 @@ def test_a_pipeline_killed_in_one_stage_after_another_finishes_when_run_again(fi
     evaluation: each rerun reuses what the last one finished), then run to the end: every run the dead processes
     left RUNNING is closed KILLED, and nothing is there twice (synthesized rows, model version, store rows)."""
     import signal
-
-    from sqlalchemy import text
-
-    from clara.store.db import connect
 
     params = {**TINY, "max_docs": 36, "instruct_steps": 30, "model_name": "clara-killed-chain",
               "project_dir": str(repo)}
@@ -559,13 +560,7 @@ def test_a_pipeline_killed_in_one_stage_after_another_finishes_when_run_again(fi
                 (Path(result["data"]["synth_dir"]) / f"{split}.jsonl").read_text().splitlines()]
         keys = [json.dumps([r.get("doc_id"), r.get("data_type"), r.get("kind"), r.get("question")]) for r in rows]
         assert len(keys) == len(set(keys)), f"duplicate synthesized rows in {split}"
-    with connect().connect() as conn:
-        builds = conn.execute(text("SELECT id, status FROM index_builds WHERE model_uri = :m AND corpus_version = :v"),
-                              {"m": result["e2e"]["model_uri"], "v": result["data"]["corpus_version"]}).all()
-        assert [b.status for b in builds] == ["ready"]
-        n, distinct = conn.execute(text("SELECT count(*), count(DISTINCT doc_id) FROM memories WHERE build_id = :b"),
-                                   {"b": builds[0].id}).one()
-    assert n == distinct == params["max_docs"]
+    _assert_one_build_each_doc_once(result, params["max_docs"])
 
 
 def test_two_runs_with_the_same_inputs_at_once_build_and_register_once(first_run, repo):
