@@ -11,7 +11,7 @@ from typing import Iterator
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import OperationalError
 
-from clara.store.builds import StoreError, StoreUnavailable
+from clara.store.builds import StoreUnavailable
 from clara.store.server import database_url
 
 MIGRATION_LOCK = 7_300_001  # arbitrary, fixed advisory-lock key for schema changes
@@ -49,10 +49,8 @@ def connect(url: str | None = None, *, run_migrations: bool = True) -> Engine:
     if run_migrations:
         plain = create_engine(url)
         try:
-            migrate(plain)
-        except OperationalError as exc:
-            raise StoreError(f"cannot reach the database at {make_url(url).render_as_string(hide_password=True)}:"
-                             f" {str(exc.orig).strip()}") from exc
+            with reachable(plain):
+                migrate(plain)
         finally:
             plain.dispose()
     engine = create_engine(url, pool_pre_ping=True)
@@ -80,8 +78,9 @@ def reachable(engine: Engine) -> Iterator[None]:
         cause = exc.orig if isinstance(exc, DBAPIError) else exc
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
         raise StoreUnavailable(
-            f"the store's database at {engine.url.render_as_string(hide_password=True)} did not answer ({first}); "
-            f"start it (python -m infra.services up) or check $CLARA_DATABASE_URL, then try again") from exc
+            f"cannot reach the database at {engine.url.render_as_string(hide_password=True)}: it did not answer "
+            f"({first}); start it (python -m infra.services up) or check $CLARA_DATABASE_URL, then try again"
+        ) from exc
 
 
 @contextlib.contextmanager

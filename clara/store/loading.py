@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 
 from clara.data.corpus import Document
 from clara.store.builds import Build, BuildWriter, StoreError, ready_build
+from clara.store.db import reachable
 
 Batches = Iterable[tuple[list[str], list[np.ndarray]]]
 Source = Callable[[set[str]], Batches]
@@ -38,12 +39,10 @@ def load_build(engine: Engine, docs: Sequence[Document], source: Source, *, mode
         ValueError: a document got no memory from the source (nothing is published).
         StoreUnavailable: the database stopped answering; what was loaded stays, and a rerun continues it.
     """
-    from clara.store.db import reachable
-
     opts = {"dense_model": dense.name, "dense_dim": dense.dim} if dense is not None else {}
     text_of = {d.id: d.full_text for d in docs}
-    with reachable(engine), BuildWriter.open(engine, model_uri, compression_rate, corpus_version, hidden_size=hidden_size,
-                          n_mem_max=n_mem_max, **opts) as writer:
+    with reachable(engine), BuildWriter.open(engine, model_uri, compression_rate, corpus_version,
+                                             hidden_size=hidden_size, n_mem_max=n_mem_max, **opts) as writer:
         writer.add_documents(corpus_version, ((d.id, d.title, d.text) for d in docs))
         for ids, mems in source(set(writer.loaded)):
             todo = [(i, m) for i, m in zip(ids, mems, strict=True) if i not in writer.loaded]

@@ -108,7 +108,7 @@ def test_a_store_outage_is_a_503_that_says_how_to_recover():
     from flows.models import ClaraQAModel
 
     def down(items):
-        raise StoreUnavailable("the store's database at postgresql://x did not answer (connection refused); "
+        raise StoreUnavailable("cannot reach the database at postgresql://x: it did not answer (connection refused); "
                                "start it (python -m infra.services up)")
 
     model = ClaraQAModel()
