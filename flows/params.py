@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
+from flows.tracking import EXPERIMENT
+
 
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silently ignored value
@@ -73,7 +75,7 @@ class Execution(_Group):
     """Where the work runs and is recorded."""
     dask_address: Optional[str] = None
     dask_workers: int = 0
-    experiment: str = "clara"
+    experiment: str = EXPERIMENT
     project_dir: Optional[str] = None
     refresh_cache: bool = False
 

