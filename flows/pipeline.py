@@ -716,7 +716,7 @@ def clara(
         scores = run.record("evaluate", evaluate(
             e2e=e2e, build=build, data=synthesized, questions=b["eval_questions"], top_k=ev.top_k,
             baselines=ev.baselines, retrieval=retrieval, device=model.device, ctx=ctx))
-        promotion = run.record("promote", promote(
+        run.record("promote", promote(
             e2e=e2e, build=build, scores=scores, data=synthesized, scp=scp, model_name=gate.model_name,
             gate_metric=gate.gate_metric, gate_rule={"margin": gate.gate_margin,
                                                      "max_latency_regression": gate.gate_max_latency_regression},
