@@ -42,6 +42,7 @@ ap.add_argument("--lexical", type=float, default=0.0)
 ap.add_argument("--layer", type=int, default=0)
 ap.add_argument("--soft-vocab", type=float, default=0.0)
 ap.add_argument("--chunk-mse", action="store_true")
+ap.add_argument("--rescale", type=float, default=0.0)
 a = ap.parse_args()
 torch.manual_seed(0)
 cfg = preset("smollm2-135m", compression_rate=16)
@@ -108,6 +109,16 @@ if a.soft_vocab > 0:
         e.memory = e.memory * torch.arange(e.memory.shape[1]).lt(e.n_mem.unsqueeze(1)).unsqueeze(-1)
         return e
     model.encode_texts = encode_texts_soft
+if a.rescale > 0:
+    # each memory vector scaled to the input embeddings' mean norm (times R): the last layer's states are ~15x
+    # longer than any input embedding, which is what makes untrained memory raise the generator's CE to 10
+    emb_norm = model.input_embeddings.weight.norm(dim=-1).mean().item()
+    scale_encode = model.encode_texts
+    def encode_texts_scaled(texts, *, max_len, query=False):
+        e = scale_encode(texts, max_len=max_len, query=query)
+        e.memory = e.memory / e.memory.norm(dim=-1, keepdim=True).clamp(min=1e-6) * (a.rescale * emb_norm)
+        return e
+    model.encode_texts = encode_texts_scaled
 if a.chunk_mse:
     # the alignment per slot: memory slot j toward the mean state of the j-th chunk of the passage's tokens
     # (the paper aligns the mean of all slots to the mean of all tokens: one topic vector per passage)

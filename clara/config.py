@@ -61,6 +61,16 @@ class ModelConfig:
     ``clara``: ``<ENC>`` text ``<MEM…>``, right-padded. ``ml-clara`` (checkpoints imported from the authors'
     release): ``<ENC><s>`` text ``</s>`` left-padded to ``doc_max_len + 3`` tokens (``</s>`` only when the text
     fits), then the memory tokens, and the authors' SCP prompts with their system messages."""
+    memory_readout: Literal["states", "vocab"] = "states"
+    """What a memory vector is. ``states`` (paper): the compressor's last-layer state at the memory position.
+    ``vocab``: that state read through the LM head, ``softmax(logits / readout_temperature)`` times the input
+    embeddings, i.e. the expected input embedding of the tokens the state predicts. Last-layer states are not
+    input embeddings (15x their norm on SmolLM2, another direction): an untrained ``states`` memory raises the
+    generator's loss from 2.8 to 10.6 nats and its first updates learn to ignore it; a ``vocab`` memory is
+    something the base generator already reads, and carries 2.6x more of its passage after 60-100 CPU steps
+    (docs/design.md §2). The MSE alignment always compares the states."""
+    readout_temperature: float = 1.0
+    """Softmax temperature of the ``vocab`` readout (0.3 learned slower than 1.0 on SmolLM2)."""
     seed: int = 0
     """Seeds the tiny model's random weights and the memory-token embedding initialisation."""
     tiny_hidden: int = 64
@@ -83,6 +93,10 @@ class ModelConfig:
         if self.layout == "ml-clara" and self.length_mode != "fixed":
             raise ValueError("layout 'ml-clara' compresses every text into doc_max_len / rate memory tokens: "
                              "length_mode must be 'fixed'")
+        if self.memory_readout not in ("states", "vocab"):
+            raise ValueError(f"memory_readout must be 'states' or 'vocab', got {self.memory_readout!r}")
+        if not self.readout_temperature > 0:
+            raise ValueError(f"readout_temperature must be > 0, got {self.readout_temperature}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.doc_max_len < self.compression_rate:

@@ -35,6 +35,7 @@ class Model(_Group):
     """The base model, the compression rate and where training starts."""
     preset: str = "smollm2-135m"
     compression_rate: int = 16
+    memory_readout: Literal["states", "vocab"] = "states"
     init_from: Optional[str] = None
     device: Optional[str] = None
 

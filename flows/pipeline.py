@@ -230,13 +230,13 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
 # ------------------------------------------------------------------------------------------- training
 
 @task(name="pretrain_scp", **_RETRIED)
-def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps: int, batch_size: int,
-                 lr: float, init_from: Optional[str], device: Optional[str], processes: int,
+def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, memory_readout: str, steps: int,
+                 batch_size: int, lr: float, init_from: Optional[str], device: Optional[str], processes: int,
                  ctx: dict[str, Any]) -> dict[str, Any]:
     """Stage 1 (SCP): compressor + generator on every passage's reconstruction and the synthesized QA;
     registers the compressor as ``clara-compressor``."""
-    inputs = dict(data=data, preset=preset, compression_rate=compression_rate, steps=steps, batch_size=batch_size,
-                  lr=lr, init_from=init_from, device=device, processes=processes)
+    inputs = dict(data=data, preset=preset, compression_rate=compression_rate, memory_readout=memory_readout,
+                  steps=steps, batch_size=batch_size, lr=lr, init_from=init_from, device=device, processes=processes)
     from clara.config import ModelConfig, OptimSettings, SCPConfig, TrainConfig, from_dict, preset as make_preset
     from clara.model.checkpoint import read_checkpoint_config, resolve_checkpoint
 
@@ -249,6 +249,9 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
         if start["compression_rate"] != compression_rate:
             raise ValueError(f"init_from {init_from} was trained at rate {start['compression_rate']}, "
                              f"not {compression_rate}")
+        if start.get("memory_readout", "states") != memory_readout:
+            raise ValueError(f"init_from {init_from} reads its memory as {start.get('memory_readout', 'states')!r}, "
+                             f"not {memory_readout!r}: set model.memory_readout to match")
     key = stage_key("pretrain_scp", inputs)
     with exclusive("pretrain_scp", key):  # a second run with these inputs waits, then reuses
         found = reuse(ctx["experiment"], "pretrain_scp", key, _checkpoint_missing, ctx["refresh"])
@@ -264,7 +267,7 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
         device_over = {"device": device} if device else {}
         # The starting point's own config (read, not loaded: used as it is, it is never loaded here at all).
         model_cfg = from_dict(ModelConfig, {**start, **device_over}) if start is not None else \
-            make_preset(preset, compression_rate=compression_rate, **device_over)
+            make_preset(preset, compression_rate=compression_rate, memory_readout=memory_readout, **device_over)
         cfg = SCPConfig(model=model_cfg,
                         train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
                                           optim=OptimSettings(lr=lr)))
@@ -276,7 +279,8 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, steps
                 final = resolve_checkpoint(init_from)
             elif processes > 1 and not init_from:
                 work.mkdir(parents=True, exist_ok=True)
-                (work / "train.json").write_text(json.dumps({"train": to_dict(cfg.train),
+                (work / "train.json").write_text(json.dumps({"model": {"memory_readout": memory_readout},
+                                                             "train": to_dict(cfg.train),
                                                              "mse_weight": cfg.mse_weight}))
                 args = ["train", "scp", "--data", str(train_file), "--out", str(work), "--preset", preset,
                         "--rate", str(compression_rate), "--config", str(work / "train.json"),
@@ -700,7 +704,8 @@ def clara(
                                           "base_url": data.teacher_base_url},
             dvc_push=data.dvc_push, parent_run=run.run_id, experiment=ex.experiment, refresh=ex.refresh_cache))
         scp = run.record("pretrain_scp", pretrain_scp(
-            data=synthesized, preset=model.preset, compression_rate=model.compression_rate, steps=b["scp_steps"],
+            data=synthesized, preset=model.preset, compression_rate=model.compression_rate,
+            memory_readout=model.memory_readout, steps=b["scp_steps"],
             batch_size=b["scp_batch_size"], lr=t.scp_lr, init_from=b["init_from"], device=model.device,
             processes=t.train_processes, ctx=ctx))
         inst = run.record("instruct", instruct(

@@ -283,12 +283,22 @@ class ClaraModel(nn.Module):
             pos[i, :n] = torch.arange(first, first + n, device=self.device)
             slot_used[i, :n] = True
             text_mask[i, start:end] = 1.0
-        memory = hidden.gather(1, pos.unsqueeze(-1).expand(b, n_max, h)) * slot_used.unsqueeze(-1)
+        states = hidden.gather(1, pos.unsqueeze(-1).expand(b, n_max, h)) * slot_used.unsqueeze(-1)
         n_mem_t = torch.tensor(n_mem, device=self.device)
         n_tok_t = torch.tensor([e - s for s, e in text_spans], device=self.device)
-        mem_mean = memory.sum(1) / n_mem_t.unsqueeze(-1)
+        # The alignment compares states with states, whatever the readout makes of them.
+        mem_mean = states.sum(1) / n_mem_t.unsqueeze(-1)
         text_mean = (hidden * text_mask.unsqueeze(-1)).sum(1) / n_tok_t.clamp(min=1).unsqueeze(-1)
+        memory = self._readout(states) * slot_used.unsqueeze(-1)
         return Encoded(memory, n_mem_t, n_tok_t, mem_mean, text_mean)
+
+    def _readout(self, states: torch.Tensor) -> torch.Tensor:
+        """Memory vectors from the compressor's states (``ModelConfig.memory_readout``)."""
+        if self.cfg.memory_readout == "states":
+            return states
+        probs = torch.softmax(self._logits(states) / self.cfg.readout_temperature, dim=-1)
+        weight = self.input_embeddings.weight
+        return (probs.to(weight.dtype) @ weight).to(states.dtype)
 
     def _ml_clara_rows(self, texts: Sequence[str], max_len: int
                        ) -> tuple[list[list[int | None]], list[tuple[int, int]]]:

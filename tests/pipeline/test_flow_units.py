@@ -255,7 +255,7 @@ def test_profiles_resolve_with_explicit_parameters_winning():
         resolve("fast", {})
 
 
-def test_pipeline_refuses_a_starting_point_of_another_base_or_rate(tiny_model, tmp_path):
+def test_pipeline_refuses_a_starting_point_of_another_base_rate_or_readout(tiny_model, tmp_path):
     from clara.model.checkpoint import save_checkpoint
     from flows.pipeline import pretrain_scp
 
@@ -263,9 +263,11 @@ def test_pipeline_refuses_a_starting_point_of_another_base_or_rate(tiny_model, t
     args = dict(data={}, steps=0, batch_size=1, lr=1e-4, init_from=str(ckpt), device=None, processes=1,
                 ctx={"parent_run": "-", "experiment": "-", "refresh": False})
     with pytest.raises(ValueError, match="init_from=none"):
-        pretrain_scp.fn(preset="smollm2-135m", compression_rate=16, **args)
+        pretrain_scp.fn(preset="smollm2-135m", compression_rate=16, memory_readout="states", **args)
     with pytest.raises(ValueError, match="rate"):
-        pretrain_scp.fn(preset="tiny", compression_rate=4, **args)
+        pretrain_scp.fn(preset="tiny", compression_rate=4, memory_readout="states", **args)
+    with pytest.raises(ValueError, match="reads its memory as 'states', not 'vocab'"):
+        pretrain_scp.fn(preset="tiny", compression_rate=16, memory_readout="vocab", **args)
 
 
 def test_registration_with_the_tracking_server_gone_is_named_as_its_outage(monkeypatch):

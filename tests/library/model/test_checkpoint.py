@@ -84,3 +84,25 @@ def test_cpu_checkpoint_loads_on_gpu(tiny_model, docs, tmp_path):
     path2 = save_checkpoint(gpu, tmp_path / "from-gpu")
     back = load_checkpoint(path2, device="cpu")
     assert torch.allclose(back.compress(docs[:1])[0], tiny_model.compress(docs[:1])[0], atol=1e-4)
+
+
+def test_a_vocab_readout_survives_the_round_trip_and_old_configs_read_as_states(docs, tmp_path):
+    from clara.config import preset
+    from clara.model import ClaraModel
+
+    from conftest import perturb
+
+    model = ClaraModel.build(preset("tiny", compression_rate=16, memory_readout="vocab", readout_temperature=0.5))
+    perturb(model)
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(path)
+    assert loaded.cfg.memory_readout == "vocab" and loaded.cfg.readout_temperature == 0.5
+    for a, b in zip(model.compress(docs), loaded.compress(docs)):
+        assert torch.equal(a, b)
+    # a checkpoint written before the option existed has no such field: it is read as the paper's states
+    cfg_file = path / "clara.json"
+    raw = json.loads(cfg_file.read_text())
+    for key in ("memory_readout", "readout_temperature"):
+        raw["model"].pop(key)
+    cfg_file.write_text(json.dumps(raw))
+    assert load_checkpoint(path).cfg.memory_readout == "states"

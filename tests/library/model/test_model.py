@@ -191,3 +191,37 @@ def test_a_chat_template_without_a_system_role_gets_the_system_text_in_the_user_
         assert tok.decode(tiny_model.prompt_ids("What is it?")).count("[INST]") == 1
     finally:
         tok.chat_template = saved
+
+
+def test_vocab_readout_is_the_expected_embedding_of_the_states_prediction(docs):
+    """``memory_readout="vocab"``: each used slot is softmax(LM head(state) / T) @ E (a point in the convex hull
+    of the input embeddings); unused slots stay zero; the MSE alignment still sees the states; gradients reach
+    the compressor through the readout."""
+    states_model = ClaraModel.build(preset("tiny", compression_rate=16, length_mode="proportional"))
+    vocab_model = ClaraModel.build(preset("tiny", compression_rate=16, length_mode="proportional",
+                                          memory_readout="vocab", readout_temperature=0.5))
+    perturb(states_model)
+    perturb(vocab_model)
+    with torch.no_grad(), states_model.adapter("compressor"), vocab_model.adapter("compressor"):
+        s = states_model.encode_texts(docs, max_len=256)
+        v = vocab_model.encode_texts(docs, max_len=256)
+    emb = vocab_model.input_embeddings.weight
+    for i, n in enumerate(s.n_mem.tolist()):
+        expected = torch.softmax(vocab_model._logits(s.memory[i, :n]) / 0.5, dim=-1) @ emb
+        assert torch.allclose(v.memory[i, :n], expected, atol=1e-5)
+        assert not v.memory[i, n:].any()
+    assert (v.memory.norm(dim=-1) <= emb.norm(dim=-1).max() + 1e-5).all()
+    assert torch.allclose(v.mem_mean, s.mem_mean) and torch.allclose(v.text_mean, s.text_mean)
+    # the readout is differentiable: the compressor learns through it
+    vocab_model.set_trainable(["compressor"], special=True)
+    with vocab_model.adapter("compressor"):
+        vocab_model.encode_texts(docs[:2], max_len=256).memory.square().sum().backward()
+    grads = [p.grad for p in vocab_model._adapter_params["compressor"] if p.grad is not None]
+    assert grads and any(bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_memory_readout_is_validated():
+    with pytest.raises(ValueError, match="memory_readout"):
+        preset("tiny", memory_readout="logits")
+    with pytest.raises(ValueError, match="readout_temperature"):
+        preset("tiny", memory_readout="vocab", readout_temperature=0.0)
