@@ -486,20 +486,36 @@ class NaturalTeacher(ExtractiveTeacher):
         return None, None
 
     def _question(self, sent, span, title: str) -> tuple[str, str] | None:
+        """The span's clause turned into a wh-question whose answer is the span, or None when it reads badly."""
         verb, role = self._clause(span)
         if verb is None or verb.pos_ not in ("VERB", "AUX"):
             return None
         subj = next((c for c in verb.children if c.dep_ in ("nsubj", "nsubjpass")), None)
         if subj is None or subj.pos_ in ("DET", "PRON") and subj.lower_ not in self._PRONOUNS:
             return None  # "which", "that", "these": a relative or anaphoric subject names nothing
-        span_ids = set(range(span.start, span.end))
         subj_ids = self._subtree(subj)
+        slot = self._answer_slot(sent, span, role, subj_ids)
+        if slot is None:
+            return None
+        mode, removed, wh_words, answer = slot
         # the clause: the verb's subtree without coordinated clauses that do not hold the answer
+        span_ids = set(range(span.start, span.end))
         clause = self._subtree(verb)
         for c in verb.children:
             if c.dep_ in ("conj", "parataxis") and not (self._subtree(c) & span_ids):
                 clause -= self._subtree(c)
                 clause -= {t.i for t in verb.children if t.dep_ == "cc" and t.i < c.i}
+        last = max(clause)
+        keep = sorted(clause - removed - ({last} if sent.doc[last].is_punct else set()))
+        q = self._reorder(sent, verb, subj, subj_ids, keep, removed, mode, wh_words, title)
+        if q is None or not self._good(q, answer, title):
+            return None
+        return q, answer
+
+    def _answer_slot(self, sent, span, role: str, subj_ids: set[int]) -> tuple[str, set[int], str, str] | None:
+        """What the question asks for: (mode, the token ids the wh-word replaces, the wh-words, the answer).
+        ``subject`` mode keeps the word order ("Who wrote X?"); ``object`` mode inverts it ("What did X write?")."""
+        span_ids = set(range(span.start, span.end))
         label = self._label(span)
         answer = span.text.strip()
         if role in ("nsubj", "nsubjpass"):
@@ -537,17 +553,23 @@ class NaturalTeacher(ExtractiveTeacher):
             mode, wh_words = "object", self._wh(span, "object")
         if not wh_words:
             return None
-        last = max(clause)
-        final = {last} if sent.doc[last].is_punct else set()
-        keep = sorted(clause - removed - final)
+        return mode, removed, wh_words, answer
 
-        subj_text = "".join(t.text_with_ws for t in sent.doc[min(subj_ids):max(subj_ids) + 1]).strip()
+    def _subject_text(self, doc, subj, subj_ids: set[int], sent_start: int, title: str) -> str:
+        """The subject as the question says it: a bare pronoun becomes the title, "his X" the title's X."""
+        text = "".join(t.text_with_ws for t in doc[min(subj_ids):max(subj_ids) + 1]).strip()
         if subj.lower_ in self._PRONOUNS and len(subj_ids) == 1:
-            subj_text = title
-        elif subj_text.split(" ")[0].lower() in self._POSSESSIVES and " " in subj_text:
-            subj_text = f"{title}'s " + subj_text.split(" ", 1)[1]
-        elif min(subj_ids) == sent.start and subj.pos_ != "PROPN" and not subj_text[:2].isupper():
-            subj_text = subj_text[0].lower() + subj_text[1:]
+            return title
+        if text.split(" ")[0].lower() in self._POSSESSIVES and " " in text:
+            return f"{title}'s " + text.split(" ", 1)[1]
+        if min(subj_ids) == sent_start and subj.pos_ != "PROPN" and not text[:2].isupper():
+            return text[0].lower() + text[1:]  # no longer the sentence's first word
+        return text
+
+    def _reorder(self, sent, verb, subj, subj_ids: set[int], keep: list[int], removed: set[int], mode: str,
+                 wh_words: str, title: str) -> str | None:
+        """The kept words of the clause behind the wh-words: in order for a subject question, with the auxiliary
+        (or do-support) moved before the subject for an object question; what preceded the subject goes last."""
         doc = sent.doc
         before = [i for i in keep if i < min(subj_ids)]
         if mode == "subject":
@@ -571,6 +593,7 @@ class NaturalTeacher(ExtractiveTeacher):
                     continue
                 t = doc[i]
                 words.append(verb_text + t.whitespace_ if (i == verb.i and verb_text) else t.text_with_ws)
+            subj_text = self._subject_text(doc, subj, subj_ids, sent.start, title)
             q = f"{wh_words} {lead} {subj_text} {''.join(words).strip()}"
         tail = "".join(doc[i].text_with_ws for i in before).strip().strip(",").strip()
         if tail:
@@ -578,10 +601,7 @@ class NaturalTeacher(ExtractiveTeacher):
             if first.pos_ != "PROPN" and not first.text[:2].isupper():
                 tail = tail[0].lower() + tail[1:]
             q = f"{q.rstrip().rstrip(',')} {tail}"
-        q = re.sub(r"\s+([,;:.])", r"\1", re.sub(r"\s+", " ", q)).strip().rstrip(",;:-. ") + "?"
-        if not self._good(q, answer, title):
-            return None
-        return q, answer
+        return re.sub(r"\s+([,;:.])", r"\1", re.sub(r"\s+", " ", q)).strip().rstrip(",;:-. ") + "?"
 
     _VAGUE = {"this", "these", "that", "those", "its", "his", "her", "their", "it", "they", "some", "many",
               "other", "such", "both", "each", "several", "a", "an"}
