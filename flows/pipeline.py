@@ -133,10 +133,13 @@ def _stage(name: str, ctx: dict[str, Any], params: dict[str, Any], key: str, dat
            reads: tuple[tuple[str, str], ...] = ()) -> StageRun:
     """The nested run of stage ``name``, with the DVC-versioned files it reads (``(data key, context)`` pairs of
     the synthesize stage's reference) as its dataset inputs."""
-    datasets = [] if data is None else [
-        (tracking.dvc_dataset(_data_file(data, k), data["data_version"], data.get("project_dir")), context)
-        for k, context in reads if _data_file(data, k)]
+    datasets = [] if data is None else _datasets(data, reads)
     return StageRun(name, ctx["parent_run"], ctx["experiment"], params, key, datasets, str(flow_run.id))
+
+
+def _datasets(data: dict[str, Any], reads: tuple[tuple[str, str], ...]) -> list[tuple[Any, str]]:
+    return [(tracking.dvc_dataset(_data_file(data, k), data["data_version"], data.get("project_dir")), context)
+            for k, context in reads if _data_file(data, k)]
 
 
 def _checkpoint_missing(result: dict[str, Any]) -> str | None:
@@ -205,6 +208,11 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
             "corpus_version": version if n == prepared["documents"] else f"{version}/first-{n}",
             "project_dir": project_dir}
     ctx = {"parent_run": parent_run, "experiment": experiment}
+    # The pipeline's own run lists the data it trains and is judged on too: its row in the runs table (where the
+    # stage runs are folded away) then names the data version instead of "-".
+    tracking.log_datasets(tracking.client(), parent_run, _datasets(data, (
+        ("corpus_file", "corpus"), ("scp_file", "training"), ("instruct_file", "training"), ("train", "training"),
+        ("dev", "evaluation"))))
     key = stage_key("synthesize", {"work": work_key, **data})
     with exclusive("synthesize", key):  # a second run with these inputs waits, then reuses
         found = reuse(experiment, "synthesize", key, lambda r: None, refresh)  # the files were just written

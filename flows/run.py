@@ -45,8 +45,20 @@ def main(argv: list[str]) -> int:
     api = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api").removesuffix("/api")
     print(f"wall time: {wall / 60:.1f} min ({wall:.0f} s); exit status {rc}")
     print(f"Prefect UI: {api}/runs/flow-run/{flow_run_id}" if flow_run_id else f"Prefect UI: {api}")
-    print(f"MLflow UI:  {os.environ.get('MLFLOW_TRACKING_URI', 'http://127.0.0.1:5000')}")
+    print(f"MLflow UI:  {_experiment_link()}")
     return rc
+
+
+def _experiment_link() -> str:
+    """The experiment's runs in MLflow's model-training view, or the server's address if it cannot be asked."""
+    from flows import tracking
+
+    try:
+        c = tracking.client()
+        exp = c.get_experiment_by_name(tracking.EXPERIMENT)
+    except Exception:  # the server is down: the run's own output already says what failed
+        exp = None
+    return tracking.experiment_url(exp.experiment_id) if exp is not None else tracking.tracking_uri()
 
 
 if __name__ == "__main__":

@@ -194,7 +194,8 @@ class PipelineRun:
             _logger().warning("closed %d run(s) a killed pipeline left RUNNING: %s", len(closed), ", ".join(closed))
         run = tracking.start_run(c, exp, f"pipeline {flow_run_name}", tags={
             "prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
-            "git_commit": git_commit, "clara.stage": "pipeline", **_owner()})
+            "git_commit": git_commit, "mlflow.source.git.commit": git_commit, "clara.stage": "pipeline",
+            **_owner()})
         return cls(experiment, run, exp, flow_run_name)
 
     def record(self, stage: str, result: dict[str, Any]) -> dict[str, Any]:

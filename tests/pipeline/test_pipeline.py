@@ -129,6 +129,7 @@ def test_run_left_registered_models_alias_build_and_lineage(first_run, repo):
     from clara.data.versioning import data_version, status_clean
     from clara.store.builds import get_build
     from clara.store.db import connect
+    from flows import tracking
     from flows.registry import history
 
     result = first_run
@@ -157,6 +158,13 @@ def test_run_left_registered_models_alias_build_and_lineage(first_run, repo):
     # What a user sees in the MLflow UI: a model-training experiment (runs and charts, not the GenAI overview)
     # whose stage runs name the DVC-versioned data they read in the Dataset column.
     assert c.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    # MLflow 3.17's UI picks its view from the address, not that tag: the links we print ask for model training
+    assert "workflowType=machine_learning" in tracking.run_url(parent.info.run_id, exp)
+    assert parent.data.tags["mlflow.source.name"] == "flows/pipeline.py"
+    # the pipeline's own row names its data too (the stage rows are folded under it in the runs table)
+    parent_inputs = {(d.dataset.name, t.value) for d in parent.inputs.dataset_inputs for t in d.tags}
+    assert {("corpus/wiki_en", "corpus"), ("synth/wiki_en/mix/scp", "training"),
+            ("synth/wiki_en/dev", "evaluation")} <= parent_inputs, parent_inputs
     for stage, context in (("scp", "training"), ("e2e", "training"), ("evaluation", "evaluation"),
                            ("build", "corpus")):
         inputs = c.get_run(result[stage]["run_id"]).inputs.dataset_inputs
