@@ -67,8 +67,9 @@ class ModelConfig:
     embeddings, i.e. the expected input embedding of the tokens the state predicts. Last-layer states are not
     input embeddings (15x their norm on SmolLM2, another direction): an untrained ``states`` memory raises the
     generator's loss from 2.8 to 10.6 nats and its first updates learn to ignore it; a ``vocab`` memory is
-    something the base generator already reads, and carries 2.6x more of its passage after 60-100 CPU steps
-    (docs/design.md §2). The MSE alignment always compares the states."""
+    something the base generator already reads, and carries 2.6x more of its passage after 60-100 CPU steps, but
+    on a CPU budget it answered no better and retrieved much worse (docs/design.md §2), so ``states`` is the
+    default. The MSE alignment always compares the states."""
     readout_temperature: float = 1.0
     """Softmax temperature of the ``vocab`` readout (0.3 learned slower than 1.0 on SmolLM2)."""
     seed: int = 0
