@@ -28,6 +28,7 @@ const tag = (run, key) => (run.data.tags || []).find(t => t.key === key)?.value;
 const parent = runs.find(r => tag(r, "clara.stage") === "pipeline" &&
   runs.some(s => tag(s, "mlflow.parentRunId") === r.info.run_id));
 if (!parent) throw new Error("no pipeline run with stage runs yet: run `make pipeline` first");
+const latest = runs.find(r => tag(r, "clara.stage") === "pipeline");  // may have reused every stage
 const scp = runs.find(s => tag(s, "mlflow.parentRunId") === parent.info.run_id && tag(s, "clara.stage") === "pretrain_scp");
 const prod = (await api("registered-models/alias?name=clara&alias=production")).model_version;
 const e = exp.experiment_id;
@@ -35,8 +36,8 @@ const e = exp.experiment_id;
 const pages = [
   // [name, address, texts that must be on the page]
   ["experiment_default", `${mlflow}/#/experiments/${e}`, []],
-  ["experiment_runs", `${mlflow}/#/experiments/${e}/runs?${ML}`, ["Runs", "Dataset", "pipeline "]],
-  ["pipeline_run", `${mlflow}/#/experiments/${e}/runs/${parent.info.run_id}?${ML}`, ["Datasets", "corpus/wiki_en", "Training", "flows/pipeline.py"]],
+  ["experiment_runs", `${mlflow}/#/experiments/${e}/runs?${ML}`, ["Runs", "Dataset", "pipeline ", "corpus/wiki_en"]],
+  ["pipeline_run", `${mlflow}/#/experiments/${e}/runs/${latest.info.run_id}?${ML}`, ["Datasets", "corpus/wiki_en", "Corpus", "flows/pipeline.py"]],
   ["scp_run", `${mlflow}/#/experiments/${e}/runs/${scp.info.run_id}?${ML}`, ["Datasets", "synth/wiki_en/mix/scp", "Registered models", "clara-compressor"]],
   ["scp_charts", `${mlflow}/#/experiments/${e}/runs/${scp.info.run_id}/model-metrics?${ML}`, ["ce", "mse"]],
   ["production_version", `${mlflow}/#/models/clara/versions/${prod.version}?${ML}`, ["production", "data_version", "train_e2e"]],
@@ -50,7 +51,8 @@ const page = await browser.newPage();
 await page.setViewport({ width: 1600, height: 1000 });
 const { mkdirSync } = await import("node:fs");
 mkdirSync(outDir, { recursive: true });
-const report = { parent_run: parent.info.run_id, production: prod.version, pages: {} };
+const report = { latest_pipeline_run: latest.info.run_id, pipeline_run_with_stages: parent.info.run_id,
+  production: prod.version, pages: {} };
 let ok = true;
 for (const [name, url, texts] of pages) {
   // a fresh document each time: a hash change alone keeps the app (and any error it is showing) loaded
