@@ -257,9 +257,10 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, memor
         if start["compression_rate"] != compression_rate:
             raise ValueError(f"init_from {init_from} was trained at rate {start['compression_rate']}, "
                              f"not {compression_rate}")
-        if start.get("memory_readout", "states") != memory_readout:
-            raise ValueError(f"init_from {init_from} reads its memory as {start.get('memory_readout', 'states')!r}, "
-                             f"not {memory_readout!r}: set model.memory_readout to match")
+        start_readout = start.get("memory_readout", ModelConfig.memory_readout)  # older checkpoints: the default
+        if start_readout != memory_readout:
+            raise ValueError(f"init_from {init_from} reads its memory as {start_readout!r}, not {memory_readout!r}: "
+                             f"set model.memory_readout to match")
     key = stage_key("pretrain_scp", inputs)
     with exclusive("pretrain_scp", key):  # a second run with these inputs waits, then reuses
         found = reuse(ctx["experiment"], "pretrain_scp", key, _checkpoint_missing, ctx["refresh"])
@@ -287,7 +288,8 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, memor
                 final = resolve_checkpoint(init_from)
             elif processes > 1 and not init_from:
                 work.mkdir(parents=True, exist_ok=True)
-                (work / "train.json").write_text(json.dumps({"model": {"memory_readout": memory_readout},
+                # the whole model config, so the processes build exactly the model this stage describes
+                (work / "train.json").write_text(json.dumps({"model": to_dict(cfg.model),
                                                              "train": to_dict(cfg.train),
                                                              "mse_weight": cfg.mse_weight}))
                 args = ["train", "scp", "--data", str(train_file), "--out", str(work), "--preset", preset,

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from clara.eval.gate import GateRule, NotComparable, judge
-from flows import PROJECT
+from flows import PACKAGES, PROJECT, source_digest
 
 PER_QUESTION_METRICS = ("em", "f1", "cem", "em_first", "f1_first", "cem_first")
 """Metrics the gate can pair question by question (the answer scores in ``predictions.jsonl``)."""
@@ -284,25 +284,15 @@ def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Map
     return info.model_uri
 
 
-PACKAGES = ("clara", "flows", "infra")
-"""What the project wheel holds (pyproject.toml's packages)."""
-
-
 def project_wheel(project: Path = PROJECT) -> Path:
     """A wheel of this project (``clara``, ``flows``, ``infra``; no dependencies), built once per source state
     into the cache folder: the same sources give the same file, so every model logged from them shares it."""
-    import hashlib
     import subprocess
     import sys
 
     from clara.model.base import cache_dir
 
-    digest = hashlib.sha256()
-    sources = sorted(p for pkg in PACKAGES for p in (project / pkg).rglob("*")
-                     if p.is_file() and "__pycache__" not in p.parts)
-    for path in [project / "pyproject.toml", *sources]:
-        digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes())
-    out = cache_dir() / "wheels" / digest.hexdigest()[:16]
+    out = cache_dir() / "wheels" / source_digest(project)
     found = sorted(out.glob("clara-*.whl"))
     if found:
         return found[0]

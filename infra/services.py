@@ -16,7 +16,6 @@ A service that already answers its health check is left alone, so ``up`` can be 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -190,15 +189,6 @@ def deployment_registered(layout: Layout) -> bool:
     return _http_ok(f"{layout.prefect_api}/deployments/name/clara/full-pipeline")
 
 
-def code_fingerprint(root: Path = PROJECT) -> str:
-    """A hash of the Python sources of ``flows/`` and ``clara/`` under ``root``."""
-    h = hashlib.sha256()
-    for package in ("flows", "clara"):
-        for f in sorted((root / package).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
 def runs_in_flight(layout: Layout) -> int:
     """Flow runs the Prefect server has pending or running (-1 if it cannot be asked)."""
     body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}}}).encode()
@@ -215,9 +205,12 @@ def serve_up(layout: Layout, timeout: float = 120) -> str:
     """The process serving deployment ``clara/full-pipeline`` (runs pick-up from it).
 
     The serving process keeps the flow code it started with (Prefect hands each run the flow object it loaded,
-    not the file as it is now), so after an edit of ``flows/`` or ``clara/`` it is restarted, unless a flow run
-    is in flight: that one would be killed, so the old process is kept and the reply says so."""
-    code = code_fingerprint()
+    not the file as it is now), so after an edit of the project's sources (``flows.source_digest``) it is
+    restarted, unless a flow run is in flight: that one would be killed, so the old process is kept and the reply
+    says so."""
+    from flows import source_digest
+
+    code = source_digest(PROJECT)
     code_file = layout.state / "pids" / "serve.code"
     pid = _pid(layout, "serve")
     if pid is not None and deployment_registered(layout):

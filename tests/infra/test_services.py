@@ -6,17 +6,26 @@ import pytest
 from infra import services
 
 
-def test_code_fingerprint_follows_the_sources(tmp_path):
-    for package in ("flows", "clara"):
+def test_source_digest_follows_the_sources(tmp_path):
+    """One digest of the project's sources: the project wheel is cached under it and the serving process is
+    restarted when it changes. Package data (prompts, migrations) changes what a run does, so it counts too."""
+    from flows import source_digest
+
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    for package in ("flows", "clara", "infra"):
         (tmp_path / package).mkdir()
         (tmp_path / package / "a.py").write_text("x = 1\n")
-    first = services.code_fingerprint(tmp_path)
-    assert services.code_fingerprint(tmp_path) == first
+    first = source_digest(tmp_path)
+    assert source_digest(tmp_path) == first
     (tmp_path / "flows" / "a.py").write_text("x = 2\n")
-    assert services.code_fingerprint(tmp_path) != first
+    assert source_digest(tmp_path) != first
     (tmp_path / "flows" / "a.py").write_text("x = 1\n")
-    (tmp_path / "clara" / "notes.txt").write_text("not code")
-    assert services.code_fingerprint(tmp_path) == first
+    assert source_digest(tmp_path) == first
+    (tmp_path / "clara" / "__pycache__").mkdir()
+    (tmp_path / "clara" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    assert source_digest(tmp_path) == first
+    (tmp_path / "clara" / "prompt.txt").write_text("Question: {q}")
+    assert source_digest(tmp_path) != first
 
 
 @pytest.fixture
@@ -32,7 +41,7 @@ def serving(tmp_path, monkeypatch):
     monkeypatch.setattr(services, "_stop", lambda layout, name: calls.append(("stop", name)))
     monkeypatch.setattr(services, "_spawn", lambda layout, name, cmd: calls.append(("spawn", name)) or 4343)
     monkeypatch.setattr(services, "_wait", lambda *a, **k: None)
-    monkeypatch.setattr(services, "code_fingerprint", lambda root=None: "new")
+    monkeypatch.setattr("flows.source_digest", lambda project=None: "new")
     return layout, calls, state
 
 
