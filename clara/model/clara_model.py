@@ -166,8 +166,13 @@ class ClaraModel(nn.Module):
     def adapter(self, name: str | None) -> Iterator[None]:
         """Run the enclosed calls with adapter ``name`` active (``None``: the bare base model)."""
         if name is None:
-            with self.peft.disable_adapter():
-                yield
+            try:
+                with self.peft.disable_adapter():
+                    yield
+            finally:
+                # re-enabling flips requires_grad to "active adapter only" too, and autograd then drops the
+                # gradients of every other adapter in a graph built before (a teacher pass by the bare base)
+                self._apply_trainable()
             return
         if name not in ADAPTERS:
             raise ValueError(f"unknown adapter {name!r}; known: {ADAPTERS}")

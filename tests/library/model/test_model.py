@@ -112,6 +112,26 @@ def test_only_chosen_adapters_and_special_rows_train(tiny_model):
             assert p.grad is None and torch.equal(p, base_before[n])
 
 
+def test_a_pass_by_the_bare_base_keeps_every_trainable_adapters_gradients(tiny_model, docs):
+    """A teacher pass by the bare base (``adapter(None)``) between the forward and the backward: peft's
+    re-enabling flips requires_grad to the active adapter only, and autograd would then drop the gradients of
+    the other trained adapters."""
+    tiny_model.set_trainable(["compressor", "generator"], special=False)
+    for p in tiny_model.trainable_parameters():
+        p.grad = None
+    with tiny_model.adapter("compressor"):
+        mem = tiny_model.encode_texts(docs[:1], max_len=64).memory
+    with tiny_model.adapter("generator"):
+        out = tiny_model.encode_texts(docs[1:2], max_len=64).memory
+    with torch.no_grad(), tiny_model.adapter(None):
+        tiny_model.encode_texts(docs[:1], max_len=64)
+    (mem.sum() + out.sum()).backward()
+    for name in ("compressor", "generator"):
+        assert all(p.requires_grad for p in tiny_model._adapter_params[name]), name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model._adapter_params[name]), name
+    tiny_model.set_trainable([])
+
+
 def test_special_rows_do_not_touch_the_base_embedding(tiny_model):
     emb = tiny_model.input_embeddings.weight
     ids = torch.tensor([[tiny_model.enc_id, tiny_model.mem_ids[0], 5]])
