@@ -254,6 +254,27 @@ MODEL_CODE = {"qa": Path(__file__).parent / "model_code" / "qa.py",
 """The pyfunc models, as MLflow "models from code" files: loading one never unpickles anything."""
 
 
+def _qa_outputs():
+    """What ``ClaraQAModel.predict`` returns, one row per question (shown as the model's outputs in MLflow)."""
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    return Schema([ColSpec("string", "question"), ColSpec("string", "answer"), ColSpec(Array("string"), "doc_ids"),
+                   ColSpec(Array("string"), "titles"), ColSpec(Array("double"), "scores")])
+
+
+def _compressor_outputs():
+    """What ``CompressorModel.predict`` returns: each document's memory-token count and its [n_mem, hidden]
+    vectors."""
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    return Schema([ColSpec("long", "n_mem"), ColSpec(Array(Array("double")), "memory")])
+
+
+_OUTPUTS = {"qa": _qa_outputs, "compressor": _compressor_outputs}
+
+
 def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Mapping[str, Any],
                input_column: str) -> str:
     """Log the ``kind`` model (``MODEL_CODE``) with the checkpoint folder (safetensors + JSON) as its artifact;
@@ -264,7 +285,7 @@ def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Map
 
     if kind not in MODEL_CODE:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_CODE)}")
-    signature = ModelSignature(inputs=Schema([ColSpec("string", input_column)]))
+    signature = ModelSignature(inputs=Schema([ColSpec("string", input_column)]), outputs=_OUTPUTS[kind]())
     wheel = project_wheel()
     # The running environment is the model's environment (pinned in pyproject.toml); listing it here keeps
     # MLflow from loading the model to infer requirements. The project itself travels as a wheel inside the

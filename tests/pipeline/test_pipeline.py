@@ -210,12 +210,14 @@ def test_production_model_loads_from_the_registry_and_answers(first_run):
     model = mlflow.pyfunc.load_model("models:/clara@production")
     out = model.predict(pd.DataFrame({"question": ["What is an urban area?", "Who founded Rome?"]}))
     assert list(out.columns) == ["question", "answer", "doc_ids", "titles", "scores"]
+    assert model.metadata.get_output_schema().input_names() == list(out.columns)  # what the UI lists as Outputs
     assert len(out) == 2 and all(isinstance(a, str) for a in out["answer"])
     assert all(len(ids) == TINY["top_k"] for ids in out["doc_ids"])
     assert all(s == sorted(s, reverse=True) for s in out["scores"])
     compressor = mlflow.pyfunc.load_model(first_run["scp"]["model_uri"])
     mem = compressor.predict(pd.DataFrame({"text": ["Paris is the capital of France."]}))
     assert mem["n_mem"][0] == len(mem["memory"][0]) > 0
+    assert compressor.metadata.get_output_schema().input_names() == list(mem.columns)
 
 
 def test_mlflow_models_serve_answers_over_http(first_run, tmp_path):
