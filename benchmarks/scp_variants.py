@@ -3,11 +3,14 @@ reconstruction (the quality probe's part (a), 40 held-out passages), beside ``sc
 
     python benchmarks/scp_variants.py NAME STEPS [--clr LR] [--glr LR] [--wdrop P] [--freeze-gen N] [--const]
                                                 [--mse W] [--chunk-mse] [--lexical A] [--layer N] [--soft-vocab T]
+                                                [--rescale R] [--distill W [--distill-every N]]
 
 --clr / --glr: compressor (+ special rows) / generator learning rates; --wdrop: word dropout on the teacher-forced
 target inputs (labels unchanged), so the generator cannot lean on its own prefix; --freeze-gen N: the generator
 frozen for the first N steps (N = STEPS: the base reads the memory, ICAE-style); --mse: the alignment weight;
---chunk-mse: align each memory slot to the mean state of its chunk of the passage (not all slots' mean to all).
+--chunk-mse: align each memory slot to the mean state of its chunk of the passage (not all slots' mean to all);
+--distill W: context distillation, W times the normalised MSE between the generator's hidden states (every N-th
+layer, at the target positions) reading the memory and the frozen base's reading the raw passage.
 Readouts that depart from the paper's (memory = last-layer states): --lexical A adds each memory slot's chunk of
 input embeddings (a bag of its 16 tokens, scaled to the state's norm, times A); --layer N reads memory after layer
 N; --soft-vocab T reads it through the LM head (softmax at temperature T, times the input embeddings: the base
@@ -43,6 +46,8 @@ ap.add_argument("--layer", type=int, default=0)
 ap.add_argument("--soft-vocab", type=float, default=0.0)
 ap.add_argument("--chunk-mse", action="store_true")
 ap.add_argument("--rescale", type=float, default=0.0)
+ap.add_argument("--distill", type=float, default=0.0)
+ap.add_argument("--distill-every", type=int, default=6)
 a = ap.parse_args()
 torch.manual_seed(0)
 cfg = preset("smollm2-135m", compression_rate=16)
@@ -141,6 +146,52 @@ if a.chunk_mse:
         e.mem_mean, e.text_mean = e.memory, target
         return e
     model.encode_texts = encode_texts_chunks
+if a.distill > 0:
+    # context distillation: the generator reading the memory is pulled, at every N-th layer and every target
+    # position, toward the hidden states of the frozen base reading the raw passage (a dense signal at each
+    # layer where the base attends to the passage, where the CE only sees what changes the next token)
+    decoder = model.base_model.get_decoder()
+
+    def states(rows, mems):
+        embeds, mask, _ = model.embed_prompts(rows, mems, left_pad=False)
+        with model.amp():
+            out = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False, output_hidden_states=True)
+        return out.hidden_states
+
+    def positions(prompts_ids, targets):
+        b_idx, t_idx = [], []
+        for b, (p, t) in enumerate(zip(prompts_ids, targets)):
+            b_idx += [b] * len(t); t_idx += [len(p) + j - 1 for j in range(len(t))]
+        return torch.tensor(b_idx), torch.tensor(t_idx)
+
+    def distill_loss(model, batch, mse_weight, max_target_len, rng):
+        docs = [d for ex in batch for d in ex.docs]
+        with model.adapter("compressor"):
+            enc = model.encode_texts(docs, max_len=model.cfg.doc_max_len)
+        memories = enc.unpad()
+        rows, raw_rows, targets, mems, at = [], [], [], [], 0
+        for ex in batch:
+            ex_mems = memories[at: at + len(ex.docs)]
+            raw = "\n\n".join(ex.docs); at += len(ex.docs)
+            user = rng.choice(ex.users)
+            rows.append(model.prompt_ids(user.replace("{documents}", "".join(model.placeholders(m.shape[0]) for m in ex_mems)), ex.system))
+            raw_rows.append(model.prompt_ids(user.replace("{documents}", raw), ex.system))
+            targets.append(model.target_ids(ex.target, max_target_len)); mems.append(ex_mems)
+        with model.adapter("generator"):
+            hs = states([r + t for r, t in zip(rows, targets)], mems)
+        with torch.no_grad(), model.adapter(None):
+            ht = states([r + t for r, t in zip(raw_rows, targets)], [[] for _ in rows])
+        bs, ts = positions(rows, targets); bt, tt = positions(raw_rows, targets)
+        labels = torch.tensor([x for t in targets for x in t])
+        ce = F.cross_entropy(model._logits(hs[-1][bs, ts].to(model.dtype)), labels)
+        layers = list(range(a.distill_every, len(hs), a.distill_every))
+        dist = sum(((hs[l][bs, ts].float() - ht[l][bt, tt].float()) ** 2).mean() / (ht[l][bt, tt].float() ** 2).mean()
+                   for l in layers) / len(layers)
+        mse = F.mse_loss(enc.mem_mean.float(), enc.text_mean.float())
+        return ce + mse_weight * mse + a.distill * dist, {"ce": ce.item(), "mse": mse.item(), "distill": dist.item()}
+    train_loss = distill_loss
+else:
+    train_loss = S.compressed_lm_loss
 model.set_trainable(["compressor", "generator"], special=True)
 groups = [{"params": model._adapter_params["compressor"] + [model.special], "lr": a.clr},
           {"params": model._adapter_params["generator"], "lr": a.glr}]
@@ -154,7 +205,7 @@ for step in range(a.steps):
     if a.freeze_gen:  # set_trainable, not requires_grad: adapter switches re-apply the trainable set
         model.set_trainable(["compressor"] if step < a.freeze_gen else ["compressor", "generator"], special=True)
     batch = rng.sample(examples, a.bs)
-    loss, m = S.compressed_lm_loss(model, batch, a.mse, 1024, rng)
+    loss, m = train_loss(model, batch, a.mse, 1024, rng)
     opt.zero_grad(); loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
     opt.step(); sched.step(); ces.append(m["ce"])
@@ -172,7 +223,7 @@ for step in range(a.steps):
                 Encoded.unpad = saved
         print(json.dumps({"step": step, "ce": round(m["ce"], 3), "mse": round(m["mse"], 3),
                           "own": round(own.item(), 3), "other": round(other.item(), 3),
-                          "use": round(other.item() - own.item(), 3), "s": round(time.time() - t0)}), flush=True)
+                          "use": round(other.item() - own.item(), 3), "distill": round(m.get("distill", 0), 4), "s": round(time.time() - t0)}), flush=True)
 model.set_trainable([], special=False)
 probe = reconstruction(model, held)
 res = {"name": a.name, **vars(a), "train_s": round(time.time() - t0), **probe,

@@ -168,6 +168,11 @@ class SCPConfig:
     """lambda in CE + lambda * MSE(mean memory state, mean document state)."""
     max_target_len: int = 1024
     """Response tokens beyond this are cut, and a cut target gets no EOS (it must not teach stopping mid-line)."""
+    target_dropout: float = 0.0
+    """Training only: this fraction of the response tokens fed back to the generator (teacher forcing) is replaced
+    by the pad token; the labels stay. The generator can then no longer predict a passage from its own prefix
+    alone and has to read the memory (word dropout, the usual cure for a decoder that ignores its latent code).
+    0 is the paper's recipe."""
     fresh_generator: bool = False
     """Stage 2 only: re-initialise the generator adapter first (paper). ``False`` (ours) continues from stage 1's
     generator, which already reads memory tokens: on a CPU budget that head start is worth more."""
@@ -177,6 +182,8 @@ class SCPConfig:
             self.model = from_dict(ModelConfig, self.model)
         if isinstance(self.train, dict):
             self.train = from_dict(TrainConfig, self.train)
+        if not 0.0 <= self.target_dropout < 1.0:
+            raise ValueError(f"target_dropout must be in [0, 1), got {self.target_dropout}")
 
 
 @dataclass

@@ -422,12 +422,16 @@ class ClaraModel(nn.Module):
     # ------------------------------------------------------------------------------------------ training
 
     def response_loss(self, prompts_ids: list[list[int]], targets: list[list[int]],
-                      memories: list[list[torch.Tensor]]) -> torch.Tensor:
+                      memories: list[list[torch.Tensor]], fed: list[list[int]] | None = None) -> torch.Tensor:
         """Mean cross-entropy over response tokens only (prompt and padding are not scored).
 
         Uses the active adapter; gradients flow into the memory vectors and through them into the compressor.
+        ``fed``: the response tokens given as input (teacher forcing), when they differ from the labels
+        ``targets`` (target dropout); same lengths.
         """
-        rows = [p + t for p, t in zip(prompts_ids, targets)]
+        if fed is not None and [len(f) for f in fed] != [len(t) for t in targets]:
+            raise ValueError("fed responses must have the targets' lengths")
+        rows = [p + t for p, t in zip(prompts_ids, fed if fed is not None else targets)]
         embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=False)
         hidden = self._decode_hidden(embeds, mask)
         # Only positions that predict a response token go through the (large) vocabulary projection.

@@ -75,10 +75,11 @@ def build_examples(records: Sequence[SCPRecord], stage: str = "scp", layout: str
 
 
 def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: float, max_target_len: int,
-                       rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+                       rng: random.Random, target_dropout: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """CE on the response given only compressed documents, plus the MSE alignment term.
 
     Gradients reach the generator, the compressor (through the memory vectors) and the special-token rows.
+    ``target_dropout``: the fraction of response tokens fed back as pad (``SCPConfig.target_dropout``).
     """
     docs = [d for ex in batch for d in ex.docs]
     with model.adapter("compressor"):
@@ -93,8 +94,12 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
         prompt_rows.append(model.prompt_ids(user, ex.system))
         targets.append(model.target_ids(ex.target, max_target_len))
         mems.append(ex_mems)
+    fed = None
+    if target_dropout > 0:  # drawn only when asked, so the template choices above stay as they were
+        pad = model.tokenizer.pad_token_id
+        fed = [[pad if rng.random() < target_dropout else tok for tok in t] for t in targets]
     with model.adapter("generator"):
-        ce = model.response_loss(prompt_rows, targets, mems)
+        ce = model.response_loss(prompt_rows, targets, mems, fed=fed)
     mse = torch.nn.functional.mse_loss(enc.mem_mean.float(), enc.text_mean.float())
     loss = ce + mse_weight * mse
     return loss, {"ce": ce.item(), "mse": mse.item(), "doc_tokens": float(enc.n_tokens.sum()),
@@ -149,7 +154,8 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
             batch = [examples[i] for i in idx]
             n_docs += sum(len(ex.docs) for ex in batch) * dist.world
             rng = random.Random(train.seed * 1_000_003 + (step * train.grad_accum + micro) * dist.world + dist.rank)
-            loss, parts = compressed_lm_loss(model, batch, cfg.mse_weight, cfg.max_target_len, rng)
+            loss, parts = compressed_lm_loss(model, batch, cfg.mse_weight, cfg.max_target_len, rng,
+                                             cfg.target_dropout)
             (loss / train.grad_accum).backward()
             sums["loss"] += loss.item() / train.grad_accum
             for k, v in parts.items():

@@ -101,6 +101,35 @@ def test_scp_learns_and_logs_both_losses(fixtures, tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 30
 
 
+def test_target_dropout_feeds_pads_and_keeps_the_labels(fixtures):
+    """Target dropout changes what the generator is fed, never what it is scored on; at 0 it draws nothing, so
+    the recipe without it is exactly what it was."""
+    import random
+
+    from clara.training.scp import compressed_lm_loss
+
+    with pytest.raises(ValueError, match="target_dropout"):
+        SCPConfig(target_dropout=1.0)
+    model = ClaraModel.build(tiny_scp_cfg().model)
+    examples = build_examples(load_scp_records(fixtures / "scp.jsonl")[:2], "scp")
+    with torch.no_grad():
+        rng_default, rng_zero = random.Random(3), random.Random(3)
+        plain, _ = compressed_lm_loss(model, examples, 0.1, 64, rng_default)
+        zero, _ = compressed_lm_loss(model, examples, 0.1, 64, rng_zero, target_dropout=0.0)
+        assert torch.equal(plain, zero) and rng_default.random() == rng_zero.random()
+        dropped, _ = compressed_lm_loss(model, examples, 0.1, 64, random.Random(3), target_dropout=0.5)
+        assert not torch.isclose(plain, dropped)
+        # the labels are the targets: feeding the targets themselves is the plain loss
+        prompt, target = [model.prompt_ids("Say it:")], [model.target_ids("Paris is in France.", 64)]
+        with model.adapter("generator"):
+            same = model.response_loss(prompt, target, [[]], fed=target)
+            assert torch.equal(same, model.response_loss(prompt, target, [[]]))
+            pad = [[model.tokenizer.pad_token_id] * len(target[0])]
+            assert not torch.isclose(same, model.response_loss(prompt, target, [[]], fed=pad))
+            with pytest.raises(ValueError, match="lengths"):
+                model.response_loss(prompt, target, [[]], fed=[target[0][:-1]])
+
+
 def test_checkpointer_keeps_the_last_n(fixtures, tmp_path):
     records = load_scp_records(fixtures / "scp.jsonl")[:2]
     cfg = tiny_scp_cfg(max_steps=6, checkpoint_every=1, keep_checkpoints=2)
