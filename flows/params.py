@@ -45,6 +45,7 @@ class Training(_Group):
     scp_steps: Optional[int] = None
     scp_batch_size: Optional[int] = None
     scp_lr: float = 5e-4
+    scp_target_dropout: Optional[float] = None
     instruct_steps: Optional[int] = None
     instruct_batch_size: Optional[int] = None
     instruct_lr: float = 2e-4

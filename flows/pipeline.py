@@ -239,12 +239,14 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
 
 @task(name="pretrain_scp", **_RETRIED)
 def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, memory_readout: str, steps: int,
-                 batch_size: int, lr: float, init_from: Optional[str], device: Optional[str], processes: int,
-                 ctx: dict[str, Any]) -> dict[str, Any]:
+                 batch_size: int, lr: float, target_dropout: float, init_from: Optional[str], device: Optional[str],
+                 processes: int, ctx: dict[str, Any]) -> dict[str, Any]:
     """Stage 1 (SCP): compressor + generator on every passage's reconstruction and the synthesized QA;
     registers the compressor as ``clara-compressor``."""
     inputs = dict(data=data, preset=preset, compression_rate=compression_rate, memory_readout=memory_readout,
                   steps=steps, batch_size=batch_size, lr=lr, init_from=init_from, device=device, processes=processes)
+    if target_dropout:  # only when set, so the paper recipe's stage keys stay what they were
+        inputs["target_dropout"] = target_dropout
     from clara.config import ModelConfig, OptimSettings, SCPConfig, TrainConfig, from_dict, preset as make_preset
     from clara.model.checkpoint import read_checkpoint_config, resolve_checkpoint
 
@@ -277,7 +279,7 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, memor
         # The starting point's own config (read, not loaded: used as it is, it is never loaded here at all).
         model_cfg = from_dict(ModelConfig, {**start, **device_over}) if start is not None else \
             make_preset(preset, compression_rate=compression_rate, memory_readout=memory_readout, **device_over)
-        cfg = SCPConfig(model=model_cfg,
+        cfg = SCPConfig(model=model_cfg, target_dropout=target_dropout,
                         train=TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
                                           optim=OptimSettings(lr=lr)))
         with _stage("pretrain_scp", ctx, {"data_version": data["data_version"], "init_from": init_from, **to_dict(cfg)},
@@ -291,7 +293,8 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, memor
                 # the whole model config, so the processes build exactly the model this stage describes
                 (work / "train.json").write_text(json.dumps({"model": to_dict(cfg.model),
                                                              "train": to_dict(cfg.train),
-                                                             "mse_weight": cfg.mse_weight}))
+                                                             "mse_weight": cfg.mse_weight,
+                                                             "target_dropout": cfg.target_dropout}))
                 args = ["train", "scp", "--data", str(train_file), "--out", str(work), "--preset", preset,
                         "--rate", str(compression_rate), "--config", str(work / "train.json"),
                         *(["--device", device] if device else [])]
@@ -653,6 +656,9 @@ def check_parameters(p: dict[str, Any]) -> None:
     for name in ("scp_lr", "instruct_lr", "e2e_lr"):
         if not p[name] > 0:
             problems.append(f"{name}={p[name]} (must be > 0)")
+    dropout = p.get("scp_target_dropout")
+    if dropout is not None and not 0 <= dropout < 1:
+        problems.append(f"scp_target_dropout={dropout} (in [0, 1))")
     if p["retrieval_fuse"] < 0 or p["gate_max_latency_regression"] < 0:
         problems.append("retrieval_fuse and gate_max_latency_regression must be >= 0")
     problems += _model_problems(p["preset"])
@@ -716,7 +722,8 @@ def clara(
         scp = run.record("pretrain_scp", pretrain_scp(
             data=synthesized, preset=model.preset, compression_rate=model.compression_rate,
             memory_readout=model.memory_readout, steps=b["scp_steps"],
-            batch_size=b["scp_batch_size"], lr=t.scp_lr, init_from=b["init_from"], device=model.device,
+            batch_size=b["scp_batch_size"], lr=t.scp_lr, target_dropout=b["scp_target_dropout"],
+            init_from=b["init_from"], device=model.device,
             processes=t.train_processes, ctx=ctx))
         inst = run.record("instruct", instruct(
             scp=scp, data=synthesized, steps=b["instruct_steps"], batch_size=b["instruct_batch_size"],

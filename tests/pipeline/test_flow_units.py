@@ -204,9 +204,11 @@ def test_pipeline_parameters_are_checked_before_any_stage():
     params = {**defaults, **profiles.resolve("demo", {k: defaults[k] for k in profiles.PROFILES["demo"]})}
     check_parameters(params)  # the defaults are fine
     with pytest.raises(ValueError) as err:
-        check_parameters({**params, "compression_rate": 7, "top_k": 0, "e2e_lr": 0.0, "scp_batch_size": -1})
+        check_parameters({**params, "compression_rate": 7, "top_k": 0, "e2e_lr": 0.0, "scp_batch_size": -1,
+                          "scp_target_dropout": 1.0})
     msg = str(err.value)
     assert "compression_rate=7 (one of 4, 16, 32, 64, 128, 256)" in msg
+    assert "scp_target_dropout=1.0 (in [0, 1))" in msg
     assert "top_k=0 (at least 1)" in msg and "e2e_lr=0.0" in msg and "scp_batch_size=-1" in msg
     with pytest.raises(ValueError, match="n_candidates=3 is below top_k=5"):
         check_parameters({**params, "n_candidates": 3, "top_k": 5})
@@ -260,7 +262,7 @@ def test_pipeline_refuses_a_starting_point_of_another_base_rate_or_readout(tiny_
     from flows.pipeline import pretrain_scp
 
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
-    args = dict(data={}, steps=0, batch_size=1, lr=1e-4, init_from=str(ckpt), device=None, processes=1,
+    args = dict(data={}, steps=0, batch_size=1, lr=1e-4, target_dropout=0.0, init_from=str(ckpt), device=None, processes=1,
                 ctx={"parent_run": "-", "experiment": "-", "refresh": False})
     with pytest.raises(ValueError, match="init_from=none"):
         pretrain_scp.fn(preset="smollm2-135m", compression_rate=16, memory_readout="states", **args)
