@@ -6,7 +6,7 @@ reconstruction (the quality probe's part (a), 40 held-out passages), beside ``sc
                                                 [--rescale R] [--distill W [--distill-every N]]
 
 --clr / --glr: compressor (+ special rows) / generator learning rates; --wdrop: word dropout on the teacher-forced
-target inputs (labels unchanged), so the generator cannot lean on its own prefix; --freeze-gen N: the generator
+target inputs (labels unchanged; ``SCPConfig.target_dropout``), so the generator cannot lean on its own prefix; --freeze-gen N: the generator
 frozen for the first N steps (N = STEPS: the base reads the memory, ICAE-style); --mse: the alignment weight;
 --chunk-mse: align each memory slot to the mean state of its chunk of the passage (not all slots' mean to all);
 --distill W: context distillation, W times the normalised MSE between the generator's hidden states (every N-th
@@ -56,25 +56,6 @@ records = [parse_scp_record(r, "r") for r in reconstruction_rows(d for d in docs
 held = [d for d in first_articles(docs, 2000) if heldout(d)][:40]
 model = ClaraModel.build(cfg)
 examples = S.build_examples(records, "scp")
-drop_rng = random.Random(1)
-orig_embed_prompts = model.embed_prompts
-state = {"drop": None}
-if a.wdrop > 0:
-    def response_loss(self, prompts_ids, targets, memories):
-        rows = [p + t for p, t in zip(prompts_ids, targets)]
-        if self.peft.training:
-            # inputs only: target tokens fed back are replaced by pad with prob p (labels unchanged)
-            pad = self.tokenizer.pad_token_id
-            rows = [p + [pad if drop_rng.random() < a.wdrop else x for x in t] for p, t in zip(prompts_ids, targets)]
-        embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=False)
-        hidden = self._decode_hidden(embeds, mask)
-        b_idx, t_idx, labels = [], [], []
-        for b, (p, t) in enumerate(zip(prompts_ids, targets)):
-            for j, tok in enumerate(t):
-                b_idx.append(b); t_idx.append(len(p) + j - 1); labels.append(tok)
-        h = hidden[torch.tensor(b_idx), torch.tensor(t_idx)]
-        return F.cross_entropy(self._logits(h), torch.tensor(labels))
-    model.response_loss = types.MethodType(response_loss, model)
 if a.lexical > 0:
     orig_encode = model.encode_texts
     def encode_texts(texts, *, max_len, query=False):
@@ -191,7 +172,8 @@ if a.distill > 0:
         return ce + mse_weight * mse + a.distill * dist, {"ce": ce.item(), "mse": mse.item(), "distill": dist.item()}
     train_loss = distill_loss
 else:
-    train_loss = S.compressed_lm_loss
+    def train_loss(model, batch, mse_weight, max_target_len, rng):
+        return S.compressed_lm_loss(model, batch, mse_weight, max_target_len, rng, target_dropout=a.wdrop)
 model.set_trainable(["compressor", "generator"], special=True)
 groups = [{"params": model._adapter_params["compressor"] + [model.special], "lr": a.clr},
           {"params": model._adapter_params["generator"], "lr": a.glr}]
