@@ -20,7 +20,7 @@ Every 10 steps it prints the live control (a fresh batch read with its own vs a 
 at the end the quality probe's part (a) with its controls; ``memory_use`` (nats/token a passage's own memory is
 worth over another's) is the number that says whether the compressor carries the passage. Writes
 benchmarks/results/scp_recipe/v_NAME.json."""
-import argparse, json, random, sys, time, types
+import argparse, json, random, sys, time
 import torch, torch.nn.functional as F
 from pathlib import Path
 
