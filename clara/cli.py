@@ -300,6 +300,10 @@ def data_mix(
     k: int = typer.Option(5, help="Passages per stage-2 question: the gold one and k-1 BM25 hard negatives."),
     limit: Optional[int] = typer.Option(None, help="Only the first N passages of the corpus."),
     seed: int = typer.Option(0, help="Seed of the gold passage's slot among the k."),
+    exclude: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                           help="An evaluation QA JSONL (e.g. benchmarks/dev/natural_dev.jsonl): "
+                                                "synthesized QA about its gold passages or asking its questions "
+                                                "is left out, so the set stays unseen."),
 ) -> None:
     """Training sets with no teacher: every passage reconstructs itself (stage 1); synthesized questions over k
     passages with hard negatives (stage 2). Held-out articles (``clara.data.mixes.heldout``) are left out."""
@@ -307,12 +311,15 @@ def data_mix(
     from clara.stages import training_mixes
 
     try:
-        res = training_mixes(corpus, out, synth, max_docs=limit, kinds=kinds.split(","), k=k, seed=seed)
+        res = training_mixes(corpus, out, synth, max_docs=limit, kinds=kinds.split(","), k=k, seed=seed,
+                             exclude=exclude)
     except (RecordError, ValueError, OSError) as exc:
         _fail(exc)
     typer.echo(f"wrote {res['scp']} ({res['scp_rows']} stage-1 rows)")
     if res["instruct"]:
         typer.echo(f"wrote {res['instruct']} ({res['instruct_rows']} stage-2 rows, k={k})")
+    if exclude is not None:
+        typer.echo(f"left out {res['excluded_rows']} synthesized QA row(s) about {exclude}")
 
 
 @app.command("synthesize")

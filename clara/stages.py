@@ -61,7 +61,7 @@ def merge_synthesis(shard_dirs: Sequence[str | Path], out_dir: str | Path, cfg: 
 
 def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str | Path | None = None, *,
                    max_docs: int | None = None, kinds: Sequence[str] = ("simple",), k: int = 5,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, exclude: str | Path | None = None) -> dict[str, Any]:
     """Write ``scp.jsonl`` (stage 1: every passage reconstructs itself, plus the synthesized train split's QA)
     and ``instruct.jsonl`` (stage 2: each synthesized question over its gold passage and k-1 BM25 hard
     negatives) to ``out_dir``; held-out articles (``clara.data.mixes.heldout``) are left out of both.
@@ -69,13 +69,16 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     Args:
         max_docs: only the first N passages of the corpus (the pipeline's ``max_docs``).
         kinds: synthesized QA kinds that become stage-2 questions.
+        exclude: an evaluation QA file (``{"question", "gold_doc_ids", ...}`` rows): synthesized QA about its
+            gold passages or asking its questions is left out of both sets (``clara.data.mixes.drop_excluded``),
+            so a dev set stays unseen. Reconstruction rows stay: every passage is served compressed.
 
     Returns:
-        ``{"scp": path, "instruct": path or None, "scp_rows": n, "instruct_rows": n}``.
+        ``{"scp": path, "instruct": path or None, "scp_rows": n, "instruct_rows": n, "excluded_rows": n}``.
     """
     from clara.data.corpus import atomic_write_lines, dumps
-    from clara.data.mixes import heldout, instruct_rows, qa_pairs, reconstruction_rows
-    from clara.data.records import read_jsonl
+    from clara.data.mixes import drop_excluded, heldout, instruct_rows, qa_pairs, reconstruction_rows
+    from clara.data.records import load_qa_records, read_jsonl
     from clara.eval.retrievers import BM25Retriever
 
     docs = [d for d in read_corpus(corpus_file, max_docs) if not heldout(d)]
@@ -83,9 +86,13 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
         raise ValueError(f"{corpus_file}: no passages left to train on")
     scp = reconstruction_rows(docs)
     instruct: list[dict[str, Any]] = []
+    excluded = 0
     if synth_dir is not None:
         kept = {d.id for d in docs}
         rows = [r for _, r in read_jsonl(Path(synth_dir) / "train.jsonl") if r.get("doc_id") in kept]
+        if exclude is not None:
+            held = load_qa_records(exclude)
+            rows, excluded = drop_excluded(rows, [q.question for q in held], [g for q in held for g in q.gold_doc_ids])
         scp += [r for r in rows if r.get("data_type") == "qa"]
         pairs = qa_pairs(rows, kinds)
         if pairs:
@@ -95,7 +102,7 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     out = Path(out_dir)
     atomic_write_lines(out / "scp.jsonl", (dumps(r) for r in scp))
     result: dict[str, Any] = {"scp": str(out / "scp.jsonl"), "instruct": None, "scp_rows": len(scp),
-                              "instruct_rows": len(instruct)}
+                              "instruct_rows": len(instruct), "excluded_rows": excluded}
     if instruct:
         atomic_write_lines(out / "instruct.jsonl", (dumps(r) for r in instruct))
         result["instruct"] = str(out / "instruct.jsonl")

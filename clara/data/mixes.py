@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from typing import Any, Callable, Iterable, Sequence
 
 from clara.data.corpus import Document
@@ -80,6 +81,25 @@ def instruct_rows(pairs: Sequence[dict[str, Any]], docs: Sequence[Document], ran
                     "docs": [by_id[i].full_text for i in chosen], "doc_ids": chosen, "doc_id": p["doc_id"],
                     "parent_id": parent})
     return out
+
+
+def _norm_question(q: str) -> str:
+    return " ".join(re.findall(r"\w+", q.lower()))
+
+
+def drop_excluded(rows: Iterable[dict[str, Any]], questions: Iterable[str], doc_ids: Iterable[str]
+                  ) -> tuple[list[dict[str, Any]], int]:
+    """Synthesized QA rows minus those about an evaluation set: a row goes if it is about one of ``doc_ids`` (an
+    evaluation question's gold passage: any question about it may paraphrase the held-out one) or if one of its
+    questions equals an excluded question up to case and punctuation (the natural teacher writes the obvious
+    question, and a hand-written dev set asks it too). Returns the kept rows and how many went.
+    """
+    qs = {_norm_question(q) for q in questions}
+    ids = set(doc_ids)
+    rows = list(rows)
+    kept = [r for r in rows
+            if r.get("doc_id") not in ids and not any(_norm_question(q) in qs for q in r.get("question") or [])]
+    return kept, len(rows) - len(kept)
 
 
 def heldout(doc: Document, per_mille: int = 10) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clara.data.corpus import Document
-from clara.data.mixes import heldout, instruct_rows, qa_pairs, reconstruction_rows
+from clara.data.mixes import drop_excluded, heldout, instruct_rows, qa_pairs, reconstruction_rows
 
 
 def _corpus() -> list[Document]:
@@ -52,6 +52,42 @@ def test_qa_pairs_take_the_chosen_kinds():
             {"data_type": "paraphrase", "question": [], "answers": ["p"], "doc_id": "d"}]
     assert [p["answer"] for p in qa_pairs(rows)] == ["a", "b"]
     assert [p["answer"] for p in qa_pairs(rows, ("simple", "complex"))] == ["a", "b", "c"]
+
+
+def test_qa_about_an_evaluation_set_is_left_out():
+    rows = [{"data_type": "qa", "question": ["When was Paris founded?"], "answers": ["x"], "doc_id": "gold"},
+            {"data_type": "qa", "question": ["Who built it?", "When did the Eiffel Tower open?"], "answers": ["y", "z"],
+             "doc_id": "other"},
+            {"data_type": "qa", "question": ["Who wrote Faust?"], "answers": ["Goethe"], "doc_id": "third"}]
+    # the gold passage's row goes whatever it asks; another row goes for one question equal up to case/punctuation
+    kept, dropped = drop_excluded(rows, ["when did the eiffel tower open"], ["gold"])
+    assert [r["doc_id"] for r in kept] == ["third"] and dropped == 2
+    assert drop_excluded(rows, [], []) == (rows, 0)
+
+
+def test_training_mixes_leave_out_the_dev_set(tmp_path):
+    import json
+
+    from clara.data.corpus import atomic_write_lines, dumps
+    from clara.stages import training_mixes
+
+    docs = _corpus()
+    corpus = tmp_path / "corpus.jsonl"
+    atomic_write_lines(corpus, (dumps({"id": d.id, "title": d.title, "text": d.text,
+                                       **({"parent_id": d.parent_id} if d.parent_id else {})}) for d in docs))
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    qa = [{"data_type": "qa", "kind": "simple", "question": [f"What is in article {i}?"], "answers": [f"article {i}"],
+           "docs": [d.full_text], "doc_id": d.id} for i, d in enumerate(docs[:6])]
+    (synth / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa), encoding="utf-8")
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"id": "q1", "question": "WHAT is in article 2", "answers": ["article 2"],
+                               "gold_doc_ids": ["a4"]}) + "\n", encoding="utf-8")
+    res = training_mixes(corpus, tmp_path / "mix", synth, k=2, exclude=dev)
+    assert res["excluded_rows"] == 2  # a2 by its question, a4 by its gold passage
+    asked = [json.loads(line)["question"][0] for line in (tmp_path / "mix" / "instruct.jsonl").open()]
+    assert sorted(asked) == [f"What is in article {i}?" for i in (0, 1, 3, 5)]
+    assert res["scp_rows"] == 8 + 4  # every passage still reconstructs itself
 
 
 def test_heldout_is_per_article_and_stable():
