@@ -249,12 +249,32 @@ def test_profiles_resolve_with_explicit_parameters_winning():
     demo = resolve("demo", {"scp_steps": None, "max_docs": 50})
     assert demo["scp_steps"] == PROFILES["demo"]["scp_steps"] and demo["max_docs"] == 50
     assert resolve("quality", {})["max_docs"] == 0  # the whole corpus
-    assert resolve("demo", {"init_from": "none"})["init_from"] is None  # a profile's starting point turned off
+    assert resolve("demo", {"init_from": "none", "scp_steps": 30})["init_from"] is None  # its starting point off
     assert resolve("gpu", {"init_from": "runs/x"})["init_from"] == "runs/x"
     with pytest.raises(ValueError, match="scp_steps"):
         resolve("demo", {"init_from": "none", "scp_steps": 0})
     with pytest.raises(ValueError, match="unknown profile"):
         resolve("fast", {})
+
+
+def test_demo_starts_from_the_shipped_release():
+    """The release ``demo`` names is in the repository, loads without the network, and is what the demo's model
+    settings would train (base, rate, readout): the SCP stage would refuse it otherwise."""
+    from clara.config import preset
+    from clara.model.checkpoint import read_checkpoint_config
+    from flows.params import Model
+    from flows.profiles import PROFILES, RELEASE
+
+    root = Path(__file__).resolve().parents[2]
+    assert PROFILES["demo"]["init_from"] == RELEASE and PROFILES["demo"]["scp_steps"] == 0
+    meta = read_checkpoint_config(root / RELEASE)
+    want = preset(Model().preset, compression_rate=Model().compression_rate)
+    assert (meta["model"]["base"], meta["model"]["compression_rate"]) == (want.base, want.compression_rate)
+    assert meta["model"].get("memory_readout", "states") == Model().memory_readout
+    assert meta["extra"]["adapter_dtype"] == "bfloat16" and meta["extra"]["dev_excluded"]
+    files = [f for f in (root / RELEASE).rglob("*") if f.is_file()]
+    assert {f.suffix for f in files} <= {".json", ".safetensors", ".md"}  # nothing that unpickles
+    assert sum(f.stat().st_size for f in files) <= 30_000_000
 
 
 def test_pipeline_refuses_a_starting_point_of_another_base_rate_or_readout(tiny_model, tmp_path):
