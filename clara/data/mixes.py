@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from typing import Any, Callable, Iterable, Sequence
 
 from clara.data.corpus import Document
+from clara.text import normalize_answer
 
 Ranker = Callable[[Sequence[str], int], list[list[str]]]
 """``rank(questions, n)`` -> for each question the ids of its ``n`` best passages, best first."""
@@ -83,22 +83,19 @@ def instruct_rows(pairs: Sequence[dict[str, Any]], docs: Sequence[Document], ran
     return out
 
 
-def _norm_question(q: str) -> str:
-    return " ".join(re.findall(r"\w+", q.lower()))
-
-
 def drop_excluded(rows: Iterable[dict[str, Any]], questions: Iterable[str], doc_ids: Iterable[str]
                   ) -> tuple[list[dict[str, Any]], int]:
     """Synthesized QA rows minus those about an evaluation set: a row goes if it is about one of ``doc_ids`` (an
     evaluation question's gold passage: any question about it may paraphrase the held-out one) or if one of its
-    questions equals an excluded question up to case and punctuation (the natural teacher writes the obvious
-    question, and a hand-written dev set asks it too). Returns the kept rows and how many went.
+    questions equals an excluded question up to case, punctuation and articles (``normalize_answer``, as synthesis
+    dedupes questions; the natural teacher writes the obvious question, and a hand-written dev set asks it too).
+    Returns the kept rows and how many went.
     """
-    qs = {_norm_question(q) for q in questions}
+    qs = {normalize_answer(q) for q in questions}
     ids = set(doc_ids)
     rows = list(rows)
     kept = [r for r in rows
-            if r.get("doc_id") not in ids and not any(_norm_question(q) in qs for q in r.get("question") or [])]
+            if r.get("doc_id") not in ids and not any(normalize_answer(q) in qs for q in r.get("question") or [])]
     return kept, len(rows) - len(kept)
 
 

@@ -258,8 +258,8 @@ def test_profiles_resolve_with_explicit_parameters_winning():
 
 
 def test_demo_starts_from_the_shipped_release():
-    """The release ``demo`` names is in the repository, loads without the network, and is what the demo's model
-    settings would train (base, rate, readout): the SCP stage would refuse it otherwise."""
+    """The release ``demo`` names is in the repository and is what the demo's model settings would train (base,
+    rate, readout): the SCP stage would refuse it otherwise."""
     from clara.config import preset
     from clara.model.checkpoint import read_checkpoint_config
     from flows.params import Model
