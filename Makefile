@@ -29,17 +29,17 @@ test-fast: $(STAMP)
 # served deployment clara/full-pipeline), run the deployment with `prefect deployment run`, wait, print the
 # evaluation table and the UI addresses. Extra deployment parameters: make pipeline PARAMS="--param training='{\"scp_steps\": 200}'"
 pipeline: $(STAMP)
-	$(PY) -m infra.services up
-	eval "$$($(PY) -m infra.services env)" && $(PY) -m flows.run $(PARAMS)
+	$(PY) -m clara_infra.services up
+	eval "$$($(PY) -m clara_infra.services env)" && $(PY) -m clara_flows.run $(PARAMS)
 
 services-up: $(STAMP)
-	$(PY) -m infra.services up
+	$(PY) -m clara_infra.services up
 
 services-down:
-	$(PY) -m infra.services down
+	$(PY) -m clara_infra.services down
 
 services-status:
-	$(PY) -m infra.services status
+	$(PY) -m clara_infra.services status
 
 # The bundled corpus as validated passages under data/ (canonical bytes: the same data.dvc hash on any
 # machine), then a DVC snapshot pushed to the default remote (../clara-dvc-remote unless reconfigured).

@@ -1,7 +1,7 @@
 """The served production model under load: ``mlflow models serve`` on 127.0.0.1, N concurrent clients for a fixed
 time each, then malformed requests. Needs the services' environment (the tracking server holding the model):
 
-    eval "$(python -m infra.services env)"
+    eval "$(python -m clara_infra.services env)"
     python benchmarks/load.py [--model models:/clara@production] [--clients 1,4,16] [--seconds 60]
                               [--out benchmarks/results/load.json]
 
@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/load.json")
     args = ap.parse_args()
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        sys.exit('MLFLOW_TRACKING_URI is not set: run  eval "$(python -m infra.services env)"  first')
+        sys.exit('MLFLOW_TRACKING_URI is not set: run  eval "$(python -m clara_infra.services env)"  first')
 
     questions = [json.loads(line)["question"] for line in DEV.read_text(encoding="utf-8").splitlines() if line]
     out = Path(args.out)

@@ -6,8 +6,9 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 """The checkout this package runs from (its default project folder: DVC data, the wheel's sources)."""
 
-PACKAGES = ("clara", "flows", "infra")
-"""What the project wheel holds (pyproject.toml's packages)."""
+PACKAGES = {"clara": "clara", "flows": "clara_flows", "infra": "clara_infra"}
+"""What the project wheel holds: each folder of the checkout and the name it is installed under (pyproject.toml's
+packages and package-dir; ``flows`` and ``infra`` are too generic to be top-level names in a user's environment)."""
 
 
 def source_digest(project: Path = PROJECT) -> str:

@@ -18,8 +18,8 @@ def _registry_call(fn, *args):
     from mlflow.exceptions import MlflowException
 
     from clara.cli import _fail
-    from flows import tracking
-    from flows.registry import RegistryError
+    from clara_flows import tracking
+    from clara_flows.registry import RegistryError
 
     try:
         return fn(tracking.client(), *args)
@@ -37,7 +37,7 @@ def promote_cmd(version: str = typer.Option(..., "--version", help="Model versio
                 reason: str = typer.Option(..., help="Why (recorded on the version and in the history)."),
                 name: str = ModelNameOpt) -> None:
     """Point the alias ``production`` at a version by hand (bypassing the pipeline's gate)."""
-    from flows.registry import promote
+    from clara_flows.registry import promote
 
     _say(_registry_call(promote, name, version, reason))
 
@@ -45,7 +45,7 @@ def promote_cmd(version: str = typer.Option(..., "--version", help="Model versio
 @registry_app.command("rollback")
 def rollback_cmd(reason: str = typer.Option(..., help="Why (recorded)."), name: str = ModelNameOpt) -> None:
     """Move ``production`` back to the version that held it before the current one."""
-    from flows.registry import rollback
+    from clara_flows.registry import rollback
 
     _say(_registry_call(rollback, name, reason))
 
@@ -55,7 +55,7 @@ def models_cmd(name: str = ModelNameOpt,
                metric: str = typer.Option("f1", help="Evaluation metric to show.")) -> None:
     """List a registered model's versions with their aliases, metric and gate decision."""
     from clara.cli import _fail
-    from flows import tracking
+    from clara_flows import tracking
 
     def show(c, name):
         versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
@@ -88,7 +88,7 @@ def ask_cmd(question: list[str] = typer.Argument(..., help="One or more question
 
     from clara.cli import _fail
     from clara.store.builds import StoreError
-    from flows import tracking
+    from clara_flows import tracking
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking.tracking_uri())
@@ -118,7 +118,7 @@ def build_app() -> typer.Typer:
 
 def context() -> dict:
     """What the library's commands are handed: MLflow's model-URI resolver."""
-    from flows import tracking
+    from clara_flows import tracking
 
     return {"resolve_uri": tracking.download_model}
 

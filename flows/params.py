@@ -4,7 +4,7 @@
     prefect deployment run clara/full-pipeline --param training='{"scp_steps": 0}' --param model='{"init_from": "ckpt"}'
 
 A group given in part keeps the defaults of the rest. Budgets left ``None`` come from the profile
-(``flows.profiles``). Field names are the ones the runs have always logged as MLflow params (``flat``), so runs
+(``clara_flows.profiles``). Field names are the ones the runs have always logged as MLflow params (``flat``), so runs
 from before the grouping compare with runs after it.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.tracking import EXPERIMENT
+from clara_flows.tracking import EXPERIMENT
 
 
 class _Group(BaseModel):

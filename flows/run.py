@@ -1,7 +1,7 @@
 """``make pipeline``'s last step: run deployment ``clara/full-pipeline`` with the Prefect CLI, wait for it, then
 print the run's evaluation artifact, its wall time and where to look next.
 
-    python -m flows.run [--param KEY=VALUE ...]    # extra parameters go to `prefect deployment run`
+    python -m clara_flows.run [--param KEY=VALUE ...]    # extra parameters go to `prefect deployment run`
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
 
 def _experiment_link() -> str:
     """The experiment's runs in MLflow's model-training view, or the server's address if it cannot be asked."""
-    from flows import tracking
+    from clara_flows import tracking
 
     try:
         c = tracking.client()

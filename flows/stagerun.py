@@ -23,7 +23,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from flows import tracking
+from clara_flows import tracking
 
 CACHE_VERSION = "3"  # bump when a stage's outputs change meaning, to invalidate every recorded result
 NOT_INPUTS = ("parent_run", "run_id", "reused", "cached_reason")

@@ -50,7 +50,7 @@ def outage(exc: BaseException) -> str | None:
                                                                  "Failed to establish", "timed out")))
         if unreachable:
             return (f"the MLflow tracking server at {tracking_uri()} does not answer; start it with "
-                    "`python -m infra.services up` (or `make services-up`) and run the deployment again: finished "
+                    "`python -m clara_infra.services up` (or `make services-up`) and run the deployment again: finished "
                     "stages are reused, and an interrupted one resumes from its checkpoints")
         exc = exc.__cause__ or exc.__context__
     return None

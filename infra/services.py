@@ -1,9 +1,9 @@
 """Start, check and stop the local services the pipeline talks to, idempotently.
 
-    python -m infra.services up       # Postgres (embedded), MLflow server, Prefect server, served deployment
-    python -m infra.services status
-    python -m infra.services env      # shell exports for MLFLOW_TRACKING_URI, PREFECT_API_URL, …
-    python -m infra.services down
+    python -m clara_infra.services up       # Postgres (embedded), MLflow server, Prefect server, served deployment
+    python -m clara_infra.services status
+    python -m clara_infra.services env      # shell exports for MLFLOW_TRACKING_URI, PREFECT_API_URL, …
+    python -m clara_infra.services down
 
 Everything lives under one state folder (``$CLARA_STATE_DIR``, default ``.clara/`` in the project): ``logs/``
 (one log per service), ``pids/``, ``mlflow/`` (artifact store) and ``prefect/`` (PREFECT_HOME). MLflow's backend store
@@ -205,10 +205,10 @@ def serve_up(layout: Layout, timeout: float = 120) -> str:
     """The process serving deployment ``clara/full-pipeline`` (runs pick-up from it).
 
     The serving process keeps the flow code it started with (Prefect hands each run the flow object it loaded,
-    not the file as it is now), so after an edit of the project's sources (``flows.source_digest``) it is
+    not the file as it is now), so after an edit of the project's sources (``clara_flows.source_digest``) it is
     restarted, unless a flow run is in flight: that one would be killed, so the old process is kept and the reply
     says so."""
-    from flows import source_digest
+    from clara_flows import source_digest
 
     code = source_digest(PROJECT)
     code_file = layout.state / "pids" / "serve.code"
@@ -222,7 +222,7 @@ def serve_up(layout: Layout, timeout: float = 120) -> str:
     if pid is not None:
         _stop(layout, "serve")
     started = time.time()
-    pid = _spawn(layout, "serve", [sys.executable, "-m", "flows.serve"])
+    pid = _spawn(layout, "serve", [sys.executable, "-m", "clara_flows.serve"])
     code_file.write_text(code)
     log = layout.logs / "serve.log"
     # Registered (again) by this process: its log says so once the deployment is up.
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # platformdirs, in containers
-    parser = argparse.ArgumentParser(prog="python -m infra.services", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clara_infra.services", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     parser.add_argument("--no-serve", action="store_true", help="up: do not start the served deployment")
     args = parser.parse_args(argv)

@@ -80,7 +80,7 @@ UriResolver = Callable[[str], Path]
 
 def resolve_model(ref: str, resolve_uri: UriResolver | None = None) -> Path:
     """A checkpoint folder, or a model URI fetched by ``resolve_uri`` (the library knows no tracking server:
-    the ``clara`` command line and the flows pass MLflow's, ``flows.tracking.download_model``)."""
+    the ``clara`` command line and the flows pass MLflow's, ``clara_flows.tracking.download_model``)."""
     if ref.startswith(("models:/", "runs:/")):
         if resolve_uri is None:
             raise ValueError(f"{ref}: a model URI needs a resolver; give a checkpoint folder, or run this through "

@@ -79,7 +79,7 @@ def reachable(engine: Engine) -> Iterator[None]:
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
         raise StoreUnavailable(
             f"cannot reach the database at {engine.url.render_as_string(hide_password=True)}: it did not answer "
-            f"({first}); start it (python -m infra.services up) or check $CLARA_DATABASE_URL, then try again"
+            f"({first}); start it (python -m clara_infra.services up) or check $CLARA_DATABASE_URL, then try again"
         ) from exc
 
 

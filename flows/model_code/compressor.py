@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from flows.models import CompressorModel
+from clara_flows.models import CompressorModel
 
 set_model(CompressorModel())

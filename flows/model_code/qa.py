@@ -4,6 +4,6 @@ be executed by whoever loads it). ``set_model`` at import is MLflow's contract f
 
 from mlflow.models import set_model
 
-from flows.models import ClaraQAModel
+from clara_flows.models import ClaraQAModel
 
 set_model(ClaraQAModel())

@@ -1,15 +1,15 @@
-"""infra.services' restart rule for the process serving the deployment: it keeps the flow code it started with,
+"""clara_infra.services' restart rule for the process serving the deployment: it keeps the flow code it started with,
 so it is restarted when the sources change, but never under a flow run in flight (that would kill the run)."""
 
 import pytest
 
-from infra import services
+from clara_infra import services
 
 
 def test_source_digest_follows_the_sources(tmp_path):
     """One digest of the project's sources: the project wheel is cached under it and the serving process is
     restarted when it changes. Package data (prompts, migrations) changes what a run does, so it counts too."""
-    from flows import source_digest
+    from clara_flows import source_digest
 
     (tmp_path / "pyproject.toml").write_text("[project]\n")
     for package in ("flows", "clara", "infra"):
@@ -41,7 +41,7 @@ def serving(tmp_path, monkeypatch):
     monkeypatch.setattr(services, "_stop", lambda layout, name: calls.append(("stop", name)))
     monkeypatch.setattr(services, "_spawn", lambda layout, name, cmd: calls.append(("spawn", name)) or 4343)
     monkeypatch.setattr(services, "_wait", lambda *a, **k: None)
-    monkeypatch.setattr("flows.source_digest", lambda project=None: "new")
+    monkeypatch.setattr("clara_flows.source_digest", lambda project=None: "new")
     return layout, calls, state
 
 

@@ -5,7 +5,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from clara.serving import MAX_QUESTION_CHARS, check_questions
-from flows.models import _questions
+from clara_flows.models import _questions
 
 
 def test_questions_are_taken_from_every_input_shape():
@@ -105,14 +105,14 @@ def test_a_store_outage_is_a_503_that_says_how_to_recover():
     """What the scoring server gets when the database does not answer: 503 with the store's message (the
     outage itself, against a real server, is tested in tests/library/store)."""
     from clara.store.builds import StoreUnavailable
-    from flows.models import ClaraQAModel
+    from clara_flows.models import ClaraQAModel
 
     def down(items):
         raise StoreUnavailable("cannot reach the database at postgresql://x: it did not answer (connection refused); "
-                               "start it (python -m infra.services up)")
+                               "start it (python -m clara_infra.services up)")
 
     model = ClaraQAModel()
     model.batcher = down
     with pytest.raises(MlflowException) as err:
         model.predict(None, pd.DataFrame({"question": ["Where?"]}))
-    assert err.value.get_http_status_code() == 503 and "infra.services up" in err.value.message
+    assert err.value.get_http_status_code() == 503 and "clara_infra.services up" in err.value.message

@@ -13,7 +13,7 @@ import pytest
 
 
 def test_cache_key_ignores_run_identity_but_not_inputs():
-    from flows.stagerun import stage_key as _key
+    from clara_flows.stagerun import stage_key as _key
 
     a = _key("train_e2e", {"scp": {"run_id": "r1", "model_uri": "models:/c/1"}, "steps": 5, "parent_run": "p1"})
     b = _key("train_e2e", {"scp": {"run_id": "r2", "model_uri": "models:/c/1"}, "steps": 5, "parent_run": "p2"})
@@ -40,7 +40,7 @@ def test_only_transient_failures_are_retried():
 
     from clara.data.teachers import TeacherError
     from clara.store.builds import StoreError
-    from flows.pipeline import _transient
+    from clara_flows.pipeline import _transient
 
     for exc in (StoreError("database down"), TeacherError("503"), ConnectionError("refused"),
                 OperationalError("select 1", {}, Exception("gone"))):
@@ -81,7 +81,7 @@ def registry(tmp_path):
 
 
 def test_gate_judges_latency_against_the_same_runs_raw_text(registry):
-    from flows.registry import gate
+    from clara_flows.registry import gate
 
     c, add = registry
     base = [0.2, 0.4, 0.6, 0.3] * 10
@@ -94,7 +94,7 @@ def test_gate_judges_latency_against_the_same_runs_raw_text(registry):
 
 
 def test_gate_promotes_on_paired_evidence_only(registry):
-    from flows.registry import RegistryError, gate
+    from clara_flows.registry import RegistryError, gate
 
     c, add = registry
     base = [0.2, 0.4, 0.6, 0.3] * 10
@@ -128,7 +128,7 @@ def test_gate_promotes_on_paired_evidence_only(registry):
 
 
 def test_rollback_walks_back_one_promotion_at_a_time(registry):
-    from flows.registry import RegistryError, history, promote, rollback
+    from clara_flows.registry import RegistryError, history, promote, rollback
 
     c, add = registry
     v1, v2, v3 = add(0.1), add(0.2), add(0.3)
@@ -157,7 +157,7 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
     import pandas as pd
 
     from clara.model.checkpoint import save_checkpoint
-    from flows.registry import log_pyfunc
+    from clara_flows.registry import log_pyfunc
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -175,8 +175,12 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                     str(local / wheel_req[0])], check=True)
-    probe = subprocess.run([sys.executable, "-c", "import flows.models, clara.serving; print(flows.models.__file__)"],
-                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True,
+    import zipfile
+
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(local / wheel_req[0]).namelist() if ".dist-info" not in n}
+    assert tops == {"clara", "clara_flows", "clara_infra"}  # nothing as generic as `flows` in a user's environment
+    code = "import clara_flows.models, clara.serving; print(clara_flows.models.__file__)"
+    probe = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True,
                            text=True, check=True)
     assert probe.stdout.startswith(str(target)), probe.stdout
 
@@ -196,9 +200,9 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
 
 
 def test_pipeline_parameters_are_checked_before_any_stage():
-    from flows import profiles
-    from flows.params import flat
-    from flows.pipeline import check_parameters
+    from clara_flows import profiles
+    from clara_flows.params import flat
+    from clara_flows.pipeline import check_parameters
 
     defaults = flat({})
     params = {**defaults, **profiles.resolve("demo", {k: defaults[k] for k in profiles.PROFILES["demo"]})}
@@ -225,8 +229,8 @@ def test_parameters_are_grouped_for_the_run_form_and_flat_for_mlflow():
 
     import pydantic
 
-    from flows.params import GROUPS, Training, flat, grouped
-    from flows.pipeline import clara
+    from clara_flows.params import GROUPS, Training, flat, grouped
+    from clara_flows.pipeline import clara
 
     signature = inspect.signature(clara.fn).parameters
     assert list(signature) == ["profile", *GROUPS]
@@ -244,7 +248,7 @@ def test_parameters_are_grouped_for_the_run_form_and_flat_for_mlflow():
 
 
 def test_profiles_resolve_with_explicit_parameters_winning():
-    from flows.profiles import PROFILES, resolve
+    from clara_flows.profiles import PROFILES, resolve
 
     demo = resolve("demo", {"scp_steps": None, "max_docs": 50})
     assert demo["scp_steps"] == PROFILES["demo"]["scp_steps"] and demo["max_docs"] == 50
@@ -262,8 +266,8 @@ def test_demo_starts_from_the_shipped_release():
     rate, readout): the SCP stage would refuse it otherwise."""
     from clara.config import preset
     from clara.model.checkpoint import read_checkpoint_config
-    from flows.params import Model
-    from flows.profiles import PROFILES, RELEASE
+    from clara_flows.params import Model
+    from clara_flows.profiles import PROFILES, RELEASE
 
     root = Path(__file__).resolve().parents[2]
     assert PROFILES["demo"]["init_from"] == RELEASE and PROFILES["demo"]["scp_steps"] == 0
@@ -279,7 +283,7 @@ def test_demo_starts_from_the_shipped_release():
 
 def test_pipeline_refuses_a_starting_point_of_another_base_rate_or_readout(tiny_model, tmp_path):
     from clara.model.checkpoint import save_checkpoint
-    from flows.pipeline import pretrain_scp
+    from clara_flows.pipeline import pretrain_scp
 
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
     args = dict(data={}, steps=0, batch_size=1, lr=1e-4, target_dropout=0.0, init_from=str(ckpt), device=None, processes=1,
@@ -294,14 +298,14 @@ def test_pipeline_refuses_a_starting_point_of_another_base_rate_or_readout(tiny_
 
 def test_registration_with_the_tracking_server_gone_is_named_as_its_outage(monkeypatch):
     """The promote stage's registry calls against a server that does not answer: the error the pipeline turns
-    into TrackingUnavailable (names the server and `python -m infra.services up`); nothing was registered, and
+    into TrackingUnavailable (names the server and `python -m clara_infra.services up`); nothing was registered, and
     the next run's register_once registers exactly once (its key search finds nothing half-made)."""
     import socket
 
     from mlflow import MlflowClient
 
-    from flows import tracking
-    from flows.registry import register_once
+    from clara_flows import tracking
+    from clara_flows.registry import register_once
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -312,5 +316,5 @@ def test_registration_with_the_tracking_server_gone_is_named_as_its_outage(monke
     with pytest.raises(Exception) as err:
         register_once(MlflowClient(dead, dead), "clara", "k" * 16, lambda: logged.append(1) or "runs:/r/model", {})
     message = tracking.outage(err.value)
-    assert message and dead in message and "python -m infra.services up" in message
+    assert message and dead in message and "python -m clara_infra.services up" in message
     assert logged == []  # the key search failed first: no model was logged for a version that cannot be made

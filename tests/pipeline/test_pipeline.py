@@ -23,9 +23,9 @@ TINY = dict(preset="tiny", init_from="none", max_docs=40, scp_steps=3, scp_batch
 
 
 def run_pipeline(**flat):
-    """The parent flow called with flat settings (``flows.params.grouped`` sorts them into its groups)."""
-    from flows.params import grouped
-    from flows.pipeline import clara
+    """The parent flow called with flat settings (``clara_flows.params.grouped`` sorts them into its groups)."""
+    from clara_flows.params import grouped
+    from clara_flows.pipeline import clara
 
     return clara(**grouped(**flat))
 
@@ -43,7 +43,7 @@ def services(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     from clara.store.server import embedded_server, sqlalchemy_url
-    from infra import services as infra
+    from clara_infra import services as infra
 
     root = tmp_path_factory.mktemp("services")
     layout = infra.Layout(root / "state", _free_port(), _free_port())
@@ -51,7 +51,7 @@ def services(tmp_path_factory):
     db = os.environ.get("CLARA_DATABASE_URL") or sqlalchemy_url(embedded_server(root / "pg").get_uri())
     os.environ.update({"MLFLOW_TRACKING_URI": layout.mlflow_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
                        "CLARA_DATABASE_URL": db, "CLARA_CACHE_DIR": str(root / "cache")})
-    # MLflow's backend store on the same Postgres as the corpus store, as `infra.services up` runs it
+    # MLflow's backend store on the same Postgres as the corpus store, as `clara_infra.services up` runs it
     assert infra.mlflow_up(layout, infra.mlflow_backend(layout, db)) == "started"
     assert infra.mlflow_up(layout) == "running"  # idempotent: a healthy server is left alone
     try:
@@ -82,7 +82,7 @@ def repo(services):
 
 
 def _client():
-    from flows import tracking
+    from clara_flows import tracking
 
     return tracking.client()
 
@@ -129,8 +129,8 @@ def test_run_left_registered_models_alias_build_and_lineage(first_run, repo):
     from clara.data.versioning import data_version, status_clean
     from clara.store.builds import get_build
     from clara.store.db import connect
-    from flows import tracking
-    from flows.registry import history
+    from clara_flows import tracking
+    from clara_flows.registry import history
 
     result = first_run
     c = _client()
@@ -273,7 +273,7 @@ def _register_copy(first_run, name: str, shift: float) -> str:
     import json
     import tempfile
 
-    from flows.registry import register
+    from clara_flows.registry import register
 
     c = _client()
     source = c.get_model_version("clara", first_run["promotion"]["version"])
@@ -292,7 +292,7 @@ def _register_copy(first_run, name: str, shift: float) -> str:
 
 
 def test_gate_keeps_production_unless_the_new_version_is_better(first_run):
-    from flows.registry import gate, history
+    from clara_flows.registry import gate, history
 
     c, name = _client(), "clara-gate-test"
     first = _register_copy(first_run, name, 0.0)
@@ -315,8 +315,8 @@ def test_gate_keeps_production_unless_the_new_version_is_better(first_run):
 def test_promote_and_rollback_by_hand_from_the_cli(first_run):
     from typer.testing import CliRunner
 
-    from flows.cli import build_app, context
-    from flows.registry import gate
+    from clara_flows.cli import build_app, context
+    from clara_flows.registry import gate
 
     c, name = _client(), "clara-cli-test"
     before = _register_copy(first_run, name, 0.0)
@@ -356,7 +356,7 @@ def test_compression_shards_run_on_a_local_dask_cluster(first_run):
 
     from clara.store.db import connect
     from clara.store.search import decode_memory
-    from flows.pipeline import compress_corpus
+    from clara_flows.pipeline import compress_corpus
 
     first = first_run
     data = {**first["data"], "corpus_version": first["data"]["corpus_version"] + "/dask"}
@@ -439,8 +439,8 @@ def test_a_bad_corpus_fails_the_run_at_its_first_stage_with_the_reason(services,
 
 
 def test_the_cache_rule_reuses_only_runs_whose_outputs_are_still_there(first_run):
-    from flows.pipeline import _checkpoint_missing, _version_missing
-    from flows.stagerun import reuse
+    from clara_flows.pipeline import _checkpoint_missing, _version_missing
+    from clara_flows.stagerun import reuse
 
     c = _client()
     key = c.get_run(first_run["scp"]["run_id"]).data.tags["clara.key"]
@@ -468,7 +468,7 @@ def _pipeline_process(params: dict, env: dict | None = None) -> subprocess.Popen
     import prefect.settings
 
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(), **(env or {})}
-    code = ("import json, sys; from flows.params import grouped; from flows.pipeline import clara; "
+    code = ("import json, sys; from clara_flows.params import grouped; from clara_flows.pipeline import clara; "
             "clara(**grouped(**json.loads(sys.argv[1])))")
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -669,7 +669,7 @@ def test_an_imported_release_goes_through_the_pipeline(services, repo, tmp_path)
 
 
 def test_the_tracking_server_going_away_mid_training_is_a_clear_error_and_a_rerun_finishes(services, repo):
-    from infra import services as infra
+    from clara_infra import services as infra
 
     layout = services["layout"]
     params = {**TINY, "scp_steps": 30, "model_name": "clara-outage", "project_dir": str(repo)}
@@ -680,7 +680,7 @@ def test_the_tracking_server_going_away_mid_training_is_a_clear_error_and_a_reru
         assert proc.wait(timeout=600) != 0
         err = proc.stderr.read().decode(errors="replace")
         assert "TrackingUnavailable" in err and f"MLflow tracking server at {layout.mlflow_uri} does not answer" in err
-        assert "python -m infra.services up" in err
+        assert "python -m clara_infra.services up" in err
     finally:
         assert infra.mlflow_up(layout, infra.mlflow_backend(layout, services["db"])) == "started"
     result = run_pipeline(**params)  # the same inputs: it finishes, and the dead process's runs are closed

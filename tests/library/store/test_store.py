@@ -488,7 +488,7 @@ def test_a_database_outage_during_queries_is_a_clear_error_and_answers_resume(ti
     own_server.stop()
     try:
         with pytest.raises(StoreUnavailable, match=r"database at postgresql\+psycopg://.*did not answer.*"
-                                                   r"python -m infra.services up"):
+                                                   r"python -m clara_infra.services up"):
             answerer.ask(["Which river flows through Paris?"])
     finally:
         own_server.start()
@@ -525,7 +525,7 @@ def test_a_database_outage_while_loading_a_build_keeps_what_was_loaded_and_a_rer
         return shard_files(files)(loaded)
 
     try:
-        with pytest.raises(StoreUnavailable, match="did not answer.*python -m infra.services up"):
+        with pytest.raises(StoreUnavailable, match="did not answer.*python -m clara_infra.services up"):
             load_build(engine, docs, stops_after_first, batch_size=2, **shape)
     finally:
         own_server.start()
