@@ -543,8 +543,7 @@ def test_a_pipeline_killed_in_one_stage_after_another_finishes_when_run_again(fi
     """One lineage killed three times, each time in the next stage (stage 2, corpus compression, evaluation:
     each rerun reuses what the last one finished), then run to the end: every run the dead processes left RUNNING
     is closed KILLED, and nothing is there twice (synthesized rows, model version, store rows). (Synthesis does
-    its work before its run opens, so its kill window is a moment; its shards' resume is tested in
-    tests/library/data.)"""
+    its work before its run opens: killed inside it, see the next test.)"""
     import signal
 
     params = {**TINY, "instruct_steps": 30, "model_name": "clara-killed-chain",
@@ -573,6 +572,49 @@ def test_a_pipeline_killed_in_one_stage_after_another_finishes_when_run_again(fi
         keys = [json.dumps([r.get("doc_id"), r.get("data_type"), r.get("kind"), r.get("question")]) for r in rows]
         assert len(keys) == len(set(keys)), f"duplicate synthesized rows in {split}"
     _assert_one_build_each_doc_once(result, params["max_docs"])
+
+
+def test_a_pipeline_killed_inside_synthesis_finishes_when_run_again(first_run, repo):
+    """SIGKILL the pipeline while its teacher is part-way through a shard (documents done, others not); run it
+    again: the shard resumes from its done log (each document synthesized once, no duplicate row), the run
+    finishes, and the dead process's parent run is closed KILLED."""
+    import signal
+    import time
+
+    from clara.model.base import cache_dir
+
+    n = 600  # documents no other test synthesizes (a new work key), enough that the kill lands mid-shard
+    params = {**TINY, "max_docs": n, "shards": 1, "model_name": "clara-killed-synth", "project_dir": str(repo)}
+    started = time.time()
+    proc = _pipeline_process(params)
+    deadline, partial = time.monotonic() + 300, None
+    while partial is None and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the pipeline exited ({proc.returncode}) before synthesizing: "
+                        f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
+        for log in (cache_dir() / "pipeline").glob("synth-*/shard-*/done.jsonl"):
+            if log.stat().st_mtime >= started and 20 <= len(log.read_bytes().splitlines()) <= n - 100:
+                partial = log
+        time.sleep(0.05)
+    assert partial is not None, "synthesis never showed a part-done shard"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(partial.read_bytes().splitlines())
+    assert done_at_kill < n
+    c = _client()
+    exp = c.get_experiment_by_name("clara").experiment_id
+    left = c.search_runs([exp], f"tags.`clara.pid` = '{proc.pid}' AND attributes.status = 'RUNNING'")
+    assert left, "the kill left no RUNNING run to close"
+
+    result = run_pipeline(**params)
+    for r in left:
+        assert c.get_run(r.info.run_id).info.status == "KILLED"
+    ids = [json.loads(line)["doc_id"] for line in partial.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) >= done_at_kill  # the rerun added the rest, redoing none
+    rows = [json.loads(line) for line in (Path(result["data"]["synth_dir"]) / "train.jsonl").read_text().splitlines()]
+    keys = [json.dumps([r.get("doc_id"), r.get("data_type"), r.get("kind"), r.get("question")]) for r in rows]
+    assert rows and len(keys) == len(set(keys)), "duplicate synthesized rows"
+    assert result["data"]["max_docs"] == n
 
 
 def test_two_runs_with_the_same_inputs_at_once_build_and_register_once(first_run, repo):
