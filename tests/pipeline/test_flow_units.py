@@ -88,7 +88,7 @@ def test_gate_judges_latency_against_the_same_runs_raw_text(registry):
     gate(c, "m", add(0.375, base, 1100.0, reference_ms=5800.0), "f1")
     # The second run's machine was busier: CLaRa's p95 +26 %, raw text's +19 % (the real runs of 2026-12-01).
     d = gate(c, "m", add(0.875, [s + 0.5 for s in base], 1390.0, reference_ms=6900.0), "f1")
-    assert d.alias == "production" and "of the same run's reference (+6%" in d.reason
+    assert d.alias == "production" and "of the same run's reference median (+6%" in d.reason
     tags = c.get_model_version("m", d.version).tags
     assert float(tags["gate.latency_change"]) == pytest.approx(1390 / 6900 / (1100 / 5800) - 1, rel=1e-4)
 

@@ -94,3 +94,17 @@ def test_latency_is_judged_against_the_same_runs_reference_when_both_have_one():
     v = judge("f1", scores(prod + 0.3), scores(prod), **win, challenger_reference=partial,
               production_reference=scores(np.full(40, 500.0)))
     assert not v.promote and "of the same run's" not in v.reason
+
+
+def test_one_stalled_reference_answer_does_not_decide_the_gate():
+    # Production's evaluation shared the cores with a training run: two of its 40 reference answers stalled
+    # (seen in a real run: p95 92 s beside a 6 s median). Normalised by the reference's p95 the same challenger
+    # would look 14x slower than production; by its median it is judged on what it did.
+    prod = np.full(40, 0.3)
+    stalled = np.full(40, 6000.0)
+    stalled[[3, 17]] = 92000.0
+    v = judge("f1", scores(prod + 0.3), scores(prod), challenger_latency=scores(np.full(40, 1000.0)),
+              production_latency=scores(np.full(40, 1000.0)), challenger_reference=scores(np.full(40, 6000.0)),
+              production_reference=scores(stalled))
+    assert v.promote and v.latency_change == pytest.approx(0.0), v.reason
+    assert "reference median" in v.reason
