@@ -583,7 +583,9 @@ def test_a_pipeline_killed_inside_synthesis_finishes_when_run_again(first_run, r
 
     from clara.model.base import cache_dir
 
-    n = 600  # documents no other test synthesizes (a new work key), enough that the kill lands mid-shard
+    # documents no other test synthesizes (a new work key in this module's cache folder), enough that the kill
+    # lands mid-shard
+    n = 300
     params = {**TINY, "max_docs": n, "shards": 1, "model_name": "clara-killed-synth", "project_dir": str(repo)}
     started = time.time()
     proc = _pipeline_process(params)
