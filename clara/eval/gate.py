@@ -108,18 +108,14 @@ def judge(metric: str, challenger: Mapping[str, float], production: Mapping[str,
     b = np.array([production[q] for q in ids])
     gain = paired_bootstrap(a, b, rule) if higher_is_better else paired_bootstrap(b, a, rule)
 
-    def p95(values: Mapping[str, float] | None) -> float | None:
-        if not values or not all(q in values for q in ids):
+    def over_ids(values: Mapping[str, float] | None, q: float) -> float | None:
+        """The q-th percentile over the paired questions (None when any is missing)."""
+        if not values or not all(i in values for i in ids):
             return None
-        return float(np.percentile([values[q] for q in ids], 95))
+        return float(np.percentile([values[i] for i in ids], q))
 
-    def median(values: Mapping[str, float] | None) -> float | None:
-        if not values or not all(q in values for q in ids):
-            return None
-        return float(np.median([values[q] for q in ids]))
-
-    lat_c, lat_p = p95(challenger_latency), p95(production_latency)
-    ref_c, ref_p = median(challenger_reference), median(production_reference)
+    lat_c, lat_p = over_ids(challenger_latency, 95), over_ids(production_latency, 95)
+    ref_c, ref_p = over_ids(challenger_reference, 50), over_ids(production_reference, 50)
     latency_ok, change = True, None
     if lat_c is None or lat_p is None:
         lat_c = lat_p = None
