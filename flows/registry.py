@@ -73,13 +73,21 @@ def history(c: MlflowClient, name: str) -> list[dict[str, Any]]:
 
 
 def _set_production(c: MlflowClient, name: str, version: str, reason: str, action: str) -> None:
+    # The alias first (what serving follows), the history entry last: a run that dies in between leaves a
+    # version that holds the alias without its entry, which the next gate finds (``_recorded``) and completes.
     c.set_registered_model_alias(name, PRODUCTION, version)
-    entries = history(c, name) + [{"version": str(version), "action": action, "reason": reason,
-                                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
-    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(entries[-_HISTORY_KEEP:]))
     c.set_model_version_tag(name, version, "production.reason", reason)
     if _alias_version(c, name, CHALLENGER) == str(version):
         c.delete_registered_model_alias(name, CHALLENGER)
+    entries = history(c, name) + [{"version": str(version), "action": action, "reason": reason,
+                                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(entries[-_HISTORY_KEEP:]))
+
+
+def _recorded(c: MlflowClient, name: str, version: str) -> bool:
+    """Whether ``version``'s promotion was recorded: the history's last entry, written last, names it."""
+    entries = history(c, name)
+    return bool(entries) and entries[-1]["version"] == str(version)
 
 
 LATENCY_REFERENCE = "raw-text"
@@ -143,6 +151,10 @@ def gate(c: MlflowClient, name: str, version: str | int, metric: str, rule: Gate
         alias, reason = PRODUCTION, f"first production version ({metric} = {value:.4f})"
     elif current == version:
         alias, reason = PRODUCTION, f"already production ({metric} = {value:.4f})"
+        if not _recorded(c, name, version):
+            # a run that lost the tracking server between moving the alias and writing its record: finish the
+            # record now, so every production version has its history entry and reason
+            _set_production(c, name, version, f"promotion completed on rerun ({metric} = {value:.4f})", "gate")
     else:
         mine, theirs = evidence(c, name, version, metric), evidence(c, name, current, metric)
         if mine is None or theirs is None:

@@ -4,6 +4,7 @@ store, models-from-code, parameter checks, profiles."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,19 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
     probe = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True,
                            text=True, check=True)
     assert probe.stdout.startswith(str(target)), probe.stdout
+    # Serving needs neither the orchestration stack nor the data tools: the wheel requires them only under the
+    # `pipeline` extra, and the code a served model runs imports none of them.
+    pipeline_only = {"prefect", "prefect-dask", "dask", "distributed", "dvc", "spacy", "bm25s", "matplotlib", "httpx"}
+    meta = next(target.glob("clara-*.dist-info")) / "METADATA"
+    required = {re.split(r"[ =<>\[;]", line.split(":", 1)[1].strip())[0].lower()
+                for line in meta.read_text().splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line}
+    assert {"torch", "mlflow", "sqlalchemy"} <= required and not required & pipeline_only, required
+    code = ("import sys, clara_flows.models, clara.serving, clara.model.checkpoint, clara.store.builds, "
+            "clara.store.db, clara.eval.retrievers; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert not set(loaded) & pipeline_only, set(loaded) & pipeline_only
 
     def refuse(*a, **k):
         raise AssertionError("loading a registered model tried to unpickle")

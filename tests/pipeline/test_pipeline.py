@@ -732,3 +732,73 @@ def test_the_tracking_server_going_away_mid_training_is_a_clear_error_and_a_reru
     c = _client()
     exp = c.get_experiment_by_name("clara").experiment_id
     assert not c.search_runs([exp], f"tags.`clara.pid` = '{proc.pid}' AND attributes.status = 'RUNNING'")
+
+
+def test_the_tracking_server_going_away_during_registration_leaves_nothing_half_made(services, tiny_model, tmp_path,
+                                                                                    monkeypatch):
+    """The real server stopped at the two points of the promote stage where a version or the alias is half-made:
+    after the model was logged and before its version exists, and after `production` moved and before its
+    history entry was written. Each time the error names the server and how to restart it; after a restart the
+    same calls finish: one version for the stage key, and the promotion's record completed."""
+    import mlflow
+
+    from clara.model.checkpoint import save_checkpoint
+    from clara_flows import tracking
+    from clara_flows.registry import PRODUCTION, gate, history, log_pyfunc, register_once
+    from clara_infra import services as infra
+
+    layout, name, key = services["layout"], "clara-registry-outage", "r" * 16
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    c = _client()
+    exp = c.get_experiment_by_name("clara") or c.get_experiment(c.create_experiment("clara"))
+    run_id = c.create_run(exp.experiment_id).info.run_id
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    logged: list[str] = []
+
+    def log_then(stop: bool):
+        uri = log_pyfunc(run_id, "compressor", ckpt, {"device": "cpu"}, input_column="text")
+        logged.append(uri)
+        if stop:
+            infra._stop(layout, "mlflow")
+        return uri
+
+    def restart():
+        assert infra.mlflow_up(layout, infra.mlflow_backend(layout, services["db"])) == "started"
+
+    # 1. the model is logged, then the server goes before the version is created
+    try:
+        with pytest.raises(Exception) as err:
+            register_once(c, name, key, lambda: log_then(stop=True), {"eval.cem": 0.5})
+        message = tracking.outage(err.value)
+        assert message and layout.mlflow_uri in message and "python -m clara_infra.services up" in message
+    finally:
+        restart()
+    assert _versions(name) == []  # no version was made, so none is visible half-made
+    version, found = register_once(c, name, key, lambda: log_then(stop=False), {"eval.cem": 0.5})
+    assert not found and len(logged) == 2
+    assert [v.version for v in _versions(name)] == [version]
+    assert register_once(c, name, key, lambda: log_then(stop=False), {}) == (version, True)  # found, not re-made
+
+    # 2. the server goes after `production` moved to the version, before the promotion's history entry
+    move = mlflow.MlflowClient.set_registered_model_alias
+
+    def move_then_stop(self, *args, **kwargs):
+        move(self, *args, **kwargs)
+        infra._stop(layout, "mlflow")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", move_then_stop)
+    try:
+        with pytest.raises(Exception) as err:
+            gate(c, name, version, "cem")
+        assert tracking.outage(err.value)
+    finally:
+        monkeypatch.undo()
+        restart()
+    assert history(c, name) == []  # the alias moved; its record is what the rerun must complete
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    decision = gate(c, name, version, "cem")
+    assert decision.alias == PRODUCTION and "already production" in decision.reason
+    assert [e["version"] for e in history(c, name)] == [version]
+    assert "completed on rerun" in c.get_model_version(name, version).tags["production.reason"]
+    gate(c, name, version, "cem")  # a third run finds the record whole and adds nothing
+    assert [e["version"] for e in history(c, name)] == [version]
