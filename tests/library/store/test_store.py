@@ -216,6 +216,14 @@ def test_embedded_server_start_reuse_stop(tmp_path):
     with eng.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar() == 1
     eng.dispose()
+    # A process that attaches to the running server and exits leaves it running: the MLflow server of
+    # `clara_infra.services up` keeps its backend store after a pipeline run ends.
+    attach = f"from clara.store.server import embedded_server; embedded_server({str(datadir)!r}).get_uri()"
+    subprocess.run([sys.executable, "-c", attach], check=True)
+    eng = connect(url)
+    with eng.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    eng.dispose()
     assert embedded_server(datadir).get_uri() in url.replace("postgresql+psycopg", "postgresql")
     out = subprocess.run(cli + ["stop", "--datadir", str(datadir)], capture_output=True, text=True, check=True)
     assert "stopped" in out.stdout and not (datadir / "postmaster.pid").exists()
