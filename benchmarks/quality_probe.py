@@ -14,7 +14,13 @@ Three parts, each beside its references, on the corpus the questions are about (
     tokens are worth, in nats per token.
 (b) **Generator alone** — each dev question answered with its gold passage forced into the k documents (the
     other k-1 are BM25's best from other articles, in a seeded order): CLaRa from the compressed passages vs the
-    base model from the same k passages as raw text, and closed book.
+    base model from the same k passages as raw text, and closed book. Beside the answers, their likelihood:
+    the mean NLL per token of each question's first gold answer (teacher-forced, no EOS), for CLaRa with the gold
+    passage forced and with the gold's memory swapped for the next hard negative's, and for the base model with
+    the raw passages and closed book. ``answer_use`` (without gold − forced) is what the gold passage is worth to
+    the answer, in nats per answer token; unlike CEM on 150 questions it moves with small changes, so it is the
+    number to compare checkpoints by. Compare it within a model: the base model answers in sentences, so its
+    NLL of a bare short answer is high either way.
 (c) **Own retrieval** — the query reasoner searches the compressed corpus (exact flattened cosine) and the
     generator answers from its top k. ``--retrieval full`` searches every passage of the corpus; ``pool`` (for
     slow machines) searches the union of the questions' (b) passage sets: each question's gold passage among
@@ -119,6 +125,23 @@ def _batched(fn, items: Sequence[Any], batch_size: int) -> list[str]:
     return out
 
 
+def answer_nll(model, rows: Sequence[list[int]], answers: Sequence[str],
+               memories: Sequence[list[torch.Tensor]] | None, adapter: str | None, batch_size: int = 8) -> float:
+    """Mean NLL per answer token of ``answers`` after the prompt ``rows`` (memory vectors spliced in when given),
+    under ``adapter``; teacher-forced, without EOS (a base model that answers in sentences would pay for it)."""
+    targets = [model.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    total, tokens = 0.0, 0
+    model.peft.eval()
+    with torch.no_grad(), model.adapter(adapter):
+        for s in range(0, len(rows), batch_size):
+            t = targets[s: s + batch_size]
+            mems = [list(m) for m in memories[s: s + batch_size]] if memories is not None else [[] for _ in t]
+            n = sum(len(x) for x in t)
+            total += model.response_loss(list(rows[s: s + batch_size]), t, mems).item() * n
+            tokens += n
+    return total / tokens
+
+
 def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit: int | None = None,
           heldout_passages: int = 40, max_new_tokens: int = 32, batch_size: int = 8, parts: str = "abc",
           seed: int = 0, amp: str | None = None, retrieval: str = "full", corpus: str = "bundled"
@@ -166,12 +189,15 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         ranked = bm25.retrieve([r.question for r in qa], 20)
         rng = random.Random(seed)
         forced: list[list[str]] = []
+        without_gold: list[list[str]] = []  # the same set with the gold swapped for the next hard negative
         for r, hits in zip(qa, ranked):
             gold = r.gold_doc_ids[0]
             parent = by_id[gold].parent_id or gold
-            others = [d for d, _ in hits if (by_id[d].parent_id or d) != parent][: k - 1]
-            others.insert(rng.randrange(len(others) + 1), gold)
-            forced.append(others)
+            others = [d for d, _ in hits if (by_id[d].parent_id or d) != parent][:k]
+            chosen = others[: k - 1]
+            slot = rng.randrange(len(chosen) + 1)
+            forced.append(chosen[:slot] + [gold] + chosen[slot:])
+            without_gold.append(chosen[:slot] + others[k - 1:k] + chosen[slot:])
         questions = [r.question for r in qa]
         key = hashlib.sha256(json.dumps([model.cfg.base, questions, forced, max_new_tokens]).encode()).hexdigest()
         cached = cache_dir() / "probe" / f"baselines-{key[:16]}.json"
@@ -185,13 +211,37 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
                 max_new_tokens), list(range(len(qa))), batch_size)
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps([closed, raw]), encoding="utf-8")
-        needed = sorted({d for ids in forced for d in ids})
+        gold_answers = [r.answers[0] for r in qa]
+        nll_key = hashlib.sha256(json.dumps([model.cfg.base, questions, forced, gold_answers]).encode()).hexdigest()
+        nll_cached = cache_dir() / "probe" / f"answer-nll-{nll_key[:16]}.json"
+        if nll_cached.is_file():
+            base_nll = json.loads(nll_cached.read_text(encoding="utf-8"))
+        else:
+            base_nll = {
+                "closed_book": answer_nll(model, [model.text_qa_prompt(q, []) for q in questions], gold_answers,
+                                          None, None, batch_size),
+                "raw_text_forced": answer_nll(model, [model.text_qa_prompt(q, [by_id[d].full_text for d in ids])
+                                                      for q, ids in zip(questions, forced)],
+                                              gold_answers, None, None, batch_size)}
+            nll_cached.parent.mkdir(parents=True, exist_ok=True)
+            nll_cached.write_text(json.dumps(base_nll), encoding="utf-8")
+        needed = sorted({d for ids in forced + without_gold for d in ids})
         mem = dict(zip(needed, model.compress([by_id[d].full_text for d in needed])))
         clara = _batched(lambda idx: model.generate([questions[i] for i in idx],
                                                     [[mem[d] for d in forced[i]] for i in idx], max_new_tokens),
                          list(range(len(qa))), batch_size)
         result["generator"] = {"closed_book": _score(closed, qa), "raw_text_forced": _score(raw, qa),
                                "clara_forced": _score(clara, qa)}
+
+        def clara_nll(sets: list[list[str]]) -> float:
+            rows = [model.qa_prompt(q, [mem[d].shape[0] for d in ids]) for q, ids in zip(questions, sets)]
+            return answer_nll(model, rows, gold_answers, [[mem[d] for d in ids] for ids in sets], "generator",
+                              batch_size)
+
+        nll = {**base_nll, "clara_forced": clara_nll(forced), "clara_without_gold": clara_nll(without_gold)}
+        nll["answer_use"] = nll["clara_without_gold"] - nll["clara_forced"]
+        nll["raw_answer_use"] = nll["closed_book"] - nll["raw_text_forced"]
+        result["answer_nll"] = nll
         result["examples"] = [{"question": r.question, "answers": r.answers, "closed_book": c, "raw_text": w,
                                "clara": x} for r, c, w, x in list(zip(qa, closed, raw, clara))[:12]]
 
@@ -237,6 +287,12 @@ def table(r: dict[str, Any]) -> str:
                           ("CLaRa, gold forced into k", "clara_forced")):
             s = g[key]
             lines.append(f"    {name:<31} {s['cem']:5.1f} {s['em']:5.1f} {s['f1']:5.1f}")
+    if "answer_nll" in r:
+        n = r["answer_nll"]
+        lines += [f"    gold-answer NLL (nats/token): CLaRa gold forced {n['clara_forced']:.3f} | gold swapped for a "
+                  f"negative {n['clara_without_gold']:.3f} | answer use {n['answer_use']:.3f}",
+                  f"    base model: raw text {n['raw_text_forced']:.3f} | closed book {n['closed_book']:.3f} | "
+                  f"answer use {n['raw_answer_use']:.3f}"]
     if "own_retrieval" in r:
         c = r["own_retrieval"]
         lines += ["", f"(c) CLaRa, own retrieval over {c['searched_passages']} passages ({c['retrieval']}; "

@@ -192,7 +192,11 @@ def synthesize(corpus: str, max_docs: Optional[int], preset: str, teacher: dict[
     corpus_file = prepared["path"]
     n = min(prepared["documents"], max_docs) if max_docs else prepared["documents"]
     cfg = {"seed": seed}
-    work_key = stage_key("synthesize", {"source": prepared["key"], "n": n, "teacher": teacher, "cfg": cfg})
+    from clara.data.teachers import teacher_version
+
+    # the teacher's version too: changed teacher code must make new shards, not resume the old ones
+    work_key = stage_key("synthesize", {"source": prepared["key"], "n": n, "teacher": teacher, "cfg": cfg,
+                                        "teacher_version": teacher_version(**teacher)})
     ranges = stages.shard_ranges(n, shards)
     work = _work_dir("synth", work_key)
     shard_dirs = [str(work / f"shard-{i:04d}") for i in range(len(ranges))]

@@ -200,6 +200,12 @@ def synthesize(docs: Sequence[Document], teacher: Teacher, out_dir: str | Path, 
         raise ValueError(f"duplicate document id {dup!r}: ingest the corpus first (it de-duplicates)")
     rows_log, done_log, rej_log = _Log(out / "rows.jsonl"), _Log(out / "done.jsonl"), _Log(out / "rejected.jsonl")
     done = {d["doc_id"]: d for d in done_log.read()}
+    made_by = {(r["teacher"], r["prompt_version"]) for r in rows_log.read() if r["doc_id"] in done}
+    if made_by - {(teacher.name, teacher.prompt_version)}:
+        other = sorted(made_by - {(teacher.name, teacher.prompt_version)})[0]
+        raise ValueError(f"{out} holds rows by teacher {other[0]} / {other[1]}; this teacher is {teacher.name} / "
+                         f"{teacher.prompt_version}. Resuming would mix the two: synthesize into another folder "
+                         f"(or delete this one)")
     # Rows or rejects of a document that was cut off before its done line are dropped and redone.
     for log in (rows_log, rej_log):
         existing = log.read()

@@ -496,15 +496,17 @@ class ClaraModel(nn.Module):
                            eos_token_id: int | None = None) -> list[str]:
         """The raw-text baseline: the same base, adapters off, documents as text in the same QA prompt.
         A question with no documents is answered closed book."""
-        rows = []
-        for q, docs in zip(questions, documents, strict=True):
-            if docs:
-                background = "\n".join(f"Document {i + 1}: {d}" for i, d in enumerate(docs))
-                user = prompts.QA_USER.replace("{documents}", background).replace("{question}", q)
-            else:  # closed book: the same instruction, no background at all
-                user = f"Question:{q}"
-            rows.append(self.prompt_ids(user, prompts.QA_SYSTEM))
+        rows = [self.text_qa_prompt(q, docs) for q, docs in zip(questions, documents, strict=True)]
         return self._run_generation(rows, [[] for _ in rows], None, max_new_tokens, eos_token_id, timing)
+
+    def text_qa_prompt(self, question: str, documents: Sequence[str]) -> list[int]:
+        """The raw-text baseline's prompt: the QA prompt with the documents as text (none: closed book)."""
+        if documents:
+            background = "\n".join(f"Document {i + 1}: {d}" for i, d in enumerate(documents))
+            user = prompts.QA_USER.replace("{documents}", background).replace("{question}", question)
+        else:  # closed book: the same instruction, no background at all
+            user = f"Question:{question}"
+        return self.prompt_ids(user, prompts.QA_SYSTEM)
 
     def paraphrase(self, memories: Sequence[torch.Tensor], max_new_tokens: int = 128) -> list[str]:
         """What the generator reads back from each compressed document (to inspect a compressor)."""

