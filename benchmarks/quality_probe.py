@@ -12,6 +12,10 @@ Three parts, each beside its references, on the corpus the questions are about (
     the domain: the same generator given *another* held-out passage's memory (``memory_other``), and given no
     document (``generator_no_document``). ``memory_use`` = memory_other − memory: what a passage's own memory
     tokens are worth, in nats per token.
+    The same on the tokens questions ask for (``answer_spans``): each dev answer's first occurrence in its gold
+    passage, scored inside that passage's reconstruction. These passages are in the training mixes'
+    reconstruction rows (every served passage is), so this asks what the memory of a trained-on passage keeps
+    of its names, dates and numbers, not whether it generalises.
 (b) **Generator alone** — each dev question answered with its gold passage forced into the k documents (the
     other k-1 are BM25's best from other articles, in a seeded order): CLaRa from the compressed passages vs the
     base model from the same k passages as raw text, and closed book. Beside the answers, their likelihood:
@@ -111,6 +115,64 @@ def reconstruction(model, passages: Sequence[Any], batch_size: int = 4) -> dict[
     return out
 
 
+def answer_spans(model, items: Sequence[tuple[str, str]], batch_size: int = 4) -> dict[str, float]:
+    """(a) on the tokens that matter: each (passage, answer) pair's passage read back as in ``reconstruction``,
+    scoring only the tokens of the answer's first occurrence in it. Says whether the memory carries the names,
+    dates and numbers questions ask for, apart from the passage's easy words."""
+    from clara.model import prompts
+
+    spans: list[tuple[str, list[int], list[int]]] = []
+    for text, answer in items:
+        at = text.find(answer)
+        if at < 0:
+            continue
+        enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(answer) and b > at and i < 1024]
+        if idx:
+            spans.append((text, model.target_ids(text, 1024), idx))
+    if len(spans) < 2:
+        raise ValueError(f"answer spans need at least 2 answers found in their passages; got {len(spans)}")
+    sums = {"memory": 0.0, "memory_other": 0.0, "no_document": 0.0, "raw_document": 0.0}
+    tokens = 0
+
+    def picked(losses: torch.Tensor, chunk) -> float:
+        out, start = 0.0, 0
+        for _, target, idx in chunk:
+            out += float(losses[start: start + len(target)][idx].sum())
+            start += len(target)
+        return out
+
+    model.peft.eval()
+    starts = list(range(0, len(spans), batch_size))
+    if len(spans) - starts[-1] == 1 and len(starts) > 1:
+        starts.pop()
+    with torch.no_grad():
+        for s, e in zip(starts, starts[1:] + [len(spans)]):
+            chunk = spans[s:e]
+            targets = [t for _, t, _ in chunk]
+            mems = model.compress([text for text, _, _ in chunk])
+            other = mems[1:] + mems[:1]
+            empty = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents="")) for _ in chunk]
+            with model.adapter("generator"):
+                for key, m in (("memory", mems), ("memory_other", other)):
+                    rows = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=model.placeholders(
+                        x.shape[0]))) for x in m]
+                    sums[key] += picked(model.response_loss(rows, targets, [[x] for x in m], reduction="none"),
+                                        chunk)
+            raw = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=text)) for text, _, _ in chunk]
+            with model.adapter(None):
+                sums["no_document"] += picked(model.response_loss(empty, targets, [[] for _ in chunk],
+                                                                  reduction="none"), chunk)
+                sums["raw_document"] += picked(model.response_loss(raw, targets, [[] for _ in chunk],
+                                                                   reduction="none"), chunk)
+            tokens += sum(len(idx) for _, _, idx in chunk)
+    out = {k: v / tokens for k, v in sums.items()}
+    out["memory_use"] = out["memory_other"] - out["memory"]
+    out["gap_closed"] = (out["no_document"] - out["memory"]) / (out["no_document"] - out["raw_document"])
+    out["answers"], out["tokens"] = len(spans), tokens
+    return out
+
+
 def _score(preds: Sequence[str], qa: Sequence[Any]) -> dict[str, float]:
     from clara.eval.metrics import answer_scores, mean
 
@@ -183,6 +245,8 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         else:
             result["reconstruction_skipped"] = (f"the corpus has {len(held)} held-out passage(s) "
                                                 f"(clara.data.mixes.heldout); (a) needs 2")
+        result["answer_spans"] = answer_spans(model, [(by_id[r.gold_doc_ids[0]].full_text, a) for r in qa
+                                                      for a in r.answers[:1]])
 
     if "b" in parts:
         bm25 = BM25Retriever(docs)
@@ -280,6 +344,11 @@ def table(r: dict[str, Any]) -> str:
                   f"raw document {a['raw_document']:.3f} | gap closed {100 * a['gap_closed']:.0f}%",
                   f"    controls: another passage's memory {a['memory_other']:.3f} | trained generator, no "
                   f"document {a['generator_no_document']:.3f} | memory use {a['memory_use']:.3f} nats/token"]
+    if "answer_spans" in r:
+        a = r["answer_spans"]
+        lines += [f"    answer spans only ({a['answers']} dev answers in their gold passages, {a['tokens']} tokens): "
+                  f"no document {a['no_document']:.3f} | memory {a['memory']:.3f} | raw {a['raw_document']:.3f} | "
+                  f"gap closed {100 * a['gap_closed']:.0f}% | memory use {a['memory_use']:.3f}"]
     if "generator" in r:
         g = r["generator"]
         lines += ["", "(b) system                          CEM    EM    F1"]

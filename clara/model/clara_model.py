@@ -422,8 +422,10 @@ class ClaraModel(nn.Module):
     # ------------------------------------------------------------------------------------------ training
 
     def response_loss(self, prompts_ids: list[list[int]], targets: list[list[int]],
-                      memories: list[list[torch.Tensor]], fed: list[list[int]] | None = None) -> torch.Tensor:
-        """Mean cross-entropy over response tokens only (prompt and padding are not scored).
+                      memories: list[list[torch.Tensor]], fed: list[list[int]] | None = None,
+                      reduction: str = "mean") -> torch.Tensor:
+        """Mean cross-entropy over response tokens only (prompt and padding are not scored); ``reduction="none"``:
+        each response token's, row after row.
 
         Uses the active adapter; gradients flow into the memory vectors and through them into the compressor.
         ``fed``: the response tokens given as input (teacher forcing), when they differ from the labels
@@ -445,7 +447,7 @@ class ClaraModel(nn.Module):
             raise ValueError("no response tokens to score")
         h = hidden[torch.tensor(b_idx, device=self.device), torch.tensor(t_idx, device=self.device)]
         logits = self._logits(h)
-        return F.cross_entropy(logits, torch.tensor(labels, device=self.device))
+        return F.cross_entropy(logits, torch.tensor(labels, device=self.device), reduction=reduction)
 
     def target_ids(self, text: str, max_len: int) -> list[int]:
         """Response tokens followed by EOS, so the generator learns to stop; a target longer than ``max_len``

@@ -35,6 +35,9 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     assert a["passages"] == 2 and a["no_document"] > 0 and a["raw_document"] > 0 and a["memory"] > 0
     assert a["memory_other"] > 0 and a["generator_no_document"] > 0
     assert abs(a["memory_use"] - (a["memory_other"] - a["memory"])) < 1e-9
+    spans = result["answer_spans"]
+    assert spans["answers"] == 4 and spans["tokens"] >= 4 and spans["memory"] > 0 and spans["raw_document"] > 0
+    assert abs(spans["memory_use"] - (spans["memory_other"] - spans["memory"])) < 1e-9
     g = result["generator"]
     assert set(g) == {"closed_book", "raw_text_forced", "clara_forced"}
     assert all(0 <= v <= 100 for s in g.values() for v in s.values())
@@ -75,3 +78,32 @@ def test_answer_nll_scores_exactly_the_answer_tokens(tiny_model):
     assert abs(got - total / tokens) < 1e-4
     one_by_one = quality_probe.answer_nll(tiny_model, rows, answers, None, None, batch_size=1)
     assert abs(got - one_by_one) < 1e-4
+
+
+def test_answer_spans_score_only_the_answers_tokens(tiny_model):
+    """The span CE equals the passage's per-token reconstruction losses picked at the answer's tokens."""
+    import torch
+
+    import quality_probe
+    from clara.model import prompts
+
+    text, answer = "The Nile flows north into the Mediterranean Sea near Alexandria.", "Mediterranean Sea"
+    got = quality_probe.answer_spans(tiny_model, [(text, answer), (text.replace("Nile", "Seine"), "Nile"),
+                                                  ("Rome lies on the Tiber.", "Tiber")], batch_size=4)
+    assert got["answers"] == 2  # "Nile" is not in the second passage: skipped
+    enc = tiny_model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    at = text.index(answer)
+    idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(answer) and b > at]
+    target = tiny_model.target_ids(text, 1024)
+    empty = [tiny_model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=""))]
+    with torch.no_grad(), tiny_model.adapter(None):
+        losses = tiny_model.response_loss(empty, [target], [[]], reduction="none")
+        assert abs(float(losses.mean()) - float(tiny_model.response_loss(empty, [target], [[]]))) < 1e-5
+    third = tiny_model.target_ids("Rome lies on the Tiber.", 1024)
+    enc3 = tiny_model.tokenizer("Rome lies on the Tiber.", add_special_tokens=False, return_offsets_mapping=True)
+    idx3 = [i for i, (a, b) in enumerate(enc3["offset_mapping"]) if a < 22 and b > 17]
+    with torch.no_grad(), tiny_model.adapter(None):
+        l3 = tiny_model.response_loss(empty, [third], [[]], reduction="none")
+    want = (float(losses[idx].sum()) + float(l3[idx3].sum())) / (len(idx) + len(idx3))
+    assert got["tokens"] == len(idx) + len(idx3)
+    assert abs(got["no_document"] - want) < 1e-4
