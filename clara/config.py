@@ -173,6 +173,11 @@ class SCPConfig:
     by the pad token; the labels stay. The generator can then no longer predict a passage from its own prefix
     alone and has to read the memory (word dropout, the usual cure for a decoder that ignores its latent code).
     0 is the paper's recipe."""
+    salient_weight: float = 1.0
+    """Training only: the CE weight of response tokens inside names and numbers (``clara.text.salient_spans``:
+    capitalised words past a sentence's first, and digits) against 1 for the rest. A memory trained on a plain
+    mean spends itself on the easy words; the tokens questions ask for are the ones it then lacks (the quality
+    probe's answer spans). 1 is the paper's recipe."""
     fresh_generator: bool = False
     """Stage 2 only: re-initialise the generator adapter first (paper). ``False`` (ours) continues from stage 1's
     generator, which already reads memory tokens: on a CPU budget that head start is worth more."""
@@ -184,6 +189,8 @@ class SCPConfig:
             self.train = from_dict(TrainConfig, self.train)
         if not 0.0 <= self.target_dropout < 1.0:
             raise ValueError(f"target_dropout must be in [0, 1), got {self.target_dropout}")
+        if self.salient_weight < 1.0:
+            raise ValueError(f"salient_weight must be >= 1, got {self.salient_weight}")
 
 
 @dataclass

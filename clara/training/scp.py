@@ -21,6 +21,7 @@ from clara.data.records import SCPRecord
 from clara.model import prompts
 from clara.model.checkpoint import load_adapter_weights
 from clara.model.clara_model import ClaraModel
+from clara.text import salient_spans
 from clara.training.common import (
     Checkpointer,
     MetricsCallback,
@@ -74,12 +75,28 @@ def build_examples(records: Sequence[SCPRecord], stage: str = "scp", layout: str
     return out
 
 
+def salient_weights(model: ClaraModel, text: str, target: Sequence[int], weight: float) -> list[float]:
+    """Per-token CE weights of ``target`` (``model.target_ids(text, …)``): ``weight`` for a token that overlaps a
+    ``clara.text.salient_spans`` word, 1 otherwise (EOS included)."""
+    spans = salient_spans(text)
+    offsets = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    out, j = [], 0
+    for a, b in offsets[: len(target)]:
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        out.append(weight if j < len(spans) and spans[j][0] < b else 1.0)
+    return out + [1.0] * (len(target) - len(out))
+
+
 def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: float, max_target_len: int,
-                       rng: random.Random, target_dropout: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                       rng: random.Random, target_dropout: float = 0.0, salient_weight: float = 1.0
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
     """CE on the response given only compressed documents, plus the MSE alignment term.
 
     Gradients reach the generator, the compressor (through the memory vectors) and the special-token rows.
     ``target_dropout``: the fraction of response tokens fed back as pad (``SCPConfig.target_dropout``).
+    ``salient_weight``: the CE weight of name and number tokens (``SCPConfig.salient_weight``); the CE is then
+    the weighted mean, and the plain mean is reported beside it as ``ce_plain``.
     """
     docs = [d for ex in batch for d in ex.docs]
     with model.adapter("compressor"):
@@ -98,12 +115,21 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
     if target_dropout > 0:  # drawn only when asked, so the template choices above stay as they were
         pad = model.tokenizer.pad_token_id
         fed = [[pad if rng.random() < target_dropout else tok for tok in t] for t in targets]
+    extra = {}
     with model.adapter("generator"):
-        ce = model.response_loss(prompt_rows, targets, mems, fed=fed)
+        if salient_weight == 1.0:
+            ce = model.response_loss(prompt_rows, targets, mems, fed=fed)
+        else:
+            per_token = model.response_loss(prompt_rows, targets, mems, fed=fed, reduction="none")
+            w = torch.tensor([x for ex, t in zip(batch, targets) for x in salient_weights(model, ex.target, t,
+                                                                                          salient_weight)],
+                             device=per_token.device)
+            ce = (per_token * w).sum() / w.sum()
+            extra["ce_plain"] = per_token.mean().item()
     mse = torch.nn.functional.mse_loss(enc.mem_mean.float(), enc.text_mean.float())
     loss = ce + mse_weight * mse
     return loss, {"ce": ce.item(), "mse": mse.item(), "doc_tokens": float(enc.n_tokens.sum()),
-                  "mem_tokens": float(enc.n_mem.sum())}
+                  "mem_tokens": float(enc.n_mem.sum()), **extra}
 
 
 def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, out_dir: str | Path, *,
@@ -155,11 +181,11 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
             n_docs += sum(len(ex.docs) for ex in batch) * dist.world
             rng = random.Random(train.seed * 1_000_003 + (step * train.grad_accum + micro) * dist.world + dist.rank)
             loss, parts = compressed_lm_loss(model, batch, cfg.mse_weight, cfg.max_target_len, rng,
-                                             cfg.target_dropout)
+                                             cfg.target_dropout, cfg.salient_weight)
             (loss / train.grad_accum).backward()
             sums["loss"] += loss.item() / train.grad_accum
             for k, v in parts.items():
-                sums[k] += v / train.grad_accum if k in ("ce", "mse") else v
+                sums[k] = sums.get(k, 0.0) + (v / train.grad_accum if k in ("ce", "mse", "ce_plain") else v)
         grad_norm = optimizer_step(model, optimizer, scheduler, train, dist)
 
         dt = time.perf_counter() - t0
@@ -170,7 +196,8 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
                 log(done, {"loss": sums["loss"], "ce": sums["ce"], "mse": sums["mse"],
                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "real_ratio": sums["doc_tokens"] / max(1.0, sums["mem_tokens"]),
-                           "steps_per_s": 1.0 / dt, "docs_per_s": n_docs / dt})
+                           "steps_per_s": 1.0 / dt, "docs_per_s": n_docs / dt,
+                           **({"ce_plain": sums["ce_plain"]} if "ce_plain" in sums else {})})
         bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", mse=f"{sums['mse']:.4f}")
         bar.update(1)
         if dist.main and (done % train.checkpoint_every == 0 or done == steps):

@@ -130,6 +130,49 @@ def test_target_dropout_feeds_pads_and_keeps_the_labels(fixtures):
                 model.response_loss(prompt, target, [[]], fed=[target[0][:-1]])
 
 
+def test_salient_spans_are_names_and_numbers():
+    from clara.text import salient_spans
+
+    text = "Albert Einstein\nHe was born in Ulm in 1879. In 1921, he received the Nobel Prize for 3.5 reasons."
+    assert [text[a:b] for a, b in salient_spans(text)] == ["Albert", "Einstein", "Ulm", "1879", "1921", "Nobel",
+                                                           "Prize", "3.5"]
+    assert salient_spans("it was small and the river was slow.") == []
+
+
+def test_salient_weight_is_a_weighted_mean_of_the_token_losses(fixtures):
+    """At 1 the SCP loss is exactly the plain mean (and nothing else is reported); above 1 it is the per-token
+    CE weighted by ``salient_weights``, which marks exactly the tokens of the names and numbers."""
+    import random
+
+    from clara.model import prompts
+    from clara.training.scp import Example, compressed_lm_loss, salient_weights
+
+    with pytest.raises(ValueError, match="salient_weight"):
+        SCPConfig(salient_weight=0.5)
+    model = ClaraModel.build(tiny_scp_cfg().model)
+    text = "Paris lies on the Seine. It had 2,100,000 people in 2020."
+    target = model.target_ids(text, 64)
+    w = salient_weights(model, text, target, 4.0)
+    marked = model.tokenizer.decode([t for t, x in zip(target, w) if x == 4.0])
+    assert "Paris" in marked and "Seine" in marked and "2020" in marked and "people" not in marked
+    assert w[-1] == 1.0 and len(w) == len(target)  # EOS is an ordinary token
+    examples = [Example(["Paris is the capital of France. It lies on the Seine."], (prompts.PARAPHRASE_USER[0],),
+                        text)]
+    with torch.no_grad():
+        plain, parts = compressed_lm_loss(model, examples, 0.0, 64, random.Random(0))
+        same, parts1 = compressed_lm_loss(model, examples, 0.0, 64, random.Random(0), salient_weight=1.0)
+        assert torch.equal(plain, same) and "ce_plain" not in parts1
+        weighted, parts4 = compressed_lm_loss(model, examples, 0.0, 64, random.Random(0), salient_weight=4.0)
+        assert abs(parts4["ce_plain"] - parts["ce"]) < 1e-5
+        mems = model.compress(examples[0].docs)
+        row = model.prompt_ids(prompts.PARAPHRASE_USER[0].replace("{documents}",
+                                                                  model.placeholders(mems[0].shape[0])))
+        with model.adapter("generator"):
+            per_token = model.response_loss([row], [target], [mems], reduction="none")
+        wt = torch.tensor(w)
+        assert abs(float((per_token * wt).sum() / wt.sum()) - parts4["ce"]) < 1e-4
+
+
 def test_checkpointer_keeps_the_last_n(fixtures, tmp_path):
     records = load_scp_records(fixtures / "scp.jsonl")[:2]
     cfg = tiny_scp_cfg(max_steps=6, checkpoint_every=1, keep_checkpoints=2)
