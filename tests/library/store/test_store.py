@@ -230,6 +230,20 @@ def test_embedded_server_start_reuse_stop(tmp_path):
     assert not stop_embedded(datadir)
 
 
+def test_stopping_with_a_stale_pid_file_starts_nothing(tmp_path):
+    """A postmaster.pid left by a killed server names a dead process: stop reports 'not running' and does not
+    start a server to stop it (no cluster is made in the folder)."""
+    from clara.store.server import stop_embedded
+
+    datadir = tmp_path / "pg"
+    datadir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (datadir / "postmaster.pid").write_text(f"{dead.pid}\n{datadir}\n")
+    assert not stop_embedded(datadir)
+    assert sorted(p.name for p in datadir.iterdir()) == ["postmaster.pid"]
+
+
 # ------------------------------------------------------------------------------ first-stage candidate modes
 
 PASSAGES = {
