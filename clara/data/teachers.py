@@ -491,9 +491,9 @@ class NaturalTeacher(ExtractiveTeacher):
 
     @staticmethod
     def _which_noun(span) -> bool:
-        """A direct object whose common-noun head is modified by a name before it ("the Hanbali school", "the
-        Japanese film"): the head says which kind of thing is asked for, so "which <noun>" asks it as people do.
-        Any entity inside the phrase must be such a modifier or follow the head."""
+        """A direct object whose common-noun head has a capitalised modifier before it and a proper noun in its
+        phrase ("the Japanese film Rashomon", "the Sagrada Familia church"): the head says which kind of thing is
+        asked for, so "which <noun>" asks it as people do. The head itself must not be part of an entity."""
         root = span.root
         if root.pos_ != "NOUN" or root.dep_ != "dobj":
             return False
@@ -648,7 +648,7 @@ class NaturalTeacher(ExtractiveTeacher):
             spans = self._ranked_ents(sent)
             # beside entities, noun phrases as objects only ("What did Méliès pioneer?"); a common-noun subject
             # answer ("the dynasty") names too little to be worth asking for
-            # an object whose name modifies a common noun ("the Hanbali school") is asked with "which <noun>"
+            # an object whose name modifies a common noun ("the Japanese film Rashomon") is asked with "which <noun>"
             spans += [nc for nc in sent.noun_chunks if nc.root.pos_ in ("NOUN", "PROPN")
                       and nc.root.dep_ in ("dobj", "attr")
                       and (not any(nc.start <= e.start < nc.end for e in sent.ents) or self._which_noun(nc))]
