@@ -115,6 +115,34 @@ def reconstruction(model, passages: Sequence[Any], batch_size: int = 4) -> dict[
     return out
 
 
+def slot_diversity(memories: Sequence[torch.Tensor]) -> dict[str, float]:
+    """How many distinct vectors a passage's memory is (the first number to look at after a change): over
+    passages with the same number of slots, the mean pairwise cosine of one passage's slots (raw, and with each
+    slot's mean over the passages removed, so a direction every passage shares does not count), the same slot's
+    cosine across passages, and each passage's effective rank (exp of the entropy of its normalised singular
+    values: 1 = one vector written n times, n = n orthogonal ones)."""
+    n = max(m.shape[0] for m in memories)
+    mems = torch.stack([m.float() for m in memories if m.shape[0] == n])  # [P, n, H]
+    if mems.shape[0] < 2 or n < 2:
+        raise ValueError(f"slot diversity needs 2+ passages with 2+ slots; got {mems.shape[0]} with {n}")
+
+    def within(x: torch.Tensor) -> float:
+        u = torch.nn.functional.normalize(x, dim=-1)
+        cos = u @ u.transpose(1, 2)  # [P, n, n]
+        off = ~torch.eye(n, dtype=torch.bool)
+        return float(cos[:, off].mean())
+
+    u = torch.nn.functional.normalize(mems, dim=-1).transpose(0, 1)  # [n, P, H]
+    across = u @ u.transpose(1, 2)  # [n, P, P]
+    off_p = ~torch.eye(mems.shape[0], dtype=torch.bool)
+    sv = torch.linalg.svdvals(mems)  # [P, n]
+    p = sv / sv.sum(-1, keepdim=True)
+    erank = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1))
+    return {"within_passage_cosine": within(mems), "within_passage_cosine_centred": within(mems - mems.mean(0)),
+            "same_slot_across_passages_cosine": float(across[:, off_p].mean()),
+            "effective_rank": float(erank.mean()), "slots": n, "passages": int(mems.shape[0])}
+
+
 def answer_spans(model, items: Sequence[tuple[str, str]], batch_size: int = 4) -> dict[str, float]:
     """(a) on the tokens that matter: each (passage, answer) pair's passage read back as in ``reconstruction``,
     scoring only the tokens of the answer's first occurrence in it. Says whether the memory carries the names,
@@ -187,21 +215,29 @@ def _batched(fn, items: Sequence[Any], batch_size: int) -> list[str]:
     return out
 
 
-def answer_nll(model, rows: Sequence[list[int]], answers: Sequence[str],
-               memories: Sequence[list[torch.Tensor]] | None, adapter: str | None, batch_size: int = 8) -> float:
-    """Mean NLL per answer token of ``answers`` after the prompt ``rows`` (memory vectors spliced in when given),
-    under ``adapter``; teacher-forced, without EOS (a base model that answers in sentences would pay for it)."""
-    targets = [model.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
-    total, tokens = 0.0, 0
-    model.peft.eval()
-    with torch.no_grad(), model.adapter(adapter):
-        for s in range(0, len(rows), batch_size):
-            t = targets[s: s + batch_size]
-            mems = [list(m) for m in memories[s: s + batch_size]] if memories is not None else [[] for _ in t]
-            n = sum(len(x) for x in t)
-            total += model.response_loss(list(rows[s: s + batch_size]), t, mems).item() * n
-            tokens += n
-    return total / tokens
+def paired_bootstrap(new: Sequence[float], old: Sequence[float], samples: int = 10_000, seed: int = 0
+                     ) -> dict[str, float]:
+    """Mean of ``old - new`` over paired items and its 95 % percentile interval by resampling the items."""
+    if len(new) != len(old) or not new:
+        raise ValueError(f"paired bootstrap needs equal, non-empty lists; got {len(new)} and {len(old)}")
+    d = torch.tensor([o - n for n, o in zip(new, old)], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(d), (samples, len(d)), generator=gen)
+    means = d[idx].mean(1)
+    return {"mean": float(d.mean()), "low": float(means.quantile(0.025)), "high": float(means.quantile(0.975)),
+            "items": len(d)}
+
+
+def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """Does probe result ``new`` beat ``old`` on the same questions? The release rule (docs/memory.md): the gold
+    answer's NLL with the gold passage forced is lower (paired bootstrap, 95 % lower end > 0) and F1 is no lower."""
+    if new.get("question_ids") != old.get("question_ids"):
+        raise ValueError("the two probe results are not over the same dev questions")
+    nll = paired_bootstrap(new["per_question"]["nll_clara_forced"], old["per_question"]["nll_clara_forced"])
+    f1 = paired_bootstrap([-x for x in new["per_question"]["f1_clara_forced"]],
+                          [-x for x in old["per_question"]["f1_clara_forced"]])  # mean = F1 gain of new
+    return {"gold_answer_nll_gain": nll, "f1_gain": f1,
+            "better": nll["low"] > 0 and f1["mean"] >= 0}
 
 
 def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit: int | None = None,
@@ -210,6 +246,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
           ) -> dict[str, Any]:
     from clara.data.corpus import ingest_corpus
     from clara.data.mixes import heldout
+    from clara.eval.likelihood import answer_nll
     from clara.data.records import load_qa_records
     from clara.eval.retrievers import BM25Retriever
     from clara.model.topk import flat_cosine, pad_memories
@@ -241,6 +278,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
     if "a" in parts:
         held = [d for d in docs_all if heldout(d)][:heldout_passages]
         if len(held) >= 2:
+            result["slot_diversity"] = slot_diversity(model.compress([d.full_text for d in held]))
             result["reconstruction"] = reconstruction(model, held)
         else:
             result["reconstruction_skipped"] = (f"the corpus has {len(held)} held-out passage(s) "
@@ -248,7 +286,8 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         result["answer_spans"] = answer_spans(model, [(by_id[r.gold_doc_ids[0]].full_text, a) for r in qa
                                                       for a in r.answers[:1]])
 
-    if "b" in parts:
+    if "b" in parts or "n" in parts:  # "n": part (b)'s likelihoods only, no generation (a quick stop measure)
+        generate = "b" in parts
         bm25 = BM25Retriever(docs)
         ranked = bm25.retrieve([r.question for r in qa], 20)
         rng = random.Random(seed)
@@ -265,7 +304,9 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         questions = [r.question for r in qa]
         key = hashlib.sha256(json.dumps([model.cfg.base, questions, forced, max_new_tokens]).encode()).hexdigest()
         cached = cache_dir() / "probe" / f"baselines-{key[:16]}.json"
-        if cached.is_file():
+        if not generate:
+            closed = raw = []
+        elif cached.is_file():
             closed, raw = json.loads(cached.read_text(encoding="utf-8"))
         else:
             closed = _batched(lambda b: model.generate_from_text(b, [[] for _ in b], max_new_tokens), questions,
@@ -283,31 +324,40 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         else:
             base_nll = {
                 "closed_book": answer_nll(model, [model.text_qa_prompt(q, []) for q in questions], gold_answers,
-                                          None, None, batch_size),
+                                          None, None, batch_size)[0],
                 "raw_text_forced": answer_nll(model, [model.text_qa_prompt(q, [by_id[d].full_text for d in ids])
                                                       for q, ids in zip(questions, forced)],
-                                              gold_answers, None, None, batch_size)}
+                                              gold_answers, None, None, batch_size)[0]}
             nll_cached.parent.mkdir(parents=True, exist_ok=True)
             nll_cached.write_text(json.dumps(base_nll), encoding="utf-8")
         needed = sorted({d for ids in forced + without_gold for d in ids})
         mem = dict(zip(needed, model.compress([by_id[d].full_text for d in needed])))
         clara = _batched(lambda idx: model.generate([questions[i] for i in idx],
                                                     [[mem[d] for d in forced[i]] for i in idx], max_new_tokens),
-                         list(range(len(qa))), batch_size)
-        result["generator"] = {"closed_book": _score(closed, qa), "raw_text_forced": _score(raw, qa),
-                               "clara_forced": _score(clara, qa)}
+                         list(range(len(qa))), batch_size) if generate else []
+        if generate:
+            result["generator"] = {"closed_book": _score(closed, qa), "raw_text_forced": _score(raw, qa),
+                                   "clara_forced": _score(clara, qa)}
 
-        def clara_nll(sets: list[list[str]]) -> float:
+        def clara_nll(sets: list[list[str]]) -> tuple[float, list[float]]:
             rows = [model.qa_prompt(q, [mem[d].shape[0] for d in ids]) for q, ids in zip(questions, sets)]
             return answer_nll(model, rows, gold_answers, [[mem[d] for d in ids] for ids in sets], "generator",
                               batch_size)
 
-        nll = {**base_nll, "clara_forced": clara_nll(forced), "clara_without_gold": clara_nll(without_gold)}
+        (forced_nll, forced_each), (without_nll, without_each) = clara_nll(forced), clara_nll(without_gold)
+        nll = {**base_nll, "clara_forced": forced_nll, "clara_without_gold": without_nll}
+        from clara.eval.metrics import answer_scores
+
+        result["question_ids"] = [r.id for r in qa]
+        result["per_question"] = {"nll_clara_forced": forced_each, "nll_clara_without_gold": without_each}
+        if generate:
+            result["per_question"]["f1_clara_forced"] = [answer_scores(p, r.answers)["f1"] for p, r in zip(clara, qa)]
         nll["answer_use"] = nll["clara_without_gold"] - nll["clara_forced"]
         nll["raw_answer_use"] = nll["closed_book"] - nll["raw_text_forced"]
         result["answer_nll"] = nll
-        result["examples"] = [{"question": r.question, "answers": r.answers, "closed_book": c, "raw_text": w,
-                               "clara": x} for r, c, w, x in list(zip(qa, closed, raw, clara))[:12]]
+        if generate:
+            result["examples"] = [{"question": r.question, "answers": r.answers, "closed_book": c, "raw_text": w,
+                                   "clara": x} for r, c, w, x in list(zip(qa, closed, raw, clara))[:12]]
 
     if "c" in parts:
         if "b" not in parts:
@@ -337,6 +387,12 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
 def table(r: dict[str, Any]) -> str:
     lines = [f"quality probe: {r['checkpoint']} (stage {r['stage']}, rho={r['rate']}, k={r['k']}, "
              f"{r['questions']} dev questions, {r['corpus_passages']} passages, {r['seconds']:.0f} s)"]
+    if "slot_diversity" in r:
+        d = r["slot_diversity"]
+        lines += ["", f"slot diversity, {d['passages']} held-out passages x {d['slots']} slots: within-passage cosine "
+                      f"{d['within_passage_cosine']:.3f} (slot means removed {d['within_passage_cosine_centred']:.3f})"
+                      f" | same slot across passages {d['same_slot_across_passages_cosine']:.3f} | effective rank "
+                      f"{d['effective_rank']:.2f} of {d['slots']}"]
     if "reconstruction" in r:
         a = r["reconstruction"]
         lines += ["", f"(a) reconstruction CE, {a['passages']} held-out passages (nats/token)",
@@ -381,16 +437,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="A seeded sample of N dev questions.")
     ap.add_argument("--heldout", type=int, default=40, help="Held-out passages for (a).")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--parts", default="abc", help="Which parts to run: any of a, b, c.")
+    ap.add_argument("--parts", default="abc",
+                    help="Which parts to run: any of a, b, c; n = (b)'s gold-answer likelihoods without generating.")
     ap.add_argument("--amp", choices=("bf16", "off"), default=None, help="Override the checkpoint's precision.")
     ap.add_argument("--retrieval", choices=("full", "pool"), default="full",
                     help="(c) searches the whole corpus, or only the pooled (b) passage sets (slow machines).")
     ap.add_argument("--out", type=Path, default=None, help="Write the result as JSON here.")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="An earlier probe's JSON (same questions): paired bootstrap of the gold answer's NLL and F1.")
     args = ap.parse_args(argv)
     result = probe(args.checkpoint, args.dev, articles=args.articles, k=args.k, limit=args.limit,
                    heldout_passages=args.heldout, max_new_tokens=args.max_new_tokens, parts=args.parts,
                    amp=args.amp, retrieval=args.retrieval, corpus=args.corpus)
     print(table(result))
+    if args.compare:
+        result["compare"] = {"against": str(args.compare),
+                             **compare(result, json.loads(args.compare.read_text(encoding="utf-8")))}
+        c = result["compare"]
+        print(f"\nagainst {args.compare}: gold-answer NLL gain {c['gold_answer_nll_gain']['mean']:.3f} "
+              f"[{c['gold_answer_nll_gain']['low']:.3f}, {c['gold_answer_nll_gain']['high']:.3f}] | F1 gain "
+              f"{100 * c['f1_gain']['mean']:.1f} [{100 * c['f1_gain']['low']:.1f}, {100 * c['f1_gain']['high']:.1f}]"
+              f" | better: {c['better']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

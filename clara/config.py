@@ -72,6 +72,17 @@ class ModelConfig:
     default. The MSE alignment always compares the states."""
     readout_temperature: float = 1.0
     """Softmax temperature of the ``vocab`` readout (0.3 learned slower than 1.0 on SmolLM2)."""
+    memory_slots: Literal["after", "interleaved"] = "after"
+    """Where the memory tokens sit in the compressor's input (``clara`` layout only). ``after`` (paper): all of
+    them after the text, at adjacent positions with the same view of it; nothing tells slot 3 from slot 5, and
+    trained that way they collapse into one vector written n times (docs/memory.md). ``interleaved``: the text is
+    cut into n equal chunks and ``<MEMi>`` follows chunk i, so slot i sees chunks 0..i only, sits at the end of
+    its chunk, and has a job no other slot can do. Questions are laid out the same way."""
+    memory_init: Literal["mean", "orthogonal"] = "mean"
+    """How new special-token rows start (a loaded checkpoint keeps its own). ``mean``: the mean embedding plus
+    0.1 std of seeded noise (near-identical rows: cosine ~0.98). ``orthogonal``: the mean embedding plus
+    orthonormal directions at the typical distance of a real token from that mean, so every slot starts
+    distinct."""
     seed: int = 0
     """Seeds the tiny model's random weights and the memory-token embedding initialisation."""
     tiny_hidden: int = 64
@@ -98,6 +109,13 @@ class ModelConfig:
             raise ValueError(f"memory_readout must be 'states' or 'vocab', got {self.memory_readout!r}")
         if not self.readout_temperature > 0:
             raise ValueError(f"readout_temperature must be > 0, got {self.readout_temperature}")
+        if self.memory_slots not in ("after", "interleaved"):
+            raise ValueError(f"memory_slots must be 'after' or 'interleaved', got {self.memory_slots!r}")
+        if self.memory_slots == "interleaved" and self.layout == "ml-clara":
+            raise ValueError("memory_slots 'interleaved' needs layout 'clara' (the authors' layout puts every "
+                             "memory token after the text)")
+        if self.memory_init not in ("mean", "orthogonal"):
+            raise ValueError(f"memory_init must be 'mean' or 'orthogonal', got {self.memory_init!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.doc_max_len < self.compression_rate:
@@ -165,7 +183,15 @@ class SCPConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mse_weight: float = 0.1
-    """lambda in CE + lambda * MSE(mean memory state, mean document state)."""
+    """lambda in CE + lambda * MSE alignment of memory states to document states (``align``)."""
+    align: Literal["mean", "chunks"] = "mean"
+    """What the MSE aligns. ``mean`` (paper): the mean memory state with the mean document state, met in full
+    when every slot equals the passage mean (collapse costs nothing). ``chunks``: memory state i with the mean
+    state of the text chunk slot i stands for (the i-th of n equal chunks), so distinct slots are what it asks."""
+    freeze_compressor: bool = False
+    """Stage 2 only: keep the compressor adapter and the special-token rows as stage 1 left them and train the
+    generator alone. Stage 2 trains on short answers; left free it takes back part of what stage 1 taught the
+    memory (docs/memory.md)."""
     max_target_len: int = 1024
     """Response tokens beyond this are cut, and a cut target gets no EOS (it must not teach stopping mid-line)."""
     target_dropout: float = 0.0
@@ -189,6 +215,8 @@ class SCPConfig:
             self.train = from_dict(TrainConfig, self.train)
         if not 0.0 <= self.target_dropout < 1.0:
             raise ValueError(f"target_dropout must be in [0, 1), got {self.target_dropout}")
+        if self.align not in ("mean", "chunks"):
+            raise ValueError(f"align must be 'mean' or 'chunks', got {self.align!r}")
         if self.salient_weight < 1.0:
             raise ValueError(f"salient_weight must be >= 1, got {self.salient_weight}")
 
@@ -268,6 +296,29 @@ def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = merged(out.get(k) or {}, v) if isinstance(v, dict) else v
     return out
+
+
+# What a checkpoint's weights are shaped by: a run that continues it cannot change these.
+FIXED_BY_CHECKPOINT = ("base", "compression_rate", "doc_max_len", "query_max_len", "length_mode", "layout", "lora",
+                       "tiny_hidden", "tiny_layers")
+
+
+def init_model_config(loaded: ModelConfig, over: dict[str, Any], source: Any = "the checkpoint") -> dict[str, Any]:
+    """The model config of a run that continues a checkpoint: the checkpoint's, with ``over`` (a config file's
+    ``model`` table) on top. Settings that shape the weights must match (``FIXED_BY_CHECKPOINT``); how memory
+    slots are laid out, precision and device may change (a chain can move to ``memory_slots = "interleaved"``)."""
+    current = to_dict(loaded)
+    clash = sorted(k for k in over if k in FIXED_BY_CHECKPOINT and to_dict_value(over[k]) != current.get(k))
+    if clash:
+        raise ValueError(f"{source} was trained with {', '.join(f'{k}={current.get(k)!r}' for k in clash)}; "
+                         f"a run continuing it cannot change {', '.join(clash)}")
+    out = merged(current, over)
+    from_dict(ModelConfig, out)  # unknown keys and bad values fail here, before any training
+    return out
+
+
+def to_dict_value(v: Any) -> Any:
+    return json.loads(json.dumps(v))
 
 
 def train_overrides(batch_size: int | None = None, grad_accum: int | None = None, max_steps: int | None = None,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from clara.data.corpus import Document, dumps
 from clara.data.records import QARecord
+from clara.eval.likelihood import answer_nll
 from clara.eval.metrics import answer_scores, mean, recall_at
 from clara.eval.retrievers import ClaraRetriever, baseline
 from clara.model.decoding import Timing
@@ -33,7 +34,7 @@ from clara.model.decoding import Timing
 RECALL_AT = (1, 3, 5, 20)
 REPORT_KEYS = ("system", "retriever", "setting", "rate", "n", "em", "f1", "cem", "recall@1", "recall@3", "recall@5",
                "recall@20", "context_tokens", "latency_ms_p50", "latency_ms_p95", "ttft_ms_p50", "ttft_ms_p95",
-               "decode_tokens_per_s")
+               "decode_tokens_per_s", "gold_nll", "answer_tokens")
 SETTINGS = ("normal", "oracle", "oracle-candidates")
 
 
@@ -70,6 +71,9 @@ class _Acc:
     ttft_s: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
     real_ratio: list[float] = field(default_factory=list)
+    gold_nll: list[float] = field(default_factory=list)
+    """Per question: mean NLL per token of the first gold answer after this system's prompt (teacher-forced)."""
+    answer_tokens: list[int] = field(default_factory=list)
 
     def generate(self, call: Callable[[Timing], str]) -> str:
         """Run one generation call with a fresh ``Timing`` and keep its total, first-token and decoding times."""
@@ -104,6 +108,10 @@ def _row(system: str, retriever: str | None, setting: str, rate: int, acc: _Acc,
     row["ttft_ms_p50"], row["ttft_ms_p95"] = _pct(acc.ttft_s, 50), _pct(acc.ttft_s, 95)
     row["decode_tokens_per_s"] = float(np.median(acc.decode_tps)) if acc.decode_tps else None
     row["real_ratio"] = mean(acc.real_ratio) if acc.real_ratio else None
+    # CEM rewards a long answer that happens to contain the gold string; the gold answer's likelihood and the
+    # answer length let a reader see that.
+    row["gold_nll"] = mean(acc.gold_nll) if acc.gold_nll else None
+    row["answer_tokens"] = mean(acc.answer_tokens) if acc.answer_tokens else None
     row.update(extra)
     return row
 
@@ -227,9 +235,10 @@ class _Evaluation:
             entry["latency_ms"] = 1000.0 * (acc.retrieval_s[-1] + answer_s)
         self.predictions.write(dumps(entry) + "\n")
 
-    def run(self, label: str, key: tuple[str, str | None, str, int], rank, answer, context) -> _Acc:
+    def run(self, label: str, key: tuple[str, str | None, str, int], rank, answer, context, nll) -> _Acc:
         """The one timed loop every system goes through: per question, rank (timed as retrieval; None: no
-        retrieval), pick k (gold forced in for ``oracle``), answer (timed as generation), record."""
+        retrieval), pick k (gold forced in for ``oracle``), answer (timed as generation), score the gold answer's
+        likelihood under the same prompt (``nll(r, ids)``, untimed), record."""
         setting, acc = key[2], _Acc()
         for r in self.each(label):
             ranked: list[str] | None = None
@@ -243,11 +252,18 @@ class _Evaluation:
             if self.with_answers:
                 pred = acc.generate(lambda t: answer(r, ids, t))
                 context(acc, ids)
+                acc.gold_nll.append(nll(r, ids))
+                acc.answer_tokens.append(len(self.base.tokenizer(pred, add_special_tokens=False)["input_ids"]))
             retrieved = ranked
             if ranked is not None and setting == "oracle":
                 retrieved = ids + [d for d in ranked if d not in ids]
             self.record(key, r, pred, retrieved, acc)
         return acc
+
+    def text_nll(self, r: QARecord, ids: Sequence[str]) -> float:
+        """The base model (adapters off) on the raw-text prompt with passages ``ids`` (none: closed book)."""
+        row = self.base.text_qa_prompt(r.question, [self.by_id[d].full_text for d in ids])
+        return answer_nll(self.base, [row], r.answers[:1], None, None)[0]
 
     def closed_book(self) -> list[dict[str, Any]]:
         if not (self.cfg.closed_book and self.with_answers):
@@ -255,8 +271,21 @@ class _Evaluation:
         acc = self.run("closed book", ("closed-book", None, "normal", 1), None,
                        lambda r, ids, t: self.base.generate_from_text(
                            [r.question], [[]], max_new_tokens=self.cfg.max_new_tokens, timing=t)[0],
-                       lambda acc, ids: acc.context.append(0))
+                       lambda acc, ids: acc.context.append(0), self.text_nll)
         return [_row("closed-book", None, "normal", 1, acc)]
+
+    def clara_closed_book(self, rate: int, model) -> list[dict[str, Any]]:
+        """CLaRa's own generator with no documents: what its answers owe to the memory is measured against this,
+        not against the base model (whose fine-tuning differs)."""
+        if not (self.cfg.closed_book and self.with_answers):
+            return []
+        acc = self.run(f"clara closed book / rate {rate}", ("clara-closed-book", None, "normal", rate), None,
+                       lambda r, ids, t: model.generate([r.question], [[]], max_new_tokens=self.cfg.max_new_tokens,
+                                                        timing=t)[0],
+                       lambda acc, ids: acc.context.append(0),
+                       lambda r, ids: answer_nll(model, [model.qa_prompt(r.question, [])], r.answers[:1], [[]],
+                                                 "generator")[0])
+        return [_row("clara-closed-book", None, "normal", rate, acc)]
 
     def raw_text(self, name: str) -> list[dict[str, Any]]:
         """The base model reading the raw passages ``name`` (BM25, MiniLM) retrieves, in every setting."""
@@ -271,7 +300,7 @@ class _Evaluation:
                            lambda r, ids, t: self.base.generate_from_text(
                                [r.question], [[self.by_id[d].full_text for d in ids]],
                                max_new_tokens=self.cfg.max_new_tokens, timing=t)[0],
-                           lambda acc, ids: acc.context.append(self.doc_tokens(ids)))
+                           lambda acc, ids: acc.context.append(self.doc_tokens(ids)), self.text_nll)
             rows.append(_row("raw-text", name, setting, 1, acc))
         return rows
 
@@ -306,6 +335,12 @@ class _Evaluation:
             acc.context.append(n_mem)
             acc.real_ratio.append(self.doc_tokens(ids) / max(1, n_mem))
 
+        def nll(r: QARecord, ids: list[str]) -> float:
+            mems = [retriever.memory_of(d) for d in ids]
+            row = model.qa_prompt(r.question, [m.shape[0] for m in mems])
+            return answer_nll(model, [row], r.answers[:1], [[m.to(model.device) for m in mems]], "generator")[0]
+
+        rows += self.clara_closed_book(rate, model)
         for setting in cfg.settings:
             if setting != "normal" and not self.with_gold:
                 continue
@@ -313,7 +348,7 @@ class _Evaluation:
                            lambda r, setting=setting: rank(r, setting),
                            lambda r, ids, t: model.generate([r.question], [[retriever.memory_of(d) for d in ids]],
                                                             max_new_tokens=cfg.max_new_tokens, timing=t)[0],
-                           context)
+                           context, nll)
             rows.append(_row("clara", label, setting, rate, acc, **extra))
         return rows
 
@@ -348,13 +383,16 @@ def report_markdown(rows: Sequence[dict[str, Any]]) -> str:
             return f"{100 * v:.1f}" if pct else f"{v:.1f}"
         return str(v)
 
-    head = ["system", "retriever", "setting", "rate", "n", "CEM", "EM", "F1", "CEM (1st gold)", "R@1", "R@3", "R@5",
+    head = ["system", "retriever", "setting", "rate", "n", "CEM", "EM", "F1", "CEM (1st gold)", "gold NLL",
+            "answer tokens", "R@1", "R@3", "R@5",
             "R@20", "context tokens", "real ratio", "retrieval ms p50", "TTFT ms p50", "TTFT p95", "decode tok/s",
             "generation ms p50", "latency ms p50", "p95"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["system"], r["retriever"] or "–", r["setting"], r["rate"], r["n"], fmt(r["cem"], True),
-                 fmt(r["em"], True), fmt(r["f1"], True), fmt(r.get("cem_first"), True), fmt(r["recall@1"], True),
+                 fmt(r["em"], True), fmt(r["f1"], True), fmt(r.get("cem_first"), True),
+                 "–" if r.get("gold_nll") is None else f"{r['gold_nll']:.2f}", fmt(r.get("answer_tokens")),
+                 fmt(r["recall@1"], True),
                  fmt(r["recall@3"], True), fmt(r["recall@5"], True), fmt(r.get("recall@20"), True),
                  fmt(r["context_tokens"]),
                  fmt(r.get("real_ratio")), fmt(r.get("retrieval_ms_p50")), fmt(r.get("ttft_ms_p50")),
@@ -365,7 +403,10 @@ def report_markdown(rows: Sequence[dict[str, Any]]) -> str:
              "Latencies per question on this machine, this run; TTFT is time to first token (prompt assembly + "
              "prefill; CLaRa's documents were compressed offline), decode tok/s the tokens after it. "
              "oracle: the gold passage forced into the k the generator reads; oracle-candidates: gold added to the candidates the query reasoner picks from. "
-             "retrieval rows: each first stage alone, and re-ranked by the query reasoner (+rerank)."]
+             "retrieval rows: each first stage alone, and re-ranked by the query reasoner (+rerank). "
+             "gold NLL: mean NLL per token of the first gold answer under the system's own prompt, teacher-forced "
+             "(lower is better; independent of answer length); answer tokens: mean length of the answers given. "
+             "clara-closed-book: CLaRa's generator with no documents, the reference for what its memory adds."]
     qr = sorted({f"rate {r['rate']}: {r['query_reasoner']}" for r in rows if r.get("query_reasoner")})
     if qr:
         notes.append("Query reasoner: " + "; ".join(qr) + ".")

@@ -35,6 +35,31 @@ def mem_token(i: int) -> str:
     return f"<MEM{i}>"
 
 
+def initial_special_rows(emb: torch.Tensor, n: int, mode: str, seed: int) -> torch.Tensor:
+    """Starting rows of the special tokens (``ModelConfig.memory_init``), from the base's embedding matrix.
+
+    Both stay in distribution for the frozen layers (centred on the mean embedding). ``mean`` adds 0.1 std of
+    noise, so rows are near-identical; ``orthogonal`` adds orthonormal directions scaled to the mean distance of
+    a real token from the mean, so the rows are as far apart as two unrelated tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    centre = emb.mean(0)
+    if mode == "mean":
+        return centre + torch.randn(n, emb.shape[1], generator=gen) * emb.std(0) * 0.1
+    if mode != "orthogonal":
+        raise ValueError(f"memory_init must be 'mean' or 'orthogonal', got {mode!r}")
+    if n > emb.shape[1]:
+        raise ValueError(f"{n} orthogonal rows need a hidden size >= {n}, got {emb.shape[1]}")
+    q, _ = torch.linalg.qr(torch.randn(emb.shape[1], n, generator=gen))  # orthonormal columns
+    radius = (emb - centre).norm(dim=1).mean()
+    return centre + q.T * radius
+
+
+def chunk_bounds(n_tokens: int, n_chunks: int) -> list[tuple[int, int]]:
+    """``n_chunks`` contiguous spans covering ``range(n_tokens)`` as evenly as integers allow (some are empty when
+    there are fewer tokens than chunks). Chunk i is what memory slot i stands for."""
+    return [(i * n_tokens // n_chunks, (i + 1) * n_tokens // n_chunks) for i in range(n_chunks)]
+
+
 @dataclass
 class Encoded:
     """A batch of compressed texts (documents or queries), padded to ``n_mem_max`` slots.
@@ -45,6 +70,9 @@ class Encoded:
         n_tokens: [B] text tokens each text kept after truncation.
         mem_mean: [B, H] mean of the memory states (MSE alignment, ANN vector).
         text_mean: [B, H] mean of the text-token states (MSE alignment target).
+        states: [B, n_max, H] the memory states before the readout (zeros in unused slots).
+        chunk_mean: [B, n_max, H] mean text state of the chunk each slot stands for (``chunk_bounds``).
+        chunk_used: [B, n_max] slots in use whose chunk holds at least one token.
     """
 
     memory: torch.Tensor
@@ -52,6 +80,9 @@ class Encoded:
     n_tokens: torch.Tensor
     mem_mean: torch.Tensor
     text_mean: torch.Tensor
+    states: torch.Tensor
+    chunk_mean: torch.Tensor
+    chunk_used: torch.Tensor
 
     def unpad(self) -> list[torch.Tensor]:
         return [self.memory[i, : int(n)] for i, n in enumerate(self.n_mem)]
@@ -97,12 +128,8 @@ class ClaraModel(nn.Module):
 
         emb = self.input_embeddings.weight
         if special is None:
-            # New rows start at the mean embedding plus small seeded noise: in-distribution for the frozen
-            # layers, and distinct so that each memory slot can specialise.
-            gen = torch.Generator().manual_seed(cfg.seed)
-            w = emb.detach().float().cpu()
-            noise = torch.randn(len(self.special_tokens), w.shape[1], generator=gen) * w.std(0) * 0.1
-            special = w.mean(0) + noise
+            special = initial_special_rows(emb.detach().float().cpu(), len(self.special_tokens), cfg.memory_init,
+                                           cfg.seed)
         self.special = nn.Parameter(special.float().to(emb.device))
         self._apply_trainable()
         # Autocast only makes sense over fp32 weights; on CPUs without native bf16 it would be slower, not faster.
@@ -263,11 +290,17 @@ class ClaraModel(nn.Module):
         if self.cfg.layout == "ml-clara":
             rows, text_spans = self._ml_clara_rows(texts, max_len)
             n_mem = [self.cfg.n_mem_max] * len(rows)
+            text_pos = [list(range(a, b)) for a, b in text_spans]
+            mem_pos = [list(range(len(r) - n, len(r))) for r, n in zip(rows, n_mem)]
         else:
             token_ids = self.tokenize_texts(texts, max_len)
             n_mem = [self.cfg.n_mem_max if query else self.cfg.n_mem_for(len(t)) for t in token_ids]
-            rows = [[self.enc_id] + t + self.mem_ids[:n] for t, n in zip(token_ids, n_mem)]
-            text_spans = [(1, 1 + len(t)) for t in token_ids]
+            rows, text_pos, mem_pos = [], [], []
+            for t, n in zip(token_ids, n_mem):
+                row, tp, mp = self._clara_row(t, n)
+                rows.append(row)
+                text_pos.append(tp)
+                mem_pos.append(mp)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         # None marks a left pad (ml-clara layout): masked like the right padding
@@ -283,19 +316,41 @@ class ClaraModel(nn.Module):
         pos = torch.zeros(b, n_max, dtype=torch.long, device=self.device)
         slot_used = torch.zeros(b, n_max, dtype=torch.bool, device=self.device)
         text_mask = torch.zeros(b, width, dtype=hidden.dtype, device=self.device)
-        for i, ((start, end), n) in enumerate(zip(text_spans, n_mem)):
-            first = len(rows[i]) - n  # the memory tokens close every row
-            pos[i, :n] = torch.arange(first, first + n, device=self.device)
+        # chunk_weights @ hidden = the mean text state of each slot's chunk
+        chunk_weights = torch.zeros(b, n_max, width, dtype=hidden.dtype, device=self.device)
+        for i, (tp, mp) in enumerate(zip(text_pos, mem_pos)):
+            n = len(mp)
+            pos[i, :n] = torch.tensor(mp, device=self.device)
             slot_used[i, :n] = True
-            text_mask[i, start:end] = 1.0
+            if tp:
+                text_mask[i, tp] = 1.0
+            for j, (a, e) in enumerate(chunk_bounds(len(tp), n)):
+                if e > a:
+                    chunk_weights[i, j, tp[a:e]] = 1.0 / (e - a)
         states = hidden.gather(1, pos.unsqueeze(-1).expand(b, n_max, h)) * slot_used.unsqueeze(-1)
         n_mem_t = torch.tensor(n_mem, device=self.device)
-        n_tok_t = torch.tensor([e - s for s, e in text_spans], device=self.device)
+        n_tok_t = torch.tensor([len(tp) for tp in text_pos], device=self.device)
         # The alignment compares states with states, whatever the readout makes of them.
         mem_mean = states.sum(1) / n_mem_t.unsqueeze(-1)
         text_mean = (hidden * text_mask.unsqueeze(-1)).sum(1) / n_tok_t.clamp(min=1).unsqueeze(-1)
+        chunk_mean = torch.bmm(chunk_weights, hidden)
+        chunk_used = (chunk_weights.sum(-1) > 0) & slot_used
         memory = self._readout(states) * slot_used.unsqueeze(-1)
-        return Encoded(memory, n_mem_t, n_tok_t, mem_mean, text_mean)
+        return Encoded(memory, n_mem_t, n_tok_t, mem_mean, text_mean, states, chunk_mean, chunk_used)
+
+    def _clara_row(self, tokens: list[int], n: int) -> tuple[list[int], list[int], list[int]]:
+        """One ``clara``-layout row for ``tokens`` with ``n`` memory tokens (``ModelConfig.memory_slots``):
+        the row, the positions of its text tokens and of its memory tokens."""
+        if self.cfg.memory_slots == "after":
+            row = [self.enc_id] + tokens + self.mem_ids[:n]
+            return row, list(range(1, 1 + len(tokens))), list(range(1 + len(tokens), len(row)))
+        row, text_pos, mem_pos = [self.enc_id], [], []
+        for j, (a, e) in enumerate(chunk_bounds(len(tokens), n)):
+            text_pos.extend(range(len(row), len(row) + e - a))
+            row.extend(tokens[a:e])
+            mem_pos.append(len(row))
+            row.append(self.mem_ids[j])
+        return row, text_pos, mem_pos
 
     def _readout(self, states: torch.Tensor) -> torch.Tensor:
         """Memory vectors from the compressor's states (``ModelConfig.memory_readout``)."""

@@ -20,7 +20,7 @@ from clara.config import SCPConfig, to_dict
 from clara.data.records import SCPRecord
 from clara.model import prompts
 from clara.model.checkpoint import load_adapter_weights
-from clara.model.clara_model import ClaraModel
+from clara.model.clara_model import ClaraModel, Encoded
 from clara.text import salient_spans
 from clara.training.common import (
     Checkpointer,
@@ -88,15 +88,28 @@ def salient_weights(model: ClaraModel, text: str, target: Sequence[int], weight:
     return out + [1.0] * (len(target) - len(out))
 
 
+def alignment_mse(enc: Encoded, align: str) -> torch.Tensor:
+    """The MSE alignment term (``SCPConfig.align``): mean memory state vs mean text state, or each slot's state
+    vs the mean state of its chunk (slots whose chunk is empty are not scored)."""
+    if align == "mean":
+        return torch.nn.functional.mse_loss(enc.mem_mean.float(), enc.text_mean.float())
+    if align != "chunks":
+        raise ValueError(f"align must be 'mean' or 'chunks', got {align!r}")
+    used = enc.chunk_used.unsqueeze(-1).float()
+    sq = (enc.states.float() - enc.chunk_mean.float()).pow(2) * used
+    return sq.sum() / (used.sum() * enc.states.shape[-1]).clamp(min=1.0)
+
+
 def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: float, max_target_len: int,
-                       rng: random.Random, target_dropout: float = 0.0, salient_weight: float = 1.0
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
+                       rng: random.Random, target_dropout: float = 0.0, salient_weight: float = 1.0,
+                       align: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
     """CE on the response given only compressed documents, plus the MSE alignment term.
 
     Gradients reach the generator, the compressor (through the memory vectors) and the special-token rows.
     ``target_dropout``: the fraction of response tokens fed back as pad (``SCPConfig.target_dropout``).
     ``salient_weight``: the CE weight of name and number tokens (``SCPConfig.salient_weight``); the CE is then
     the weighted mean, and the plain mean is reported beside it as ``ce_plain``.
+    ``align``: what the MSE term compares (``SCPConfig.align``).
     """
     docs = [d for ex in batch for d in ex.docs]
     with model.adapter("compressor"):
@@ -126,7 +139,7 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
                              device=per_token.device)
             ce = (per_token * w).sum() / w.sum()
             extra["ce_plain"] = per_token.mean().item()
-    mse = torch.nn.functional.mse_loss(enc.mem_mean.float(), enc.text_mean.float())
+    mse = alignment_mse(enc, align)
     loss = ce + mse_weight * mse
     return loss, {"ce": ce.item(), "mse": mse.item(), "doc_tokens": float(enc.n_tokens.sum()),
                   "mem_tokens": float(enc.n_mem.sum()), **extra}
@@ -160,7 +173,10 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
     torch.manual_seed(train.seed)
     if stage == "instruct" and cfg.fresh_generator:
         model.reset_adapter("generator")
-    model.set_trainable(["compressor", "generator"], special=True)
+    if stage == "instruct" and cfg.freeze_compressor:
+        model.set_trainable(["generator"], special=False)
+    else:
+        model.set_trainable(["compressor", "generator"], special=True)
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
     start = ckpt.restore(model, optimizer, scheduler) if resume else 0
@@ -181,7 +197,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
             n_docs += sum(len(ex.docs) for ex in batch) * dist.world
             rng = random.Random(train.seed * 1_000_003 + (step * train.grad_accum + micro) * dist.world + dist.rank)
             loss, parts = compressed_lm_loss(model, batch, cfg.mse_weight, cfg.max_target_len, rng,
-                                             cfg.target_dropout, cfg.salient_weight)
+                                             cfg.target_dropout, cfg.salient_weight, cfg.align)
             (loss / train.grad_accum).backward()
             sums["loss"] += loss.item() / train.grad_accum
             for k, v in parts.items():

@@ -53,6 +53,16 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     assert again["generator"]["raw_text_forced"] == g["raw_text_forced"]
     assert again["answer_nll"] == n  # the base model's NLLs come from the cache; CLaRa's are recomputed alike
     assert "quality probe" in quality_probe.table(result)
+    d = result["slot_diversity"]
+    assert d["passages"] == 2 and d["slots"] == tiny_model.cfg.n_mem_max
+    assert -1 <= d["within_passage_cosine"] <= 1 and 1 <= d["effective_rank"] <= d["slots"]
+    pq = result["per_question"]
+    assert len(pq["nll_clara_forced"]) == len(pq["f1_clara_forced"]) == 4 == len(result["question_ids"])
+    # the likelihood-only part gives the same likelihoods without generating anything
+    quick = quality_probe.probe(str(ckpt), dev, articles=None, k=3, parts="n", corpus=str(corpus))
+    assert quick["answer_nll"] == n and "generator" not in quick
+    same = quality_probe.compare(result, result)
+    assert same["gold_answer_nll_gain"]["mean"] == 0 and not same["better"]
 
 
 def test_answer_nll_scores_exactly_the_answer_tokens(tiny_model):
@@ -61,23 +71,26 @@ def test_answer_nll_scores_exactly_the_answer_tokens(tiny_model):
     import torch
     import torch.nn.functional as F
 
-    import quality_probe
+    from clara.eval.likelihood import answer_nll
 
     questions = ["Where is the tower?", "Who wrote the long book about the river and the sea?"]
     answers = ["Paris", "a writer of many books"]
     rows = [tiny_model.text_qa_prompt(q, []) for q in questions]
-    got = quality_probe.answer_nll(tiny_model, rows, answers, None, None, batch_size=2)
-    total, tokens = 0.0, 0
+    got, each = answer_nll(tiny_model, rows, answers, None, None, batch_size=2)
+    total, tokens, means = 0.0, 0, []
     with torch.no_grad(), tiny_model.adapter(None):
         for row, a in zip(rows, answers):
             target = tiny_model.tokenizer(a, add_special_tokens=False)["input_ids"]
             logits = tiny_model.base_model(input_ids=torch.tensor([row + target])).logits[0].float()
-            total += F.cross_entropy(logits[len(row) - 1: len(row) - 1 + len(target)], torch.tensor(target),
-                                     reduction="sum").item()
+            nll = F.cross_entropy(logits[len(row) - 1: len(row) - 1 + len(target)], torch.tensor(target),
+                                  reduction="sum").item()
+            total += nll
             tokens += len(target)
+            means.append(nll / len(target))
     assert abs(got - total / tokens) < 1e-4
-    one_by_one = quality_probe.answer_nll(tiny_model, rows, answers, None, None, batch_size=1)
-    assert abs(got - one_by_one) < 1e-4
+    assert len(each) == 2 and all(abs(x - y) < 1e-4 for x, y in zip(each, means))
+    one_by_one, each1 = answer_nll(tiny_model, rows, answers, None, None, batch_size=1)
+    assert abs(got - one_by_one) < 1e-4 and all(abs(x - y) < 1e-4 for x, y in zip(each, each1))
 
 
 def test_answer_spans_score_only_the_answers_tokens(tiny_model):
@@ -107,3 +120,33 @@ def test_answer_spans_score_only_the_answers_tokens(tiny_model):
     want = (float(losses[idx].sum()) + float(l3[idx3].sum())) / (len(idx) + len(idx3))
     assert got["tokens"] == len(idx) + len(idx3)
     assert abs(got["no_document"] - want) < 1e-4
+
+
+def test_slot_diversity_tells_one_vector_written_n_times_from_distinct_ones():
+    import torch
+
+    import quality_probe
+
+    gen = torch.Generator().manual_seed(0)
+    collapsed = [torch.randn(1, 32, generator=gen).expand(8, 32) + 0.01 * torch.randn(8, 32, generator=gen)
+                 for _ in range(6)]
+    distinct = [torch.randn(8, 32, generator=gen) for _ in range(6)]
+    c, d = quality_probe.slot_diversity(collapsed), quality_probe.slot_diversity(distinct)
+    assert c["within_passage_cosine"] > 0.99 and c["effective_rank"] < 1.5
+    assert abs(d["within_passage_cosine"]) < 0.2 and d["effective_rank"] > 6
+
+
+def test_paired_bootstrap_and_the_release_rule():
+    import quality_probe
+
+    old = [2.0 + 0.1 * (i % 7) for i in range(150)]
+    better = [x - 0.3 for x in old]
+    b = quality_probe.paired_bootstrap(better, old)
+    assert abs(b["mean"] - 0.3) < 1e-9 and b["low"] > 0.29 and b["items"] == 150
+    noisy = [x + (0.5 if i % 2 else -0.5) for i, x in enumerate(old)]
+    assert quality_probe.paired_bootstrap(noisy, old)["low"] < 0
+    f1 = [0.5] * 150
+    mk = lambda nll, f: {"question_ids": list(range(150)),
+                         "per_question": {"nll_clara_forced": nll, "f1_clara_forced": f}}
+    assert quality_probe.compare(mk(better, f1), mk(old, f1))["better"]
+    assert not quality_probe.compare(mk(better, [0.4] * 150), mk(old, f1))["better"]  # F1 may not drop

@@ -40,11 +40,13 @@ def test_full_evaluation_with_the_tiny_model(fixtures, tmp_path, models):
     for name in ("bm25", "minilm"):
         assert {("raw-text", name, s, 1) for s in ("normal", "oracle")} <= kinds
     assert {("clara", "clara-exact", s, r) for s in ("normal", "oracle") for r in (16, 64)} <= kinds
+    assert {("clara-closed-book", None, "normal", r) for r in (16, 64)} <= kinds
     for r in rows:
         assert set(REPORT_KEYS) <= set(r) and r["n"] == len(qa)
         assert 0.0 <= r["cem"] <= 1.0 and r["latency_ms_p50"] <= r["latency_ms_p95"]
         assert 0 < r["ttft_ms_p50"] <= r["ttft_ms_p95"] <= r["generation_ms_p95"] + 1e-6
-        if r["system"] == "closed-book":
+        assert r["gold_nll"] > 0 and r["answer_tokens"] >= 0
+        if r["system"] in ("closed-book", "clara-closed-book"):
             assert r["recall@1"] is None and r["context_tokens"] == 0
         else:
             assert 0.0 <= r["recall@5"] <= 1.0
@@ -54,10 +56,13 @@ def test_full_evaluation_with_the_tiny_model(fixtures, tmp_path, models):
     assert bm25_normal["recall@5"] >= 0.75  # lexical overlap is strong on these questions
     clara16 = next(r for r in rows if r["system"] == "clara" and r["rate"] == 16 and r["setting"] == "normal")
     assert clara16["context_tokens"] == 2 * 16 and clara16["real_ratio"] > 0
+    # the gold answer's likelihood is each system's own: CLaRa's generator with and without its memory differ
+    clara_closed = next(r for r in rows if r["system"] == "clara-closed-book" and r["rate"] == 16)
+    assert clara_closed["gold_nll"] != clara16["gold_nll"]
     preds = [json.loads(l) for l in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == len(qa) * len(rows)
     assert all("prediction" in p and "question" in p and p["latency_ms"] > 0 for p in preds)
-    assert "| system |" in (tmp_path / "report.md").read_text()
+    assert "| system |" in (tmp_path / "report.md").read_text() and "gold NLL" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "quality_vs_rate.png").stat().st_size > 1000
     assert (tmp_path / "latency_vs_rate.png").stat().st_size > 1000
 
@@ -90,7 +95,7 @@ def test_evaluate_cli(fixtures, tmp_path, models):
                                    "--k", "2", "--limit", "3", "--max-new-tokens", "3", "--baselines", "bm25"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "e" / "report.json").read_text())
-    assert {r["system"] for r in report} == {"clara", "raw-text", "closed-book"} and report[0]["n"] == 3
+    assert {r["system"] for r in report} == {"clara", "clara-closed-book", "raw-text", "closed-book"} and report[0]["n"] == 3
 
 
 def test_oracle_forces_gold_for_every_system_and_oracle_candidates_is_the_papers(fixtures, tmp_path, models):

@@ -1,0 +1,161 @@
+"""One long SCP run that every stretch of work adds to, and its curve (docs/memory.md).
+
+    python benchmarks/scp_chain.py train --data MIX/scp.jsonl [--config chain.json] [--steps 6000]
+    python benchmarks/scp_chain.py measure [--parts an]
+    python benchmarks/scp_chain.py curve
+
+``train`` continues the run in ``$CLARA_CACHE_DIR/chain/run`` from its latest step checkpoint when it is there,
+and otherwise starts it from the release (``--init``, default ``releases/clara-smollm2-r16``). It runs at a
+constant learning rate after a short warm-up, so it can be stopped anywhere (kill it: at most
+``checkpoint_every`` steps are lost) and continued later without a schedule to restart. The chain's settings
+are written beside the run the first time and a later start with different ones is refused: a chain is one
+recipe. Seeds differ per release generation, so a chain that restarts from a newer release reads the data in a
+new order.
+
+``measure`` probes the latest step checkpoint (``benchmarks/quality_probe.py`` parts a and n by default: slot
+diversity, reconstruction, answer spans and the gold answer's likelihood, no generation) and appends one line
+to ``chain/curve.jsonl`` with the cumulative SCP steps (the release's lineage plus this run's steps).
+``curve`` prints that file as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+DEFAULT_RELEASE = ROOT / "releases" / "clara-smollm2-r16"
+
+
+def chain_dir(arg: Path | None) -> Path:
+    from clara.model.base import cache_dir
+
+    return arg if arg is not None else cache_dir() / "chain"
+
+
+def lineage(checkpoint: Path) -> list[dict[str, Any]]:
+    """The stages a checkpoint went through, oldest first: ``extra.lineage`` of its ``clara.json``."""
+    from clara.model.checkpoint import read_checkpoint_config
+
+    return list(read_checkpoint_config(checkpoint).get("extra", {}).get("lineage", []))
+
+
+def prior_scp_steps(checkpoint: Path) -> int:
+    return sum(int(s["steps"]) for s in lineage(checkpoint) if s.get("stage") == "scp")
+
+
+def chain_settings(raw: dict[str, Any], init: Path, steps: int) -> dict[str, Any]:
+    """What fixes the chain: its init, total steps and the stage config (model overrides, train, loss)."""
+    return {"init": str(init), "steps": steps, "config": raw}
+
+
+def train(args: argparse.Namespace) -> int:
+    from clara.config import SCPConfig, from_dict, init_model_config, merged, read_config_file, ModelConfig
+    from clara.data.records import load_scp_records
+    from clara.model.checkpoint import load_checkpoint
+    from clara.training.scp import train_scp
+
+    root = chain_dir(args.chain)
+    run = root / "run"
+    raw = read_config_file(args.config) if args.config else {}
+    settings = chain_settings(raw, args.init.resolve(), args.steps)
+    fixed = root / "chain.json"
+    if fixed.is_file():
+        before = json.loads(fixed.read_text(encoding="utf-8"))
+        if before != settings:
+            raise SystemExit(f"{fixed} holds another chain's settings ({before}); move it (and {run}) aside to "
+                             f"start a new chain")
+    model = load_checkpoint(args.init)
+    model.cfg = from_dict(ModelConfig, init_model_config(model.cfg, raw.get("model", {}), args.init))
+    generation = len(lineage(args.init))
+    # constant lr after a short warm-up: the run may stop at any step and continue without a schedule restart
+    train_cfg = merged({"batch_size": 8, "max_steps": args.steps, "checkpoint_every": 25, "seed": generation,
+                        "optim": {"lr": 5e-4, "warmup_ratio": 0.005, "min_lr_ratio": 1.0}}, raw.get("train", {}))
+    cfg = from_dict(SCPConfig, {**raw, "model": model.cfg, "train": train_cfg})
+    root.mkdir(parents=True, exist_ok=True)
+    fixed.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    records = load_scp_records(args.data)
+    print(f"chain: {run} from {args.init} ({prior_scp_steps(args.init)} SCP steps before it), "
+          f"{cfg.train.max_steps} steps x {cfg.train.batch_size}, memory_slots={cfg.model.memory_slots}, "
+          f"align={cfg.align}", flush=True)
+    train_scp(model, records, cfg, run, stage="scp")
+    return 0
+
+
+def latest_checkpoint(root: Path) -> tuple[Path, int]:
+    from clara.training.common import Checkpointer
+
+    ck = Checkpointer(root / "run")
+    steps = ck.steps()
+    if not steps:
+        raise SystemExit(f"no step checkpoint under {root / 'run'} yet")
+    return ck.latest() / "model", steps[-1]  # type: ignore[operator]
+
+
+def measure(args: argparse.Namespace) -> int:
+    import quality_probe
+
+    root = chain_dir(args.chain)
+    settings = json.loads((root / "chain.json").read_text(encoding="utf-8"))
+    checkpoint, step = latest_checkpoint(root)
+    result = quality_probe.probe(str(checkpoint), args.dev, parts=args.parts, amp=args.amp)
+    print(quality_probe.table(result), flush=True)
+    a, s, d = result.get("reconstruction", {}), result.get("answer_spans", {}), result.get("slot_diversity", {})
+    n = result.get("answer_nll", {})
+    line = {"cumulative_scp_steps": prior_scp_steps(Path(settings["init"])) + step, "run_step": step,
+            "slot_cosine": d.get("within_passage_cosine"), "slot_cosine_centred": d.get("within_passage_cosine_centred"),
+            "effective_rank": d.get("effective_rank"), "memory_ce": a.get("memory"),
+            "gap_closed": a.get("gap_closed"), "memory_use": a.get("memory_use"),
+            "answer_span_memory_use": s.get("memory_use"), "answer_use": n.get("answer_use"),
+            "gold_answer_nll": n.get("clara_forced")}
+    with (root / "curve.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def curve_table(lines: Sequence[dict[str, Any]]) -> str:
+    cols = ("cumulative_scp_steps", "slot_cosine", "effective_rank", "memory_ce", "gap_closed", "memory_use",
+            "answer_span_memory_use", "answer_use")
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for ln in lines:
+        out.append("| " + " | ".join("–" if ln.get(c) is None else (f"{ln[c]:.3f}" if isinstance(ln[c], float)
+                                                                      else str(ln[c])) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def curve(args: argparse.Namespace) -> int:
+    path = chain_dir(args.chain) / "curve.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"no curve yet: {path} (run 'measure' at a stop)")
+    print(curve_table([json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--chain", type=Path, default=None, help="Chain folder (default $CLARA_CACHE_DIR/chain).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="Continue the chain (or start it from --init).")
+    t.add_argument("--data", type=Path, required=True, help="Stage-1 rows (clara data mix's scp.jsonl).")
+    t.add_argument("--init", type=Path, default=DEFAULT_RELEASE, help="Where a new chain starts.")
+    t.add_argument("--config", type=Path, default=None, help="SCP config (JSON/TOML): model, train, loss.")
+    t.add_argument("--steps", type=int, default=6000, help="The run's length in optimizer steps.")
+    m = sub.add_parser("measure", help="Probe the latest checkpoint; append to curve.jsonl.")
+    m.add_argument("--dev", type=Path, default=ROOT / "benchmarks" / "dev" / "natural_dev.jsonl")
+    m.add_argument("--parts", default="an")
+    m.add_argument("--amp", choices=("bf16", "off"), default=None)
+    m.add_argument("--out", type=Path, default=None)
+    sub.add_parser("curve", help="Print the curve.")
+    args = ap.parse_args(argv)
+    return {"train": train, "measure": measure, "curve": curve}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
