@@ -55,6 +55,22 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def check_output(path: Path, kind: str) -> None:
+    """Refuse an output path that cannot be written before any work is done (a run must not compute for minutes
+    and then fail at the write): ``kind`` is ``file`` or ``dir``."""
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file path")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} exists and is not a directory")
+    folder = path if kind == "dir" and path.is_dir() else path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {path}: {folder} is not a directory, so it cannot be created")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: {folder} is not writable")
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -275,11 +291,12 @@ def data_ingest(
     out: Path = typer.Option(..., help="Where to write the validated corpus (JSONL); rejects go beside it."),
     on_error: str = OnErrorOpt,
     preset: str = SplitPresetOpt,
-    max_doc_tokens: Optional[int] = typer.Option(None, help="Split longer documents (default: the preset's)."),
+    max_doc_tokens: Optional[int] = typer.Option(None, min=1, help="Split longer documents (default: the preset's)."),
 ) -> None:
     """Validate, de-duplicate and split a corpus into passages; canonical bytes, so the same DVC hash anywhere."""
     from clara.data.corpus import IngestError, write_corpus, write_rejects
 
+    check_output(out, "file")
     try:
         docs, report = _ingest(corpus, on_error, preset, max_doc_tokens)
     except (IngestError, FileNotFoundError, ValueError) as exc:
@@ -434,6 +451,7 @@ def evaluate_cmd(
     from clara.model.checkpoint import load_checkpoint
     from clara.store.builds import StoreError
 
+    check_output(out, "dir")
     try:
         wanted = {int(r) for r in rates.split(",")} if rates else None
         models, refs = {}, {}

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -282,12 +283,28 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys so that a typo is an error, not a no-op."""
+    """Build dataclass ``cls`` from a dict, refusing unknown keys so that a typo is an error, not a no-op, and
+    values of the wrong type (``"sixteen"`` for an int) with the field's name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a table/object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        want = hints[key]
+        if want in (int, float, str, bool) and not _is_a(value, want):
+            raise ValueError(f"{cls.__name__}.{key} must be {want.__name__}, got {value!r}")
     return cls(**data)
+
+
+def _is_a(value: Any, want: type) -> bool:
+    if want is float:  # an int is a fine float; a bool is neither
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, want)
 
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

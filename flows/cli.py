@@ -123,11 +123,26 @@ def context() -> dict:
     return {"resolve_uri": tracking.download_model}
 
 
+def user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the kind a user's input causes (a bad path, file, value, or a registry that says no) and
+    deserves one line, not a traceback. Programming errors (TypeError, KeyError, …) keep their traceback."""
+    return isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith("mlflow.")
+
+
 def main() -> None:
+    import sys
+
     from clara.cli import quiet_libraries
 
     quiet_libraries()
-    build_app()(obj=context())
+    try:
+        build_app()(obj=context(), standalone_mode=True)
+    except Exception as exc:  # noqa: BLE001 - sorted by user_error; the rest re-raised
+        if not user_error(exc) or os.environ.get("CLARA_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message} (CLARA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

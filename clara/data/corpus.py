@@ -82,8 +82,25 @@ class IngestReport:
 
 # ------------------------------------------------------------------------------------------------ reading
 
+def _folder_entries(root: Path) -> list[tuple[Path, bool]]:
+    """Every text file under ``root`` and every symbolic link (True), sorted. Links are never followed: one can
+    point out of the corpus folder (``/etc/…``) or into a loop, and a corpus is what the folder holds."""
+    out = []
+    for top, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            path = Path(top) / name
+            if path.is_symlink():
+                out.append((path, True))
+            elif name in files and path.suffix.lower() in TEXT_SUFFIXES:
+                out.append((path, False))
+    return sorted(out)
+
+
 def _iter_folder(root: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES):
+    for path, link in _folder_entries(root):
+        if link:
+            yield str(path), None, f"symbolic link to {os.readlink(path)!r}: not followed (copy the file in)"
+            continue
         rel = path.relative_to(root).as_posix()
         try:
             text = path.read_bytes().decode("utf-8")
@@ -122,8 +139,21 @@ def _validate(obj: dict[str, Any], max_chars: int) -> tuple[Document | None, str
     if not isinstance(title, str):
         return None, f"bad field: 'title' must be a string, got {type(title).__name__}"
     meta = {k: v for k, v in obj.items() if k not in ("id", "title", "text", "parent_id")}
+    try:  # NaN and Infinity parse (Python's json accepts them) but are not JSON: canonical output could not hold them
+        json.dumps(meta, allow_nan=False)
+    except ValueError:
+        bad = next(k for k, v in meta.items() if not _finite_json(v))
+        return None, f"bad field: {bad!r} holds NaN or Infinity, which JSON does not allow"
     parent = obj.get("parent_id")
     return Document(str(doc_id).strip(), title.strip(), text, None if parent is None else str(parent), meta), None
+
+
+def _finite_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- splitting
@@ -187,6 +217,7 @@ def ingest(rows: Iterable[tuple[str, dict[str, Any] | None, str | None]], source
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     report = IngestReport(source)
     seen: dict[str, str] = {}
+    emitted: dict[str, str] = {}  # output id -> the input id it came from
     docs: list[Document] = []
     count = count_tokens or approx_tokens
 
@@ -210,15 +241,26 @@ def ingest(rows: Iterable[tuple[str, dict[str, Any] | None, str | None]], source
             else:
                 reject(where, f"duplicate id: {doc.id!r} appears earlier with different text", doc.id)
             continue
-        seen[doc.id] = doc.text
-        report.documents += 1
         parts = split_passages(doc.text, max_tokens, count) if max_tokens else [doc.text]
+        ids = [doc.id] if len(parts) == 1 else [f"{doc.id}#p{i}" for i in range(len(parts))]
+        # A split document's passages are named id#p0, id#p1, …: an input row may already hold one of those ids
+        # (or take one later). Output ids must stay unique, so the later of the two is rejected.
+        taken = next((i for i in ids if i in emitted), None)
+        if taken is not None:
+            owner = emitted[taken]
+            reject(where, f"id clash: {taken!r} is already the id of " +
+                   (f"a passage of split document {owner!r}" if owner != taken else "an earlier row") +
+                   (f" (this row's document {doc.id!r} splits into {len(ids)} passages)" if len(ids) > 1 else ""),
+                   doc.id)
+            continue
+        seen[doc.id] = doc.text
+        emitted.update((i, doc.id) for i in ids)
+        report.documents += 1
         if len(parts) == 1:
             docs.append(doc)
         else:
             report.split_documents += 1
-            docs.extend(Document(f"{doc.id}#p{i}", doc.title, p, parent_id=doc.id, meta=doc.meta)
-                        for i, p in enumerate(parts))
+            docs.extend(Document(i, doc.title, p, parent_id=doc.id, meta=doc.meta) for i, p in zip(ids, parts))
     report.passages = len(docs)
     if not docs:  # nothing downstream means anything over zero passages: say so here, not after a "run"
         why = (f"all {report.rows_read:,} rows were rejected (first: {report.rejects[0].where}: "
@@ -266,7 +308,7 @@ def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> Path:
 
 def dumps(row: dict[str, Any]) -> str:
     """Canonical JSON for data files: same content, same bytes, on any machine (and so the same DVC hash)."""
-    return json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def write_corpus(docs: Iterable[Document], path: str | Path) -> Path:
@@ -292,6 +334,8 @@ def ingest_corpus(corpus: str, model_cfg, on_error: str = "fail", max_doc_tokens
     evaluation: split with the tokenizer and document length of ``model_cfg``."""
     from clara.model.base import load_tokenizer
 
+    if max_doc_tokens is not None and max_doc_tokens < 1:
+        raise ValueError(f"max_doc_tokens must be at least 1, got {max_doc_tokens}")
     tok = load_tokenizer(model_cfg.base)
     kwargs = dict(on_error=on_error, max_tokens=max_doc_tokens or model_cfg.doc_max_len,
                   count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))

@@ -135,7 +135,12 @@ def load_qa_records(path: str | Path) -> list[QARecord]:
         key = next((k for k in ("answers", "golden_answers", "answer") if k in obj), "answers")
         answers = _str_list(obj, key, where)  # the authors' rows carry one "answer" string
         gold_key = "gold_doc_ids" if "gold_doc_ids" in obj else "pos_doc_ids"
-        gold = [str(g) for g in obj.get(gold_key, [])]
+        gold_raw = obj.get(gold_key, [])
+        # a bare string would be read letter by letter: only a list of ids (strings or integers) is a gold list
+        if not isinstance(gold_raw, list) or not all(isinstance(g, (str, int)) and not isinstance(g, bool)
+                                                     for g in gold_raw):
+            raise RecordError(f"{where}: field {gold_key!r} must be a list of document ids, got {gold_raw!r}")
+        gold = [str(g) for g in gold_raw]
         out.append(QARecord(qid, question, answers, gold))
     if not out:
         raise RecordError(f"{path}: no records")

@@ -159,13 +159,31 @@ def convert_smollm2(target: Path | None = None) -> Path:
 
 # -------------------------------------------------------------------------------------------------- entry
 
+def base_path(base: str) -> str:
+    """Where base ``base`` (not ``tiny``) loads from, without touching the network: the converted SmolLM2, a local
+    folder, or a hub id already in the local Hugging Face cache. Anything else is refused at once: this project
+    never downloads a model (a hub lookup of an unknown name retries for most of a minute before failing)."""
+    if base == "smollm2-135m":
+        return str(convert_smollm2())
+    if Path(base).expanduser().is_dir():
+        return str(Path(base).expanduser())
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(base, "config.json") if base.count("/") == 1 else None
+    if isinstance(cached, str):
+        return base
+    raise OSError(f"unknown base model {base!r}: not a built-in (tiny, smollm2-135m), not a local folder and not in "
+                  f"the local Hugging Face cache. Nothing is downloaded: fetch the model yourself and give its folder "
+                  f"(config.json + safetensors + tokenizer files).")
+
+
 def load_tokenizer(base: str):
     """Only the tokenizer of ``base`` (for counting tokens when splitting documents into passages)."""
     from transformers import AutoTokenizer
 
     if base == "tiny":
         return build_tiny_tokenizer()
-    return AutoTokenizer.from_pretrained(convert_smollm2() if base == "smollm2-135m" else base)
+    return AutoTokenizer.from_pretrained(base_path(base), local_files_only=True)
 
 
 def load_base(base: str, *, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -186,10 +204,10 @@ def load_base(base: str, *, device: torch.device, dtype: torch.dtype, seed: int 
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(len(tokenizer), tiny_hidden, tiny_layers, seed).to(dtype)
     else:
-        path = convert_smollm2() if base == "smollm2-135m" else base
+        path = base_path(base)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         except OSError as exc:
             raise OSError(
                 f"could not load base model {base!r}: {exc}. On an offline machine give a local folder "

@@ -153,9 +153,19 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a clara checkpoint (no {CONFIG_FILE})")
-    meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{cfg_file}: unsupported checkpoint format {found!r} (expected {FORMAT})")
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{cfg_file}: no 'model' table")
+    try:  # a config that could not build a model is refused here, not half-way through a load
+        from_dict(ModelConfig, dict(meta["model"]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{cfg_file}: bad model config: {exc}") from exc
     return meta
 
 
@@ -177,7 +187,7 @@ def load_checkpoint(path: str | Path, device: str | None = None, dtype: str | No
     if base is not None:
         model_cfg["base"] = base
     cfg = from_dict(ModelConfig, model_cfg)
-    special = load_file(path / "special_embeddings.safetensors")["special"]
+    special = read_safetensors(path / "special_embeddings.safetensors")["special"]
     base_dir = path / "base" if meta.get("base_included") and base is None else None
     model = ClaraModel.build(cfg, special=special, base_dir=base_dir)
     if model.special_tokens != meta["special_tokens"] or model.first_special_id != meta["first_special_id"]:
@@ -189,6 +199,18 @@ def load_checkpoint(path: str | Path, device: str | None = None, dtype: str | No
     return model
 
 
+def read_safetensors(file: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or corrupt file is a ValueError naming it."""
+    from safetensors import SafetensorError
+
+    if not file.is_file():
+        raise FileNotFoundError(f"missing {file}")
+    try:
+        return load_file(file, device=device)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt): {exc}") from None
+
+
 def load_adapter_weights(model: ClaraModel, path: str | Path) -> None:
     """Load every adapter's weights and the special rows from checkpoint ``path`` into ``model`` in place."""
     from peft import set_peft_model_state_dict
@@ -198,11 +220,11 @@ def load_adapter_weights(model: ClaraModel, path: str | Path) -> None:
         file = path / "adapters" / name / "adapter_model.safetensors"
         if not file.is_file():
             raise FileNotFoundError(f"{path}: missing adapter weights {file.relative_to(path)}")
-        state = load_file(file, device=str(model.device))
+        state = read_safetensors(file, device=str(model.device))
         result = set_peft_model_state_dict(model.peft, state, adapter_name=name)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"{file}: weights that fit no layer of this base: {unexpected[:5]}")
-    special = load_file(path / "special_embeddings.safetensors")["special"]
+    special = read_safetensors(path / "special_embeddings.safetensors")["special"]
     with torch.no_grad():
         model.special.copy_(special.to(model.special.device))

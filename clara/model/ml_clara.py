@@ -57,6 +57,9 @@ def read_tensors(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise ReleaseError(f"{path}: refused: it holds more than plain tensors, and loading it would run "
                            f"pickled code ({str(exc).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # a truncated or corrupt archive
+        raise ReleaseError(f"{path}: unreadable (truncated or not a torch file): "
+                           f"{str(exc).splitlines()[0][:200]}") from None
 
     def check(obj: Any, where: str) -> None:
         if isinstance(obj, dict):
@@ -77,10 +80,17 @@ def release_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise ReleaseError(f"{folder}: missing config.json (is this one compression-N folder of a release?)")
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReleaseError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ReleaseError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     for key in ("compr_rate", "doc_max_length", "lora_r"):
         if key not in cfg:
             raise ReleaseError(f"{path}: no {key!r}")
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise ReleaseError(f"{path}: {key!r} must be a positive integer, got {cfg[key]!r}")
     if cfg.get("compr_model_name"):
         raise ReleaseError(f"{path}: compr_model_name={cfg['compr_model_name']!r}: a separate compressor model is "
                            "not supported (only the base-with-encoder-adapter compressor the releases use)")

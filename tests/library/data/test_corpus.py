@@ -33,6 +33,7 @@ BAD_ROWS = [
     (json.dumps({"id": "x", "text": "y" * 300_001}).encode(), "document too large"),
     (json.dumps({"id": "x", "text": "bin\u0000ary"}).encode(), "binary content"),
     (json.dumps({"id": "a", "text": "Different text under a known id."}).encode(), "duplicate id: 'a'"),
+    (b'{"id": "x", "text": "t", "score": NaN}', "bad field: 'score' holds NaN"),
 ]
 
 
@@ -152,3 +153,36 @@ def test_an_overlong_line_is_one_reject_and_reading_goes_on(tmp_path):
     rows = list(iter_jsonl(path, max_line_bytes=1000))
     assert [r[2] is None for r in rows] == [True, False, True]
     assert rows[1][0].endswith("c.jsonl:2") and "line too long: 5,02" in rows[1][2] and "at most 1,000" in rows[1][2]
+
+
+def test_a_row_cannot_take_the_id_of_a_split_documents_passage(tmp_path):
+    """A long 'a' becomes a#p0, a#p1, …; a row whose own id is 'a#p1' (before or after it) is rejected, so every
+    output id is unique and the output ingests again."""
+    long_row = json.dumps({"id": "a", "title": "A", "text": " ".join(f"Sentence {i} is about Paris." for i in range(60))})
+    clash = json.dumps({"id": "a#p1", "title": "B", "text": "Bob."})
+    count = lambda t: len(t.split())  # noqa: E731
+    for order, rejected_line in (([long_row, clash], 2), ([clash, long_row], 2)):
+        path = write_lines(tmp_path / "c.jsonl", order)
+        with pytest.raises(IngestError, match=rf"c\.jsonl:{rejected_line}: id clash: 'a#p1'"):
+            ingest_path(path, max_tokens=30, count_tokens=count)
+        docs, report = ingest_path(path, on_error="skip", max_tokens=30, count_tokens=count)
+        ids = [d.id for d in docs]
+        assert len(ids) == len(set(ids)) and "a#p1" in ids and len(report.rejects) == 1
+        out = write_corpus(docs, tmp_path / "out.jsonl")
+        assert [d.id for d in read_corpus(out)] == ids  # the output ingests again
+
+
+def test_folder_ingest_never_follows_a_symbolic_link(tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "one.txt").write_text("First document.")
+    secret = tmp_path / "outside.txt"
+    secret.write_text("A file outside the corpus folder.")
+    (root / "leak.txt").symlink_to(secret)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    docs, report = ingest_path(root, on_error="skip")
+    assert [d.id for d in docs] == ["one.txt"]
+    assert sorted(r.where.rsplit("/", 1)[-1] for r in report.rejects) == ["leak.txt", "loop"]
+    assert all("symbolic link" in r.reason and "not followed" in r.reason for r in report.rejects)
+    with pytest.raises(IngestError, match=r"leak\.txt: symbolic link"):
+        ingest_path(root)

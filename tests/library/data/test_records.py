@@ -59,6 +59,11 @@ def test_corpus_and_qa_validation(tmp_path):
     p = write(tmp_path, "q2.jsonl", [json.dumps({"id": 1, "question": "", "answers": ["x"]})])
     with pytest.raises(RecordError, match="'question'"):
         load_qa_records(p)
+    # a bare string would be split into letters ('abc' -> a, b, c): refused with the file and line
+    p = write(tmp_path, "q3.jsonl", [json.dumps({"id": 1, "question": "q?", "answers": ["x"],
+                                                 "gold_doc_ids": "abc"})])
+    with pytest.raises(RecordError, match=r"q3.jsonl:1: field 'gold_doc_ids' must be a list of document ids"):
+        load_qa_records(p)
 
 
 def test_the_authors_instruct_and_e2e_rows_are_read(tmp_path):

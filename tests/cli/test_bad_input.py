@@ -1,0 +1,142 @@
+"""Every user mistake through the ``clara`` command: exit 2 and one line that names the file, line or option, never a
+traceback. The table in docs/faults.md is this list (``test_the_docs_table_is_this_list``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "faults.md"
+LONG = " ".join(f"Sentence {i} is about Paris." for i in range(60))
+
+
+def _tiny_checkpoint(tmp: Path) -> Path:
+    from clara.config import preset
+    from clara.model import ClaraModel
+    from clara.model.checkpoint import save_checkpoint
+
+    return save_checkpoint(ClaraModel.build(preset("tiny", compression_rate=16)), tmp / "ckpt")
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def setup(case: str, t: Path) -> list[str]:
+    """The command line of ``case``, with whatever files it needs written under ``t``."""
+    good = _jsonl(t / "good.jsonl", [{"id": "a", "title": "A", "text": "Alpha is first."}])
+    if case == "ingest: a row takes a split passage's id":
+        c = _jsonl(t / "c.jsonl", [{"id": "a", "title": "A", "text": LONG}, {"id": "a#p1", "title": "B", "text": "Bob."}])
+        return ["data", "ingest", "--corpus", str(c), "--out", str(t / "o.jsonl"), "--max-doc-tokens", "40"]
+    if case == "ingest: NaN in an extra field":
+        c = t / "c.jsonl"
+        c.write_text('{"id": "a", "text": "Alpha.", "score": NaN}\n')
+        return ["data", "ingest", "--corpus", str(c), "--out", str(t / "o.jsonl")]
+    if case == "ingest: --out is a directory":
+        return ["data", "ingest", "--corpus", str(good), "--out", str(t)]
+    if case == "ingest: --out under a file":
+        return ["data", "ingest", "--corpus", str(good), "--out", str(good / "o.jsonl")]
+    if case == "ingest: --max-doc-tokens -1":
+        return ["data", "ingest", "--corpus", str(good), "--out", str(t / "o.jsonl"), "--max-doc-tokens", "-1"]
+    if case == "ingest: --preset bogus":
+        return ["data", "ingest", "--corpus", str(good), "--out", str(t / "o.jsonl"), "--preset", "bogus"]
+    if case == "model info: clara.json with a wrong type":
+        ck = _tiny_checkpoint(t)
+        meta = json.loads((ck / "clara.json").read_text())
+        meta["model"]["compression_rate"] = "sixteen"
+        (ck / "clara.json").write_text(json.dumps(meta))
+        return ["model", "info", str(ck)]
+    if case == "model info: clara.json not JSON":
+        ck = _tiny_checkpoint(t)
+        (ck / "clara.json").write_text('{"format": ')
+        return ["model", "info", str(ck)]
+    if case == "model paraphrase: truncated adapter":
+        ck = _tiny_checkpoint(t)
+        f = ck / "adapters" / "generator" / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+        return ["model", "paraphrase", str(ck), "--text", "Paris."]
+    if case == "import ml-clara: config.json not JSON":
+        (t / "rel").mkdir()
+        (t / "rel" / "config.json").write_text("{oops")
+        return ["import", "ml-clara", str(t / "rel"), "--out", str(t / "out")]
+    if case == "import ml-clara: config.json with a wrong type":
+        (t / "rel").mkdir()
+        (t / "rel" / "config.json").write_text(json.dumps({"compr_rate": "16", "doc_max_length": 256, "lora_r": 16}))
+        return ["import", "ml-clara", str(t / "rel"), "--out", str(t / "out")]
+    if case == "import ml-clara: truncated adapters.pth":
+        import torch
+
+        (t / "rel").mkdir()
+        (t / "rel" / "config.json").write_text(json.dumps({"compr_rate": 16, "doc_max_length": 256, "lora_r": 16,
+                                                           "decoder_model_name": "tiny"}))
+        torch.save({"w": torch.zeros(64, 64)}, t / "rel" / "adapters.pth")
+        data = (t / "rel" / "adapters.pth").read_bytes()
+        (t / "rel" / "adapters.pth").write_bytes(data[: len(data) // 2])
+        return ["import", "ml-clara", str(t / "rel"), "--out", str(t / "out"), "--base", "tiny"]
+    if case == "evaluate: gold_doc_ids is a string":
+        ck = _tiny_checkpoint(t)
+        corpus = _jsonl(t / "c.jsonl", [{"id": "abc", "title": "A", "text": "Alpha."}])
+        qa = _jsonl(t / "qa.jsonl", [{"id": "q", "question": "What?", "answers": ["Alpha"], "gold_doc_ids": "abc"}])
+        return ["evaluate", "--qa", str(qa), "--corpus", str(corpus), "--model", str(ck), "--out", str(t / "ev")]
+    if case == "evaluate: --out is a file":
+        return ["evaluate", "--qa", str(good), "--corpus", str(good), "--model", str(t), "--out", str(good)]
+    raise KeyError(case)
+
+
+# case -> (exit code, what the one line says)
+CASES = {
+    "ingest: a row takes a split passage's id": (2, "c.jsonl:2: id clash: 'a#p1' is already the id of a passage"),
+    "ingest: NaN in an extra field": (2, "c.jsonl:1: bad field: 'score' holds NaN or Infinity"),
+    "ingest: --out is a directory": (2, "is a directory; give a file path"),
+    "ingest: --out under a file": (2, "is not a directory, so it cannot be created"),
+    "ingest: --max-doc-tokens -1": (2, "Invalid value for '--max-doc-tokens': Input should be greater than or equal to 1"),
+    "ingest: --preset bogus": (2, "unknown base model 'bogus'"),
+    "model info: clara.json with a wrong type": (2, "bad model config: ModelConfig.compression_rate must be int"),
+    "model info: clara.json not JSON": (2, "clara.json: not valid JSON"),
+    "model paraphrase: truncated adapter": (2, "adapter_model.safetensors: unreadable safetensors file"),
+    "import ml-clara: config.json not JSON": (2, "config.json: not valid JSON"),
+    "import ml-clara: config.json with a wrong type": (2, "'compr_rate' must be a positive integer, got '16'"),
+    "import ml-clara: truncated adapters.pth": (2, "adapters.pth: unreadable (truncated or not a torch file)"),
+    "evaluate: gold_doc_ids is a string": (2, "qa.jsonl:1: field 'gold_doc_ids' must be a list of document ids"),
+    "evaluate: --out is a file": (2, "exists and is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_user_mistake_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
+    from clara_flows.cli import main
+
+    argv = setup(case, tmp_path)
+    monkeypatch.setattr(sys, "argv", ["clara", *argv])
+    monkeypatch.delenv("CLARA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    code, says = CASES[case]
+    assert exit_info.value.code == code, err
+    assert "Traceback" not in err
+    words = " ".join(re.sub(r"[│╭╮╰╯─]", " ", err).split())  # typer's usage errors come in a box
+    assert says in words, err
+
+
+def test_a_programming_error_keeps_its_traceback():
+    from mlflow.exceptions import MlflowException
+
+    from clara_flows.cli import user_error
+
+    assert user_error(ValueError("x")) and user_error(IsADirectoryError("d")) and user_error(MlflowException("no"))
+    assert not user_error(TypeError("bug")) and not user_error(KeyError("bug"))
+
+
+def test_the_docs_table_is_this_list():
+    rows = {}
+    for line in DOCS.read_text(encoding="utf-8").splitlines():
+        m = re.fullmatch(r"\| (.+?) \| (\d) \| `(.+)` \|", line.strip())
+        if m:
+            rows[m.group(1)] = (int(m.group(2)), m.group(3))
+    assert rows == CASES
