@@ -93,7 +93,8 @@ def ask_cmd(question: list[str] = typer.Argument(..., help="One or more question
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
-        m = mlflow.pyfunc.load_model(model)
+        # from the cache folder, downloaded once per model version (loading the URI itself leaves a temp copy)
+        m = mlflow.pyfunc.load_model(str(tracking.download_model(model)))
         out = m.predict(pd.DataFrame({"question": question}), params={"k": k} if k else None)
     except (MlflowException, StoreError, ValueError, OSError) as exc:
         _fail(exc)

@@ -287,6 +287,18 @@ def _compressor_outputs():
 _OUTPUTS = {"qa": _qa_outputs, "compressor": _compressor_outputs}
 
 
+def _qa_params():
+    """The QA model's request parameters. MLflow drops any parameter its signature does not declare ("Ignoring
+    provided params"), so ``k`` must be here for ``clara ask --k`` and ``{"params": {"k": 1}}`` over HTTP to work.
+    None: the model's own k."""
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ParamSchema([ParamSpec("k", "long", None)])
+
+
+_PARAMS = {"qa": _qa_params}
+
+
 def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Mapping[str, Any],
                input_column: str) -> str:
     """Log the ``kind`` model (``MODEL_CODE``) with the checkpoint folder (safetensors + JSON) as its artifact;
@@ -297,7 +309,8 @@ def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Map
 
     if kind not in MODEL_CODE:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_CODE)}")
-    signature = ModelSignature(inputs=Schema([ColSpec("string", input_column)]), outputs=_OUTPUTS[kind]())
+    signature = ModelSignature(inputs=Schema([ColSpec("string", input_column)]), outputs=_OUTPUTS[kind](),
+                               params=_PARAMS.get(kind, lambda: None)())
     wheel = project_wheel()
     # The running environment is the model's environment (pinned in pyproject.toml); listing it here keeps
     # MLflow from loading the model to infer requirements. The project itself travels as a wheel inside the

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -57,12 +58,48 @@ def outage(exc: BaseException) -> str | None:
 
 
 def download_model(uri: str) -> Path:
-    """The local folder of a model URI's artifacts (``models:/name@alias``, ``runs:/…``): the resolver the library's
-    commands are given for model URIs."""
+    """The local folder of a model URI's artifacts (``models:/name@alias``, ``models:/name/3``, ``runs:/…``): the
+    resolver the library's commands are given for model URIs.
+
+    Downloaded once into the cache folder and reused: an alias is resolved to its version first, and a version's
+    artifacts never change. (A plain ``download_artifacts`` leaves a new ~57 MB temp folder per call: a script or
+    server asking a thousand questions would fill the disk.)"""
+    import os
+    import shutil
+    import tempfile
+
     import mlflow
 
+    from clara.model.base import cache_dir
+
     mlflow.set_tracking_uri(tracking_uri())
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    uri = resolve_version(uri)
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.split(":", 1)[1].strip("/"))
+    root = cache_dir() / "mlflow-models" / key
+    done = root / "path.txt"  # written last: its presence means the download is whole
+    if done.is_file():
+        return root / done.read_text(encoding="utf-8")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root.parent))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        (tmp / "path.txt").write_text(got.relative_to(tmp).as_posix(), encoding="utf-8")
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished the same download first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / done.read_text(encoding="utf-8")
+
+
+def resolve_version(uri: str) -> str:
+    """``models:/name@alias`` as ``models:/name/<version>`` (what the alias points at now); other URIs as given."""
+    m = re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri)
+    if not m:
+        return uri
+    return f"models:/{m.group(1)}/{client().get_model_version_by_alias(m.group(1), m.group(2)).version}"
 
 
 def experiment_id(c: MlflowClient, name: str = EXPERIMENT) -> str:

@@ -98,15 +98,21 @@ def _pid(layout: Layout, name: str) -> int | None:
     return pid if _alive(pid) else None
 
 
-def _spawn(layout: Layout, name: str, cmd: list[str]) -> int:
-    """Start ``cmd`` in its own session (so stopping it stops its children), logging to logs/<name>.log."""
+def _spawn(layout: Layout, name: str, cmd: list[str], secret_env: dict[str, str] | None = None) -> int:
+    """Start ``cmd`` in its own session (so stopping it stops its children), logging to logs/<name>.log.
+
+    ``secret_env``: settings that hold credentials (a database URL with its password) go to the process through its
+    environment, never on its command line, which every user of the machine can read (``ps``); logs are 0600."""
     layout.logs.mkdir(parents=True, exist_ok=True)
     (layout.state / "pids").mkdir(parents=True, exist_ok=True)
-    log = open(layout.logs / f"{name}.log", "ab")
+    path = layout.logs / f"{name}.log"
+    log = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+    os.chmod(path, 0o600)  # a log made by an earlier version may be world-readable
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
     log.flush()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **layout.env()}, cwd=PROJECT, start_new_session=True)
+                            env={**os.environ, **layout.env(), **(secret_env or {})}, cwd=PROJECT,
+                            start_new_session=True)
     (layout.state / "pids" / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid
 
@@ -164,10 +170,11 @@ def mlflow_up(layout: Layout, backend: str | None = None, timeout: float = 180) 
     (home / "artifacts").mkdir(parents=True, exist_ok=True)
     backend = backend or mlflow_backend(layout, None)
     # One worker (~750 MB RSS): four cost ~1.5 GB on a laptop for no gain with one pipeline.
+    # the backend URL may carry a password: mlflow server reads it from MLFLOW_BACKEND_STORE_URI
     pid = _spawn(layout, "mlflow", [
-        _bin("mlflow"), "server", "--backend-store-uri", backend,
+        _bin("mlflow"), "server",
         "--artifacts-destination", str(home / "artifacts"), "--host", HOST, "--port", str(layout.mlflow_port),
-        "--workers", "1"])
+        "--workers", "1"], secret_env={"MLFLOW_BACKEND_STORE_URI": backend})
     _wait("MLflow", lambda: mlflow_healthy(layout), pid, timeout, layout.logs / "mlflow.log")
     return "started"
 

@@ -39,7 +39,7 @@ def serving(tmp_path, monkeypatch):
     monkeypatch.setattr(services, "deployment_registered", lambda layout: True)
     monkeypatch.setattr(services, "runs_in_flight", lambda layout: state["in_flight"])
     monkeypatch.setattr(services, "_stop", lambda layout, name: calls.append(("stop", name)))
-    monkeypatch.setattr(services, "_spawn", lambda layout, name, cmd: calls.append(("spawn", name)) or 4343)
+    monkeypatch.setattr(services, "_spawn", lambda layout, name, cmd, secret_env=None: calls.append(("spawn", name)) or 4343)
     monkeypatch.setattr(services, "_wait", lambda *a, **k: None)
     monkeypatch.setattr("clara_flows.source_digest", lambda project=None: "new")
     return layout, calls, state

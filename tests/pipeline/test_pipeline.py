@@ -214,6 +214,9 @@ def test_production_model_loads_from_the_registry_and_answers(first_run):
     assert len(out) == 2 and all(isinstance(a, str) for a in out["answer"])
     assert all(len(ids) == TINY["top_k"] for ids in out["doc_ids"])
     assert all(s == sorted(s, reverse=True) for s in out["scores"])
+    # k is a declared parameter of the signature (an undeclared one MLflow drops with a warning)
+    one = model.predict(pd.DataFrame({"question": ["Who founded Rome?"]}), params={"k": 1})
+    assert len(one["doc_ids"][0]) == 1 and TINY["top_k"] > 1
     compressor = mlflow.pyfunc.load_model(first_run["scp"]["model_uri"])
     mem = compressor.predict(pd.DataFrame({"text": ["Paris is the capital of France."]}))
     assert mem["n_mem"][0] == len(mem["memory"][0]) > 0
@@ -263,6 +266,9 @@ def test_mlflow_models_serve_answers_over_http(first_run, tmp_path):
         assert r.status_code == 200, (r.text, (tmp_path / "serve.log").read_text()[-2000:])
         (pred,) = r.json()["predictions"]
         assert isinstance(pred["answer"], str) and len(pred["titles"]) == TINY["top_k"]
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                       json={"dataframe_records": [{"question": "What is an urban area?"}], "params": {"k": 1}})
+        assert r.status_code == 200 and len(r.json()["predictions"][0]["titles"]) == 1, r.text[:500]
         # malformed requests get a 4xx that says what is wrong, and the server keeps answering
         bad = {"no question column": ([{"query": "What is an urban area?"}], "missing inputs ['question']"),
                "a 1 MB question": ([{"question": "x" * 1_000_000}], "at most 2,000 are accepted"),
@@ -356,12 +362,20 @@ def test_promote_and_rollback_by_hand_from_the_cli(first_run):
     assert r.exit_code == 2 and "no version 99" in r.output
     r = runner.invoke(app, ["models", "--name", name])
     assert r.exit_code == 0 and "production" in r.output
-    r = runner.invoke(app, ["ask", "--json", "What is an urban area?"])
+    import tempfile
+
+    r = runner.invoke(app, ["ask", "--json", "What is an urban area?"])  # downloads the version once
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     assert len(rows) == 1, r.output
     row = rows[0]
     assert row["question"] == "What is an urban area?" and len(row["titles"]) == TINY["top_k"]
+    temp_before = sorted(os.listdir(tempfile.gettempdir()))
+    for _ in range(3):  # later asks reuse the cached download and leave the temp folder as it was
+        r = runner.invoke(app, ["ask", "--json", "--k", "1", "What is an urban area?"])
+        assert r.exit_code == 0, r.output
+        assert len(json.loads(r.stdout.splitlines()[-1])["titles"]) == 1
+    assert sorted(os.listdir(tempfile.gettempdir())) == temp_before
 
 
 def test_compression_shards_run_on_a_local_dask_cluster(first_run):
@@ -707,6 +721,42 @@ def test_secrets_never_reach_mlflow(services, tmp_path, monkeypatch):
     assert "fake" in everything and result["data"]["data_version"] in everything  # the scan did read the runs
     assert api_key not in everything
     assert password not in everything
+
+
+def test_the_backend_password_is_on_no_command_line_and_in_no_log(services, tmp_path):
+    """MLflow's backend URL holds the database password: the server gets it through its environment, so no
+    process's command line (what ``ps`` shows every user) and no log holds it, and the logs are 0600."""
+    import stat
+
+    from sqlalchemy import create_engine, make_url, text
+
+    from clara_infra import services as infra
+
+    password = "pg-SECRET-backend-93d2"
+    admin = create_engine(services_db(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP ROLE IF EXISTS clara_mlflow"))
+        conn.execute(text(f"CREATE ROLE clara_mlflow LOGIN SUPERUSER PASSWORD '{password}'"))
+    admin.dispose()
+    backend = make_url(infra.mlflow_backend(services["layout"], services_db())).set(
+        username="clara_mlflow", password=password).render_as_string(hide_password=False)
+    layout = infra.Layout(tmp_path / "state", _free_port(), _free_port())
+    assert infra.mlflow_up(layout, backend) == "started"
+    try:
+        cmdlines = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdlines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+        mine = [c for c in cmdlines if "mlflow" in c and str(layout.mlflow_port) in c]
+        assert mine  # the scan did see the server
+        assert not any(password in c for c in cmdlines)
+        for log in layout.logs.iterdir():
+            assert password not in log.read_text(errors="replace")
+            assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    finally:
+        infra._stop(layout, "mlflow")
 
 
 def test_an_imported_release_goes_through_the_pipeline(services, repo, tmp_path):
