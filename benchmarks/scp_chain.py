@@ -48,9 +48,10 @@ def prior_scp_steps(checkpoint: Path) -> int:
     return sum(int(s["steps"]) for s in lineage(checkpoint) if s.get("stage") == "scp")
 
 
-def chain_settings(raw: dict[str, Any], init: Path, steps: int) -> dict[str, Any]:
-    """What fixes the chain: its init, total steps and the stage config (model overrides, train, loss)."""
-    return {"init": str(init), "steps": steps, "config": raw}
+def chain_settings(raw: dict[str, Any], init: Path) -> dict[str, Any]:
+    """What fixes the chain: its init and the stage config (model overrides, train, loss). Not its length: at a
+    constant learning rate a chain can be lengthened (``--steps``) and carries on where it stopped."""
+    return {"init": str(init), "config": raw}
 
 
 def train(args: argparse.Namespace) -> int:
@@ -62,7 +63,7 @@ def train(args: argparse.Namespace) -> int:
     root = chain_dir(args.chain)
     run = root / "run"
     raw = read_config_file(args.config) if args.config else {}
-    settings = chain_settings(raw, args.init.resolve(), args.steps)
+    settings = chain_settings(raw, args.init.resolve())
     fixed = root / "chain.json"
     if fixed.is_file():
         before = json.loads(fixed.read_text(encoding="utf-8"))

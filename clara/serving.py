@@ -70,14 +70,19 @@ class Answerer:
 
     @classmethod
     def load(cls, checkpoint: str | Path, build_id: int, *, database_url: str | None = None,
-             device: str | None = None, **kwargs) -> "Answerer":
+             device: str | None = None, merge_generator: bool = True, **kwargs) -> "Answerer":
+        """``merge_generator``: decode from a copy of the base with the generator's LoRA merged in
+        (``ClaraModel.merge_generator``: base-model decoding speed for one more copy of the base weights)."""
         from clara.model.checkpoint import load_checkpoint
         from clara.store.builds import ready_build
         from clara.store.db import connect
 
         engine = connect(database_url)
         build = ready_build(engine, build_id)
-        return cls(load_checkpoint(checkpoint, device=device), engine, build, **kwargs)
+        model = load_checkpoint(checkpoint, device=device)
+        if merge_generator:
+            model.merge_generator()
+        return cls(model, engine, build, **kwargs)
 
     def ask(self, questions: Sequence[str], k: int | None = None) -> list[Answer]:
         questions = check_questions(questions)

@@ -514,16 +514,44 @@ class ClaraModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ generate
 
+    def merge_generator(self) -> None:
+        """Decode the generator from a copy of the base with its LoRA merged into the weights (``W + s·BA``), as a
+        plain model: an unmerged LoRA runs two extra matmuls per projection per token (210 on SmolLM2), which made
+        CLaRa decode slower than the base it is built on. For serving: the corpus is compressed offline, so a
+        served question needs only the query reasoner's one forward (adapters kept) and the generator's decoding.
+        Costs one more copy of the base weights (at 7B ~14 GB in bf16: leave it off where memory is short).
+        The copy is a snapshot: ``unmerge_generator`` (or not calling this) before training the generator again."""
+        import copy
+
+        twin = copy.deepcopy(self.peft)
+        twin.set_adapter("generator")
+        merged = twin.merge_and_unload(adapter_names=["generator"])
+        merged.requires_grad_(False)
+        merged.eval()
+        # not an nn.Module attribute: it must stay out of state_dict, checkpoints and parameter lists
+        object.__setattr__(self, "_merged_generator", merged)
+
+    def unmerge_generator(self) -> None:
+        object.__setattr__(self, "_merged_generator", None)
+
+    @property
+    def generator_merged(self) -> bool:
+        return getattr(self, "_merged_generator", None) is not None
+
     def greedy_decode(self, rows: list[list[int]], memories: list[list[torch.Tensor]], max_new_tokens: int,
                       eos_token_id: int | Sequence[int] | None = None, timing: Timing | None = None
                       ) -> list[list[int]]:
-        """Greedy decoding of prompt rows (memory vectors spliced in) under the active adapter."""
+        """Greedy decoding of prompt rows (memory vectors spliced in) under the active adapter (the merged copy
+        for the generator when ``merge_generator`` made one)."""
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
         embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=True)
         # The special tokens are inputs only; the model must never emit them.
         banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
+        lm = self.base_model
+        if self.generator_merged and self.peft.active_adapter == "generator":
+            lm = self._merged_generator
         with self.amp():
-            return greedy_decode(self.base_model, self.embed, embeds, mask, max_new_tokens,
+            return greedy_decode(lm, self.embed, embeds, mask, max_new_tokens,
                                  [eos] if isinstance(eos, int) else list(eos), banned, timing)
 
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None,

@@ -245,3 +245,41 @@ def test_memory_readout_is_validated():
         preset("tiny", memory_readout="logits")
     with pytest.raises(ValueError, match="readout_temperature"):
         preset("tiny", memory_readout="vocab", readout_temperature=0.0)
+
+
+def test_merged_generator_decodes_exactly_as_the_unmerged_one(docs):
+    """The served fast path: the generator's LoRA merged into a copy of the base gives the same greedy answers;
+    the compressor and query reasoner keep their adapters, and checkpoints never see the copy."""
+    model = ClaraModel.build(preset("tiny", compression_rate=16))
+    perturb(model)
+    mems = model.compress(docs)
+    questions = ["Where is Paris?", "Which river flows north?", "What is Python?"]
+    plain = model.generate(questions, [[m] for m in mems], max_new_tokens=12)
+    texts = model.paraphrase(mems, max_new_tokens=12)
+    n_params = len(list(model.parameters()))
+    model.merge_generator()
+    assert model.generator_merged and len(list(model.parameters())) == n_params  # not a submodule
+    assert model.generate(questions, [[m] for m in mems], max_new_tokens=12) == plain
+    assert model.paraphrase(mems, max_new_tokens=12) == texts
+    assert all(torch.equal(a, b) for a, b in zip(model.compress(docs), mems))  # compressor untouched
+    assert not any("lora_" in n for n, _ in model._merged_generator.named_parameters())
+    model.unmerge_generator()
+    assert not model.generator_merged
+
+
+def test_merged_generator_under_bf16_matches_to_bf16_rounding(docs):
+    """Under bf16 autocast W·x + B(A·x) and (W + BA)·x round differently, so on a random tiny model (near-tied
+    logits) a greedy token can flip; the logits themselves agree to bf16 precision."""
+    model = ClaraModel.build(preset("tiny", compression_rate=16, amp="bf16"))
+    perturb(model)
+    mems = model.compress(docs)
+    rows = [model.qa_prompt("Where is Paris?", [mems[0].shape[0]])]
+    embeds, mask, _ = model.embed_prompts(rows, [[mems[0]]], left_pad=True)
+    with torch.no_grad(), model.adapter("generator"), model.amp():
+        plain = model.base_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+    model.merge_generator()
+    with torch.no_grad(), model.amp():
+        merged = model._merged_generator(inputs_embeds=embeds, attention_mask=mask).logits.float()
+    scale = plain.abs().max()
+    assert (merged - plain).abs().max() <= 0.03 * scale
+    assert (merged[0, -1].argmax() == plain[0, -1].argmax()) or (plain[0, -1].topk(2).values.diff().abs() < 0.03 * scale)
