@@ -44,8 +44,11 @@ def lineage(checkpoint: Path) -> list[dict[str, Any]]:
     return list(read_checkpoint_config(checkpoint).get("extra", {}).get("lineage", []))
 
 
-def prior_scp_steps(checkpoint: Path) -> int:
-    return sum(int(s["steps"]) for s in lineage(checkpoint) if s.get("stage") == "scp")
+def prior_scp_steps(checkpoint: Path, declared: int | None = None) -> int:
+    """SCP steps behind ``checkpoint``: its lineage's, or ``declared`` for a checkpoint made before lineages were
+    recorded (the release's model card gives them)."""
+    found = sum(int(s["steps"]) for s in lineage(checkpoint) if s.get("stage") == "scp")
+    return found if found or declared is None else declared
 
 
 def chain_settings(raw: dict[str, Any], init: Path) -> dict[str, Any]:
@@ -64,6 +67,8 @@ def train(args: argparse.Namespace) -> int:
     run = root / "run"
     raw = read_config_file(args.config) if args.config else {}
     settings = chain_settings(raw, args.init.resolve())
+    if args.prior_scp_steps is not None:
+        settings["prior_scp_steps"] = args.prior_scp_steps
     fixed = root / "chain.json"
     if fixed.is_file():
         before = json.loads(fixed.read_text(encoding="utf-8"))
@@ -80,7 +85,7 @@ def train(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     fixed.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     records = load_scp_records(args.data)
-    print(f"chain: {run} from {args.init} ({prior_scp_steps(args.init)} SCP steps before it), "
+    print(f"chain: {run} from {args.init} ({prior_scp_steps(args.init, args.prior_scp_steps)} SCP steps before it), "
           f"{cfg.train.max_steps} steps x {cfg.train.batch_size}, memory_slots={cfg.model.memory_slots}, "
           f"align={cfg.align}", flush=True)
     train_scp(model, records, cfg, run, stage="scp")
@@ -107,7 +112,8 @@ def measure(args: argparse.Namespace) -> int:
     print(quality_probe.table(result), flush=True)
     a, s, d = result.get("reconstruction", {}), result.get("answer_spans", {}), result.get("slot_diversity", {})
     n = result.get("answer_nll", {})
-    line = {"cumulative_scp_steps": prior_scp_steps(Path(settings["init"])) + step, "run_step": step,
+    prior = prior_scp_steps(Path(settings["init"]), settings.get("prior_scp_steps"))
+    line = {"cumulative_scp_steps": prior + step, "run_step": step,
             "slot_cosine": d.get("within_passage_cosine"), "slot_cosine_centred": d.get("within_passage_cosine_centred"),
             "effective_rank": d.get("effective_rank"), "memory_ce": a.get("memory"),
             "gap_closed": a.get("gap_closed"), "memory_use": a.get("memory_use"),
@@ -148,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--init", type=Path, default=DEFAULT_RELEASE, help="Where a new chain starts.")
     t.add_argument("--config", type=Path, default=None, help="SCP config (JSON/TOML): model, train, loss.")
     t.add_argument("--steps", type=int, default=6000, help="The run's length in optimizer steps.")
+    t.add_argument("--prior-scp-steps", type=int, default=None,
+                   help="SCP steps behind --init when its clara.json records no lineage (its model card says).")
     m = sub.add_parser("measure", help="Probe the latest checkpoint; append to curve.jsonl.")
     m.add_argument("--dev", type=Path, default=ROOT / "benchmarks" / "dev" / "natural_dev.jsonl")
     m.add_argument("--parts", default="an")

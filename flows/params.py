@@ -49,6 +49,9 @@ class Training(_Group):
     instruct_steps: Optional[int] = None
     instruct_batch_size: Optional[int] = None
     instruct_lr: float = 2e-4
+    instruct_freeze_compressor: bool = True
+    """Stage 2 trains the generator alone (``clara.config.SCPConfig.freeze_compressor``): left free, the compressor
+    gives back part of what SCP taught it to carry (docs/memory.md)."""
     e2e_steps: Optional[int] = None
     e2e_batch_size: Optional[int] = None
     e2e_lr: float = 1e-4

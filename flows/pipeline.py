@@ -319,12 +319,14 @@ def pretrain_scp(data: dict[str, Any], preset: str, compression_rate: int, memor
 
 @task(name="instruct", **_RETRIED)
 def instruct(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int, lr: float,
-             device: Optional[str], ctx: dict[str, Any]) -> dict[str, Any]:
+             device: Optional[str], ctx: dict[str, Any], freeze_compressor: bool = True) -> dict[str, Any]:
     """Stage 2: each synthesized question over its gold passage and k-1 hard negatives, compressed; the
-    compressor and generator continue from SCP. No steps (or no questions): SCP's checkpoint passes through."""
+    generator continues from SCP (and the compressor too unless ``freeze_compressor``). No steps (or no
+    questions): SCP's checkpoint passes through."""
     if steps <= 0 or not data.get("instruct_file"):
         return {**scp, "skipped": True, "reused": False}
-    inputs = dict(scp=scp, data=data, steps=steps, batch_size=batch_size, lr=lr, device=device)
+    inputs = dict(scp=scp, data=data, steps=steps, batch_size=batch_size, lr=lr, device=device,
+                  freeze_compressor=freeze_compressor)
     key = stage_key("instruct", inputs)
     with exclusive("instruct", key):  # a second run with these inputs waits, then reuses
         found = reuse(ctx["experiment"], "instruct", key, _checkpoint_missing, ctx["refresh"])
@@ -338,7 +340,8 @@ def instruct(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: 
         model = load_checkpoint(_checkpoint(scp), device=device)
         cfg = SCPConfig(model=model.cfg, train=TrainConfig(batch_size=batch_size, max_steps=steps,
                                                            checkpoint_every=max(10, steps // 4),
-                                                           optim=OptimSettings(lr=lr)))
+                                                           optim=OptimSettings(lr=lr)),
+                        freeze_compressor=freeze_compressor)
         with _stage("instruct", ctx, {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
                     key, data, reads=(("instruct_file", "training"),)) as st:
             tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
@@ -731,7 +734,7 @@ def clara(
             processes=t.train_processes, ctx=ctx))
         inst = run.record("instruct", instruct(
             scp=scp, data=synthesized, steps=b["instruct_steps"], batch_size=b["instruct_batch_size"],
-            lr=t.instruct_lr, device=model.device, ctx=ctx))
+            lr=t.instruct_lr, device=model.device, ctx=ctx, freeze_compressor=t.instruct_freeze_compressor))
         e2e = run.record("train_e2e", train_e2e(
             init=inst, data=synthesized, steps=b["e2e_steps"], batch_size=b["e2e_batch_size"], lr=t.e2e_lr,
             top_k=ev.top_k, n_candidates=ev.n_candidates, device=model.device, processes=t.train_processes,
