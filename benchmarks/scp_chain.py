@@ -145,6 +145,38 @@ def curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def release(args: argparse.Namespace) -> int:
+    """Replace the release with a checkpoint of the chain (after its stage 2), recording the lineage: the old
+    release's stages, then this chain's SCP steps and the stage 2 on top, each with its data and code version."""
+    import subprocess
+
+    from clara.model.checkpoint import export_release, read_checkpoint_config
+
+    root = chain_dir(args.chain)
+    settings = json.loads((root / "chain.json").read_text(encoding="utf-8"))
+    init = Path(settings["init"])
+    before = lineage(init) or json.loads(args.init_lineage or "[]")
+    if not before:
+        raise SystemExit(f"{init} records no lineage: pass --init-lineage (its model card gives its stages)")
+    extra = read_checkpoint_config(args.checkpoint).get("extra", {})
+    state = args.scp_checkpoint.parent / "train_state" / "trainer_state.json"  # a step checkpoint's own step
+    chain_steps = int(json.loads(state.read_text(encoding="utf-8"))["step"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    probe = json.loads(args.probe.read_text(encoding="utf-8")) if args.probe else {}
+    new = before + [
+        {"stage": "scp", "steps": chain_steps, "batch_size": settings["config"].get("train", {}).get("batch_size", 8),
+         "config": settings["config"], "data": args.data_version, "commit": commit},
+        {"stage": "instruct", "steps": int(extra.get("step", 0)), "batch_size": extra["config"]["train"]["batch_size"],
+         "freeze_compressor": extra["config"].get("freeze_compressor", False), "data": args.data_version,
+         "commit": commit}]
+    summary = {k: probe.get(k) for k in ("slot_diversity", "reconstruction", "answer_spans", "answer_nll",
+                                          "generator", "compare") if k in probe}
+    export_release(args.checkpoint, args.out, extra={"lineage": new, "probe": summary})
+    print(json.dumps(new, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chain", type=Path, default=None, help="Chain folder (default $CLARA_CACHE_DIR/chain).")
@@ -162,8 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--amp", choices=("bf16", "off"), default=None)
     m.add_argument("--out", type=Path, default=None)
     sub.add_parser("curve", help="Print the curve.")
+    r = sub.add_parser("release", help="Export a stage-2 checkpoint of the chain as the release, with its lineage.")
+    r.add_argument("--checkpoint", type=Path, required=True, help="The stage-2 model folder on top of the chain.")
+    r.add_argument("--scp-checkpoint", type=Path, required=True, help="The chain checkpoint stage 2 started from.")
+    r.add_argument("--out", type=Path, default=DEFAULT_RELEASE)
+    r.add_argument("--probe", type=Path, default=None, help="The probe JSON of --checkpoint (with its compare).")
+    r.add_argument("--data-version", required=True, help="Corpus / synthesis hashes the stages read.")
+    r.add_argument("--init-lineage", default=None, help="JSON list of the init's stages when it records none.")
     args = ap.parse_args(argv)
-    return {"train": train, "measure": measure, "curve": curve}[args.cmd](args)
+    return {"train": train, "measure": measure, "curve": curve, "release": release}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""The SCP chain on the tiny model: starts from its init, continues from its last checkpoint when lengthened,
+refuses a different recipe, and records the lineage when exported as a release."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+
+def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, monkeypatch):
+    import scp_chain
+
+    from clara.model.checkpoint import read_checkpoint_config, save_checkpoint
+
+    init = save_checkpoint(tiny_model, tmp_path / "init")
+    cfg = tmp_path / "chain.json"
+    cfg.write_text(json.dumps({"model": {"memory_slots": "interleaved"}, "align": "chunks",
+                               "train": {"batch_size": 2, "checkpoint_every": 1}}))
+    chain = tmp_path / "chain"
+    base = ["--chain", str(chain), "train", "--data", str(fixtures / "scp.jsonl"), "--init", str(init),
+            "--config", str(cfg), "--prior-scp-steps", "7"]
+    assert scp_chain.main(base + ["--steps", "2"]) == 0
+    assert scp_chain.latest_checkpoint(chain)[1] == 2
+    first = (chain / "run" / "metrics.jsonl").read_text().splitlines()
+    assert scp_chain.main(base + ["--steps", "3"]) == 0  # lengthened: one more step, not three
+    lines = (chain / "run" / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == first and [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    saved = read_checkpoint_config(scp_chain.latest_checkpoint(chain)[0])
+    assert saved["model"]["memory_slots"] == "interleaved" and saved["extra"]["config"]["align"] == "chunks"
+    assert saved["extra"]["config"]["train"]["optim"]["min_lr_ratio"] == 1.0  # constant lr: stop anywhere
+    cfg.write_text(json.dumps({"align": "mean"}))
+    with pytest.raises(SystemExit, match="another chain's settings"):
+        scp_chain.main(base + ["--steps", "4"])
+
+    # stage 2 on top, then exported as a release with its lineage
+    from clara.training.scp import train_scp
+    from clara.config import SCPConfig, TrainConfig
+    from clara.data.records import load_scp_records
+    from clara.model.checkpoint import load_checkpoint
+
+    scp_ck = scp_chain.latest_checkpoint(chain)[0]
+    model = load_checkpoint(scp_ck)
+    final = train_scp(model, load_scp_records(fixtures / "scp.jsonl"),
+                      SCPConfig(model=model.cfg, train=TrainConfig(batch_size=1, max_steps=1), freeze_compressor=True),
+                      tmp_path / "inst", stage="instruct", progress=False)
+    out = tmp_path / "release"
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(final), "--scp-checkpoint",
+                           str(scp_ck), "--out", str(out), "--data-version", "corpus-x",
+                           "--init-lineage", json.dumps([{"stage": "scp", "steps": 7}])]) == 0
+    lineage = read_checkpoint_config(out)["extra"]["lineage"]
+    assert [(s["stage"], s["steps"]) for s in lineage] == [("scp", 7), ("scp", 3), ("instruct", 1)]
+    assert lineage[-1]["freeze_compressor"] is True and lineage[1]["data"] == "corpus-x"
+    assert scp_chain.prior_scp_steps(out) == 10
+    assert "| cumulative_scp_steps |" in scp_chain.curve_table([{"cumulative_scp_steps": 10, "slot_cosine": 0.5}])
