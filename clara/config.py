@@ -268,8 +268,10 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
         # fp32 always: a hidden-64 model gains nothing from bf16, and its tests compare numbers tightly
         "tiny": dict(base="tiny", doc_max_len=256, query_max_len=32, amp="off",
                      lora=LoraSettings(r=4, alpha=8, dropout=0.0)),
-        # 128-token documents keep a CPU step in seconds; the bundled summaries average ~120 tokens.
-        "smollm2-135m": dict(base="smollm2-135m", doc_max_len=128, query_max_len=48),
+        # 128-token documents keep a CPU step in seconds; the bundled summaries average ~120 tokens. Slots
+        # interleaved with their chunks and distinct starting rows: the memory cannot collapse (docs/memory.md).
+        "smollm2-135m": dict(base="smollm2-135m", doc_max_len=128, query_max_len=48, memory_slots="interleaved",
+                             memory_init="orthogonal"),
         "mistral-7b": dict(base="mistralai/Mistral-7B-Instruct-v0.2", doc_max_len=256, query_max_len=64),
     }
     kwargs = dict(presets.get(name, {"base": name}))

@@ -547,9 +547,15 @@ def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, rep
     process's RUNNING runs are closed as KILLED, and nothing is there twice (model version, store rows)."""
     import signal
 
+    import time
+
     params = {**TINY, **change, "project_dir": str(repo)}
+    started = time.time()
     proc = _pipeline_process(params)
     _wait_for_running_stage(stage, proc.pid, proc)
+    killed_after = 0
+    if stage == "pretrain_scp":  # inside the work: after its first step checkpoint, before its last step
+        killed_after = _wait_for_step_checkpoint("pretrain_scp", started, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     c = _client()
@@ -567,6 +573,27 @@ def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, rep
     compressor_key = c.get_run(result["scp"]["run_id"]).data.tags["clara.key"]
     assert len(c.search_model_versions(f"name = 'clara-compressor' AND tags.`clara.key` = '{compressor_key}'")) == 1
     _assert_one_build_each_doc_once(result, TINY["max_docs"])
+    if killed_after:  # the rerun resumed from the checkpoint: its run logged only the steps after it
+        steps = sorted(m.step for m in c.get_metric_history(result["scp"]["run_id"], "loss"))
+        assert steps and steps[0] > killed_after and steps[-1] == change["scp_steps"], steps
+
+
+def _wait_for_step_checkpoint(stage: str, since: float, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """The step of the first step checkpoint ``stage`` writes after ``since`` (in the cache folder's work dirs)."""
+    import re
+    import time
+
+    from clara.model.base import cache_dir
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the pipeline exited ({proc.returncode}) before {stage} wrote a step checkpoint")
+        for ck in (cache_dir() / "pipeline").glob(f"{stage}-*/checkpoints/step-*"):
+            if ck.stat().st_mtime >= since and (ck / "train_state").is_dir():
+                return int(re.fullmatch(r"step-(\d+)", ck.name).group(1))
+        time.sleep(0.02)
+    pytest.fail(f"{stage} wrote no step checkpoint within {timeout:.0f} s")
 
 
 def test_a_pipeline_killed_in_one_stage_after_another_finishes_when_run_again(first_run, repo):
@@ -643,6 +670,10 @@ def test_a_pipeline_killed_inside_synthesis_finishes_when_run_again(first_run, r
         assert c.get_run(r.info.run_id).info.status == "KILLED"
     ids = [json.loads(line)["doc_id"] for line in partial.read_text().splitlines()]
     assert len(ids) == len(set(ids)) >= done_at_kill  # the rerun added the rest, redoing none
+    from clara.data.corpus import read_corpus
+
+    # nothing lost: every passage of the run's corpus was processed, each exactly once
+    assert sorted(ids) == sorted(d.id for d in read_corpus(result["data"]["corpus_file"], n))
     rows = [json.loads(line) for line in (Path(result["data"]["synth_dir"]) / "train.jsonl").read_text().splitlines()]
     keys = [json.dumps([r.get("doc_id"), r.get("data_type"), r.get("kind"), r.get("question")]) for r in rows]
     assert rows and len(keys) == len(set(keys)), "duplicate synthesized rows"
