@@ -10,7 +10,7 @@ given explicitly wins over the profile's value.
 
 ``scp_target_dropout`` is SCP's word dropout (``clara.config.SCPConfig.target_dropout``; 0, the paper's recipe, in
 every profile): it makes the compressor carry far more of its passage, but no measured run has answered better
-with it yet, and in ``demo`` it cost F1 (README, "Where the plateau is").
+with it yet, and in ``demo`` it cost F1 (docs/quality.md, "Stage-1 recipes").
 Step counts are optimizer steps; ``*_batch_size`` examples each (stage 2 and E2E examples carry k passages).
 ``max_docs=0`` means the whole corpus. ``init_from`` is a checkpoint folder (relative paths are read from the
 project folder) that SCP continues from; ``"none"`` turns a profile's starting point off.
