@@ -46,7 +46,8 @@ def timed(call, repeats: int) -> dict[str, float]:
             "e2e_ms_p95": pct(total, 95), "decode_tokens_per_s": statistics.median(tps) if tps else None}
 
 
-def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tokens: int, seed: int) -> dict[str, Any]:
+def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tokens: int, seed: int,
+        merged: bool = False) -> dict[str, Any]:
     from clara.data.corpus import ingest_corpus
     from clara.config import preset
     from clara.model.clara_model import ClaraModel
@@ -84,6 +85,17 @@ def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tok
             cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
             cells[k] = cell
             print(f"clara rate {rate} k={k}: {cell}", flush=True)
+        if merged:  # the served path: the generator's LoRA merged into a copy of the base (same run, same k)
+            model.merge_generator()
+            for k in ks:
+                cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens,
+                                                           timing=t, eos_token_id=NO_EOS), repeats)
+                raw = result["raw"][k]
+                cell["ttft_speedup_vs_raw"] = raw["ttft_ms_p50"] / cell["ttft_ms_p50"]
+                cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
+                cells[f"{k}_merged"] = cell
+                print(f"clara rate {rate} k={k} merged generator: {cell}", flush=True)
+            model.unmerge_generator()
         result["clara"][rate] = cells
     return result
 
@@ -122,10 +134,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/latency.json"))
+    ap.add_argument("--merge-generator", action="store_true",
+                    help="Also time CLaRa decoding from the merged generator (the served path), same run.")
     args = ap.parse_args()
     ks = [int(x) for x in args.ks.split(",")]
     rates = [int(x) for x in args.rates.split(",")]
-    result = run(args.preset, ks, rates, args.repeats, args.new_tokens, args.seed)
+    result = run(args.preset, ks, rates, args.repeats, args.new_tokens, args.seed, args.merge_generator)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
