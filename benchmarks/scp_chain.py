@@ -58,7 +58,7 @@ def chain_settings(raw: dict[str, Any], init: Path) -> dict[str, Any]:
 
 
 def train(args: argparse.Namespace) -> int:
-    from clara.config import SCPConfig, from_dict, init_model_config, merged, read_config_file, ModelConfig
+    from clara.config import SCPConfig, from_dict, init_model_config, merged, read_config_file
     from clara.data.records import load_scp_records
     from clara.model.checkpoint import load_checkpoint
     from clara.training.scp import train_scp
@@ -76,7 +76,7 @@ def train(args: argparse.Namespace) -> int:
             raise SystemExit(f"{fixed} holds another chain's settings ({before}); move it (and {run}) aside to "
                              f"start a new chain")
     model = load_checkpoint(args.init)
-    model.cfg = from_dict(ModelConfig, init_model_config(model.cfg, raw.get("model", {}), args.init))
+    model.cfg = init_model_config(model.cfg, raw.get("model", {}), args.init)
     generation = len(lineage(args.init))
     # constant lr after a short warm-up: the run may stop at any step and continue without a schedule restart
     train_cfg = merged({"batch_size": 8, "max_steps": args.steps, "checkpoint_every": 25, "seed": generation,

@@ -123,8 +123,8 @@ def train_instruct_cmd(
 
 def _train_compressor(data, out, preset, config, rate, length_mode, device, batch_size, grad_accum, max_steps, lr,
                       checkpoint_every, seed, resume, stage, init) -> None:
-    from clara.config import (ModelConfig, SCPConfig, from_dict, init_model_config, merged, preset as make_preset,
-                              to_dict, train_overrides)
+    from clara.config import (SCPConfig, from_dict, init_model_config, merged, preset as make_preset, to_dict,
+                              train_overrides)
     from clara.data.records import RecordError, load_scp_records
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
@@ -140,8 +140,8 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
             model = load_checkpoint(init, device=device)
             if rate is not None and rate != model.cfg.compression_rate:
                 raise ValueError(f"{init} was trained at rate {model.cfg.compression_rate}, not {rate}")
-            model_cfg = init_model_config(model.cfg, raw.get("model", {}), init)
-            model.cfg = from_dict(ModelConfig, model_cfg)
+            model.cfg = init_model_config(model.cfg, raw.get("model", {}), init)
+            model_cfg = to_dict(model.cfg)
         else:
             model_cfg = to_dict(make_preset(preset, **merged(raw.get("model", {}), model_over)))
         raw["model"] = model_cfg

@@ -322,7 +322,7 @@ FIXED_BY_CHECKPOINT = ("base", "compression_rate", "doc_max_len", "query_max_len
                        "tiny_hidden", "tiny_layers")
 
 
-def init_model_config(loaded: ModelConfig, over: dict[str, Any], source: Any = "the checkpoint") -> dict[str, Any]:
+def init_model_config(loaded: ModelConfig, over: dict[str, Any], source: Any = "the checkpoint") -> ModelConfig:
     """The model config of a run that continues a checkpoint: the checkpoint's, with ``over`` (a config file's
     ``model`` table) on top. Settings that shape the weights must match (``FIXED_BY_CHECKPOINT``); how memory
     slots are laid out, precision and device may change (a chain can move to ``memory_slots = "interleaved"``)."""
@@ -331,9 +331,7 @@ def init_model_config(loaded: ModelConfig, over: dict[str, Any], source: Any = "
     if clash:
         raise ValueError(f"{source} was trained with {', '.join(f'{k}={current.get(k)!r}' for k in clash)}; "
                          f"a run continuing it cannot change {', '.join(clash)}")
-    out = merged(current, over)
-    from_dict(ModelConfig, out)  # unknown keys and bad values fail here, before any training
-    return out
+    return from_dict(ModelConfig, merged(current, over))  # unknown keys and bad values fail here, before training
 
 
 def to_dict_value(v: Any) -> Any:

@@ -139,10 +139,9 @@ def _validate(obj: dict[str, Any], max_chars: int) -> tuple[Document | None, str
     if not isinstance(title, str):
         return None, f"bad field: 'title' must be a string, got {type(title).__name__}"
     meta = {k: v for k, v in obj.items() if k not in ("id", "title", "text", "parent_id")}
-    try:  # NaN and Infinity parse (Python's json accepts them) but are not JSON: canonical output could not hold them
-        json.dumps(meta, allow_nan=False)
-    except ValueError:
-        bad = next(k for k, v in meta.items() if not _finite_json(v))
+    # NaN and Infinity parse (Python's json accepts them) but are not JSON: canonical output could not hold them
+    bad = next((k for k, v in meta.items() if not _finite_json(v)), None)
+    if bad is not None:
         return None, f"bad field: {bad!r} holds NaN or Infinity, which JSON does not allow"
     parent = obj.get("parent_id")
     return Document(str(doc_id).strip(), title.strip(), text, None if parent is None else str(parent), meta), None

@@ -129,8 +129,8 @@ def test_options_are_validated():
 def test_a_continued_checkpoint_may_change_its_slots_but_not_its_shape():
     loaded = preset("tiny", compression_rate=16)
     cfg = init_model_config(loaded, {"memory_slots": "interleaved"})
-    assert cfg["memory_slots"] == "interleaved" and cfg["compression_rate"] == 16
-    assert init_model_config(loaded, {"compression_rate": 16})["compression_rate"] == 16  # same value is fine
+    assert cfg.memory_slots == "interleaved" and cfg.compression_rate == 16
+    assert init_model_config(loaded, {"compression_rate": 16}).compression_rate == 16  # same value is fine
     with pytest.raises(ValueError, match="compression_rate"):
         init_model_config(loaded, {"compression_rate": 4})
     with pytest.raises(ValueError, match="unknown"):
