@@ -30,7 +30,7 @@ them; the documents with the best partial sums (10x the number asked for) then g
 query term (one primary-key probe per document and term). A list is cut only when it is longer than M, i.e. for a
 frequent, low-idf term, and a document then loses at most ``idf * w_M`` of that term before re-scoring. With no list
 cut (every term rarer than M) the result is exact BM25. Cost per query is bounded by M per term instead of growing
-with the corpus: lossless on the bundled corpus's questions (``benchmarks/results/lexical_pruning.json``), and
+with the corpus: lossless on the bundled corpus's questions (``benchmarks/results/experiments/lexical_pruning.json``), and
 1M-row figures in ``benchmarks/results/store_hybrid_1m.json``."""
 DEFAULT_CANDIDATES = {"clara": 100, "dense": 20, "lexical": 20, "hybrid": 20}
 """Candidates per mode: the paper re-ranks 20 from a dense retriever; CLaRa's own ANN over mean vectors is a

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"))
 
 
 def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, monkeypatch):

@@ -6,7 +6,7 @@ passage, because the lexical statistics belong to the corpus version, not to a m
 article's human-written description (a seeded sample) and the hand-written dev set's questions. Per M: R@1/5/20,
 the overlap of the top 20 with exact BM25's, and SQL latency p50/p99 (with the ratio to exact).
 
-    python benchmarks/lexical_pruning.py --out benchmarks/results/lexical_pruning.json
+    python benchmarks/experiments/lexical_pruning.py --out benchmarks/results/experiments/lexical_pruning.json
 """
 
 from __future__ import annotations

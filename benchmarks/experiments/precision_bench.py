@@ -1,6 +1,6 @@
 """fp32 vs bf16 autocast on this CPU, in one run: speed ratios and whether the numbers agree.
 
-    python benchmarks/precision_bench.py [--out benchmarks/results/precision.json]
+    python benchmarks/experiments/precision_bench.py [--out benchmarks/results/experiments/precision.json]
 
 Same model (SmolLM2-135M with the same seeded adapters), same inputs, measured back to back in each mode:
 - **training step**: SCP loss (CE + 0.1 MSE) forward + backward over 4 passages;
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _timed(fn, reps: int) -> tuple[float, Any]:
@@ -99,7 +99,7 @@ def run(reps: int = 2, n_docs: int = 8, new_tokens: int = 16) -> dict[str, Any]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/precision.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments/precision.json"))
     args = ap.parse_args(argv)
     r = run(args.reps)
     s, a = r["speedup_bf16_over_fp32"], r["agreement"]

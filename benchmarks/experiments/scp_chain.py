@@ -1,8 +1,8 @@
 """One long SCP run that every stretch of work adds to, and its curve (docs/memory.md).
 
-    python benchmarks/scp_chain.py train --data MIX/scp.jsonl [--config chain.json] [--steps 6000]
-    python benchmarks/scp_chain.py measure [--parts an]
-    python benchmarks/scp_chain.py curve
+    python benchmarks/experiments/scp_chain.py train --data MIX/scp.jsonl [--config chain.json] [--steps 6000]
+    python benchmarks/experiments/scp_chain.py measure [--parts an]
+    python benchmarks/experiments/scp_chain.py curve
 
 ``train`` continues the run in ``$CLARA_CACHE_DIR/chain/run`` from its latest step checkpoint when it is there,
 and otherwise starts it from the release (``--init``, default ``releases/clara-smollm2-r16``). It runs at a
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_RELEASE = ROOT / "releases" / "clara-smollm2-r16"
 

@@ -2,8 +2,8 @@
 fixed number of steps, then the quality probe's part (a) on held-out passages (memory CE beside no document and
 the raw document, and the share of that gap the memory closes). Run it once per variant and compare the JSON:
 
-    python benchmarks/scp_recipe.py --name base --lr 5e-4 --rank 16 --rate 16 --steps 50 \
-        --out benchmarks/results/scp_recipe/base.json
+    python benchmarks/experiments/scp_recipe.py --name base --lr 5e-4 --rank 16 --rate 16 --steps 50 \
+        --out benchmarks/results/experiments/scp_recipe/base.json
 
 Everything but the named knobs is the pipeline's: SmolLM2-135M, 128-token passages, batch 8, bf16 autocast where
 the CPU has it, MSE weight 0.1. Checkpoints go to ``--work`` (resumable); the JSON holds the probe numbers, the
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:

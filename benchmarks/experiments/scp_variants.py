@@ -1,7 +1,7 @@
 """SCP stage-1 reconstruction variants on the reading side and the compressor's learning rate, probed on held-out
 reconstruction (the quality probe's part (a), 40 held-out passages), beside ``scp_recipe.py``'s rank/lr/rate:
 
-    python benchmarks/scp_variants.py NAME STEPS [--clr LR] [--glr LR] [--wdrop P] [--freeze-gen N] [--const]
+    python benchmarks/experiments/scp_variants.py NAME STEPS [--clr LR] [--glr LR] [--wdrop P] [--freeze-gen N] [--const]
                                                 [--mse W] [--chunk-mse] [--lexical A] [--layer N] [--soft-vocab T]
                                                 [--rescale R] [--distill W [--distill-every N]]
 
@@ -19,12 +19,12 @@ generator can read that from step 0).
 Every 10 steps it prints the live control (a fresh batch read with its own vs a neighbour's memory: ``use``), and
 at the end the quality probe's part (a) with its controls; ``memory_use`` (nats/token a passage's own memory is
 worth over another's) is the number that says whether the compressor carries the passage. Writes
-benchmarks/results/scp_recipe/v_NAME.json."""
+benchmarks/results/experiments/scp_recipe/v_NAME.json."""
 import argparse, json, random, sys, time
 import torch, torch.nn.functional as F
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality_probe import first_articles, reconstruction
 from clara.data.corpus import ingest_corpus
@@ -211,5 +211,5 @@ probe = reconstruction(model, held)
 res = {"name": a.name, **vars(a), "train_s": round(time.time() - t0), **probe,
        "train_ce_last10": sum(ces[-10:]) / 10}
 print(json.dumps(res), flush=True)
-out = ROOT / "benchmarks" / "results" / "scp_recipe" / f"v_{a.name}.json"
+out = ROOT / "benchmarks" / "results" / "experiments" / "scp_recipe" / f"v_{a.name}.json"
 out.write_text(json.dumps(res, indent=1), encoding="utf-8")
