@@ -1,40 +1,22 @@
-"""Input checks of the served models: bad input is a clear MlflowException (HTTP 400), never a crash."""
+"""The serving library: input checks and the request batcher."""
 
-import pandas as pd
 import pytest
-from mlflow.exceptions import MlflowException
 
 from clara.serving import MAX_QUESTION_CHARS, check_questions
-from clara_flows.models import _questions
-
-
-def test_questions_are_taken_from_every_input_shape():
-    assert _questions(pd.DataFrame({"question": ["a?", "b?"]})) == ["a?", "b?"]
-    assert _questions({"question": ["a?"]}) == ["a?"] and _questions({"question": "a?"}) == ["a?"]
-    assert _questions("a?") == ["a?"] and _questions([{"question": "a?"}, "b?"]) == ["a?", "b?"]
 
 
 @pytest.mark.parametrize("bad, message", [
-    (pd.DataFrame({"query": ["a?"]}), "needs a 'question' column"),
-    ({"text": "a?"}, "needs a 'question' field"),
-    (pd.DataFrame({"question": ["a?", 7]}), "question 1: expected a string, got int"),
-    (pd.DataFrame({"question": ["x" * (MAX_QUESTION_CHARS + 1)]}), "question 0: 2,001 characters"),
-    ([{"question": " "}], "question 0: empty question"),
-    (pd.DataFrame({"question": []}), "no questions"),
+    (["a?", 7], "question 1: expected a string, got int"),
+    ([" "], "question 0: empty question"),
+    (["x" * (MAX_QUESTION_CHARS + 1)], "question 0: 2,001 characters; at most 2,000"),
 ])
-def test_bad_input_is_a_bad_request_that_names_the_problem(bad, message):
-    with pytest.raises(MlflowException, match=message) as e:
-        _questions(bad)
-    assert e.value.get_http_status_code() == 400
+def test_each_bad_question_is_named_by_its_position(bad, message):
+    with pytest.raises(ValueError, match=message):
+        check_questions(bad)
 
 
-def test_documents_may_be_long_but_not_unbounded():
-    from clara.serving import MAX_DOCUMENT_CHARS
-
-    long = pd.DataFrame({"text": ["y" * 50_000]})
-    assert _questions(long, column="text", max_chars=MAX_DOCUMENT_CHARS) == ["y" * 50_000]
-    with pytest.raises(MlflowException, match="text 0: 50,000 characters; at most 2,000"):
-        _questions(long, column="text")  # the question limit unless the caller says otherwise
+def test_the_limit_and_the_word_are_the_callers():
+    assert check_questions(["y" * 50], 50, "text") == ["y" * 50]
     with pytest.raises(ValueError, match="text 0: 1,000,001 characters"):
         check_questions(["y" * 1_000_001], 1_000_000, "text")
 
@@ -99,20 +81,3 @@ def test_one_bad_request_does_not_fail_the_others_in_its_batch():
     with pytest.raises(ValueError, match="negative"):
         b2([-1])
     assert b2([1, 2]) == [1, 2]
-
-
-def test_a_store_outage_is_a_503_that_says_how_to_recover():
-    """What the scoring server gets when the database does not answer: 503 with the store's message (the
-    outage itself, against a real server, is tested in tests/library/store)."""
-    from clara.store.builds import StoreUnavailable
-    from clara_flows.models import ClaraQAModel
-
-    def down(items):
-        raise StoreUnavailable("cannot reach the database at postgresql://x: it did not answer (connection refused); "
-                               "start it (python -m clara_infra.services up)")
-
-    model = ClaraQAModel()
-    model.batcher = down
-    with pytest.raises(MlflowException) as err:
-        model.predict(None, pd.DataFrame({"question": ["Where?"]}))
-    assert err.value.get_http_status_code() == 503 and "clara_infra.services up" in err.value.message
