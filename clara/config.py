@@ -138,8 +138,10 @@ class ModelConfig:
 
 @dataclass
 class OptimSettings:
-    lr: float = 1e-4
-    """Peak learning rate (paper SCP: 1e-4; E2E: 5e-6)."""
+    lr: float = 5e-4
+    """Peak learning rate. This default is stage 1's (SCP): 5e-4, the rate of every measured SCP run here
+    (docs/memory.md, docs/quality.md; the paper's is 1e-4). Stage 2 starts from ``INSTRUCT_DEFAULTS`` (2e-4), E2E
+    from ``E2E_LR`` (1e-4)."""
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -190,9 +192,9 @@ class SCPConfig:
     when every slot equals the passage mean (collapse costs nothing). ``chunks``: memory state i with the mean
     state of the text chunk slot i stands for (the i-th of n equal chunks), so distinct slots are what it asks."""
     freeze_compressor: bool = False
-    """Stage 2 only: keep the compressor adapter and the special-token rows as stage 1 left them and train the
-    generator alone. Stage 2 trains on short answers; left free it takes back part of what stage 1 taught the
-    memory (docs/memory.md)."""
+    """Stage 2 only (where ``INSTRUCT_DEFAULTS`` turns it on): keep the compressor adapter and the special-token rows
+    as stage 1 left them and train the generator alone. Stage 2 trains on short answers; left free it takes back
+    part of what stage 1 taught the memory (docs/memory.md)."""
     max_target_len: int = 1024
     """Response tokens beyond this are cut, and a cut target gets no EOS (it must not teach stopping mid-line)."""
     target_dropout: float = 0.0
@@ -221,12 +223,31 @@ class SCPConfig:
         if self.salient_weight < 1.0:
             raise ValueError(f"salient_weight must be >= 1, got {self.salient_weight}")
 
+    @classmethod
+    def for_stage(cls, stage: str, data: dict[str, Any] | None = None) -> SCPConfig:
+        """The config of stage ``scp`` (1) or ``instruct`` (2): ``data`` (a config file's tables, options merged
+        on top) over the stage's defaults, which are this class's for stage 1 and ``INSTRUCT_DEFAULTS`` over them
+        for stage 2. Unknown keys and values of the wrong type are refused (``from_dict``)."""
+        if stage not in ("scp", "instruct"):
+            raise ValueError(f"stage must be 'scp' or 'instruct', got {stage!r}")
+        base = to_dict_value(INSTRUCT_DEFAULTS) if stage == "instruct" else {}  # a copy: never shared, never changed
+        return from_dict(cls, merged(base, data or {}))
+
+
+INSTRUCT_DEFAULTS: dict[str, Any] = {"train": {"optim": {"lr": 2e-4}}, "freeze_compressor": True}
+"""Where stage 2 (instruct, the same loop and ``SCPConfig``) defaults differently from stage 1: lr 2e-4 and a frozen
+compressor, the recipe of the measured stage-2 runs (docs/memory.md, docs/quality.md)."""
+
+E2E_LR = 1e-4
+"""E2E's peak learning rate: the rate of every measured pipeline run (docs/quality.md). The paper's 5e-6 is for
+full-size runs of thousands of steps; a few dozen steps at 5e-6 leave the query reasoner where they found it."""
+
 
 @dataclass
 class E2EConfig:
     """Stage 3: query reasoner + generator trained from the answer loss through differentiable top-k."""
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimSettings(lr=5e-6)))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimSettings(lr=E2E_LR)))
     n_candidates: int = 20
     """Candidates per question: its positives plus hard negatives."""
     negatives: str = "first_stage"
@@ -244,7 +265,7 @@ class E2EConfig:
             train = dict(self.train)
             optim = train.setdefault("optim", {})
             if isinstance(optim, dict):  # the E2E learning rate differs from TrainConfig's SCP default
-                train["optim"] = {"lr": 5e-6, **optim}
+                train["optim"] = {"lr": E2E_LR, **optim}
             self.train = from_dict(TrainConfig, train)
         if not 1 <= self.top_k <= self.n_candidates:
             raise ValueError(f"need 1 <= top_k ({self.top_k}) <= n_candidates ({self.n_candidates})")

@@ -4,8 +4,10 @@
     prefect deployment run clara/full-pipeline --param training='{"scp_steps": 0}' --param model='{"init_from": "ckpt"}'
 
 A group given in part keeps the defaults of the rest. Budgets left ``None`` come from the profile
-(``clara_flows.profiles``). Field names are the ones the runs have always logged as MLflow params (``flat``), so runs
-from before the grouping compare with runs after it.
+(``clara_flows.profiles``). A default that is also a library setting is read from the library's config dataclasses
+(``clara.config``, ``clara.eval.gate.GateRule``), or, where that import would be heavy (``EvalConfig``), checked
+against them by ``tests/test_defaults.py``. Field names are the ones the runs have always logged as MLflow params
+(``flat``), so runs from before the grouping compare with runs after it.
 """
 
 # No `from __future__ import annotations`: Prefect builds the run form from the evaluated annotations.
@@ -13,7 +15,11 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
+from clara.config import E2EConfig, ModelConfig, SCPConfig
+from clara.eval.gate import GateRule
 from clara_flows.tracking import EXPERIMENT
+
+_SCP, _INSTRUCT, _E2E = SCPConfig.for_stage("scp"), SCPConfig.for_stage("instruct"), E2EConfig()
 
 
 class _Group(BaseModel):
@@ -33,9 +39,9 @@ class Data(_Group):
 
 class Model(_Group):
     """The base model, the compression rate and where training starts."""
-    preset: str = "smollm2-135m"
-    compression_rate: int = 16
-    memory_readout: Literal["states", "vocab"] = "states"
+    preset: str = ModelConfig.base
+    compression_rate: int = ModelConfig.compression_rate
+    memory_readout: Literal["states", "vocab"] = ModelConfig.memory_readout
     init_from: Optional[str] = None
     device: Optional[str] = None
 
@@ -44,36 +50,38 @@ class Training(_Group):
     """Steps, batch sizes and learning rates of the three training stages."""
     scp_steps: Optional[int] = None
     scp_batch_size: Optional[int] = None
-    scp_lr: float = 5e-4
+    scp_lr: float = _SCP.train.optim.lr
     scp_target_dropout: Optional[float] = None
     instruct_steps: Optional[int] = None
     instruct_batch_size: Optional[int] = None
-    instruct_lr: float = 2e-4
-    instruct_freeze_compressor: bool = True
+    instruct_lr: float = _INSTRUCT.train.optim.lr
+    instruct_freeze_compressor: bool = _INSTRUCT.freeze_compressor
     """Stage 2 trains the generator alone (``clara.config.SCPConfig.freeze_compressor``): left free, the compressor
     gives back part of what SCP taught it to carry (docs/memory.md)."""
     e2e_steps: Optional[int] = None
     e2e_batch_size: Optional[int] = None
-    e2e_lr: float = 1e-4
+    e2e_lr: float = _E2E.train.optim.lr
     train_processes: int = 1
 
 
 class Evaluation(_Group):
     """Retrieval settings (used by evaluation and by the registered model) and what is compared."""
-    top_k: int = 5
-    n_candidates: int = 20
+    top_k: int = _E2E.top_k
+    n_candidates: int = _E2E.n_candidates
     retrieval_mode: Literal["clara", "dense", "lexical", "hybrid"] = "hybrid"
     retrieval_fuse: float = 2.0
     eval_questions: Optional[int] = None
     baselines: str = "bm25"
+    """Fewer than ``clara evaluate``'s ``bm25,minilm`` (``EvalConfig.baselines``): the gate needs one raw-text
+    reference, and each baseline is one more generation pass over the questions."""
 
 
 class Gate(_Group):
     """Which registered model the run produces and when it becomes ``production``."""
     model_name: str = "clara"
     gate_metric: str = "f1"
-    gate_margin: float = 0.0
-    gate_max_latency_regression: float = 0.10
+    gate_margin: float = GateRule.margin
+    gate_max_latency_regression: float = GateRule.max_latency_regression
 
 
 class Execution(_Group):

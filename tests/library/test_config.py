@@ -60,6 +60,6 @@ def test_config_round_trip_and_unknown_keys(tmp_path):
 
 
 def test_e2e_learning_rate_default_survives_partial_train_settings():
-    assert E2EConfig().train.optim.lr == 5e-6
-    assert E2EConfig(train={"batch_size": 2}).train.optim.lr == 5e-6
+    assert E2EConfig().train.optim.lr == 1e-4
+    assert E2EConfig(train={"batch_size": 2}).train.optim.lr == 1e-4
     assert E2EConfig(train={"optim": {"lr": 1e-3}}).train.optim.lr == 1e-3
