@@ -248,7 +248,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
     from clara.data.mixes import heldout
     from clara.eval.likelihood import answer_nll
     from clara.data.records import load_qa_records
-    from clara.eval.retrievers import BM25Retriever
+    from clara.retrieval.first_stage import BM25Retriever
     from clara.model.topk import flat_cosine, pad_memories
     from clara.eval.metrics import recall_at
     from clara.model.base import cache_dir

@@ -26,7 +26,7 @@ def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, d
         database_url: str | None = None, seed: int = 0, out_dir: Path) -> dict[str, Any]:
     from clara.data.corpus import ingest_corpus
     from clara.data.records import QARecord, load_qa_records
-    from clara.dense import DenseEncoder
+    from clara.retrieval.dense import DenseEncoder
     from clara.eval.datasets import description_retrieval
     from clara.eval.run import EvalConfig, evaluate
     from clara.model.checkpoint import load_checkpoint
@@ -72,7 +72,7 @@ def sql_latency(engine, build, model, questions: Sequence[str], n: int = 20) -> 
     (the rows above also count encoding the question). p50/p99 in ms per mode."""
     import numpy as np
 
-    from clara.dense import DenseEncoder
+    from clara.retrieval.dense import DenseEncoder
     from clara.store.search import MODES, first_stage
 
     dense = DenseEncoder().embed(list(questions))

@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from clara.config import E2EConfig, ModelConfig  # stdlib only (cheap at start-up): option defaults and help
+
 app = typer.Typer(help="CLaRa: compress documents into memory tokens and answer from them.", no_args_is_help=True)
 train_app = typer.Typer(help="Train a stage: scp (1), instruct (2), e2e (3).", no_args_is_help=True)
 model_app = typer.Typer(help="Inspect a model or checkpoint.", no_args_is_help=True)
@@ -22,7 +24,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(store_app, name="store")
 app.add_typer(import_app, name="import")
 
-PresetOpt = typer.Option("smollm2-135m", help="Model preset (tiny, smollm2-135m, mistral-7b) or a model path.")
+PresetOpt = typer.Option(ModelConfig.base, help="Model preset (tiny, smollm2-135m, mistral-7b) or a model path.")
 ConfigOpt = typer.Option(None, help="JSON/TOML stage config; command-line options override its fields.")
 DeviceOpt = typer.Option(None, help="cpu, cuda, cuda:1 … (default: auto).")
 BatchOpt = typer.Option(None, help="Examples per micro-batch.")
@@ -123,8 +125,7 @@ def train_instruct_cmd(
 
 def _train_compressor(data, out, preset, config, rate, length_mode, device, batch_size, grad_accum, max_steps, lr,
                       checkpoint_every, seed, resume, stage, init) -> None:
-    from clara.config import (SCPConfig, from_dict, init_model_config, merged, preset as make_preset, to_dict,
-                              train_overrides)
+    from clara.config import SCPConfig, init_model_config, merged, preset as make_preset, to_dict, train_overrides
     from clara.data.records import RecordError, load_scp_records
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
@@ -147,7 +148,7 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
         raw["model"] = model_cfg
         raw["train"] = merged(raw.get("train", {}), train_overrides(batch_size, grad_accum, max_steps, lr,
                                                                      checkpoint_every, seed))
-        cfg = from_dict(SCPConfig, raw)
+        cfg = SCPConfig.for_stage(stage, raw)  # stage 2 has defaults of its own (INSTRUCT_DEFAULTS)
         if init is None:
             model = ClaraModel.build(cfg.model)
     except (RecordError, ValueError, OSError) as exc:
@@ -165,11 +166,14 @@ def train_e2e_cmd(
     init: Path = typer.Option(..., exists=True, help="SCP (or instruct) checkpoint whose compressor is kept."),
     config: Optional[Path] = ConfigOpt,
     device: Optional[str] = DeviceOpt,
-    candidates: Optional[int] = typer.Option(None, help="Candidates per question (N, default 20)."),
-    top_k: Optional[int] = typer.Option(None, help="Documents selected for the generator (k, default 5)."),
-    tau: Optional[float] = typer.Option(None, help="Soft top-k temperature (default 0.02)."),
-    negatives: Optional[str] = typer.Option(None, help="first_stage (default: BM25 + MiniLM hybrid top, cached) or "
-                                                       "query_reasoner (its own top, every step)."),
+    candidates: Optional[int] = typer.Option(None, help=f"Candidates per question (N, default "
+                                                        f"{E2EConfig.n_candidates})."),
+    top_k: Optional[int] = typer.Option(None, help=f"Documents selected for the generator (k, default "
+                                                   f"{E2EConfig.top_k})."),
+    tau: Optional[float] = typer.Option(None, help=f"Soft top-k temperature (default {E2EConfig.tau})."),
+    negatives: Optional[str] = typer.Option(None, help=f"first_stage (BM25 + MiniLM hybrid top, cached) or "
+                                                       f"query_reasoner (its own top, every step); default "
+                                                       f"{E2EConfig.negatives}."),
     batch_size: Optional[int] = BatchOpt,
     grad_accum: Optional[int] = AccumOpt,
     max_steps: Optional[int] = StepsOpt,
@@ -179,7 +183,7 @@ def train_e2e_cmd(
     resume: bool = ResumeOpt,
 ) -> None:
     """Stage 3: train query reasoner + generator from the answer loss through differentiable top-k."""
-    from clara.config import E2EConfig, from_dict, merged, train_overrides
+    from clara.config import from_dict, merged, train_overrides
     from clara.data.corpus import read_corpus
     from clara.data.records import RecordError, load_qa_records
     from clara.model.checkpoint import load_checkpoint
@@ -272,7 +276,7 @@ def model_paraphrase(
 CorpusOpt = typer.Option(..., help="Corpus: a JSONL file {id,title,text}, a folder of .txt/.md, or 'bundled' "
                                    "(the Wikipedia summaries).")
 OnErrorOpt = typer.Option("fail", help="fail: stop at the first bad row; skip: write it to the rejects file.")
-SplitPresetOpt = typer.Option("smollm2-135m", help="Preset whose tokenizer and document length decide passage "
+SplitPresetOpt = typer.Option(ModelConfig.base, help="Preset whose tokenizer and document length decide passage "
                                                     "splitting.")
 
 
@@ -469,7 +473,7 @@ def evaluate_cmd(
         questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
         stores = None
         if use_store:
-            from clara.dense import DenseEncoder
+            from clara.retrieval.dense import DenseEncoder
             from clara.store.db import connect
             from clara.data.corpus import corpus_version_of
             from clara.store.loading import index_corpus
@@ -522,7 +526,7 @@ def compress_cmd(
         if rate is not None and rate != m.cfg.compression_rate:
             raise ValueError(f"{model} was trained at rate {m.cfg.compression_rate}, not {rate}")
         engine = connect(database_url)
-        from clara.dense import DenseEncoder
+        from clara.retrieval.dense import DenseEncoder
 
         build = index_corpus(engine, m, docs, model_uri=model_uri or str(model.resolve()),
                              corpus_version=corpus_version or corpus_version_of(docs), batch_size=batch_size,

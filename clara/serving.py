@@ -48,12 +48,12 @@ class Answer:
 
 class Answerer:
     """Answers from one build: ``mode``'s first stage in Postgres, the query reasoner's re-rank, the generator.
-    Retrieval is the evaluation's own (``clara.eval.retrievers.ClaraRetriever``), so what is served is what was
+    Retrieval is the evaluation's own (``clara.retrieval.rerank.ClaraRetriever``), so what is served is what was
     measured."""
 
     def __init__(self, model, engine, build, k: int = 5, mode: str = "hybrid", candidates: int | None = None,
                  fuse: float = 2.0, max_new_tokens: int = 64):
-        from clara.eval.retrievers import ClaraRetriever
+        from clara.retrieval.rerank import ClaraRetriever
 
         if build.compression_rate != model.cfg.compression_rate:
             raise ValueError(f"build {build.id} holds rate-{build.compression_rate} memories; the model is "

@@ -11,7 +11,52 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from clara.config import ModelConfig, OptimSettings, SCPConfig, TrainConfig, from_dict, preset
 from clara.data.corpus import read_corpus
+
+
+def stage_budget(steps: int, batch_size: int, lr: float) -> TrainConfig:
+    """A pipeline stage's training budget: ``steps`` optimizer steps of ``batch_size`` examples at peak ``lr``, with a
+    step checkpoint every quarter of the run (at most every 10 steps), so that a killed stage resumes near where it
+    died instead of from the start."""
+    return TrainConfig(batch_size=batch_size, max_steps=steps, checkpoint_every=max(10, steps // 4),
+                       optim=OptimSettings(lr=lr))
+
+
+def scp_start(init_from: str | Path | None, preset_name: str, compression_rate: int,
+              memory_readout: str) -> dict[str, Any] | None:
+    """The model config recorded in the checkpoint SCP continues from (read, not loaded), or None without one.
+
+    Raises:
+        ValueError: it is of another base, rate or memory readout than asked for; said before any work is done,
+            since SCP would otherwise fail (or silently train another model) minutes later.
+    """
+    if not init_from:
+        return None
+    from clara.model.checkpoint import read_checkpoint_config
+
+    start = read_checkpoint_config(init_from)["model"]
+    if start["base"] != preset_name and start["base"] != preset(preset_name).base:
+        raise ValueError(f"init_from {init_from} is a {start['base']!r} checkpoint, not {preset_name!r}: pass "
+                         f"init_from=none (and scp_steps) to train {preset_name!r} from scratch")
+    if start["compression_rate"] != compression_rate:
+        raise ValueError(f"init_from {init_from} was trained at rate {start['compression_rate']}, "
+                         f"not {compression_rate}")
+    readout = start.get("memory_readout", ModelConfig.memory_readout)  # older checkpoints: the default
+    if readout != memory_readout:
+        raise ValueError(f"init_from {init_from} reads its memory as {readout!r}, not {memory_readout!r}: "
+                         f"set model.memory_readout to match")
+    return start
+
+
+def scp_config(preset_name: str, compression_rate: int, memory_readout: str, start: dict[str, Any] | None,
+               budget: TrainConfig, target_dropout: float = 0.0, device: str | None = None) -> SCPConfig:
+    """Stage 1's config: the starting point's own model config (``scp_start``) when there is one, else the preset's
+    at this rate and readout."""
+    device_over = {"device": device} if device else {}
+    model = from_dict(ModelConfig, {**start, **device_over}) if start is not None else \
+        preset(preset_name, compression_rate=compression_rate, memory_readout=memory_readout, **device_over)
+    return SCPConfig(model=model, target_dropout=target_dropout, train=budget)
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -79,7 +124,7 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     from clara.data.corpus import atomic_write_lines, dumps
     from clara.data.mixes import drop_excluded, heldout, instruct_rows, qa_pairs, reconstruction_rows
     from clara.data.records import load_qa_records, read_jsonl
-    from clara.eval.retrievers import BM25Retriever
+    from clara.retrieval.first_stage import BM25Retriever
 
     docs = [d for d in read_corpus(corpus_file, max_docs) if not heldout(d)]
     if not docs:

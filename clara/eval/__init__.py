@@ -1,1 +1,2 @@
-"""Evaluation: metrics (pure), retrievers and baselines, and the evaluation run that writes the report."""
+"""Evaluation: metrics (pure), the promotion gate, answer likelihoods, and the evaluation run that writes the report
+(its retrievers are `clara.retrieval`'s)."""

@@ -28,7 +28,8 @@ from clara.data.corpus import Document, dumps
 from clara.data.records import QARecord
 from clara.eval.likelihood import answer_nll
 from clara.eval.metrics import answer_scores, mean, recall_at
-from clara.eval.retrievers import ClaraRetriever, baseline
+from clara.retrieval.fusion import baseline
+from clara.retrieval.rerank import ClaraRetriever
 from clara.model.decoding import Timing
 
 RECALL_AT = (1, 3, 5, 20)

@@ -42,7 +42,7 @@ class Build:
     status: str
     n_docs: int
     dense_model: str | None = None
-    """The sentence encoder whose vectors the build holds (``clara.dense``); None: no dense first stage."""
+    """The sentence encoder whose vectors the build holds (``clara.retrieval.dense``); None: no dense first stage."""
     dense_dim: int | None = None
 
     @property

@@ -33,7 +33,7 @@ def load_build(engine: Engine, docs: Sequence[Document], source: Source, *, mode
     and publish it.
 
     Args:
-        dense: a ``clara.dense.DenseEncoder``; each batch is embedded as it is loaded (the dense and hybrid first
+        dense: a ``clara.retrieval.dense.DenseEncoder``; each batch is embedded as it is loaded (the dense and hybrid first
             stages). None builds without dense vectors.
     Raises:
         ValueError: a document got no memory from the source (nothing is published).

@@ -3,7 +3,7 @@
 First stages (``MODES``), each one SQL query:
 - ``clara``: the build's HNSW index over each document's mean memory vector (halfvec cosine, or Hamming
   distance over the binary-quantised vector above 4,000 dimensions) - CLaRa alone, over the whole corpus;
-- ``dense``: the build's HNSW index over its sentence-encoder vectors (``clara.dense``);
+- ``dense``: the build's HNSW index over its sentence-encoder vectors (``clara.retrieval.dense``);
 - ``lexical``: BM25 over Postgres full text (statistics in ``lexical_*``, see migration 002), each query term
   reading only its ``LEXICAL_POSTINGS_PER_TERM`` highest-weight postings (migration 003);
 - ``hybrid``: reciprocal-rank fusion (RRF) of ``dense`` and ``lexical``.

@@ -74,8 +74,8 @@ def first_stage_candidates(records: Sequence[QARecord], corpus: Mapping[str, str
     import json
 
     from clara.data.corpus import Document
-    from clara.dense import MINILM
-    from clara.eval.retrievers import HybridRetriever
+    from clara.retrieval.dense import MINILM
+    from clara.retrieval.fusion import HybridRetriever
 
     h = hashlib.sha256(f"hybrid:bm25+{MINILM}:n={n}\n".encode())
     for d, t in corpus.items():

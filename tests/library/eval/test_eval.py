@@ -6,7 +6,7 @@ from clara.config import preset
 from clara.data.corpus import read_corpus
 from clara.data.records import QARecord, load_qa_records
 from clara.eval.datasets import description_retrieval, subsample
-from clara.eval.retrievers import BM25Retriever, MiniLMRetriever
+from clara.retrieval.first_stage import BM25Retriever, MiniLMRetriever
 from clara.eval.run import REPORT_KEYS, EvalConfig, evaluate
 from clara.model import ClaraModel
 from conftest import perturb
@@ -164,7 +164,7 @@ def test_untrained_query_reasoner_is_replaced_by_the_compressor(fixtures, tmp_pa
 
 
 def test_store_evaluation_reports_every_first_stage_alone_and_reranked(fixtures, tmp_path, models, engine):
-    from clara.dense import DenseEncoder
+    from clara.retrieval.dense import DenseEncoder
     from clara.store.loading import index_corpus
 
     docs = read_corpus(fixtures / "corpus.jsonl")

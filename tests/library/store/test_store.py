@@ -343,7 +343,7 @@ def test_dense_and_hybrid_modes(engine):
     assert [s for _, s in got] == pytest.approx(sorted((float(dense[i] @ q) for i in range(len(ids))),
                                                        reverse=True)[:3], abs=1e-5)
     # Hybrid is reciprocal-rank fusion of the two lists (2n deep): the SQL agrees with the in-memory twin.
-    from clara.eval.retrievers import rrf
+    from clara.retrieval.fusion import rrf
 
     question = "Dutch painter of interior scenes"
     lex = first_stage(engine, build, "lexical", 10, text_query=question)

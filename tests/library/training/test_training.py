@@ -284,7 +284,7 @@ def test_e2e_rejects_gold_ids_missing_from_corpus(tmp_path):
 
 
 def test_first_stage_candidates_are_computed_once_and_cached(fixtures, tmp_path, monkeypatch):
-    from clara.eval import retrievers
+    from clara.retrieval import fusion
     from clara.training.e2e import first_stage_candidates
 
     qa = load_qa_records(fixtures / "qa.jsonl")
@@ -298,7 +298,7 @@ def test_first_stage_candidates_are_computed_once_and_cached(fixtures, tmp_path,
     def refuse(*a, **k):
         raise AssertionError("the cached candidates should have been read back")
 
-    monkeypatch.setattr(retrievers, "HybridRetriever", refuse)
+    monkeypatch.setattr(fusion, "HybridRetriever", refuse)
     assert first_stage_candidates(qa, corpus, 4, tmp_path) == first
     # Other data is another key: a changed corpus is not served stale candidates.
     with pytest.raises(AssertionError, match="cached"):

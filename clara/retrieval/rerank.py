@@ -1,0 +1,114 @@
+"""CLaRa's retriever: the query reasoner's tensor scored against compressed documents (flattened cosine), over a
+store build's first stage or an exact in-memory index of the whole corpus. It also hands back the compressed
+documents it found, for the generator."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from clara.data.corpus import Document
+from clara.model.topk import flat_cosine, flat_unit, pad_memories, unit_scores
+from clara.retrieval.first_stage import Ranked
+
+
+class ClaraRetriever:
+    """The query reasoner against compressed documents.
+
+    With a store build: ``mode``'s first stage in Postgres, then the flattened-cosine re-rank
+    (``clara.store.search.search``). Without one (``mode="exact"``): exact flattened cosine over an in-memory
+    compression of the whole corpus.
+    """
+
+    name = "clara"
+
+    def __init__(self, model, docs: Sequence[Document], *, engine=None, build=None, mode: str = "exact",
+                 candidates: int | None = None, fuse: float = 0.0, compress_batch_size: int = 16):
+        from clara.store.search import DEFAULT_CANDIDATES, MODES
+
+        if mode not in MODES + ("exact",):
+            raise ValueError(f"unknown retrieval mode {mode!r}; known: {', '.join(MODES + ('exact',))}")
+        if build is None and mode != "exact":
+            raise ValueError(f"retrieval mode {mode!r} needs a store build (evaluate with --use-store)")
+        self.model, self.engine, self.build = model, engine, build
+        self.mode, self.fuse = mode, fuse
+        self.n_candidates = candidates or DEFAULT_CANDIDATES.get(mode, 20)
+        self.ids = [d.id for d in docs]
+        self.memory: dict[str, torch.Tensor] = {}
+        self.titles: dict[str, str] = {}  # of the documents a store search returned
+        self._dense = None
+        if build is None:
+            mems = [m.float().cpu() for m in model.compress([d.full_text for d in docs],
+                                                             batch_size=compress_batch_size)]
+            self.memory = dict(zip(self.ids, mems))
+            # Normalised once: a query's scores are then one matrix product (the flattened cosine).
+            self.flat = flat_unit(pad_memories(mems, model.cfg.n_mem_max))
+
+    def encode(self, questions: Sequence[str]) -> list[torch.Tensor]:
+        return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
+
+    def _dense_query(self, question: str, mode: str) -> np.ndarray | None:
+        """The question's sentence vector when ``mode`` needs one. Not cached: every timed retrieval includes
+        encoding its question, and a long-lived server would keep every question it was asked."""
+        if mode not in ("dense", "hybrid") or self.build is None or self.build.dense_model is None:
+            return None
+        if self._dense is None:
+            from clara.retrieval.dense import MINILM, DenseEncoder
+
+            if self.build.dense_model != MINILM:
+                raise ValueError(f"build {self.build.id} holds {self.build.dense_model} vectors; "
+                                 f"this version embeds questions with {MINILM} only")
+            self._dense = DenseEncoder()
+        return self._dense.embed([question])[0]
+
+    def first_stage(self, question: str, mode: str, n: int) -> Ranked:
+        """A first stage alone (store only): ``n`` (doc_id, score), best first."""
+        from clara.store.search import first_stage
+
+        query = self.encode([question])[0].numpy() if mode == "clara" else None
+        return first_stage(self.engine, self.build, mode, n, query=query, text_query=question,
+                           dense_query=self._dense_query(question, mode))
+
+    def retrieve(self, question: str, query: torch.Tensor, k: int, mode: str | None = None) -> Ranked:
+        """The top ``k`` for one question whose query-reasoner tensor is ``query``."""
+        mode = mode or self.mode
+        if mode == "exact":
+            if self.build is not None:
+                from clara.store.search import search
+
+                hits = search(self.engine, self.build, query.numpy(), k=k, exact=True)
+                return self._keep(hits)
+            scores = unit_scores(flat_unit(query.unsqueeze(0)), self.flat)[0]
+            top = scores.topk(min(k, len(self.ids)))
+            return [(self.ids[int(i)], float(s)) for i, s in zip(top.indices, top.values)]
+        from clara.store.search import DEFAULT_CANDIDATES, search
+
+        n = self.n_candidates if mode == self.mode else DEFAULT_CANDIDATES[mode]
+        hits = search(self.engine, self.build, query.numpy(), k=k, mode=mode, candidates=max(n, k),
+                      text_query=question, dense_query=self._dense_query(question, mode), fuse=self.fuse)
+        return self._keep(hits)
+
+    def _keep(self, hits) -> Ranked:
+        for h in hits:
+            self.memory.setdefault(h.doc_id, torch.from_numpy(h.memory))
+            self.titles[h.doc_id] = h.title
+        return [(h.doc_id, h.score) for h in hits]
+
+    def score_docs(self, query: torch.Tensor, doc_ids: Sequence[str]) -> list[float]:
+        """Flattened cosine of one query against given documents (the oracle-candidates setting)."""
+        docs = pad_memories([self.memory_of(d) for d in doc_ids], self.model.cfg.n_mem_max)
+        return flat_cosine(query.unsqueeze(0), docs)[0].tolist()
+
+    def memory_of(self, doc_id: str) -> torch.Tensor:
+        if doc_id not in self.memory:
+            if self.build is None:
+                raise KeyError(doc_id)
+            from clara.store.search import memories_of
+
+            found = memories_of(self.engine, self.build, [doc_id])
+            if doc_id not in found:
+                raise KeyError(f"document {doc_id!r} is not in build {self.build.id}")
+            self.memory[doc_id] = torch.from_numpy(found[doc_id])
+        return self.memory[doc_id]
