@@ -11,6 +11,7 @@ tag, which is what ``rollback`` walks back through.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -258,7 +259,26 @@ def register_once(c: MlflowClient, name: str, key: str, log_model: Callable[[], 
     found = c.search_model_versions(f"name = '{name}' AND tags.`clara.key` = '{key}'")
     if found:
         return str(min(int(v.version) for v in found)), True
-    return register(c, name, log_model(), {**tags, "clara.key": key}, description), False
+    source = log_model()
+    hold_point(f"logged:{name}")
+    version = register(c, name, source, {**tags, "clara.key": key}, description)
+    hold_point(f"registered:{name}")
+    return version, False
+
+
+HOLD_ENV = "CLARA_TEST_HOLD"
+
+
+def hold_point(point: str) -> None:
+    """Where a fault test kills the process: with ``CLARA_TEST_HOLD=<point>`` set, write the file named by
+    ``CLARA_TEST_HOLD_FILE`` and wait here until killed, so the kill lands exactly between two steps (a model logged
+    and not registered; registered and its run not finished) instead of wherever a timer happens to fall. Nothing
+    outside the fault tests sets it."""
+    if os.environ.get(HOLD_ENV) != point:
+        return
+    Path(os.environ[f"{HOLD_ENV}_FILE"]).write_text(point, encoding="utf-8")
+    while True:
+        time.sleep(60)
 
 
 MODEL_CODE = {"qa": Path(__file__).parent / "model_code" / "qa.py",

@@ -9,13 +9,13 @@ from __future__ import annotations
 def main() -> None:
     from prefect.types.entrypoint import EntrypointType
 
-    from clara_flows.pipeline import clara
+    from clara_flows.pipeline import full_pipeline
 
-    # The deployment names its flow by module (clara_flows.pipeline.clara), not by a file path relative to the
+    # The deployment names its flow by module (clara_flows.pipeline.full_pipeline), not by a file path relative to the
     # folder this process started in: flow runs import the installed package, wherever the server runs.
-    clara.serve(name="full-pipeline", tags=["clara"], entrypoint_type=EntrypointType.MODULE_PATH,
-                description="CLaRa end to end: synthesis -> SCP -> E2E -> pgvector -> evaluation -> promotion. "
-                            "Parameters default to a CPU-laptop run on the bundled corpus.")
+    full_pipeline.serve(name="full-pipeline", tags=["clara"], entrypoint_type=EntrypointType.MODULE_PATH,
+                        description="CLaRa end to end: synthesis -> SCP -> E2E -> pgvector -> evaluation -> promotion. "
+                                    "Parameters default to a CPU-laptop run on the bundled corpus.")
 
 
 if __name__ == "__main__":

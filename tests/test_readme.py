@@ -234,11 +234,11 @@ def _params_of(words) -> list[str]:
 
 @lru_cache(maxsize=None)
 def _deployment() -> str:
-    from clara_flows.pipeline import clara
+    from clara_flows.pipeline import full_pipeline
 
     m = re.search(r"\.serve\(\s*name=\"([^\"]+)\"", (ROOT / "flows" / "serve.py").read_text(encoding="utf-8"))
     assert m, "flows/serve.py: no .serve(name=...) found"
-    return f"{clara.name}/{m.group(1)}"
+    return f"{full_pipeline.name}/{m.group(1)}"
 
 
 def _make_targets() -> set[str]:

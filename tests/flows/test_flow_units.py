@@ -41,13 +41,13 @@ def test_only_transient_failures_are_retried():
 
     from clara.data.teachers import TeacherError
     from clara.store.builds import StoreError
-    from clara_flows.pipeline import _transient
+    from clara_flows.plumbing import transient
 
     for exc in (StoreError("database down"), TeacherError("503"), ConnectionError("refused"),
                 OperationalError("select 1", {}, Exception("gone"))):
-        assert _transient(None, None, _State(exc)), exc
+        assert transient(None, None, _State(exc)), exc
     for exc in (ValueError("bad gate metric"), FileNotFoundError("x"), KeyError("k")):
-        assert not _transient(None, None, _State(exc)), exc
+        assert not transient(None, None, _State(exc)), exc
 
 
 @pytest.fixture
@@ -202,7 +202,7 @@ def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs
     assert not required & extra, required & extra
     pipeline_only = {"prefect", "prefect_dask", "dask", "distributed", "dvc", "spacy", "bm25s", "matplotlib", "httpx"}
     code = ("import sys, clara_flows.models, clara.serving, clara.model.checkpoint, clara.store.builds, "
-            "clara.store.db, clara.eval.retrievers, clara.dense; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+            "clara.store.db, clara.retrieval.rerank, clara.retrieval.fusion, clara.retrieval.dense; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
                             capture_output=True, text=True, check=True).stdout.split()
     assert not set(loaded) & pipeline_only, set(loaded) & pipeline_only
@@ -253,9 +253,9 @@ def test_parameters_are_grouped_for_the_run_form_and_flat_for_mlflow():
     import pydantic
 
     from clara_flows.params import GROUPS, Training, flat, grouped
-    from clara_flows.pipeline import clara
+    from clara_flows.pipeline import full_pipeline
 
-    signature = inspect.signature(clara.fn).parameters
+    signature = inspect.signature(full_pipeline.fn).parameters
     assert list(signature) == ["profile", *GROUPS]
     assert all(signature[g].annotation is cls for g, cls in GROUPS.items())
     names = [f for cls in GROUPS.values() for f in cls.model_fields]
@@ -306,17 +306,17 @@ def test_demo_starts_from_the_shipped_release():
 
 def test_pipeline_refuses_a_starting_point_of_another_base_rate_or_readout(tiny_model, tmp_path):
     from clara.model.checkpoint import save_checkpoint
-    from clara_flows.pipeline import pretrain_scp
+    from clara_flows.training import scp_task
 
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
     args = dict(data={}, steps=0, batch_size=1, lr=1e-4, target_dropout=0.0, init_from=str(ckpt), device=None, processes=1,
                 ctx={"parent_run": "-", "experiment": "-", "refresh": False})
     with pytest.raises(ValueError, match="init_from=none"):
-        pretrain_scp.fn(preset="smollm2-135m", compression_rate=16, memory_readout="states", **args)
+        scp_task.fn(preset="smollm2-135m", compression_rate=16, memory_readout="states", **args)
     with pytest.raises(ValueError, match="rate"):
-        pretrain_scp.fn(preset="tiny", compression_rate=4, memory_readout="states", **args)
+        scp_task.fn(preset="tiny", compression_rate=4, memory_readout="states", **args)
     with pytest.raises(ValueError, match="reads its memory as 'states', not 'vocab'"):
-        pretrain_scp.fn(preset="tiny", compression_rate=16, memory_readout="vocab", **args)
+        scp_task.fn(preset="tiny", compression_rate=16, memory_readout="vocab", **args)
 
 
 def test_registration_with_the_tracking_server_gone_is_named_as_its_outage(monkeypatch):

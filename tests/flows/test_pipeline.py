@@ -25,9 +25,9 @@ TINY = dict(preset="tiny", init_from="none", max_docs=40, scp_steps=3, scp_batch
 def run_pipeline(**flat):
     """The parent flow called with flat settings (``clara_flows.params.grouped`` sorts them into its groups)."""
     from clara_flows.params import grouped
-    from clara_flows.pipeline import clara
+    from clara_flows.pipeline import full_pipeline
 
-    return clara(**grouped(**flat))
+    return full_pipeline(**grouped(**flat))
 
 
 def _free_port() -> int:
@@ -386,13 +386,13 @@ def test_compression_shards_run_on_a_local_dask_cluster(first_run):
 
     from clara.store.db import connect
     from clara.store.search import decode_memory
-    from clara_flows.pipeline import compress_corpus
+    from clara_flows.storage import compression_flow
 
     first = first_run
     data = {**first["data"], "corpus_version": first["data"]["corpus_version"] + "/dask"}
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    out = compress_corpus.with_options(task_runner=runner)(first["e2e"], data, 3, 16, None,
+    out = compression_flow.with_options(task_runner=runner)(first["e2e"], data, 3, 16, None,
                                                            first["parent_run"], "clara")
     assert not out["reused"] and out["n_docs"] == TINY["max_docs"]
     engine = connect()
@@ -474,7 +474,7 @@ def test_a_bad_corpus_fails_the_run_at_its_first_stage_with_the_reason(services,
 
 
 def test_the_cache_rule_reuses_only_runs_whose_outputs_are_still_there(first_run):
-    from clara_flows.pipeline import _checkpoint_missing, _version_missing
+    from clara_flows.plumbing import checkpoint_missing, version_missing
     from clara_flows.stagerun import reuse
 
     c = _client()
@@ -490,10 +490,10 @@ def test_the_cache_rule_reuses_only_runs_whose_outputs_are_still_there(first_run
     assert reuse("clara", "pretrain_scp", "0" * 16, lambda r: None) is None  # other inputs
     # The real checks: a checkpoint folder deleted from disk is still found in MLflow; a deleted version is not.
     gone = {**first_run["scp"], "checkpoint": "/nonexistent"}
-    assert _checkpoint_missing(gone) is None
-    assert "gone" in _checkpoint_missing({**gone, "model_uri": "models:/clara-compressor/999"})
-    assert _checkpoint_missing({**gone, "model_uri": f"runs:/{first_run['scp']['run_id']}/nothing"})
-    assert _version_missing({"name": "clara", "version": "999"})
+    assert checkpoint_missing(gone) is None
+    assert "gone" in checkpoint_missing({**gone, "model_uri": "models:/clara-compressor/999"})
+    assert checkpoint_missing({**gone, "model_uri": f"runs:/{first_run['scp']['run_id']}/nothing"})
+    assert version_missing({"name": "clara", "version": "999"})
 
 
 def _pipeline_process(params: dict, env: dict | None = None) -> subprocess.Popen:
@@ -503,8 +503,8 @@ def _pipeline_process(params: dict, env: dict | None = None) -> subprocess.Popen
     import prefect.settings
 
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(), **(env or {})}
-    code = ("import json, sys; from clara_flows.params import grouped; from clara_flows.pipeline import clara; "
-            "clara(**grouped(**json.loads(sys.argv[1])))")
+    code = ("import json, sys; from clara_flows.params import grouped; "
+            "from clara_flows.pipeline import full_pipeline; full_pipeline(**grouped(**json.loads(sys.argv[1])))")
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -583,9 +583,48 @@ def test_a_pipeline_killed_inside_a_stage_finishes_when_run_again(first_run, rep
         assert steps and steps[0] > killed_after and steps[-1] == change["scp_steps"], steps
 
 
+@pytest.mark.parametrize("point", ["logged", "registered"])
+def test_a_promotion_killed_between_logging_and_registering_registers_once(first_run, repo, tmp_path, point):
+    """SIGKILL promote at its two worst moments, held there by the registry's hold point (not a timer): the model
+    logged and not yet registered, or registered and the stage's run not yet finished. The rerun registers exactly
+    one version for the stage key (after ``registered``: the one the dead run made, found by its key, not a second)
+    and closes the dead run KILLED."""
+    import signal
+    import time
+
+    name = f"clara-killed-{point}"
+    params = {**TINY, "model_name": name, "project_dir": str(repo)}  # every stage before promote is reused
+    marker = tmp_path / "held"
+    proc = _pipeline_process(params, env={"CLARA_TEST_HOLD": f"{point}:{name}", "CLARA_TEST_HOLD_FILE": str(marker)})
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the pipeline exited ({proc.returncode}) before promote {point} the model: "
+                        f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
+        assert time.monotonic() < deadline, f"promote never {point} the model"
+        time.sleep(0.05)
+    c = _client()
+    exp = c.get_experiment_by_name("clara").experiment_id
+    held = c.search_runs([exp], f"tags.`clara.stage` = 'promote' AND tags.`clara.pid` = '{proc.pid}' "
+                                "AND attributes.status = 'RUNNING'")
+    assert len(held) == 1, "promote's run should be open at the hold point"
+    before = c.search_model_versions(f"name = '{name}'")
+    assert len(before) == (1 if point == "registered" else 0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    result = run_pipeline(**params)
+    assert c.get_run(held[0].info.run_id).info.status == "KILLED"
+    versions = c.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1, [v.version for v in versions]
+    assert result["promotion"]["version"] == versions[0].version
+    if point == "registered":  # found again by its stage key, not registered a second time
+        assert versions[0].version == before[0].version
+
+
 def _wait_for_step_checkpoint(work: str, since: float, proc: subprocess.Popen, timeout: float = 300) -> int:
     """The step of the first step checkpoint written after ``since`` in a work dir ``<work>-<key>`` of the cache
-    folder (``clara_flows.pipeline._work_dir``: ``scp`` for pretrain_scp)."""
+    folder (``clara_flows.plumbing.work_dir``: ``scp`` for pretrain_scp)."""
     import re
     import time
 
@@ -696,6 +735,19 @@ def test_two_runs_with_the_same_inputs_at_once_build_and_register_once(first_run
     c = _client()
     versions = c.search_model_versions("name = 'clara-twins'")
     assert len(versions) == 1
+    # They overlapped for real (sequential runs would pass on the cache alone), and each stage ran once: the run
+    # that waited reused every stage instead of opening a run of its own.
+    exp = c.get_experiment_by_name("clara").experiment_id
+    pids = " OR ".join(f"tags.`clara.pid` = '{p.pid}'" for p in procs)
+    parents = c.search_runs([exp], f"tags.`clara.stage` = 'pipeline' AND ({pids})")
+    assert len(parents) == 2
+    (s1, e1), (s2, e2) = [(r.info.start_time, r.info.end_time) for r in parents]
+    assert s1 < e2 and s2 < e1, "the two runs did not overlap"
+    stage_runs = [r for p in procs for r in c.search_runs([exp], f"tags.`clara.pid` = '{p.pid}'")
+                  if r.data.tags.get("clara.stage") not in (None, "pipeline")]
+    ran = [r.data.tags["clara.stage"] for r in stage_runs]
+    assert sorted(ran) == sorted(set(ran)), f"a stage ran twice: {sorted(ran)}"
+    assert {"train_e2e", "compress_corpus", "evaluate", "promote"} <= set(ran)  # new inputs: these had to run
     from clara.store.builds import list_builds
     from clara.store.db import connect
 
