@@ -218,8 +218,10 @@ def git_commit(repo: str | Path) -> str | None:
     """HEAD of the repository (with ``-dirty`` if tracked files changed), or None outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True)
+        # --no-optional-locks: a plain `git status` takes the index lock to refresh it, and a pipeline killed during
+        # it would leave .git/index.lock behind, failing the user's next commit.
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
