@@ -4,7 +4,8 @@ import pytest
 
 from clara.data.corpus import Document
 from clara.data.synthesis import SynthesisConfig, synthesize
-from clara.data.teachers import NaturalTeacher, build_teacher
+from clara.data.natural_teacher import NaturalTeacher
+from clara.data.teachers import build_teacher
 
 EINSTEIN = Document("Albert Einstein", "Albert Einstein",
                     "Albert Einstein was a German-born theoretical physicist. He was born in Ulm in 1879. "

@@ -10,7 +10,8 @@ import pytest
 
 from clara.data.corpus import Document, read_corpus, sentences, write_corpus
 from clara.data.synthesis import SynthesisConfig, coverage, split_of, synthesize
-from clara.data.teachers import ExtractiveTeacher, LLMTeacher, OpenAIBackend, TeacherError, TransformersBackend
+from clara.data.extractive_teacher import ExtractiveTeacher
+from clara.data.teachers import LLMTeacher, OpenAIBackend, TeacherError, TransformersBackend
 from clara.data.records import load_scp_records
 from fake_openai import FakeOpenAI
 
@@ -64,7 +65,8 @@ def test_resuming_another_teacher_versions_folder_is_refused_and_touches_nothing
 
 
 def test_teacher_version_names_what_each_kind_would_build():
-    from clara.data.teachers import NaturalTeacher, PromptSet, teacher_version
+    from clara.data.natural_teacher import NaturalTeacher
+    from clara.data.teachers import PromptSet, teacher_version
 
     assert teacher_version("natural", model=None, base_url=None) == NaturalTeacher.VERSION
     assert NaturalTeacher().prompt_version.startswith(NaturalTeacher.VERSION + "+")
