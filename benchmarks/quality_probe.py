@@ -12,6 +12,8 @@ Three parts, each beside its references, on the corpus the questions are about (
     the domain: the same generator given *another* held-out passage's memory (``memory_other``), and given no
     document (``generator_no_document``). ``memory_use`` = memory_other − memory: what a passage's own memory
     tokens are worth, in nats per token.
+    The same on passages the training mixes do reconstruct (``reconstruction_trained``: the dev questions' gold
+    passages), so that trained-on and never-seen passages are reported apart.
     The same on the tokens questions ask for (``answer_spans``): each dev answer's first occurrence in its gold
     passage, scored inside that passage's reconstruction. These passages are in the training mixes'
     reconstruction rows (every served passage is), so this asks what the memory of a trained-on passage keeps
@@ -283,6 +285,12 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         else:
             result["reconstruction_skipped"] = (f"the corpus has {len(held)} held-out passage(s) "
                                                 f"(clara.data.mixes.heldout); (a) needs 2")
+        # Trained on vs never seen: the same measure on passages the training mixes reconstruct (the dev questions'
+        # gold passages: their QA rows are excluded, their reconstruction rows are not), so that memorisation shows
+        # as the difference instead of passing for generalisation.
+        trained = list({r.gold_doc_ids[0]: by_id[r.gold_doc_ids[0]] for r in qa}.values())[:heldout_passages]
+        if len(trained) >= 2:
+            result["reconstruction_trained"] = reconstruction(model, trained)
         result["answer_spans"] = answer_spans(model, [(by_id[r.gold_doc_ids[0]].full_text, a) for r in qa
                                                       for a in r.answers[:1]])
 
@@ -400,6 +408,12 @@ def table(r: dict[str, Any]) -> str:
                   f"raw document {a['raw_document']:.3f} | gap closed {100 * a['gap_closed']:.0f}%",
                   f"    controls: another passage's memory {a['memory_other']:.3f} | trained generator, no "
                   f"document {a['generator_no_document']:.3f} | memory use {a['memory_use']:.3f} nats/token"]
+    if "reconstruction_trained" in r:
+        a = r["reconstruction_trained"]
+        lines += [f"    {a['passages']} trained-on passages (the dev questions' gold, in the mixes' reconstruction "
+                  f"rows): no document {a['no_document']:.3f} | memory {a['memory']:.3f} | raw "
+                  f"{a['raw_document']:.3f} | gap closed {100 * a['gap_closed']:.0f}% | memory use "
+                  f"{a['memory_use']:.3f}"]
     if "answer_spans" in r:
         a = r["answer_spans"]
         lines += [f"    answer spans only ({a['answers']} dev answers in their gold passages, {a['tokens']} tokens): "

@@ -35,6 +35,8 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     assert a["passages"] == 2 and a["no_document"] > 0 and a["raw_document"] > 0 and a["memory"] > 0
     assert a["memory_other"] > 0 and a["generator_no_document"] > 0
     assert abs(a["memory_use"] - (a["memory_other"] - a["memory"])) < 1e-9
+    trained = result["reconstruction_trained"]  # the dev questions' gold passages, apart from the held-out ones
+    assert trained["passages"] == 4 and trained["memory"] > 0 and trained["raw_document"] > 0
     spans = result["answer_spans"]
     assert spans["answers"] == 4 and spans["tokens"] >= 4 and spans["memory"] > 0 and spans["raw_document"] > 0
     assert abs(spans["memory_use"] - (spans["memory_other"] - spans["memory"])) < 1e-9
