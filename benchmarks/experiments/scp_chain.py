@@ -67,17 +67,20 @@ def train(args: argparse.Namespace) -> int:
     run = root / "run"
     raw = read_config_file(args.config) if args.config else {}
     settings = chain_settings(raw, args.init.resolve())
-    if args.prior_scp_steps is not None:
-        settings["prior_scp_steps"] = args.prior_scp_steps
     fixed = root / "chain.json"
-    if fixed.is_file():
-        before = json.loads(fixed.read_text(encoding="utf-8"))
-        if before != settings:
-            raise SystemExit(f"{fixed} holds another chain's settings ({before}); move it (and {run}) aside to "
-                             f"start a new chain")
+    recorded = json.loads(fixed.read_text(encoding="utf-8")) if fixed.is_file() else None
+    if recorded is not None and {k: recorded.get(k) for k in settings} != settings:
+        raise SystemExit(f"{fixed} holds another chain's settings ({recorded}); move it (and {run}) aside to "
+                         f"start a new chain")
+    # What the init was when the chain started, kept: a release exported from this chain replaces the init in place,
+    # and its lineage already counts the chain's own steps.
+    start = recorded or {}
+    settings["prior_scp_steps"] = start.get("prior_scp_steps", prior_scp_steps(args.init, args.prior_scp_steps))
+    settings["init_lineage"] = start.get("init_lineage", lineage(args.init))
+    settings["seed"] = start.get("seed", len(settings["init_lineage"]))
     model = load_checkpoint(args.init)
     model.cfg = init_model_config(model.cfg, raw.get("model", {}), args.init)
-    generation = len(lineage(args.init))
+    generation = settings["seed"]
     # constant lr after a short warm-up: the run may stop at any step and continue without a schedule restart
     train_cfg = merged({"batch_size": 8, "max_steps": args.steps, "checkpoint_every": 25, "seed": generation,
                         "optim": {"lr": 5e-4, "warmup_ratio": 0.005, "min_lr_ratio": 1.0}}, raw.get("train", {}))
@@ -85,7 +88,7 @@ def train(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     fixed.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     records = load_scp_records(args.data)
-    print(f"chain: {run} from {args.init} ({prior_scp_steps(args.init, args.prior_scp_steps)} SCP steps before it), "
+    print(f"chain: {run} from {args.init} ({settings['prior_scp_steps']} SCP steps before it), "
           f"{cfg.train.max_steps} steps x {cfg.train.batch_size}, memory_slots={cfg.model.memory_slots}, "
           f"align={cfg.align}", flush=True)
     train_scp(model, records, cfg, run, stage="scp")
@@ -112,7 +115,7 @@ def measure(args: argparse.Namespace) -> int:
     print(quality_probe.table(result), flush=True)
     a, s, d = result.get("reconstruction", {}), result.get("answer_spans", {}), result.get("slot_diversity", {})
     n = result.get("answer_nll", {})
-    prior = prior_scp_steps(Path(settings["init"]), settings.get("prior_scp_steps"))
+    prior = settings["prior_scp_steps"] if "prior_scp_steps" in settings else prior_scp_steps(Path(settings["init"]))
     line = {"cumulative_scp_steps": prior + step, "run_step": step,
             "slot_cosine": d.get("within_passage_cosine"), "slot_cosine_centred": d.get("within_passage_cosine_centred"),
             "effective_rank": d.get("effective_rank"), "memory_ce": a.get("memory"),
@@ -155,9 +158,14 @@ def release(args: argparse.Namespace) -> int:
     root = chain_dir(args.chain)
     settings = json.loads((root / "chain.json").read_text(encoding="utf-8"))
     init = Path(settings["init"])
-    before = lineage(init) or json.loads(args.init_lineage or "[]")
+    # The init's stages as they were when the chain started (the release may since have been replaced by one
+    # exported from this very chain, whose lineage already counts the chain's steps).
+    before = settings.get("init_lineage") or json.loads(args.init_lineage or "[]")
     if not before:
         raise SystemExit(f"{init} records no lineage: pass --init-lineage (its model card gives its stages)")
+    if not settings.get("init_lineage"):
+        settings["init_lineage"] = before
+        (root / "chain.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     extra = read_checkpoint_config(args.checkpoint).get("extra", {})
     state = args.scp_checkpoint.parent / "train_state" / "trainer_state.json"  # a step checkpoint's own step
     chain_steps = int(json.loads(state.read_text(encoding="utf-8"))["step"])

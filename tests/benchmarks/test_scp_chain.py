@@ -56,4 +56,20 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
     assert [(s["stage"], s["steps"]) for s in lineage] == [("scp", 7), ("scp", 3), ("instruct", 1)]
     assert lineage[-1]["freeze_compressor"] is True and lineage[1]["data"] == "corpus-x"
     assert scp_chain.prior_scp_steps(out) == 10
+
+    # Exported in place over the chain's own init (as the shipped release is replaced): the chain goes on counting
+    # from what the init was when it started, not from the new release's lineage, which holds the chain's steps.
+    import shutil
+
+    shutil.rmtree(init)
+    shutil.copytree(out, init)
+    cfg.write_text(json.dumps({"model": {"memory_slots": "interleaved"}, "align": "chunks",
+                               "train": {"batch_size": 2, "checkpoint_every": 1}}))
+    assert scp_chain.main(base + ["--steps", "4"]) == 0
+    assert [json.loads(x)["step"] for x in (chain / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    scp_ck = scp_chain.latest_checkpoint(chain)[0]
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(final), "--scp-checkpoint",
+                           str(scp_ck), "--out", str(out), "--data-version", "corpus-x"]) == 0
+    lineage = read_checkpoint_config(out)["extra"]["lineage"]
+    assert [(s["stage"], s["steps"]) for s in lineage] == [("scp", 7), ("scp", 4), ("instruct", 1)]
     assert "| cumulative_scp_steps |" in scp_chain.curve_table([{"cumulative_scp_steps": 10, "slot_cosine": 0.5}])
