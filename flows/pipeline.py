@@ -127,14 +127,14 @@ def _model_problems(name: str) -> list[str]:
 
 @flow(name="clara", log_prints=True)  # deployment clara/full-pipeline: the name users type
 def full_pipeline(
-                  profile: Literal["demo", "quality", "gpu"] = "demo",
-                  data: params.Data = params.Data(),
-                  model: params.Model = params.Model(),
-                  training: params.Training = params.Training(),
-                  evaluation: params.Evaluation = params.Evaluation(),
-                  gate: params.Gate = params.Gate(),
-                  execution: params.Execution = params.Execution(),
-                  ) -> dict[str, Any]:
+    profile: Literal["demo", "quality", "gpu"] = "demo",
+    data: params.Data = params.Data(),
+    model: params.Model = params.Model(),
+    training: params.Training = params.Training(),
+    evaluation: params.Evaluation = params.Evaluation(),
+    gate: params.Gate = params.Gate(),
+    execution: params.Execution = params.Execution(),
+) -> dict[str, Any]:
     """Synthesize -> SCP -> instruct -> E2E -> compress the corpus into pgvector -> evaluate -> promote.
 
     ``profile`` sets the budgets (``clara_flows.profiles``: ``demo`` runs on a CPU laptop in minutes, ``quality`` for
@@ -161,9 +161,8 @@ def full_pipeline(
             dvc_push=data.dvc_push, parent_run=run.run_id, experiment=ex.experiment, refresh=ex.refresh_cache))
         scp = run.record("pretrain_scp", scp_task(
             data=synthesized, preset=model.preset, compression_rate=model.compression_rate,
-            memory_readout=model.memory_readout, steps=b["scp_steps"],
-            batch_size=b["scp_batch_size"], lr=t.scp_lr, target_dropout=b["scp_target_dropout"],
-            init_from=b["init_from"], device=model.device,
+            memory_readout=model.memory_readout, steps=b["scp_steps"], batch_size=b["scp_batch_size"], lr=t.scp_lr,
+            target_dropout=b["scp_target_dropout"], init_from=b["init_from"], device=model.device,
             processes=t.train_processes, ctx=ctx))
         inst = run.record("instruct", instruct_task(
             scp=scp, data=synthesized, steps=b["instruct_steps"], batch_size=b["instruct_batch_size"],
@@ -183,7 +182,6 @@ def full_pipeline(
             gate_metric=gate.gate_metric, gate_rule={"margin": gate.gate_margin,
                                                      "max_latency_regression": gate.gate_max_latency_regression},
             top_k=ev.top_k, retrieval=retrieval, ctx=ctx))
-
         return _report(run)
     except BaseException as exc:
         run.fail(exc)

@@ -30,8 +30,9 @@ them; the documents with the best partial sums (10x the number asked for) then g
 query term (one primary-key probe per document and term). A list is cut only when it is longer than M, i.e. for a
 frequent, low-idf term, and a document then loses at most ``idf * w_M`` of that term before re-scoring. With no list
 cut (every term rarer than M) the result is exact BM25. Cost per query is bounded by M per term instead of growing
-with the corpus: lossless on the bundled corpus's questions (``benchmarks/results/experiments/lexical_pruning.json``), and
-1M-row figures in ``benchmarks/results/store_hybrid_1m.json``."""
+with the corpus: lossless on the bundled corpus's questions
+(``benchmarks/results/experiments/lexical_pruning.json``), and 1M-row figures in
+``benchmarks/results/store_hybrid_1m.json``."""
 DEFAULT_CANDIDATES = {"clara": 100, "dense": 20, "lexical": 20, "hybrid": 20}
 """Candidates per mode: the paper re-ranks 20 from a dense retriever; CLaRa's own ANN over mean vectors is a
 coarse proxy of its re-rank score, so it passes more."""
@@ -104,19 +105,9 @@ _LEXICAL_SQL = """
 _LEXICAL_POOL = 10  # candidates re-scored exactly per result: the pool is the best 10x by the partial score
 
 
-def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.ndarray | None = None,
-               text_query: str | None = None, dense_query: np.ndarray | None = None,
-               depth: int | None = None, postings_per_term: int = LEXICAL_POSTINGS_PER_TERM
-               ) -> list[tuple[str, float]]:
-    """First stage: the ``n`` best (doc_id, score) of ``mode``, best first.
-
-    Args:
-        query: the query reasoner's tensor [n, hidden] (mode ``clara``).
-        text_query: the question (``lexical``, ``hybrid``).
-        dense_query: the question's sentence vector from the build's dense model (``dense``, ``hybrid``).
-        depth: how deep each list of ``hybrid`` goes before fusion (default 2n).
-        postings_per_term: BM25 pruning, see ``LEXICAL_POSTINGS_PER_TERM`` (``lexical``, ``hybrid``).
-    """
+def _check_first_stage(build: Build, mode: str, n: int, postings_per_term: int, query: np.ndarray | None,
+                       text_query: str | None, dense_query: np.ndarray | None) -> None:
+    """What ``first_stage`` needs for ``mode``, refused with the reason before any SQL runs."""
     if mode not in MODES:
         raise ValueError(f"unknown retrieval mode {mode!r}; known: {', '.join(MODES)}")
     if n < 1:
@@ -133,6 +124,22 @@ def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.nd
         raise ValueError(f"mode {mode!r} needs the question text (text_query)")
     if mode == "clara" and query is None:
         raise ValueError("mode 'clara' needs the query reasoner's tensor (query)")
+
+
+def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.ndarray | None = None,
+               text_query: str | None = None, dense_query: np.ndarray | None = None,
+               depth: int | None = None, postings_per_term: int = LEXICAL_POSTINGS_PER_TERM
+               ) -> list[tuple[str, float]]:
+    """First stage: the ``n`` best (doc_id, score) of ``mode``, best first.
+
+    Args:
+        query: the query reasoner's tensor [n, hidden] (mode ``clara``).
+        text_query: the question (``lexical``, ``hybrid``).
+        dense_query: the question's sentence vector from the build's dense model (``dense``, ``hybrid``).
+        depth: how deep each list of ``hybrid`` goes before fusion (default 2n).
+        postings_per_term: BM25 pruning, see ``LEXICAL_POSTINGS_PER_TERM`` (``lexical``, ``hybrid``).
+    """
+    _check_first_stage(build, mode, n, postings_per_term, query, text_query, dense_query)
     params: dict = {"b": build.id, "c": build.corpus_version, "n": n, "text": text_query, "depth": n,
                     "per_term": postings_per_term}
     if mode == "clara":
