@@ -244,13 +244,9 @@ def ingest(rows: Iterable[tuple[str, dict[str, Any] | None, str | None]], source
         ids = [doc.id] if len(parts) == 1 else [f"{doc.id}#p{i}" for i in range(len(parts))]
         # A split document's passages are named id#p0, id#p1, …: an input row may already hold one of those ids
         # (or take one later). Output ids must stay unique, so the later of the two is rejected.
-        taken = next((i for i in ids if i in emitted), None)
-        if taken is not None:
-            owner = emitted[taken]
-            reject(where, f"id clash: {taken!r} is already the id of " +
-                   (f"a passage of split document {owner!r}" if owner != taken else "an earlier row") +
-                   (f" (this row's document {doc.id!r} splits into {len(ids)} passages)" if len(ids) > 1 else ""),
-                   doc.id)
+        clash = _id_clash(ids, doc.id, emitted)
+        if clash is not None:
+            reject(where, clash, doc.id)
             continue
         seen[doc.id] = doc.text
         emitted.update((i, doc.id) for i in ids)
@@ -262,11 +258,26 @@ def ingest(rows: Iterable[tuple[str, dict[str, Any] | None, str | None]], source
             docs.extend(Document(i, doc.title, p, parent_id=doc.id, meta=doc.meta) for i, p in zip(ids, parts))
     report.passages = len(docs)
     if not docs:  # nothing downstream means anything over zero passages: say so here, not after a "run"
-        why = (f"all {report.rows_read:,} rows were rejected (first: {report.rejects[0].where}: "
-               f"{report.rejects[0].reason})" if report.rejects else
-               f"{report.rows_read:,} rows, all duplicates" if report.rows_read else "it has no rows")
-        raise IngestError(f"{source}: empty corpus: {why}")
+        raise IngestError(f"{source}: empty corpus: {_why_empty(report)}")
     return docs, report
+
+
+def _id_clash(ids: list[str], doc_id: str, emitted: dict[str, str]) -> str | None:
+    """Why a document whose passages would be ``ids`` cannot be added (one of them is already taken), or None."""
+    taken = next((i for i in ids if i in emitted), None)
+    if taken is None:
+        return None
+    owner = emitted[taken]
+    return (f"id clash: {taken!r} is already the id of " +
+            (f"a passage of split document {owner!r}" if owner != taken else "an earlier row") +
+            (f" (this row's document {doc_id!r} splits into {len(ids)} passages)" if len(ids) > 1 else ""))
+
+
+def _why_empty(report: IngestReport) -> str:
+    if report.rejects:
+        first = report.rejects[0]
+        return f"all {report.rows_read:,} rows were rejected (first: {first.where}: {first.reason})"
+    return f"{report.rows_read:,} rows, all duplicates" if report.rows_read else "it has no rows"
 
 
 def ingest_path(path: str | Path, **kwargs: Any) -> tuple[list[Document], IngestReport]:
