@@ -11,6 +11,41 @@ import typer
 from clara.cli.common import _fail, app, check_output, DbOpt, DeviceOpt, ingest
 
 
+def _models_by_rate(refs: list[str], rates: str | None, resolve_uri, device: str | None) -> tuple[dict, dict]:
+    """The models to evaluate, keyed by compression rate (only ``rates`` when given, e.g. '16,32'), and the
+    reference each was loaded from (kept with its model: a filtered rate must not shift them)."""
+    from clara.eval.datasets import resolve_model
+    from clara.model.checkpoint import load_checkpoint
+
+    wanted = {int(r) for r in rates.split(",")} if rates else None
+    models, by_rate = {}, {}
+    for ref in refs:
+        m = load_checkpoint(resolve_model(ref, resolve_uri), device=device)
+        if wanted is None or m.cfg.compression_rate in wanted:
+            if m.cfg.compression_rate in models:
+                raise ValueError(f"two models at rate {m.cfg.compression_rate}")
+            models[m.cfg.compression_rate] = m
+            by_rate[m.cfg.compression_rate] = ref
+    if not models:
+        raise ValueError(f"no model at the requested rates {sorted(wanted or [])}")
+    return models, by_rate
+
+
+def _stores(models: dict, refs: dict, docs, database_url: str | None) -> dict:
+    """Each model's store build of ``docs`` (compressed now when the store has none), by rate."""
+    from clara.data.corpus import corpus_version_of
+    from clara.retrieval.dense import DenseEncoder
+    from clara.store.db import connect
+    from clara.store.loading import index_corpus
+
+    engine = connect(database_url)
+    version = corpus_version_of(docs)
+    dense = DenseEncoder()
+    return {rate: (engine, index_corpus(engine, m, docs, model_uri=str(refs[rate]), corpus_version=version,
+                                        dense=dense, reuse=True))
+            for rate, m in models.items()}
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     ctx: typer.Context,
@@ -41,40 +76,17 @@ def evaluate_cmd(
 ) -> None:
     """Compare CLaRa with raw-text RAG (BM25, MiniLM), closed book, across rates: quality, recall, cost."""
     from clara.data.corpus import IngestError
-    from clara.eval.datasets import load_qa, resolve_model, subsample
+    from clara.eval.datasets import load_qa, subsample
     from clara.eval.run import EvalConfig, evaluate
-    from clara.model.checkpoint import load_checkpoint
     from clara.store.builds import StoreError
 
     check_output(out, "dir")
     try:
-        wanted = {int(r) for r in rates.split(",")} if rates else None
-        models, refs = {}, {}
-        for ref in model:
-            m = load_checkpoint(resolve_model(ref, (ctx.obj or {}).get("resolve_uri")), device=device)
-            if wanted is None or m.cfg.compression_rate in wanted:
-                if m.cfg.compression_rate in models:
-                    raise ValueError(f"two models at rate {m.cfg.compression_rate}")
-                models[m.cfg.compression_rate] = m
-                refs[m.cfg.compression_rate] = ref  # kept with its model: a filtered rate must not shift them
-        if not models:
-            raise ValueError(f"no model at the requested rates {sorted(wanted or [])}")
+        models, refs = _models_by_rate(model, rates, (ctx.obj or {}).get("resolve_uri"), device)
         # Split as the models do (all share one base); passage ids then match synthesis and training data.
         docs = ingest(corpus, "fail", "", None, model_cfg=next(iter(models.values())).cfg)[0]
         questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
-        stores = None
-        if use_store:
-            from clara.retrieval.dense import DenseEncoder
-            from clara.store.db import connect
-            from clara.data.corpus import corpus_version_of
-            from clara.store.loading import index_corpus
-
-            engine = connect(database_url)
-            version = corpus_version_of(docs)
-            dense = DenseEncoder()
-            stores = {rate: (engine, index_corpus(engine, m, docs, model_uri=str(refs[rate]), corpus_version=version,
-                                                  dense=dense, reuse=True))
-                      for rate, m in models.items()}
+        stores = _stores(models, refs, docs, database_url) if use_store else None
         cfg = EvalConfig(k=k, max_new_tokens=max_new_tokens, mode=mode, n_candidates=candidates, fuse=fuse,
                          settings=tuple(x for x in settings.split(",") if x),
                          baselines=tuple(b for b in baselines.split(",") if b))
