@@ -189,6 +189,37 @@ class _Log:
             fh.flush()
 
 
+def _resume(out: Path, teacher: Teacher, rows_log: _Log, done_log: _Log, rej_log: _Log) -> dict[str, dict]:
+    """The done log of an earlier run in ``out`` (doc id -> its entry), after checking it was this teacher's and
+    dropping the rows and rejects of a document cut off before its done line (it is redone)."""
+    done = {d["doc_id"]: d for d in done_log.read()}
+    made_by = {(r["teacher"], r["prompt_version"]) for r in rows_log.read() if r["doc_id"] in done}
+    if made_by - {(teacher.name, teacher.prompt_version)}:
+        other = sorted(made_by - {(teacher.name, teacher.prompt_version)})[0]
+        raise ValueError(f"{out} holds rows by teacher {other[0]} / {other[1]}; this teacher is {teacher.name} / "
+                         f"{teacher.prompt_version}. Resuming would mix the two: synthesize into another folder "
+                         f"(or delete this one)")
+    for log in (rows_log, rej_log):
+        existing = log.read()
+        kept = [r for r in existing if r["doc_id"] in done]
+        if len(kept) != len(existing):
+            atomic_write_lines(log.path, (dumps(r) for r in kept))
+    return done
+
+
+def _record(res, teacher: Teacher, cfg: SynthesisConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One document's result as its rows (none unless kept) and its done-log entry."""
+    n_pairs = sum(len(p) for p in res.pairs.values())
+    keep = (n_pairs or res.paraphrase) and res.coverage >= cfg.min_coverage
+    rows = result_rows(res, teacher, split_of(res.doc, cfg.seed, cfg.dev_fraction)) if keep else []
+    status = "kept" if keep else ("low_coverage" if n_pairs or res.paraphrase else "no_output")
+    entry = {"doc_id": res.doc.id, "status": status, "rows": len(rows), "checked": res.checked,
+             "passed": res.passed, "ungrounded": res.ungrounded, "duplicates": res.duplicates,
+             "coverage": round(res.coverage, 4), "paraphrase": bool(res.paraphrase),
+             **{f"pairs_{k}": len(v) for k, v in res.pairs.items()}}
+    return rows, entry
+
+
 def synthesize(docs: Sequence[Document], teacher: Teacher, out_dir: str | Path, cfg: SynthesisConfig | None = None,
                *, progress: bool = True, corpus_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Synthesize SCP data for ``docs`` into ``out_dir``, resuming a previous run there; returns the report."""
@@ -199,20 +230,7 @@ def synthesize(docs: Sequence[Document], teacher: Teacher, out_dir: str | Path, 
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise ValueError(f"duplicate document id {dup!r}: ingest the corpus first (it de-duplicates)")
     rows_log, done_log, rej_log = _Log(out / "rows.jsonl"), _Log(out / "done.jsonl"), _Log(out / "rejected.jsonl")
-    done = {d["doc_id"]: d for d in done_log.read()}
-    made_by = {(r["teacher"], r["prompt_version"]) for r in rows_log.read() if r["doc_id"] in done}
-    if made_by - {(teacher.name, teacher.prompt_version)}:
-        other = sorted(made_by - {(teacher.name, teacher.prompt_version)})[0]
-        raise ValueError(f"{out} holds rows by teacher {other[0]} / {other[1]}; this teacher is {teacher.name} / "
-                         f"{teacher.prompt_version}. Resuming would mix the two: synthesize into another folder "
-                         f"(or delete this one)")
-    # Rows or rejects of a document that was cut off before its done line are dropped and redone.
-    for log in (rows_log, rej_log):
-        existing = log.read()
-        kept = [r for r in existing if r["doc_id"] in done]
-        if len(kept) != len(existing):
-            atomic_write_lines(log.path, (dumps(r) for r in kept))
-
+    done = _resume(out, teacher, rows_log, done_log, rej_log)
     todo = [d for d in docs if d.id not in done]
     started, n_new, failures_in_a_row = time.perf_counter(), 0, 0
     failed: list[str] = []
@@ -234,16 +252,9 @@ def synthesize(docs: Sequence[Document], teacher: Teacher, out_dir: str | Path, 
                                    f"Last error: {exc}") from exc
             continue
         for res in results:
-            n_pairs = sum(len(p) for p in res.pairs.values())
-            keep = (n_pairs or res.paraphrase) and res.coverage >= cfg.min_coverage
-            rows = result_rows(res, teacher, split_of(res.doc, cfg.seed, cfg.dev_fraction)) if keep else []
-            rows_log.append(rows)
+            rows, entry = _record(res, teacher, cfg)
+            rows_log.append(rows)  # the rows first, the done line last: a document cut off between is redone
             rej_log.append([{**r, "doc_id": res.doc.id} for r in res.rejected])
-            status = "kept" if keep else ("low_coverage" if n_pairs or res.paraphrase else "no_output")
-            entry = {"doc_id": res.doc.id, "status": status, "rows": len(rows), "checked": res.checked,
-                     "passed": res.passed, "ungrounded": res.ungrounded, "duplicates": res.duplicates,
-                     "coverage": round(res.coverage, 4), "paraphrase": bool(res.paraphrase),
-                     **{f"pairs_{k}": len(v) for k, v in res.pairs.items()}}
             done_log.append([entry])
             done[res.doc.id] = entry
         n_new += len(batch)

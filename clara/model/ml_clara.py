@@ -108,11 +108,30 @@ def base_of(cfg: dict[str, Any], base: str | None) -> str:
     return KNOWN_BASES.get(Path(name).name, name)
 
 
+def _load_adapter(model: ClaraModel, ours: str, theirs: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Their adapter ``theirs`` into our ``ours``, refused with the reason unless every LoRA tensor fits exactly."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model.peft, adapter_name=ours)
+    given = {PEFT_PREFIX + k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items() if "lora_" in k}
+    lacking = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if lacking or extra:
+        raise ReleaseError(
+            f"{source}: {theirs} does not fit {model.cfg.base!r} with LoRA r={model.cfg.lora.r} on every "
+            f"linear layer: {len(lacking)} of {len(expected)} LoRA tensors missing"
+            f"{' (e.g. ' + lacking[0].removeprefix(PEFT_PREFIX) + ')' if lacking else ''}, {len(extra)} unknown"
+            f"{' (e.g. ' + extra[0].removeprefix(PEFT_PREFIX) + ')' if extra else ''}")
+    for k, v in given.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ReleaseError(f"{source}: {theirs} {k.removeprefix(PEFT_PREFIX)} is "
+                               f"{tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    set_peft_model_state_dict(model.peft, {k: v.to(expected[k].dtype) for k, v in given.items()}, adapter_name=ours)
+
+
 def import_ml_clara(folder: str | Path, out: str | Path, *, base: str | None = None, device: str | None = None,
                     dtype: str | None = None) -> Path:
     """Convert one release folder to our checkpoint at ``out``; returns ``out``."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
     from clara.model.checkpoint import save_checkpoint
 
     folder = Path(folder)
@@ -157,24 +176,8 @@ def import_ml_clara(folder: str | Path, out: str | Path, *, base: str | None = N
     notes: dict[str, Any] = {"imported_from": "apple/ml-clara", "source": str(folder.resolve()),
                              "training_stage": stage, "generation_top_k": cfg.get("generation_top_k")}
     for theirs, ours in ADAPTER_NAMES.items():
-        if theirs not in adapters:
-            continue
-        expected = get_peft_model_state_dict(model.peft, adapter_name=ours)
-        given = {PEFT_PREFIX + k.removeprefix(PEFT_PREFIX): v for k, v in adapters[theirs].items() if "lora_" in k}
-        lacking = sorted(set(expected) - set(given))
-        extra = sorted(set(given) - set(expected))
-        if lacking or extra:
-            raise ReleaseError(
-                f"{folder / 'adapters.pth'}: {theirs} does not fit {model_cfg.base!r} with LoRA r={r} on every "
-                f"linear layer: {len(lacking)} of {len(expected)} LoRA tensors missing"
-                f"{' (e.g. ' + lacking[0].removeprefix(PEFT_PREFIX) + ')' if lacking else ''}, {len(extra)} unknown"
-                f"{' (e.g. ' + extra[0].removeprefix(PEFT_PREFIX) + ')' if extra else ''}")
-        for k, v in given.items():
-            if tuple(v.shape) != tuple(expected[k].shape):
-                raise ReleaseError(f"{folder / 'adapters.pth'}: {theirs} {k.removeprefix(PEFT_PREFIX)} is "
-                                   f"{tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        set_peft_model_state_dict(model.peft, {k: v.to(expected[k].dtype) for k, v in given.items()},
-                                  adapter_name=ours)
+        if theirs in adapters:
+            _load_adapter(model, ours, theirs, adapters[theirs], folder / "adapters.pth")
     if "query_reasoner_adapter" in adapters:
         notes["query_reasoner"] = "imported"
     else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -164,6 +164,32 @@ def selection_recall(model: ClaraModel, records: Sequence[QARecord], pool_flat: 
     return total / count if count else float("nan")
 
 
+class _Pool(NamedTuple):
+    """The whole corpus compressed once (the compressor is frozen in E2E), and each question's first-stage
+    candidates as indices into it (None when negatives come from the query reasoner's own top)."""
+    index: dict[str, int]
+    memories: torch.Tensor
+    n_mem: torch.Tensor
+    flat: torch.Tensor
+    first: list[list[int]] | None
+
+
+def _document_pool(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[str, str], cfg: E2EConfig,
+                   batch_size: int, cache: str | Path) -> _Pool:
+    index = {d: i for i, d in enumerate(corpus)}
+    memories, n_mem = compress_pool(model, list(corpus.values()), batch_size)
+    first = None
+    if cfg.negatives == "first_stage":
+        first = [[index[d] for d in ids] for ids in first_stage_candidates(records, corpus, cfg.n_candidates, cache)]
+    return _Pool(index, memories, n_mem, flat_unit(memories), first)
+
+
+def _check_gold_in_corpus(records: Sequence[QARecord], corpus: Mapping[str, str]) -> None:
+    missing = sorted({d for r in records for d in r.gold_doc_ids if d not in corpus})
+    if missing:
+        raise ValueError(f"{len(missing)} gold document id(s) are not in the corpus, e.g. {missing[:5]}")
+
+
 def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[str, str], cfg: E2EConfig,
               out_dir: str | Path, *, callback: MetricsCallback | None = None, resume: bool = True,
               progress: bool = True, compress_batch_size: int = 16, candidates_cache: str | Path | None = None
@@ -178,9 +204,7 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     """
     out_dir = Path(out_dir)
     final = out_dir / "model"
-    missing = sorted({d for r in records for d in r.gold_doc_ids if d not in corpus})
-    if missing:
-        raise ValueError(f"{len(missing)} gold document id(s) are not in the corpus, e.g. {missing[:5]}")
+    _check_gold_in_corpus(records, corpus)
     train = cfg.train
     steps = total_steps(train, len(records))
     if resume and run_finished(final, "e2e", steps):
@@ -188,14 +212,7 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
         return final
     torch.manual_seed(train.seed)
 
-    doc_ids = list(corpus)
-    doc_index = {d: i for i, d in enumerate(doc_ids)}
-    pool, pool_n = compress_pool(model, [corpus[d] for d in doc_ids], compress_batch_size)
-    pool_flat = flat_unit(pool)
-    first = None
-    if cfg.negatives == "first_stage":
-        ranked = first_stage_candidates(records, corpus, cfg.n_candidates, candidates_cache or out_dir)
-        first = [[doc_index[d] for d in ids] for ids in ranked]
+    pool = _document_pool(model, records, corpus, cfg, compress_batch_size, candidates_cache or out_dir)
 
     model.copy_adapter("compressor", "query_reasoner")
     model.set_trainable(["query_reasoner", "generator"], special=False)
@@ -205,7 +222,7 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     dist = setup()  # several processes under torchrun: each takes a slice of every batch
     log = MetricsLog(out_dir, callback, start) if dist.main else None
     extra = {"stage": "e2e", "total_steps": steps, "config": to_dict(cfg)}
-    recall_key = f"recall@{min(cfg.top_k, cfg.n_candidates, len(doc_ids))}"
+    recall_key = f"recall@{min(cfg.top_k, cfg.n_candidates, len(pool.index))}"
 
     model.peft.train()
     bar = tqdm(total=steps, initial=start, desc="e2e", unit="step", disable=not (progress and dist.main),
@@ -215,13 +232,12 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
         sums = {"loss": 0.0, recall_key: 0.0, "score_margin": 0.0}
         for micro in range(train.grad_accum):
             idx = dist.shard(batch_indices(step, micro, train, len(records)))
-            batch = [records[i] for i in idx]
-            loss, parts = e2e_loss(model, batch, pool, pool_n, pool_flat, doc_index, cfg,
-                                   [first[i] for i in idx] if first is not None else None)
+            loss, parts = e2e_loss(model, [records[i] for i in idx], pool.memories, pool.n_mem, pool.flat,
+                                   pool.index, cfg, [pool.first[i] for i in idx] if pool.first is not None else None)
             (loss / train.grad_accum).backward()
-            sums["loss"] += loss.item() / train.grad_accum
-            sums[recall_key] += parts[recall_key] / train.grad_accum
-            sums["score_margin"] += parts["score_margin"] / train.grad_accum
+            for key, value in (("loss", loss.item()), (recall_key, parts[recall_key]),
+                               ("score_margin", parts["score_margin"])):
+                sums[key] += value / train.grad_accum
         grad_norm = optimizer_step(model, optimizer, scheduler, train, dist)
 
         done = step + 1

@@ -145,6 +145,39 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
                   "mem_tokens": float(enc.n_mem.sum()), **extra}
 
 
+def _select_trainable(model: ClaraModel, stage: str, cfg: SCPConfig) -> None:
+    """Stage 1 trains the compressor, the generator and the memory-token rows; stage 2 the same, or the generator
+    alone with ``freeze_compressor`` (and from a fresh generator adapter with ``fresh_generator``)."""
+    if stage == "instruct" and cfg.fresh_generator:
+        model.reset_adapter("generator")
+    if stage == "instruct" and cfg.freeze_compressor:
+        model.set_trainable(["generator"], special=False)
+    else:
+        model.set_trainable(["compressor", "generator"], special=True)
+
+
+def _accumulate_gradients(model: ClaraModel, examples: Sequence[Example], step: int, cfg: SCPConfig,
+                          dist) -> tuple[dict[str, float], int]:
+    """One optimizer step's micro-batches, forward and backward (this process's slice of each): the summed
+    metrics (loss, ce, mse averaged over micro-batches; token counts summed) and the documents the step read."""
+    train = cfg.train
+    sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "doc_tokens": 0.0, "mem_tokens": 0.0}
+    n_docs = 0
+    for micro in range(train.grad_accum):
+        idx = dist.shard(batch_indices(step, micro, train, len(examples)))
+        batch = [examples[i] for i in idx]
+        n_docs += sum(len(ex.docs) for ex in batch) * dist.world
+        # the dropout draw depends on the step, the micro-batch and the rank only: a resumed run draws the same
+        rng = random.Random(train.seed * 1_000_003 + (step * train.grad_accum + micro) * dist.world + dist.rank)
+        loss, parts = compressed_lm_loss(model, batch, cfg.mse_weight, cfg.max_target_len, rng,
+                                         cfg.target_dropout, cfg.salient_weight, cfg.align)
+        (loss / train.grad_accum).backward()
+        sums["loss"] += loss.item() / train.grad_accum
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + (v / train.grad_accum if k in ("ce", "mse", "ce_plain") else v)
+    return sums, n_docs
+
+
 def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, out_dir: str | Path, *,
               stage: str = "scp", callback: MetricsCallback | None = None, resume: bool = True,
               progress: bool = True) -> Path:
@@ -171,12 +204,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
         load_adapter_weights(model, final)
         return final
     torch.manual_seed(train.seed)
-    if stage == "instruct" and cfg.fresh_generator:
-        model.reset_adapter("generator")
-    if stage == "instruct" and cfg.freeze_compressor:
-        model.set_trainable(["generator"], special=False)
-    else:
-        model.set_trainable(["compressor", "generator"], special=True)
+    _select_trainable(model, stage, cfg)
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
     start = ckpt.restore(model, optimizer, scheduler) if resume else 0
@@ -189,19 +217,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
                dynamic_ncols=True)
     for step in range(start, steps):
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "doc_tokens": 0.0, "mem_tokens": 0.0}
-        n_docs = 0
-        for micro in range(train.grad_accum):
-            idx = dist.shard(batch_indices(step, micro, train, len(examples)))
-            batch = [examples[i] for i in idx]
-            n_docs += sum(len(ex.docs) for ex in batch) * dist.world
-            rng = random.Random(train.seed * 1_000_003 + (step * train.grad_accum + micro) * dist.world + dist.rank)
-            loss, parts = compressed_lm_loss(model, batch, cfg.mse_weight, cfg.max_target_len, rng,
-                                             cfg.target_dropout, cfg.salient_weight, cfg.align)
-            (loss / train.grad_accum).backward()
-            sums["loss"] += loss.item() / train.grad_accum
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + (v / train.grad_accum if k in ("ce", "mse", "ce_plain") else v)
+        sums, n_docs = _accumulate_gradients(model, examples, step, cfg, dist)
         grad_norm = optimizer_step(model, optimizer, scheduler, train, dist)
 
         dt = time.perf_counter() - t0
