@@ -375,6 +375,11 @@ def test_promote_and_rollback_by_hand_from_the_cli(first_run):
         r = runner.invoke(app, ["ask", "--json", "--k", "1", "What is an urban area?"])
         assert r.exit_code == 0, r.output
         assert len(json.loads(r.stdout.splitlines()[-1])["titles"]) == 1
+    from clara_flows.tracking import download_model
+
+    # what each ask resolves its model with, a thousand times (a server's or a script's day): one folder, reused
+    folders = {download_model(f"models:/{name}@production") for _ in range(1000)}
+    assert len(folders) == 1
     assert sorted(os.listdir(tempfile.gettempdir())) == temp_before
 
 
