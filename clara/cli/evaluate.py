@@ -98,7 +98,7 @@ def evaluate_cmd(
     typer.echo(f"{len(rows)} rows; predictions: {out / 'predictions.jsonl'}")
 
 
-# ----------------------------------------------------------------------------------------------- store
+# ---------------------------------------------------------------------------------------- compress the corpus
 
 @app.command("compress")
 def compress_cmd(
