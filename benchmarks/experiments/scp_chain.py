@@ -180,7 +180,11 @@ def release(args: argparse.Namespace) -> int:
          "commit": commit}]
     summary = {k: probe.get(k) for k in ("slot_diversity", "reconstruction", "answer_spans", "answer_nll",
                                           "generator", "compare") if k in probe}
-    export_release(args.checkpoint, args.out, extra={"lineage": new, "probe": summary})
+    bad = [n for n in args.note if "=" not in n]
+    if bad:
+        raise SystemExit(f"--note takes KEY=VALUE, got {bad[0]!r}")
+    notes = dict(n.split("=", 1) for n in args.note)  # provenance: corpus and data hashes, what was held out
+    export_release(args.checkpoint, args.out, extra={**notes, "lineage": new, "probe": summary})
     print(json.dumps(new, indent=2))
     return 0
 
@@ -209,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--probe", type=Path, default=None, help="The probe JSON of --checkpoint (with its compare).")
     r.add_argument("--data-version", required=True, help="Corpus / synthesis hashes the stages read.")
     r.add_argument("--init-lineage", default=None, help="JSON list of the init's stages when it records none.")
+    r.add_argument("--note", action="append", default=[],
+                   help="KEY=VALUE recorded in the release's clara.json, as `clara model release --note` (repeatable).")
     args = ap.parse_args(argv)
     return {"train": train, "measure": measure, "curve": curve, "release": release}[args.cmd](args)
 

@@ -51,7 +51,9 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
     out = tmp_path / "release"
     assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(final), "--scp-checkpoint",
                            str(scp_ck), "--out", str(out), "--data-version", "corpus-x",
-                           "--init-lineage", json.dumps([{"stage": "scp", "steps": 7}])]) == 0
+                           "--init-lineage", json.dumps([{"stage": "scp", "steps": 7}]),
+                           "--note", "dev_excluded=dev.jsonl"]) == 0
+    assert read_checkpoint_config(out)["extra"]["dev_excluded"] == "dev.jsonl"
     lineage = read_checkpoint_config(out)["extra"]["lineage"]
     assert [(s["stage"], s["steps"]) for s in lineage] == [("scp", 7), ("scp", 3), ("instruct", 1)]
     assert lineage[-1]["freeze_compressor"] is True and lineage[1]["data"] == "corpus-x"
