@@ -46,8 +46,39 @@ def timed(call, repeats: int) -> dict[str, float]:
             "e2e_ms_p95": pct(total, 95), "decode_tokens_per_s": statistics.median(tps) if tps else None}
 
 
+def served_cells(model, base_model, result: dict[str, Any], question: str, texts: list[str], mems, ks: list[int],
+                 new_tokens: int, repeats: int) -> dict[str, Any]:
+    """The served path in the same run: the generator merged and the fixed system-prompt prefix cached
+    (``ClaraModel.cache_prefix``), beside raw text with the same prefix cached (fair: both prompts start with it).
+    Raw text's prefix-cached cells go into ``result["raw"]`` as ``<k>_prefix``."""
+    cells: dict[str, Any] = {}
+    base_model.cache_prefix()
+    prefix = max((len(p) for p in base_model._prefixes), default=0)
+    for k in ks:
+        key = f"{k}_prefix"
+        if key not in result["raw"]:
+            result["raw"][key] = timed(lambda t, k=k: base_model.generate_from_text(
+                [question], [texts[:k]], max_new_tokens=new_tokens, timing=t, eos_token_id=NO_EOS), repeats)
+            result["raw"][key]["prompt_tokens"] = result["raw"][k]["prompt_tokens"] - prefix
+    model.merge_generator()
+    model.cache_prefix()
+    for k in ks:
+        cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens, timing=t,
+                                                   eos_token_id=NO_EOS), repeats)
+        raw = result["raw"][f"{k}_prefix"]
+        cell["prompt_tokens"] = len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]])) - prefix
+        cell["prompt_token_ratio"] = raw["prompt_tokens"] / cell["prompt_tokens"]
+        cell["ttft_speedup_vs_raw"] = raw["ttft_ms_p50"] / cell["ttft_ms_p50"]
+        cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
+        cells[f"{k}_served"] = cell
+        print(f"clara k={k} served (merged generator, prefix cached) vs raw text prefix cached: {cell}", flush=True)
+    model.cache_prefix(False)
+    model.unmerge_generator()
+    return cells
+
+
 def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tokens: int, seed: int,
-        merged: bool = False) -> dict[str, Any]:
+        merged: bool = False, served: bool = False) -> dict[str, Any]:
     from clara.data.corpus import ingest_corpus
     from clara.config import preset
     from clara.model.clara_model import ClaraModel
@@ -72,6 +103,7 @@ def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tok
             for k in ks:
                 result["raw"][k] = timed(lambda t, k=k: model.generate_from_text(
                     [question], [texts[:k]], max_new_tokens=new_tokens, timing=t, eos_token_id=NO_EOS), repeats)
+                result["raw"][k]["prompt_tokens"] = len(model.text_qa_prompt(question, texts[:k]))
                 print(f"raw text k={k}: {result['raw'][k]}", flush=True)
         t0 = time.perf_counter()
         mems = model.compress(texts)
@@ -83,6 +115,9 @@ def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tok
             raw = result["raw"][k]
             cell["ttft_speedup_vs_raw"] = raw["ttft_ms_p50"] / cell["ttft_ms_p50"]
             cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
+            cell["prompt_tokens"] = len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]]))
+            # the ratio's physical limit: prefill cost follows the tokens prefilled
+            cell["prompt_token_ratio"] = raw["prompt_tokens"] / cell["prompt_tokens"]
             cells[k] = cell
             print(f"clara rate {rate} k={k}: {cell}", flush=True)
         if merged:  # the served path: the generator's LoRA merged into a copy of the base (same run, same k)
@@ -96,6 +131,8 @@ def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tok
                 cells[f"{k}_merged"] = cell
                 print(f"clara rate {rate} k={k} merged generator: {cell}", flush=True)
             model.unmerge_generator()
+        if served:
+            cells.update(served_cells(model, base_model, result, question, texts, mems, ks, new_tokens, repeats))
         result["clara"][rate] = cells
     return result
 
@@ -106,7 +143,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = sorted(int(k) for k in result["raw"])
+    ks = sorted(int(k) for k in result["raw"] if str(k).isdigit())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], "ttft_ms_p50", "time to first token (p50)"),
                            (axes[1], "e2e_ms_p50", f"end to end, {result['new_tokens']} new tokens (p50)")):
@@ -135,11 +172,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/latency.json"))
     ap.add_argument("--merge-generator", action="store_true",
-                    help="Also time CLaRa decoding from the merged generator (the served path), same run.")
+                    help="Also time CLaRa decoding from the merged generator, same run.")
+    ap.add_argument("--served", action="store_true",
+                    help="Also time the served path (merged generator, system prefix cached) against raw text with "
+                         "the same prefix cached, same run.")
     args = ap.parse_args()
     ks = [int(x) for x in args.ks.split(",")]
     rates = [int(x) for x in args.rates.split(",")]
-    result = run(args.preset, ks, rates, args.repeats, args.new_tokens, args.seed, args.merge_generator)
+    result = run(args.preset, ks, rates, args.repeats, args.new_tokens, args.seed, args.merge_generator,
+                 args.served)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))

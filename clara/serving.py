@@ -72,7 +72,9 @@ class Answerer:
     def load(cls, checkpoint: str | Path, build_id: int, *, database_url: str | None = None,
              device: str | None = None, merge_generator: bool = True, **kwargs) -> "Answerer":
         """``merge_generator``: decode from a copy of the base with the generator's LoRA merged in
-        (``ClaraModel.merge_generator``: base-model decoding speed for one more copy of the base weights)."""
+        (``ClaraModel.merge_generator``: base-model decoding speed for one more copy of the base weights).
+        The QA prompt's fixed system turn is prefilled once and its key/value cache reused by every question
+        (``ClaraModel.cache_prefix``): a served model's weights never change."""
         from clara.model.checkpoint import load_checkpoint
         from clara.store.builds import ready_build
         from clara.store.db import connect
@@ -82,6 +84,7 @@ class Answerer:
         model = load_checkpoint(checkpoint, device=device)
         if merge_generator:
             model.merge_generator()
+        model.cache_prefix()
         return cls(model, engine, build, **kwargs)
 
     def ask(self, questions: Sequence[str], k: int | None = None) -> list[Answer]:

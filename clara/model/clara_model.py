@@ -530,29 +530,80 @@ class ClaraModel(nn.Module):
         merged.eval()
         # not an nn.Module attribute: it must stay out of state_dict, checkpoints and parameter lists
         object.__setattr__(self, "_merged_generator", merged)
+        self._forget_prefixes()
 
     def unmerge_generator(self) -> None:
         object.__setattr__(self, "_merged_generator", None)
+        self._forget_prefixes()
+
+    def _forget_prefixes(self) -> None:
+        if getattr(self, "_prefix_kv", None):
+            self._prefix_kv.clear()  # computed by the model decoding before: recomputed on next use
 
     @property
     def generator_merged(self) -> bool:
         return getattr(self, "_merged_generator", None) is not None
 
+    def cache_prefix(self, on: bool = True) -> None:
+        """Keep the key/value cache of the fixed start every prompt of a kind has (the chat template's system turn
+        and the user turn's header: ~30 tokens of the QA prompt), computed once per adapter and reused by every
+        later call, so a question's prefill covers only its own documents and question. CLaRa and the raw-text
+        baseline share the QA system prompt, so both gain it. A snapshot like ``merge_generator``: for serving and
+        benchmarks, not while the weights change (``cache_prefix(False)`` before training again)."""
+        prefixes = None
+        if on:
+            layout = prompts.PROMPTS[self.cfg.layout]
+            prefixes = {tuple(self._system_prefix(system)) for system in (prompts.QA_SYSTEM, layout.paraphrase_system)}
+        object.__setattr__(self, "_prefix_kv", {} if on else None)
+        object.__setattr__(self, "_prefixes", sorted(p for p in prefixes or () if p))
+
+    def _system_prefix(self, system: str) -> list[int]:
+        """The token ids every prompt with this system text starts with, whatever its user turn says."""
+        a, b = self.prompt_ids("A", system), self.prompt_ids("B", system)
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n]
+
+    def _shared_prefix(self, rows: list[list[int]], lm, adapter: str | None):
+        """(length, a batch-sized copy of its cache) of a cached prefix every row starts with, else (0, None)."""
+        cache = getattr(self, "_prefix_kv", None)
+        if cache is None:
+            return 0, None
+        for prefix in self._prefixes:
+            n = len(prefix)
+            if all(len(r) > n and tuple(r[:n]) == prefix for r in rows):
+                break
+        else:
+            return 0, None
+        key = (id(lm), adapter, prefix)
+        if key not in cache:
+            ids = torch.tensor([list(prefix)], device=self.device)
+            with torch.no_grad(), self.amp():
+                cache[key] = lm(inputs_embeds=self.embed(ids), use_cache=True, logits_to_keep=1).past_key_values
+        import copy
+
+        past = copy.deepcopy(cache[key])  # decoding appends to it: the stored one stays the prefix's own
+        if len(rows) > 1:
+            past.batch_repeat_interleave(len(rows))
+        return n, past
+
     def greedy_decode(self, rows: list[list[int]], memories: list[list[torch.Tensor]], max_new_tokens: int,
-                      eos_token_id: int | Sequence[int] | None = None, timing: Timing | None = None
-                      ) -> list[list[int]]:
+                      eos_token_id: int | Sequence[int] | None = None, timing: Timing | None = None,
+                      adapter: str | None = None) -> list[list[int]]:
         """Greedy decoding of prompt rows (memory vectors spliced in) under the active adapter (the merged copy
-        for the generator when ``merge_generator`` made one)."""
+        for the generator when ``merge_generator`` made one); ``adapter`` names it for the prefix cache."""
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
-        embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=True)
         # The special tokens are inputs only; the model must never emit them.
         banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
         lm = self.base_model
         if self.generator_merged and self.peft.active_adapter == "generator":
             lm = self._merged_generator
+        n, past = self._shared_prefix(rows, lm, adapter)
+        embeds, mask, _ = self.embed_prompts([r[n:] for r in rows], memories, left_pad=True)
         with self.amp():
             return greedy_decode(lm, self.embed, embeds, mask, max_new_tokens,
-                                 [eos] if isinstance(eos, int) else list(eos), banned, timing)
+                                 [eos] if isinstance(eos, int) else list(eos), banned, timing, past, n)
 
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None,
                         timing: Timing | None = None):
@@ -560,7 +611,7 @@ class ClaraModel(nn.Module):
         self.peft.eval()
         try:
             with self.adapter(adapter):
-                ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id, timing)
+                ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id, timing, adapter)
         finally:
             self.peft.train(was_training)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]

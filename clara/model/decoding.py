@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ class Timing:
 @torch.no_grad()
 def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor,
                   max_new_tokens: int, eos_ids: Sequence[int], banned: tuple[int, int] | None = None,
-                  timing: Timing | None = None) -> list[list[int]]:
+                  timing: Timing | None = None, past: Any = None, past_len: int = 0) -> list[list[int]]:
     """Decode greedily from left-padded prompt embeddings; each row stops at its first EOS (not returned).
 
     Args:
@@ -42,12 +42,18 @@ def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: tor
         embeds, mask: [B, L, H] left-padded prompt embeddings and their attention mask.
         banned: a [lo, hi) id range never to emit (CLaRa's input-only special tokens).
         timing: filled in with time to first token, total time and tokens produced.
+        past, past_len: the key/value cache of a prefix every row shares (``past_len`` tokens, batch B), which
+            ``embeds`` continue: only the rest is prefilled. The padding then sits between the prefix and the
+            rest, masked out, and positions count real tokens only, so the result is the uncached one.
     """
     eos = set(int(e) for e in eos_ids)
-    # Explicit positions: with left padding each row's first real token must be position 0.
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     b = embeds.shape[0]
+    if past is not None:
+        mask = torch.cat([mask.new_ones(b, past_len), mask], dim=1)
+    # Explicit positions: with left padding each row's first real token must be position 0.
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
+             logits_to_keep=1)
     done = [False] * b
     produced: list[list[int]] = [[] for _ in range(b)]
     steps = 0

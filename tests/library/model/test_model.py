@@ -267,6 +267,51 @@ def test_merged_generator_decodes_exactly_as_the_unmerged_one(docs):
     assert not model.generator_merged
 
 
+def test_the_cached_system_prefix_decodes_exactly_as_a_full_prefill(docs, monkeypatch):
+    """The served path's prefix cache (the QA prompt's fixed system turn prefilled once): the same logits at every
+    decoding step and the same greedy answers, for CLaRa and the raw-text baseline, for batches whose rows differ in
+    length (padding then sits between the prefix and the rest), merged or not; the prefix is computed once per
+    adapter and reused. (Greedy answers of a random tiny model hardly depend on positions: the logits are compared
+    too, so a position off by the prefix's length fails.)"""
+    from clara.model import clara_model, decoding
+
+    model = ClaraModel.build(preset("tiny", compression_rate=16))
+    perturb(model)
+    seen: list[torch.Tensor] = []
+
+    def recording(lm, *args, **kwargs):
+        def call(**kw):
+            out = lm(**kw)
+            seen.append(out.logits[:, -1].detach().clone())
+            return out
+        return decoding.greedy_decode(call, *args, **kwargs)
+
+    monkeypatch.setattr(clara_model, "greedy_decode", recording)
+
+    def logits(fn, *args):
+        seen.clear()
+        answers = fn(*args, max_new_tokens=6)
+        return answers, torch.stack([x.float() for x in seen])
+
+    mems = model.compress(docs)
+    questions = ["Where is Paris?", "Which river flows north into the sea?", "What is Python?"]
+    sets = [[mems[0]], [mems[1], mems[2]], [mems[2]]]  # rows of different lengths
+    texts = [[docs[0]], [docs[1], docs[2]], []]  # the last one closed book
+    runs = [(model.generate, questions, sets), (model.generate_from_text, questions, texts),
+            (model.generate, questions[:1], sets[:1])]
+    before = [logits(*run) for run in runs]
+    model.cache_prefix()
+    assert model._prefixes and all(len(p) >= 5 for p in model._prefixes)
+    for _ in range(2):  # the second time from the stored prefix, which decoding must not have consumed
+        for run, (answers, want) in zip(runs, before):
+            got_answers, got = logits(*run)
+            assert got_answers == answers and torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert len(model._prefix_kv) == 2  # generator and bare base: one prefix each, reused
+    model.merge_generator()
+    answers, got = logits(*runs[0])
+    assert answers == before[0][0] and torch.allclose(got, before[0][1], atol=1e-4)
+
+
 def test_merged_generator_under_bf16_matches_to_bf16_rounding(docs):
     """Under bf16 autocast W·x + B(A·x) and (W + BA)·x round differently, so on a random tiny model (near-tied
     logits) a greedy token can flip; the logits themselves agree to bf16 precision."""
