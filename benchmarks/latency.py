@@ -46,6 +46,18 @@ def timed(call, repeats: int) -> dict[str, float]:
             "e2e_ms_p95": pct(total, 95), "decode_tokens_per_s": statistics.median(tps) if tps else None}
 
 
+def versus(cell: dict[str, Any], raw: dict[str, Any], prompt_tokens: int | None = None) -> dict[str, Any]:
+    """``cell`` with its speed-ups over the raw-text cell ``raw`` of the same run (above 1: CLaRa is faster) and, given
+    the tokens it prefilled, their ratio to raw text's: the TTFT ratio's physical limit, since prefill cost follows
+    the tokens prefilled."""
+    cell["ttft_speedup_vs_raw"] = raw["ttft_ms_p50"] / cell["ttft_ms_p50"]
+    cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
+    if prompt_tokens is not None:
+        cell["prompt_tokens"] = prompt_tokens
+        cell["prompt_token_ratio"] = raw["prompt_tokens"] / prompt_tokens
+    return cell
+
+
 def served_cells(model, base_model, result: dict[str, Any], question: str, texts: list[str], mems, ks: list[int],
                  new_tokens: int, repeats: int) -> dict[str, Any]:
     """The served path in the same run: the generator merged and the fixed system-prompt prefix cached
@@ -65,12 +77,8 @@ def served_cells(model, base_model, result: dict[str, Any], question: str, texts
     for k in ks:
         cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens, timing=t,
                                                    eos_token_id=NO_EOS), repeats)
-        raw = result["raw"][f"{k}_prefix"]
-        cell["prompt_tokens"] = len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]])) - prefix
-        cell["prompt_token_ratio"] = raw["prompt_tokens"] / cell["prompt_tokens"]
-        cell["ttft_speedup_vs_raw"] = raw["ttft_ms_p50"] / cell["ttft_ms_p50"]
-        cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
-        cells[f"{k}_served"] = cell
+        tokens = len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]])) - prefix
+        cells[f"{k}_served"] = versus(cell, result["raw"][f"{k}_prefix"], tokens)
         print(f"clara k={k} served (merged generator, prefix cached) vs raw text prefix cached: {cell}", flush=True)
     model.cache_prefix(False)
     model.unmerge_generator()
@@ -112,23 +120,14 @@ def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tok
         for k in ks:
             cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens, timing=t,
                                                        eos_token_id=NO_EOS), repeats)
-            raw = result["raw"][k]
-            cell["ttft_speedup_vs_raw"] = raw["ttft_ms_p50"] / cell["ttft_ms_p50"]
-            cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
-            cell["prompt_tokens"] = len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]]))
-            # the ratio's physical limit: prefill cost follows the tokens prefilled
-            cell["prompt_token_ratio"] = raw["prompt_tokens"] / cell["prompt_tokens"]
-            cells[k] = cell
+            cells[k] = versus(cell, result["raw"][k], len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]])))
             print(f"clara rate {rate} k={k}: {cell}", flush=True)
         if merged:  # the served path: the generator's LoRA merged into a copy of the base (same run, same k)
             model.merge_generator()
             for k in ks:
                 cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens,
                                                            timing=t, eos_token_id=NO_EOS), repeats)
-                raw = result["raw"][k]
-                cell["ttft_speedup_vs_raw"] = raw["ttft_ms_p50"] / cell["ttft_ms_p50"]
-                cell["e2e_speedup_vs_raw"] = raw["e2e_ms_p50"] / cell["e2e_ms_p50"]
-                cells[f"{k}_merged"] = cell
+                cells[f"{k}_merged"] = versus(cell, result["raw"][k])
                 print(f"clara rate {rate} k={k} merged generator: {cell}", flush=True)
             model.unmerge_generator()
         if served:

@@ -153,7 +153,7 @@ def release(args: argparse.Namespace) -> int:
     release's stages, then this chain's SCP steps and the stage 2 on top, each with its data and code version."""
     import subprocess
 
-    from clara.model.checkpoint import export_release, read_checkpoint_config
+    from clara.model.checkpoint import export_release, read_checkpoint_config, release_notes
 
     root = chain_dir(args.chain)
     settings = json.loads((root / "chain.json").read_text(encoding="utf-8"))
@@ -180,10 +180,10 @@ def release(args: argparse.Namespace) -> int:
          "commit": commit}]
     summary = {k: probe.get(k) for k in ("slot_diversity", "reconstruction", "answer_spans", "answer_nll",
                                           "generator", "compare") if k in probe}
-    bad = [n for n in args.note if "=" not in n]
-    if bad:
-        raise SystemExit(f"--note takes KEY=VALUE, got {bad[0]!r}")
-    notes = dict(n.split("=", 1) for n in args.note)  # provenance: corpus and data hashes, what was held out
+    try:
+        notes = release_notes(args.note)  # provenance: corpus and data hashes, what was held out
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     export_release(args.checkpoint, args.out, extra={**notes, "lineage": new, "probe": summary})
     print(json.dumps(new, indent=2))
     return 0

@@ -48,12 +48,12 @@ def model_release(
     note: list[str] = typer.Option([], help="KEY=VALUE recorded in the release's clara.json (repeatable)."),
 ) -> None:
     """Write a compact copy of a checkpoint for shipping: adapters in bf16 (half the size), safetensors only."""
-    from clara.model.checkpoint import export_release
+    from clara.model.checkpoint import export_release, release_notes
 
-    bad = [n for n in note if "=" not in n]
-    if bad:
-        raise typer.BadParameter(f"--note takes KEY=VALUE, got {bad[0]!r}")
-    extra = dict(n.split("=", 1) for n in note)
+    try:
+        extra = release_notes(note)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     dst = export_release(checkpoint, out, extra=extra)
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     typer.echo(f"wrote {dst} ({size / 1e6:.1f} MB)")

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -81,6 +81,19 @@ def _written_atomically(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def release_notes(pairs: Sequence[str]) -> dict[str, str]:
+    """``--note KEY=VALUE`` strings as the entries a release records in its ``clara.json`` (``export_release``'s
+    ``extra``: where it came from, what was held out).
+
+    Raises:
+        ValueError: a note without ``=``.
+    """
+    bad = [n for n in pairs if "=" not in n]
+    if bad:
+        raise ValueError(f"--note takes KEY=VALUE, got {bad[0]!r}")
+    return dict(n.split("=", 1) for n in pairs)
 
 
 def export_release(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16,

@@ -14,6 +14,7 @@ separate, trainable parameter) and ``embed`` splices them in. This keeps the bas
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -550,20 +551,11 @@ class ClaraModel(nn.Module):
         later call, so a question's prefill covers only its own documents and question. CLaRa and the raw-text
         baseline share the QA system prompt, so both gain it. A snapshot like ``merge_generator``: for serving and
         benchmarks, not while the weights change (``cache_prefix(False)`` before training again)."""
-        prefixes = None
-        if on:
-            layout = prompts.PROMPTS[self.cfg.layout]
-            prefixes = {tuple(self._system_prefix(system)) for system in (prompts.QA_SYSTEM, layout.paraphrase_system)}
+        systems = (prompts.QA_SYSTEM, prompts.PROMPTS[self.cfg.layout].paraphrase_system) if on else ()
+        # what every prompt with that system text starts with, whatever its user turn says
+        prefixes = {tuple(os.path.commonprefix([self.prompt_ids("A", s), self.prompt_ids("B", s)])) for s in systems}
         object.__setattr__(self, "_prefix_kv", {} if on else None)
-        object.__setattr__(self, "_prefixes", sorted(p for p in prefixes or () if p))
-
-    def _system_prefix(self, system: str) -> list[int]:
-        """The token ids every prompt with this system text starts with, whatever its user turn says."""
-        a, b = self.prompt_ids("A", system), self.prompt_ids("B", system)
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return a[:n]
+        object.__setattr__(self, "_prefixes", sorted(p for p in prefixes if p))
 
     def _shared_prefix(self, rows: list[list[int]], lm, adapter: str | None):
         """(length, a batch-sized copy of its cache) of a cached prefix every row starts with, else (0, None)."""
