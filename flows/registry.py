@@ -319,18 +319,24 @@ def _qa_params():
 _PARAMS = {"qa": _qa_params}
 
 
-def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Mapping[str, Any],
-               input_column: str) -> str:
-    """Log the ``kind`` model (``MODEL_CODE``) with the checkpoint folder (safetensors + JSON) as its artifact;
-    returns the URI."""
-    import mlflow
+def model_signature(kind: str, input_column: str):
+    """The ``kind`` model's signature: one string column in, ``_OUTPUTS[kind]`` out, ``_PARAMS[kind]`` accepted."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     if kind not in MODEL_CODE:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_CODE)}")
-    signature = ModelSignature(inputs=Schema([ColSpec("string", input_column)]), outputs=_OUTPUTS[kind](),
-                               params=_PARAMS.get(kind, lambda: None)())
+    return ModelSignature(inputs=Schema([ColSpec("string", input_column)]), outputs=_OUTPUTS[kind](),
+                          params=_PARAMS.get(kind, lambda: None)())
+
+
+def log_pyfunc(run_id: str, kind: str, checkpoint: str | Path, model_config: Mapping[str, Any],
+               input_column: str) -> str:
+    """Log the ``kind`` model (``MODEL_CODE``) with the checkpoint folder (safetensors + JSON) as its artifact;
+    returns the URI."""
+    import mlflow
+
+    signature = model_signature(kind, input_column)
     wheel = project_wheel()
     # The running environment is the model's environment (pinned in pyproject.toml); listing it here keeps
     # MLflow from loading the model to infer requirements. The project itself travels as a wheel inside the

@@ -53,3 +53,43 @@ def test_a_store_outage_is_a_503_that_says_how_to_recover():
     with pytest.raises(MlflowException) as err:
         model.predict(None, pd.DataFrame({"question": ["Where?"]}))
     assert err.value.get_http_status_code() == 503 and "clara_infra.services up" in err.value.message
+
+
+def test_the_served_model_answers_503_while_its_database_is_down_then_answers_again(tiny_model, docs, own_server,
+                                                                                     tmp_path):
+    """End to end over HTTP: ``mlflow models serve`` of a QA model whose build lives on a real Postgres of this test's
+    own. The server is stopped under it: the request gets a 503 whose message names the database and how to restart
+    it; started again, the same scoring process (no restart, no reload) answers as before."""
+    import httpx
+    import mlflow.pyfunc
+
+    from clara.data.corpus import Document
+    from clara.model.checkpoint import save_checkpoint
+    from clara.store.loading import index_corpus
+    from clara_flows.registry import MODEL_CODE, model_signature
+    from conftest import scoring_server
+
+    corpus = [Document(f"d{i}", f"Doc {i}", t) for i, t in enumerate(docs)]
+    build = index_corpus(own_server.engine, tiny_model, corpus, model_uri="m-http-outage", corpus_version="outage",
+                         progress=False)
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=str(MODEL_CODE["qa"]),
+                             artifacts={"checkpoint": str(ckpt)}, signature=model_signature("qa", "question"),
+                             model_config={"build_id": build.id, "k": 2, "mode": "clara", "max_new_tokens": 2})
+    log = tmp_path / "serve.log"
+    ask = {"dataframe_records": [{"question": "Which river flows through Paris?"}]}
+    with scoring_server(str(tmp_path / "model"), log, {"CLARA_DATABASE_URL": own_server.url}) as (url, proc):
+        before = httpx.post(f"{url}/invocations", json=ask, timeout=60)
+        assert before.status_code == 200, (before.text, log.read_text()[-2000:])
+        own_server.stop()
+        try:
+            down = httpx.post(f"{url}/invocations", json=ask, timeout=60)
+        finally:
+            own_server.start()
+        assert down.status_code == 503, down.text[:1000]
+        message = down.json()["message"]
+        assert "did not answer" in message and "python -m clara_infra.services up" in message, message
+        assert "Traceback" not in message
+        after = httpx.post(f"{url}/invocations", json=ask, timeout=60)
+        assert after.status_code == 200, after.text[:1000]
+        assert after.json()["predictions"] == before.json()["predictions"] and proc.poll() is None

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,6 @@ def run_pipeline(**flat):
     return full_pipeline(**grouped(**flat))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     """MLflow server + Prefect harness + embedded Postgres, with every path and port private to this module."""
@@ -46,7 +40,7 @@ def services(tmp_path_factory):
     from clara_infra import services as infra
 
     root = tmp_path_factory.mktemp("services")
-    layout = infra.Layout(root / "state", _free_port(), _free_port())
+    layout = infra.Layout(root / "state", free_port(), free_port())
     saved = dict(os.environ)
     db = os.environ.get("CLARA_DATABASE_URL") or sqlalchemy_url(embedded_server(root / "pg").get_uri())
     os.environ.update({"MLFLOW_TRACKING_URI": layout.mlflow_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -229,14 +223,10 @@ with MLflow itself)."""
 
 
 def test_mlflow_models_serve_answers_over_http(first_run, tmp_path):
-    import signal
-    import sys
-    import time
-
     import httpx
 
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
+    from conftest import scoring_server
+
     # The server runs with the `pipeline` extra's packages made unimportable (a sitecustomize on its path): a
     # serving environment built from the model's requirements does not have them, so answering must not need them.
     guard = tmp_path / "guard"
@@ -248,25 +238,14 @@ def test_mlflow_models_serve_answers_over_http(first_run, tmp_path):
         f"        if name.split('.')[0] in {sorted(PIPELINE_ONLY)!r}:\n"
         "            raise ImportError(f'serving imported {name}, a package of the pipeline extra')\n"
         "sys.meta_path.insert(0, _Refuse())\n")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "PYTHONPATH": str(guard)}
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/clara@production",
-                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(1)
-        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+    log = tmp_path / "serve.log"
+    with scoring_server("models:/clara@production", log, {"PYTHONPATH": str(guard)}) as (url, proc):
+        r = httpx.post(f"{url}/invocations", timeout=60,
                        json={"dataframe_records": [{"question": "What is an urban area?"}]})
-        assert r.status_code == 200, (r.text, (tmp_path / "serve.log").read_text()[-2000:])
+        assert r.status_code == 200, (r.text, log.read_text()[-2000:])
         (pred,) = r.json()["predictions"]
         assert isinstance(pred["answer"], str) and len(pred["titles"]) == TINY["top_k"]
-        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+        r = httpx.post(f"{url}/invocations", timeout=60,
                        json={"dataframe_records": [{"question": "What is an urban area?"}], "params": {"k": 1}})
         assert r.status_code == 200 and len(r.json()["predictions"][0]["titles"]) == 1, r.text[:500]
         # malformed requests get a 4xx that says what is wrong, and the server keeps answering
@@ -275,18 +254,15 @@ def test_mlflow_models_serve_answers_over_http(first_run, tmp_path):
                "a number": ([{"question": 42}], "expected a string"),
                "an empty question": ([{"question": "  "}], "empty question")}
         for case, (records, message) in bad.items():
-            r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={"dataframe_records": records})
+            r = httpx.post(f"{url}/invocations", timeout=60, json={"dataframe_records": records})
             assert 400 <= r.status_code < 500 and message in r.text, (case, r.status_code, r.text[:500])
-        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, content=b"{not json",
+        r = httpx.post(f"{url}/invocations", timeout=60, content=b"{not json",
                        headers={"Content-Type": "application/json"})
         assert 400 <= r.status_code < 500
         assert proc.poll() is None
-        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+        r = httpx.post(f"{url}/invocations", timeout=60,
                        json={"dataframe_records": [{"question": "What is an urban area?"}]})
         assert r.status_code == 200
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 def _register_copy(first_run, name: str, shift: float) -> str:
@@ -834,7 +810,7 @@ def test_the_backend_password_is_on_no_command_line_and_in_no_log(services, tmp_
     admin.dispose()
     backend = make_url(infra.mlflow_backend(services["layout"], services_db())).set(
         username="clara_mlflow", password=password).render_as_string(hide_password=False)
-    layout = infra.Layout(tmp_path / "state", _free_port(), _free_port())
+    layout = infra.Layout(tmp_path / "state", free_port(), free_port())
     assert infra.mlflow_up(layout, backend) == "started"
     try:
         cmdlines = []

@@ -65,3 +65,49 @@ def test_changed_code_under_a_run_in_flight_keeps_it_and_says_so(serving, in_fli
     state["in_flight"] = in_flight
     (layout.state / "pids" / "serve.code").write_text("old")
     assert "older code" in services.serve_up(layout) and calls == []
+
+
+@pytest.mark.slow
+def test_up_status_down_start_and_stop_the_real_services(tmp_path):
+    """``python -m clara_infra.services up / status / down`` as a user runs them, nothing stubbed: the embedded
+    Postgres (its own data folder), the MLflow server on it, the Prefect server and the process serving the
+    deployment come up and answer; ``up`` again leaves them alone; ``down`` stops every process it started."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "PREFECT_")) and k not in ("CLARA_DATABASE_URL", "CLARA_MLFLOW_BACKEND")}
+    env.update(CLARA_STATE_DIR=str(tmp_path / "state"), CLARA_CACHE_DIR=str(tmp_path / "cache"),
+               CLARA_MLFLOW_PORT=str(free_port()), CLARA_PREFECT_PORT=str(free_port()))
+    layout = services.Layout(tmp_path / "state", int(env["CLARA_MLFLOW_PORT"]), int(env["CLARA_PREFECT_PORT"]))
+
+    def run(command: str) -> dict[str, str]:
+        proc = subprocess.run([sys.executable, "-m", "clara_infra.services", command], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-3000:])
+        return {line[:32].strip(): line[32:].strip() for line in proc.stdout.splitlines()}
+
+    try:
+        first = run("up")
+        assert [first[k] for k in ("mlflow", "prefect", "serve")] == ["started"] * 3, first
+        assert first["postgres"].startswith("postgresql"), first
+        assert (tmp_path / "cache" / "pgdata" / "postmaster.pid").exists()  # the embedded server, in its cache folder
+        pids = {name: int((layout.state / "pids" / f"{name}.pid").read_text()) for name in ("mlflow", "prefect", "serve")}
+        assert services.mlflow_healthy(layout) and services.prefect_healthy(layout)
+        assert services.deployment_registered(layout)
+        assert run("status")["deployment clara/full-pipeline"] == "served"
+        again = run("up")
+        assert [again[k] for k in ("mlflow", "prefect", "serve")] == ["running"] * 3, again
+        assert {n: int((layout.state / "pids" / f"{n}.pid").read_text()) for n in pids} == pids  # left alone
+    finally:
+        last = run("down")
+    assert last == {"serve": "stopped", "prefect": "stopped", "mlflow": "stopped", "postgres": "stopped"}, last
+    assert not any(services._alive(pid) for pid in pids.values())
+    assert not services.mlflow_healthy(layout) and not services.prefect_healthy(layout)
+    assert not (tmp_path / "cache" / "pgdata" / "postmaster.pid").exists()
+    status = run("status")
+    assert status["mlflow"].startswith("down") and status["prefect"].startswith("down"), status
+    assert status["deployment clara/full-pipeline"] == "not served"

