@@ -60,19 +60,21 @@ def versus(cell: dict[str, Any], raw: dict[str, Any], prompt_tokens: int | None 
 
 def served_cells(model, base_model, result: dict[str, Any], question: str, texts: list[str], mems, ks: list[int],
                  new_tokens: int, repeats: int) -> dict[str, Any]:
-    """The served path in the same run: the generator merged and the fixed system-prompt prefix cached
-    (``ClaraModel.cache_prefix``), beside raw text with the same prefix cached (fair: both prompts start with it).
+    """The served path in the same run: the generator and query reasoner merged into plain copies of the base
+    (``ClaraModel.merge_adapters``) and the fixed system-prompt prefix cached (``ClaraModel.cache_prefix``), beside
+    raw text decoding from a plain copy of the bare base with the same prefix cached (fair: same dtype, same prefix).
     Raw text's prefix-cached cells go into ``result["raw"]`` as ``<k>_prefix``."""
     cells: dict[str, Any] = {}
+    base_model.merge_adapters([None])  # raw text decodes from the same kind of plain copy: fair
     base_model.cache_prefix()
-    prefix = max((len(p) for p in base_model._prefixes), default=0)
+    prefix = max((len(p) for p in base_model._prefix_cache.prefixes), default=0)
     for k in ks:
         key = f"{k}_prefix"
         if key not in result["raw"]:
             result["raw"][key] = timed(lambda t, k=k: base_model.generate_from_text(
                 [question], [texts[:k]], max_new_tokens=new_tokens, timing=t, eos_token_id=NO_EOS), repeats)
             result["raw"][key]["prompt_tokens"] = result["raw"][k]["prompt_tokens"] - prefix
-    model.merge_generator()
+    model.merge_adapters()
     model.cache_prefix()
     for k in ks:
         cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens, timing=t,
@@ -81,7 +83,9 @@ def served_cells(model, base_model, result: dict[str, Any], question: str, texts
         cells[f"{k}_served"] = versus(cell, result["raw"][f"{k}_prefix"], tokens)
         print(f"clara k={k} served (merged generator, prefix cached) vs raw text prefix cached: {cell}", flush=True)
     model.cache_prefix(False)
-    model.unmerge_generator()
+    model.unmerge_adapters()
+    base_model.cache_prefix(False)
+    base_model.unmerge_adapters()
     return cells
 
 
@@ -123,16 +127,73 @@ def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tok
             cells[k] = versus(cell, result["raw"][k], len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]])))
             print(f"clara rate {rate} k={k}: {cell}", flush=True)
         if merged:  # the served path: the generator's LoRA merged into a copy of the base (same run, same k)
-            model.merge_generator()
+            model.merge_adapters(["generator"])
             for k in ks:
                 cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens,
                                                            timing=t, eos_token_id=NO_EOS), repeats)
                 cells[f"{k}_merged"] = versus(cell, result["raw"][k])
                 print(f"clara rate {rate} k={k} merged generator: {cell}", flush=True)
-            model.unmerge_generator()
+            model.unmerge_adapters()
         if served:
             cells.update(served_cells(model, base_model, result, question, texts, mems, ks, new_tokens, repeats))
         result["clara"][rate] = cells
+    return result
+
+
+def retrieval_run(preset_name: str, passages: list[int], n_questions: int, k: int, seed: int,
+                  database_url: str | None = None) -> dict[str, Any]:
+    """The served retrieval path, stage by stage (``clara.retrieval.timing.STAGES``): hybrid first stage (MiniLM +
+    Postgres BM25, RRF) and the query reasoner's re-rank, one question at a time, on a build of ``n`` bundled
+    passages per entry of ``passages`` in the embedded Postgres (or ``database_url``). Measured twice in the same
+    run on the same build: as evaluation runs it (adapters unmerged, under autocast) and as the served model runs
+    it (``merge_adapters``: plain merged copies in the compute dtype)."""
+    from clara.config import preset
+    from clara.data.corpus import corpus_version_of, ingest_corpus
+    from clara.data.records import load_qa_records
+    from clara.model.clara_model import ClaraModel
+    from clara.retrieval.dense import DenseEncoder
+    from clara.retrieval.rerank import ClaraRetriever
+    from clara.retrieval.timing import STAGES, StageTimes
+    from clara.store.db import connect
+    from clara.store.loading import index_corpus
+
+    torch.manual_seed(seed)
+    model = ClaraModel.build(preset(preset_name))
+    model.peft.eval()
+    docs, _ = ingest_corpus("bundled", model.cfg)
+    dev = Path(__file__).parent / "dev" / "natural_dev.jsonl"
+    questions = [r.question for r in load_qa_records(dev)][:n_questions]
+    engine, dense = connect(database_url), DenseEncoder()
+    result: dict[str, Any] = {"preset": preset_name, "k": k, "mode": "hybrid", "questions": len(questions),
+                              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                              "stages": list(STAGES), "passages": {}}
+    for n in passages:
+        rng = np.random.default_rng(seed)
+        sub = docs if n >= len(docs) else [docs[i] for i in sorted(rng.choice(len(docs), n, replace=False))]
+        t0 = time.perf_counter()
+        build = index_corpus(engine, model, sub, model_uri=f"latency:{preset_name}:seed{seed}",
+                             corpus_version=corpus_version_of(sub), dense=dense, reuse=True)
+        cells: dict[str, Any] = {"passages": len(sub), "build_s": time.perf_counter() - t0}
+        for variant in ("unmerged", "served"):
+            if variant == "served":
+                model.merge_adapters()
+            retriever = ClaraRetriever(model, [], engine=engine, build=build, mode="hybrid")
+            total = []
+            for i, q in enumerate([questions[0]] * 3 + questions):  # three warm-up questions, not counted
+                if i == 3:
+                    retriever.times = StageTimes()
+                t = time.perf_counter()
+                query = retriever.encode([q])[0]
+                retriever.retrieve(q, query, k, dense_query=retriever.dense_queries([q])[0])
+                if i >= 3:
+                    total.append(time.perf_counter() - t)
+            cells[variant] = {"ms_p50": pct(total, 50), "ms_p99": pct(total, 99),
+                              "stages_ms_p50": retriever.times.p50()}
+            print(f"{len(sub)} passages, {variant}: p50 {cells[variant]['ms_p50']:.1f} ms "
+                  f"{ {s: round(v, 1) for s, v in cells[variant]['stages_ms_p50'].items()} }", flush=True)
+        model.unmerge_adapters()
+        cells["speedup"] = cells["unmerged"]["ms_p50"] / cells["served"]["ms_p50"]
+        result["passages"][len(sub)] = cells
     return result
 
 
@@ -175,7 +236,17 @@ def main() -> None:
     ap.add_argument("--served", action="store_true",
                     help="Also time the served path (merged generator, system prefix cached) against raw text with "
                          "the same prefix cached, same run.")
+    ap.add_argument("--retrieval", default=None, metavar="PASSAGES",
+                    help="Instead: time the served retrieval path stage by stage on builds of these many bundled "
+                         "passages (e.g. 300,12878), unmerged vs served, same run.")
+    ap.add_argument("--questions", type=int, default=100, help="--retrieval: dev questions timed.")
     args = ap.parse_args()
+    if args.retrieval:
+        result = retrieval_run(args.preset, [int(x) for x in args.retrieval.split(",")], args.questions, 5, args.seed)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+        return
     ks = [int(x) for x in args.ks.split(",")]
     rates = [int(x) for x in args.rates.split(",")]
     result = run(args.preset, ks, rates, args.repeats, args.new_tokens, args.seed, args.merge_generator,

@@ -70,9 +70,9 @@ class Answerer:
 
     @classmethod
     def load(cls, checkpoint: str | Path, build_id: int, *, database_url: str | None = None,
-             device: str | None = None, merge_generator: bool = True, **kwargs) -> "Answerer":
-        """``merge_generator``: decode from a copy of the base with the generator's LoRA merged in
-        (``ClaraModel.merge_generator``: base-model decoding speed for one more copy of the base weights).
+             device: str | None = None, merge: bool = True, **kwargs) -> "Answerer":
+        """``merge``: run the query reasoner and the generator from plain copies of the base with their LoRA merged
+        in (``ClaraModel.merge_adapters``: base-model speed for two more copies of the base weights).
         The QA prompt's fixed system turn is prefilled once and its key/value cache reused by every question
         (``ClaraModel.cache_prefix``): a served model's weights never change."""
         from clara.model.checkpoint import load_checkpoint
@@ -82,8 +82,8 @@ class Answerer:
         engine = connect(database_url)
         build = ready_build(engine, build_id)
         model = load_checkpoint(checkpoint, device=device)
-        if merge_generator:
-            model.merge_generator()
+        if merge:
+            model.merge_adapters()
         model.cache_prefix()
         return cls(model, engine, build, **kwargs)
 
@@ -94,9 +94,10 @@ class Answerer:
         from clara.store.db import reachable
 
         k = k or self.k
-        queries = self.retriever.encode(questions)
+        queries = self.retriever.encode(questions)  # the query reasoner and the sentence encoder: one batch each
+        dense = self.retriever.dense_queries(questions)
         with reachable(self.engine):
-            ranked = [self.retriever.retrieve(q, t, k) for q, t in zip(questions, queries)]
+            ranked = [self.retriever.retrieve(q, t, k, dense_query=d) for q, t, d in zip(questions, queries, dense)]
             memories = [[self.retriever.memory_of(d) for d, _ in r] for r in ranked]
         answers = self.model.generate(questions, memories, max_new_tokens=self.max_new_tokens)
         titles = self.retriever.titles  # the search already read them with the documents

@@ -66,8 +66,8 @@ class ClaraQAModel(mlflow.pyfunc.PythonModel):
                                       mode=str(cfg.get("mode", "clara")), fuse=float(cfg.get("fuse", 0.0)),
                                       candidates=int(cfg["candidates"]) if cfg.get("candidates") else None,
                                       max_new_tokens=int(cfg.get("max_new_tokens", 64)),
-                                      # one more copy of the base for base-speed decoding; off where memory is short
-                                      merge_generator=bool(cfg.get("merge_generator", True)))
+                                      # two more copies of the base for base speed; off where memory is short
+                                      merge=bool(cfg.get("merge", True)))
         self.batcher = Batcher(self._answer, max_batch=int(cfg.get("max_batch", 8)))
 
     def _answer(self, items: list[tuple[str, int | None]]) -> list:

@@ -199,7 +199,7 @@ FALLBACK = {
     "k": "clara/serving.py:Answerer.__init__(k)",
     "max_new_tokens": "clara/serving.py:Answerer.__init__(max_new_tokens)",
     "max_batch": "clara/serving.py:Batcher.__init__(max_batch)",
-    "merge_generator": "clara/serving.py:Answerer.load(merge_generator)",
+    "merge": "clara/serving.py:Answerer.load(merge)",
 }
 FALLBACK_DIFFERS = {  # key -> (fallback, why)
     "mode": ("clara", "versions registered before the first-stage modes searched with CLaRa alone"),

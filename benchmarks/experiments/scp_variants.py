@@ -196,7 +196,7 @@ for step in range(a.steps):
         with torch.no_grad():
             probe_batch = probe_rng.sample(examples, 4)
             own, _ = S.compressed_lm_loss(model, probe_batch, 0.0, 1024, random.Random(step))
-            from clara.model.clara_model import Encoded
+            from clara.model.memory import Encoded
             saved = Encoded.unpad
             Encoded.unpad = lambda self: (lambda m: m[1:] + m[:1])(saved(self))
             try:

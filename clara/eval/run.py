@@ -30,6 +30,7 @@ from clara.eval.likelihood import answer_nll
 from clara.eval.metrics import answer_scores, mean, recall_at
 from clara.retrieval.fusion import baseline
 from clara.retrieval.rerank import ClaraRetriever
+from clara.retrieval.timing import STAGES, StageTimes
 from clara.model.decoding import Timing
 
 RECALL_AT = (1, 3, 5, 20)
@@ -361,19 +362,30 @@ def _retrieval_rows(qa: Sequence[QARecord], retriever: ClaraRetriever, cfg: Eval
     depth = max(RECALL_AT)
     for mode in cfg.retrieval_modes:
         alone, reranked = _Acc(), _Acc()
+        stages = StageTimes()
         for r in each(f"retrieval / rate {rate} / {mode}"):
             t0 = time.perf_counter()
             first = retriever.first_stage(r.question, mode, depth)
             alone.retrieval_s.append(time.perf_counter() - t0)
             gold.recalls(r, [d for d, _ in first], alone)
             t0 = time.perf_counter()
+            retriever.times = stages  # where the re-ranked retrieval's time goes, stage by stage
             query = retriever.encode([r.question])[0]
             ranked = retriever.retrieve(r.question, query, depth, mode=mode)
+            retriever.times = None
             reranked.retrieval_s.append(time.perf_counter() - t0)
             gold.recalls(r, [d for d, _ in ranked], reranked)
         rows.append(_row("first-stage", mode, "retrieval", rate, alone, **extra))
-        rows.append(_row("clara", f"{mode}+rerank", "retrieval", rate, reranked, **extra))
+        rows.append(_row("clara", f"{mode}+rerank", "retrieval", rate, reranked, **extra,
+                         retrieval_stages_ms_p50=stages.p50()))
     return rows
+
+
+def _stages(ms: dict[str, float] | None) -> str:
+    """Per-stage milliseconds in ``STAGES`` order, e.g. ``45 / 9.0 / 3.9 / 2.3 / 0.3``."""
+    if not ms:
+        return "–"
+    return " / ".join(f"{ms[s]:.1f}" if s in ms else "–" for s in STAGES)
 
 
 def report_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -387,7 +399,7 @@ def report_markdown(rows: Sequence[dict[str, Any]]) -> str:
     head = ["system", "retriever", "setting", "rate", "n", "CEM", "EM", "F1", "CEM (1st gold)", "gold NLL",
             "answer tokens", "R@1", "R@3", "R@5",
             "R@20", "context tokens", "real ratio", "retrieval ms p50", "TTFT ms p50", "TTFT p95", "decode tok/s",
-            "generation ms p50", "latency ms p50", "p95"]
+            "generation ms p50", "latency ms p50", "p95", "retrieval stages ms p50"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["system"], r["retriever"] or "–", r["setting"], r["rate"], r["n"], fmt(r["cem"], True),
@@ -398,7 +410,7 @@ def report_markdown(rows: Sequence[dict[str, Any]]) -> str:
                  fmt(r["context_tokens"]),
                  fmt(r.get("real_ratio")), fmt(r.get("retrieval_ms_p50")), fmt(r.get("ttft_ms_p50")),
                  fmt(r.get("ttft_ms_p95")), fmt(r.get("decode_tokens_per_s")), fmt(r.get("generation_ms_p50")),
-                 fmt(r["latency_ms_p50"]), fmt(r["latency_ms_p95"])]
+                 fmt(r["latency_ms_p50"]), fmt(r["latency_ms_p95"]), _stages(r.get("retrieval_stages_ms_p50"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     notes = ["", "Scores in %, max over gold answers (CEM against the first gold only as the authors report it). "
              "Latencies per question on this machine, this run; TTFT is time to first token (prompt assembly + "
@@ -407,7 +419,9 @@ def report_markdown(rows: Sequence[dict[str, Any]]) -> str:
              "retrieval rows: each first stage alone, and re-ranked by the query reasoner (+rerank). "
              "gold NLL: mean NLL per token of the first gold answer under the system's own prompt, teacher-forced "
              "(lower is better; independent of answer length); answer tokens: mean length of the answers given. "
-             "clara-closed-book: CLaRa's generator with no documents, the reference for what its memory adds."]
+             "clara-closed-book: CLaRa's generator with no documents, the reference for what its memory adds. "
+             "retrieval stages (re-ranked retrieval rows): " + " / ".join(STAGES) + " (unmerged adapters, as "
+             "evaluated; the served model's merged copies: benchmarks/latency.py --retrieval)."]
     qr = sorted({f"rate {r['rate']}: {r['query_reasoner']}" for r in rows if r.get("query_reasoner")})
     if qr:
         notes.append("Query reasoner: " + "; ".join(qr) + ".")

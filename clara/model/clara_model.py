@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -26,67 +25,12 @@ from clara.config import ModelConfig
 from clara.model import prompts
 from clara.model.base import cpu_has_native_bf16, load_base, resolve_device, resolve_dtype
 from clara.model.decoding import Timing, greedy_decode
+from clara.model.inference import MergedCopies, PrefixCache
+from clara.model.memory import Encoded, clara_row, gather, initial_special_rows, mem_token, ml_clara_rows
 
 ADAPTERS = ("compressor", "generator", "query_reasoner")
 ENC_TOKEN = "<ENC>"
 SEP_TOKEN = "<SEP>"
-
-
-def mem_token(i: int) -> str:
-    return f"<MEM{i}>"
-
-
-def initial_special_rows(emb: torch.Tensor, n: int, mode: str, seed: int) -> torch.Tensor:
-    """Starting rows of the special tokens (``ModelConfig.memory_init``), from the base's embedding matrix.
-
-    Both stay in distribution for the frozen layers (centred on the mean embedding). ``mean`` adds 0.1 std of
-    noise, so rows are near-identical; ``orthogonal`` adds orthonormal directions scaled to the mean distance of
-    a real token from the mean, so the rows are as far apart as two unrelated tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    centre = emb.mean(0)
-    if mode == "mean":
-        return centre + torch.randn(n, emb.shape[1], generator=gen) * emb.std(0) * 0.1
-    if mode != "orthogonal":
-        raise ValueError(f"memory_init must be 'mean' or 'orthogonal', got {mode!r}")
-    if n > emb.shape[1]:
-        raise ValueError(f"{n} orthogonal rows need a hidden size >= {n}, got {emb.shape[1]}")
-    q, _ = torch.linalg.qr(torch.randn(emb.shape[1], n, generator=gen))  # orthonormal columns
-    radius = (emb - centre).norm(dim=1).mean()
-    return centre + q.T * radius
-
-
-def chunk_bounds(n_tokens: int, n_chunks: int) -> list[tuple[int, int]]:
-    """``n_chunks`` contiguous spans covering ``range(n_tokens)`` as evenly as integers allow (some are empty when
-    there are fewer tokens than chunks). Chunk i is what memory slot i stands for."""
-    return [(i * n_tokens // n_chunks, (i + 1) * n_tokens // n_chunks) for i in range(n_chunks)]
-
-
-@dataclass
-class Encoded:
-    """A batch of compressed texts (documents or queries), padded to ``n_mem_max`` slots.
-
-    Attributes:
-        memory: [B, n_max, H] hidden states at the memory positions; unused slots are zero.
-        n_mem: [B] memory tokens each text got.
-        n_tokens: [B] text tokens each text kept after truncation.
-        mem_mean: [B, H] mean of the memory states (MSE alignment, ANN vector).
-        text_mean: [B, H] mean of the text-token states (MSE alignment target).
-        states: [B, n_max, H] the memory states before the readout (zeros in unused slots).
-        chunk_mean: [B, n_max, H] mean text state of the chunk each slot stands for (``chunk_bounds``).
-        chunk_used: [B, n_max] slots in use whose chunk holds at least one token.
-    """
-
-    memory: torch.Tensor
-    n_mem: torch.Tensor
-    n_tokens: torch.Tensor
-    mem_mean: torch.Tensor
-    text_mean: torch.Tensor
-    states: torch.Tensor
-    chunk_mean: torch.Tensor
-    chunk_used: torch.Tensor
-
-    def unpad(self) -> list[torch.Tensor]:
-        return [self.memory[i, : int(n)] for i, n in enumerate(self.n_mem)]
 
 
 class ClaraModel(nn.Module):
@@ -136,6 +80,10 @@ class ClaraModel(nn.Module):
         # Autocast only makes sense over fp32 weights; on CPUs without native bf16 it would be slower, not faster.
         native = emb.device.type == "cuda" or (emb.device.type == "cpu" and cpu_has_native_bf16())
         self.uses_amp = emb.dtype == torch.float32 and (cfg.amp == "bf16" or (cfg.amp == "auto" and native))
+        # not nn.Module attributes: serving snapshots, out of state_dict, checkpoints and parameter lists
+        object.__setattr__(self, "_merged", MergedCopies())
+        object.__setattr__(self, "_prefix_cache", None)
+        self._in_use: str | None = ADAPTERS[0]  # the adapter the enclosing ``adapter()`` made active
 
     # ---------------------------------------------------------------------------------------------- build
 
@@ -193,16 +141,27 @@ class ClaraModel(nn.Module):
     @contextlib.contextmanager
     def adapter(self, name: str | None) -> Iterator[None]:
         """Run the enclosed calls with adapter ``name`` active (``None``: the bare base model)."""
+        outer, self._in_use = self._in_use, name
+        if self._merged.get(name) is not None:
+            # Its merged copy runs it (no gradients): peft's own switch is not needed, and it walks every module
+            # twice per call (~45 ms on SmolLM2, as long as the query reasoner's whole forward).
+            try:
+                yield
+            finally:
+                self._in_use = outer
+            return
         if name is None:
             try:
                 with self.peft.disable_adapter():
                     yield
             finally:
+                self._in_use = outer
                 # re-enabling flips requires_grad to "active adapter only" too, and autograd then drops the
                 # gradients of every other adapter in a graph built before (a teacher pass by the bare base)
                 self._apply_trainable()
             return
         if name not in ADAPTERS:
+            self._in_use = outer
             raise ValueError(f"unknown adapter {name!r}; known: {ADAPTERS}")
         previous = self.peft.active_adapter
         self.peft.set_adapter(name)
@@ -210,6 +169,7 @@ class ClaraModel(nn.Module):
         try:
             yield
         finally:
+            self._in_use = outer
             self.peft.set_adapter(previous)
             self._apply_trainable()
 
@@ -259,9 +219,9 @@ class ClaraModel(nn.Module):
 
     def _decode_hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states (after the final norm) without computing vocabulary logits."""
-        decoder = self.base_model.get_decoder()
+        lm = self._merged.get(self._in_use) or self.base_model
         with self.amp():
-            out = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+            out = lm.get_decoder()(inputs_embeds=embeds.to(lm.dtype), attention_mask=mask, use_cache=False)
         # Under autocast the states may come out bf16; memory vectors are stored and compared in the weights' dtype.
         return out.last_hidden_state.to(self.dtype)
 
@@ -289,16 +249,14 @@ class ClaraModel(nn.Module):
         Queries always get ``n_mem_max`` slots so that they cover every slot a document can use.
         """
         if self.cfg.layout == "ml-clara":
-            rows, text_spans = self._ml_clara_rows(texts, max_len)
-            n_mem = [self.cfg.n_mem_max] * len(rows)
+            rows, text_spans = ml_clara_rows(self.tokenizer, texts, max_len, ENC_TOKEN, self.mem_ids)
             text_pos = [list(range(a, b)) for a, b in text_spans]
-            mem_pos = [list(range(len(r) - n, len(r))) for r, n in zip(rows, n_mem)]
+            mem_pos = [list(range(len(r) - self.cfg.n_mem_max, len(r))) for r in rows]
         else:
-            token_ids = self.tokenize_texts(texts, max_len)
-            n_mem = [self.cfg.n_mem_max if query else self.cfg.n_mem_for(len(t)) for t in token_ids]
             rows, text_pos, mem_pos = [], [], []
-            for t, n in zip(token_ids, n_mem):
-                row, tp, mp = self._clara_row(t, n)
+            for t in self.tokenize_texts(texts, max_len):
+                n = self.cfg.n_mem_max if query else self.cfg.n_mem_for(len(t))
+                row, tp, mp = clara_row(t, n, self.cfg.memory_slots, self.enc_id, self.mem_ids)
                 rows.append(row)
                 text_pos.append(tp)
                 mem_pos.append(mp)
@@ -310,48 +268,7 @@ class ClaraModel(nn.Module):
         mask = torch.tensor([[0 if x is None else 1 for x in r] + [0] * (width - len(r)) for r in rows],
                             device=self.device)
         hidden = self._decode_hidden(self.embed(ids), mask)
-
-        b, h = len(rows), hidden.shape[-1]
-        n_max = self.cfg.n_mem_max
-        # Gather memory positions into [B, n_max] slots (zeros where a text uses fewer).
-        pos = torch.zeros(b, n_max, dtype=torch.long, device=self.device)
-        slot_used = torch.zeros(b, n_max, dtype=torch.bool, device=self.device)
-        text_mask = torch.zeros(b, width, dtype=hidden.dtype, device=self.device)
-        # chunk_weights @ hidden = the mean text state of each slot's chunk
-        chunk_weights = torch.zeros(b, n_max, width, dtype=hidden.dtype, device=self.device)
-        for i, (tp, mp) in enumerate(zip(text_pos, mem_pos)):
-            n = len(mp)
-            pos[i, :n] = torch.tensor(mp, device=self.device)
-            slot_used[i, :n] = True
-            if tp:
-                text_mask[i, tp] = 1.0
-            for j, (a, e) in enumerate(chunk_bounds(len(tp), n)):
-                if e > a:
-                    chunk_weights[i, j, tp[a:e]] = 1.0 / (e - a)
-        states = hidden.gather(1, pos.unsqueeze(-1).expand(b, n_max, h)) * slot_used.unsqueeze(-1)
-        n_mem_t = torch.tensor(n_mem, device=self.device)
-        n_tok_t = torch.tensor([len(tp) for tp in text_pos], device=self.device)
-        # The alignment compares states with states, whatever the readout makes of them.
-        mem_mean = states.sum(1) / n_mem_t.unsqueeze(-1)
-        text_mean = (hidden * text_mask.unsqueeze(-1)).sum(1) / n_tok_t.clamp(min=1).unsqueeze(-1)
-        chunk_mean = torch.bmm(chunk_weights, hidden)
-        chunk_used = (chunk_weights.sum(-1) > 0) & slot_used
-        memory = self._readout(states) * slot_used.unsqueeze(-1)
-        return Encoded(memory, n_mem_t, n_tok_t, mem_mean, text_mean, states, chunk_mean, chunk_used)
-
-    def _clara_row(self, tokens: list[int], n: int) -> tuple[list[int], list[int], list[int]]:
-        """One ``clara``-layout row for ``tokens`` with ``n`` memory tokens (``ModelConfig.memory_slots``):
-        the row, the positions of its text tokens and of its memory tokens."""
-        if self.cfg.memory_slots == "after":
-            row = [self.enc_id] + tokens + self.mem_ids[:n]
-            return row, list(range(1, 1 + len(tokens))), list(range(1 + len(tokens), len(row)))
-        row, text_pos, mem_pos = [self.enc_id], [], []
-        for j, (a, e) in enumerate(chunk_bounds(len(tokens), n)):
-            text_pos.extend(range(len(row), len(row) + e - a))
-            row.extend(tokens[a:e])
-            mem_pos.append(len(row))
-            row.append(self.mem_ids[j])
-        return row, text_pos, mem_pos
+        return gather(hidden, text_pos, mem_pos, self.cfg.n_mem_max, self._readout)
 
     def _readout(self, states: torch.Tensor) -> torch.Tensor:
         """Memory vectors from the compressor's states (``ModelConfig.memory_readout``)."""
@@ -360,24 +277,6 @@ class ClaraModel(nn.Module):
         probs = torch.softmax(self._logits(states) / self.cfg.readout_temperature, dim=-1)
         weight = self.input_embeddings.weight
         return (probs.to(weight.dtype) @ weight).to(states.dtype)
-
-    def _ml_clara_rows(self, texts: Sequence[str], max_len: int
-                       ) -> tuple[list[list[int | None]], list[tuple[int, int]]]:
-        """The authors' layout: the string ``<ENC><s>{text}</s>`` tokenized as one (so the tokenizer treats the
-        markers exactly as theirs did), cut to ``max_len + 3`` tokens (``</s>`` is lost when the text is longer
-        than ``max_len + 1``), left-padded to that width, then the memory tokens. Pad positions are ``None``
-        (masked); the rows are all the same width, so positions count from the left edge as in their forward.
-        Returns the rows and each row's text span (after ``<ENC><s>``, before ``</s>``)."""
-        tok = self.tokenizer
-        width = max_len + 3
-        strings = [f"{ENC_TOKEN}{tok.bos_token}{t}{tok.eos_token}" for t in texts]
-        encoded = tok(strings, add_special_tokens=False, truncation=True, max_length=width)["input_ids"]
-        rows, spans = [], []
-        for e in encoded:
-            left = width - len(e)
-            rows.append([None] * left + e + self.mem_ids[: self.cfg.n_mem_max])
-            spans.append((left + 2, left + len(e) - (1 if e[-1] == tok.eos_token_id else 0)))
-        return rows, spans
 
     @torch.no_grad()
     def compress(self, docs: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:
@@ -400,7 +299,8 @@ class ClaraModel(nn.Module):
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[torch.Tensor | None] = [None] * len(texts)
         was_training = self.peft.training
-        self.peft.eval()
+        if was_training:  # .eval() / .train() walk every module: ~25 ms each on SmolLM2, per call
+            self.peft.eval()
         try:
             with self.adapter(adapter):
                 for s in range(0, len(order), batch_size):
@@ -409,7 +309,8 @@ class ClaraModel(nn.Module):
                     for i, m in zip(chunk, enc.unpad()):
                         out[i] = m
         finally:
-            self.peft.train(was_training)
+            if was_training:
+                self.peft.train()
         return out  # type: ignore[return-value]
 
     def compression_stats(self, docs: Sequence[str]) -> dict[str, float]:
@@ -515,97 +416,75 @@ class ClaraModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ generate
 
-    def merge_generator(self) -> None:
-        """Decode the generator from a copy of the base with its LoRA merged into the weights (``W + s·BA``), as a
-        plain model: an unmerged LoRA runs two extra matmuls per projection per token (210 on SmolLM2), which made
-        CLaRa decode slower than the base it is built on. For serving: the corpus is compressed offline, so a
-        served question needs only the query reasoner's one forward (adapters kept) and the generator's decoding.
-        Costs one more copy of the base weights (at 7B ~14 GB in bf16: leave it off where memory is short).
-        The copy is a snapshot: ``unmerge_generator`` (or not calling this) before training the generator again."""
-        import copy
-
-        twin = copy.deepcopy(self.peft)
-        twin.set_adapter("generator")
-        merged = twin.merge_and_unload(adapter_names=["generator"])
-        merged.requires_grad_(False)
-        merged.eval()
-        # not an nn.Module attribute: it must stay out of state_dict, checkpoints and parameter lists
-        object.__setattr__(self, "_merged_generator", merged)
+    def merge_adapters(self, names: Sequence[str | None] = ("generator", "query_reasoner")) -> None:
+        """Run each named adapter (``None``: the bare base, the raw-text baseline) from a plain copy of the base with
+        its LoRA merged in, in the dtype the model computes in (bf16 under ``amp``): base-model speed for one more
+        copy of the base weights each (``clara.model.inference.MergedCopies``). For serving: the corpus is
+        compressed offline, so a served question needs only the query reasoner's forward and the generator's
+        decoding. Used only without gradients; a snapshot: ``unmerge_adapters`` before training again."""
+        unknown = [n for n in names if n is not None and n not in ADAPTERS]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; known: {ADAPTERS}")
+        self._merged.merge(self.peft, names, torch.bfloat16 if self.uses_amp else self.dtype)
         self._forget_prefixes()
 
-    def unmerge_generator(self) -> None:
-        object.__setattr__(self, "_merged_generator", None)
+    def unmerge_adapters(self) -> None:
+        self._merged.clear()
         self._forget_prefixes()
-
-    def _forget_prefixes(self) -> None:
-        if getattr(self, "_prefix_kv", None):
-            self._prefix_kv.clear()  # computed by the model decoding before: recomputed on next use
 
     @property
-    def generator_merged(self) -> bool:
-        return getattr(self, "_merged_generator", None) is not None
+    def merged_adapters(self) -> list[str | None]:
+        return self._merged.names()
+
+    def _forget_prefixes(self) -> None:
+        if self._prefix_cache is not None:
+            self._prefix_cache.clear()
 
     def cache_prefix(self, on: bool = True) -> None:
-        """Keep the key/value cache of the fixed start every prompt of a kind has (the chat template's system turn
-        and the user turn's header: ~30 tokens of the QA prompt), computed once per adapter and reused by every
-        later call, so a question's prefill covers only its own documents and question. CLaRa and the raw-text
-        baseline share the QA system prompt, so both gain it. A snapshot like ``merge_generator``: for serving and
+        """Keep the key/value cache of the fixed start every prompt of a kind has (``clara.model.inference.
+        PrefixCache``), so a question's prefill covers only its own documents and question. CLaRa and the raw-text
+        baseline share the QA system prompt, so both gain it. A snapshot like ``merge_adapters``: for serving and
         benchmarks, not while the weights change (``cache_prefix(False)`` before training again)."""
-        systems = (prompts.QA_SYSTEM, prompts.PROMPTS[self.cfg.layout].paraphrase_system) if on else ()
+        if not on:
+            object.__setattr__(self, "_prefix_cache", None)
+            return
+        systems = (prompts.QA_SYSTEM, prompts.PROMPTS[self.cfg.layout].paraphrase_system)
         # what every prompt with that system text starts with, whatever its user turn says
         prefixes = {tuple(os.path.commonprefix([self.prompt_ids("A", s), self.prompt_ids("B", s)])) for s in systems}
-        object.__setattr__(self, "_prefix_kv", {} if on else None)
-        object.__setattr__(self, "_prefixes", sorted(p for p in prefixes if p))
-
-    def _shared_prefix(self, rows: list[list[int]], lm, adapter: str | None):
-        """(length, a batch-sized copy of its cache) of a cached prefix every row starts with, else (0, None)."""
-        cache = getattr(self, "_prefix_kv", None)
-        if cache is None:
-            return 0, None
-        for prefix in self._prefixes:
-            n = len(prefix)
-            if all(len(r) > n and tuple(r[:n]) == prefix for r in rows):
-                break
-        else:
-            return 0, None
-        key = (id(lm), adapter, prefix)
-        if key not in cache:
-            ids = torch.tensor([list(prefix)], device=self.device)
-            with torch.no_grad(), self.amp():
-                cache[key] = lm(inputs_embeds=self.embed(ids), use_cache=True, logits_to_keep=1).past_key_values
-        import copy
-
-        past = copy.deepcopy(cache[key])  # decoding appends to it: the stored one stays the prefix's own
-        if len(rows) > 1:
-            past.batch_repeat_interleave(len(rows))
-        return n, past
+        object.__setattr__(self, "_prefix_cache", PrefixCache(prefixes))
 
     def greedy_decode(self, rows: list[list[int]], memories: list[list[torch.Tensor]], max_new_tokens: int,
                       eos_token_id: int | Sequence[int] | None = None, timing: Timing | None = None,
                       adapter: str | None = None) -> list[list[int]]:
-        """Greedy decoding of prompt rows (memory vectors spliced in) under the active adapter (the merged copy
-        for the generator when ``merge_generator`` made one); ``adapter`` names it for the prefix cache."""
+        """Greedy decoding of prompt rows (memory vectors spliced in) under the active adapter (its merged copy
+        when ``merge_adapters`` made one); ``adapter`` names it for the prefix cache."""
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
         # The special tokens are inputs only; the model must never emit them.
         banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
-        lm = self.base_model
-        if self.generator_merged and self.peft.active_adapter == "generator":
-            lm = self._merged_generator
-        n, past = self._shared_prefix(rows, lm, adapter)
+        lm = self._merged.get(self._in_use) or self.base_model
+
+        def embed(ids: torch.Tensor) -> torch.Tensor:
+            return self.embed(ids).to(lm.dtype)
+
+        n, past = 0, None
+        if self._prefix_cache is not None:
+            n, past = self._prefix_cache.shared(rows, lm, adapter, embed, self.amp)
         embeds, mask, _ = self.embed_prompts([r[n:] for r in rows], memories, left_pad=True)
         with self.amp():
-            return greedy_decode(lm, self.embed, embeds, mask, max_new_tokens,
+            return greedy_decode(lm, embed, embeds.to(lm.dtype), mask, max_new_tokens,
                                  [eos] if isinstance(eos, int) else list(eos), banned, timing, past, n)
 
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None,
                         timing: Timing | None = None):
         was_training = self.peft.training
-        self.peft.eval()
+        if was_training:  # .eval() / .train() walk every module: ~25 ms each on SmolLM2, per call
+            self.peft.eval()
         try:
             with self.adapter(adapter):
                 ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id, timing, adapter)
         finally:
-            self.peft.train(was_training)
+            if was_training:
+                self.peft.train()
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
     def generate(self, questions: Sequence[str], memories: Sequence[Sequence[torch.Tensor]],

@@ -12,6 +12,7 @@ import torch
 from clara.data.corpus import Document
 from clara.model.topk import flat_cosine, flat_unit, pad_memories, unit_scores
 from clara.retrieval.first_stage import Ranked
+from clara.retrieval.timing import StageTimes, timed
 
 
 class ClaraRetriever:
@@ -39,6 +40,8 @@ class ClaraRetriever:
         self.memory: dict[str, torch.Tensor] = {}
         self.titles: dict[str, str] = {}  # of the documents a store search returned
         self._dense = None
+        self.times: StageTimes | None = None
+        """Set to a ``StageTimes`` to record where each retrieval's time goes (benchmarks, evaluation)."""
         if build is None:
             mems = [m.float().cpu() for m in model.compress([d.full_text for d in docs],
                                                              batch_size=compress_batch_size)]
@@ -47,13 +50,17 @@ class ClaraRetriever:
             self.flat = flat_unit(pad_memories(mems, model.cfg.n_mem_max))
 
     def encode(self, questions: Sequence[str]) -> list[torch.Tensor]:
-        return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
+        """The query reasoner's tensor of each question (one batched forward)."""
+        with timed(self.times, "query reasoner", len(questions)):
+            return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
 
-    def _dense_query(self, question: str, mode: str) -> np.ndarray | None:
-        """The question's sentence vector when ``mode`` needs one. Not cached: every timed retrieval includes
-        encoding its question, and a long-lived server would keep every question it was asked."""
+    def dense_queries(self, questions: Sequence[str], mode: str | None = None) -> list[np.ndarray | None]:
+        """Each question's sentence vector when ``mode`` needs one (one batched forward), else Nones. Not cached:
+        every timed retrieval includes encoding its question, and a long-lived server would keep every question
+        it was asked."""
+        mode = mode or self.mode
         if mode not in ("dense", "hybrid") or self.build is None or self.build.dense_model is None:
-            return None
+            return [None] * len(questions)
         if self._dense is None:
             from clara.retrieval.dense import MINILM, DenseEncoder
 
@@ -61,7 +68,8 @@ class ClaraRetriever:
                 raise ValueError(f"build {self.build.id} holds {self.build.dense_model} vectors; "
                                  f"this version embeds questions with {MINILM} only")
             self._dense = DenseEncoder()
-        return self._dense.embed([question])[0]
+        with timed(self.times, "question embedding", len(questions)):
+            return list(self._dense.embed(list(questions)))
 
     def first_stage(self, question: str, mode: str, n: int) -> Ranked:
         """A first stage alone (store only): ``n`` (doc_id, score), best first."""
@@ -69,10 +77,12 @@ class ClaraRetriever:
 
         query = self.encode([question])[0].numpy() if mode == "clara" else None
         return first_stage(self.engine, self.build, mode, n, query=query, text_query=question,
-                           dense_query=self._dense_query(question, mode))
+                           dense_query=self.dense_queries([question], mode)[0])
 
-    def retrieve(self, question: str, query: torch.Tensor, k: int, mode: str | None = None) -> Ranked:
-        """The top ``k`` for one question whose query-reasoner tensor is ``query``."""
+    def retrieve(self, question: str, query: torch.Tensor, k: int, mode: str | None = None,
+                 dense_query: np.ndarray | None = None) -> Ranked:
+        """The top ``k`` for one question whose query-reasoner tensor is ``query`` (and sentence vector
+        ``dense_query``, when it was computed with others' in a batch: ``dense_queries``)."""
         mode = mode or self.mode
         if mode == "exact":
             if self.build is not None:
@@ -86,8 +96,10 @@ class ClaraRetriever:
         from clara.store.search import DEFAULT_CANDIDATES, search
 
         n = self.n_candidates if mode == self.mode else DEFAULT_CANDIDATES[mode]
+        if dense_query is None:
+            dense_query = self.dense_queries([question], mode)[0]
         hits = search(self.engine, self.build, query.numpy(), k=k, mode=mode, candidates=max(n, k),
-                      text_query=question, dense_query=self._dense_query(question, mode), fuse=self.fuse)
+                      text_query=question, dense_query=dense_query, fuse=self.fuse, times=self.times)
         return self._keep(hits)
 
     def _keep(self, hits) -> Ranked:

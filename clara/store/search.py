@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Engine, text
 
+from clara.retrieval.timing import StageTimes, timed
 from clara.store.builds import Build, StoreError
 
 MODES = ("clara", "dense", "lexical", "hybrid")
@@ -167,9 +168,9 @@ def first_stage(engine: Engine, build: Build, mode: str, n: int, *, query: np.nd
     params["pool"] = _LEXICAL_POOL * params["depth"]
     with engine.begin() as conn:
         # Custom plans so the planner sees the literal build id and can use that build's partial index.
-        conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
-        conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"),
-                     {"ef": str(max(40, params["depth"], n))})
+        # (one statement for both settings: each statement is a round trip on the served path)
+        conn.execute(text("SELECT set_config('plan_cache_mode', 'force_custom_plan', true), "
+                          "set_config('hnsw.ef_search', :ef, true)"), {"ef": str(max(40, params["depth"], n))})
         rows = conn.execute(text(sql), params).all()
     return [(r[0], float(r[1])) for r in rows]
 
@@ -180,6 +181,19 @@ def memories_of(engine: Engine, build: Build, doc_ids: list[str]) -> dict[str, n
         rows = conn.execute(text("SELECT doc_id, n_mem, memory FROM memories WHERE build_id = :b "
                                  "AND doc_id = ANY(:ids)"), {"b": build.id, "ids": list(doc_ids)}).all()
     return {r[0]: decode_memory(r[2], r[1], build.hidden_size) for r in rows}
+
+
+def candidates_of(engine: Engine, build: Build, doc_ids: list[str]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, str]]]:
+    """The candidates' decoded memories and their (title, text), in one round trip: the served path re-ranks by the
+    memories and returns the winners' rows, and a second query would cost as much as the re-rank itself."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT m.doc_id, m.n_mem, m.memory, d.title, d.body FROM memories m "
+                                 "LEFT JOIN documents d ON d.corpus_version = :c AND d.doc_id = m.doc_id "
+                                 "WHERE m.build_id = :b AND m.doc_id = ANY(:ids)"),
+                            {"b": build.id, "c": build.corpus_version, "ids": list(doc_ids)}).all()
+    return ({r[0]: decode_memory(r[2], r[1], build.hidden_size) for r in rows},
+            {r[0]: (r[3] or "", r[4] or "") for r in rows})
 
 
 def rerank(query: np.ndarray, first: list[tuple[str, float]], memories: dict[str, np.ndarray], n_mem_max: int,
@@ -212,7 +226,7 @@ def _hits(engine: Engine, build: Build, doc_ids: list[str], scores: dict[str, fl
 
 def search(engine: Engine, build: Build, query: np.ndarray, k: int = 5, *, mode: str = "clara",
            candidates: int | None = None, text_query: str | None = None, dense_query: np.ndarray | None = None,
-           fuse: float = 0.0, exact: bool = False) -> list[Hit]:
+           fuse: float = 0.0, exact: bool = False, times: StageTimes | None = None) -> list[Hit]:
     """Top-k documents of ``build`` for a query memory tensor [n, hidden], best first.
 
     Args:
@@ -220,6 +234,7 @@ def search(engine: Engine, build: Build, query: np.ndarray, k: int = 5, *, mode:
         candidates: how many the first stage passes to the re-rank (default ``DEFAULT_CANDIDATES[mode]``).
         fuse: weight of the first-stage rank in the final score (0: the flattened cosine alone).
         exact: score every document of the build (brute force; for evaluation and for measuring recall).
+        times: where to record each stage's milliseconds (``clara.retrieval.timing``).
     """
     query = _check_query(build, query)
     if k < 1:
@@ -227,13 +242,13 @@ def search(engine: Engine, build: Build, query: np.ndarray, k: int = 5, *, mode:
     if exact:
         return exact_search(engine, build, query, k)
     n = max(candidates or DEFAULT_CANDIDATES.get(mode, 20), k)
-    first = first_stage(engine, build, mode, n, query=query, text_query=text_query, dense_query=dense_query)
-    mems = memories_of(engine, build, [d for d, _ in first])
-    ranked = rerank(query, first, mems, build.n_mem_max, fuse)[:k]
-    hits = _hits(engine, build, [d for d, _, _ in ranked], {d: s for d, s, _ in ranked}, mems)
-    for h, (_, _, r) in zip(hits, ranked):
-        h.first_rank = r
-    return hits
+    with timed(times, "first stage"):
+        first = first_stage(engine, build, mode, n, query=query, text_query=text_query, dense_query=dense_query)
+    with timed(times, "candidate fetch"):
+        mems, rows = candidates_of(engine, build, [d for d, _ in first])
+    with timed(times, "re-rank"):
+        ranked = rerank(query, first, mems, build.n_mem_max, fuse)[:k]
+    return [Hit(d, score, *rows[d], mems[d], first_rank=r) for d, score, r in ranked]
 
 
 def exact_search(engine: Engine, build: Build, query: np.ndarray, k: int, chunk: int = 2000) -> list[Hit]:

@@ -20,7 +20,8 @@ from clara.config import SCPConfig, to_dict
 from clara.data.records import SCPRecord
 from clara.model import prompts
 from clara.model.checkpoint import load_adapter_weights
-from clara.model.clara_model import ClaraModel, Encoded
+from clara.model.clara_model import ClaraModel
+from clara.model.memory import Encoded
 from clara.text import salient_spans
 from clara.training.common import (
     Checkpointer,

@@ -188,6 +188,14 @@ def test_store_evaluation_reports_every_first_stage_alone_and_reranked(fixtures,
     # Re-ranking 20 candidates reorders them: the top 20 hold the same documents.
     for mode in ("dense", "lexical", "hybrid"):
         assert reranked[f"{mode}+rerank"]["recall@20"] == first[mode]["recall@20"]
+    # where the re-ranked retrieval's time goes: every stage of the served path, timed per question
+    from clara.retrieval.timing import STAGES
+
+    for mode in ("dense", "lexical", "hybrid"):
+        stages = reranked[f"{mode}+rerank"]["retrieval_stages_ms_p50"]
+        assert set(stages) == set(STAGES) - ({"question embedding"} if mode == "lexical" else set())
+        assert all(v > 0 for v in stages.values()) and sum(stages.values()) <= reranked[f"{mode}+rerank"][
+            "retrieval_ms_p50"] * 1.5
     qa_row = next(r for r in rows if r["system"] == "clara" and r["setting"] == "normal")
     assert qa_row["retriever"] == "hybrid" and qa_row["mode"] == "hybrid"
     # A second evaluation with reuse finds the same build instead of compressing again.

@@ -7,7 +7,7 @@ import torch
 
 from clara.config import SCPConfig, init_model_config, preset
 from clara.model import ClaraModel
-from clara.model.clara_model import chunk_bounds, initial_special_rows
+from clara.model.memory import chunk_bounds, clara_row, initial_special_rows
 
 from conftest import perturb
 
@@ -49,7 +49,7 @@ def test_interleaved_slot_sees_only_its_chunk_and_those_before():
 def test_interleaved_rows_place_each_memory_token_after_its_chunk():
     m = build(memory_slots="interleaved")
     tokens = list(range(10, 30))  # 20 text tokens, 16 slots at rate 16 with 256-token documents
-    row, text_pos, mem_pos = m._clara_row(tokens, 4)
+    row, text_pos, mem_pos = clara_row(tokens, 4, m.cfg.memory_slots, m.enc_id, m.mem_ids)
     assert [row[p] for p in text_pos] == tokens
     assert [row[p] for p in mem_pos] == m.mem_ids[:4]
     assert mem_pos == [6, 12, 18, 24]  # <ENC> + 5 tokens, slot 0, 5 tokens, slot 1, …
@@ -61,7 +61,7 @@ def test_chunk_means_are_the_mean_text_state_of_each_chunk():
     with torch.no_grad(), m.adapter("compressor"):
         enc = m.encode_texts([TEXT], max_len=256)
         ids = m.tokenize_texts([TEXT], 256)[0]
-        row, text_pos, mem_pos = m._clara_row(ids, m.cfg.n_mem_max)
+        row, text_pos, mem_pos = clara_row(ids, m.cfg.n_mem_max, m.cfg.memory_slots, m.enc_id, m.mem_ids)
         hidden = m._decode_hidden(m.embed(torch.tensor([row])), torch.ones(1, len(row), dtype=torch.long))[0]
     for j, (a, e) in enumerate(chunk_bounds(len(ids), m.cfg.n_mem_max)):
         assert torch.allclose(enc.chunk_mean[0, j], hidden[text_pos[a:e]].mean(0), atol=1e-5)

@@ -247,24 +247,39 @@ def test_memory_readout_is_validated():
         preset("tiny", memory_readout="vocab", readout_temperature=0.0)
 
 
-def test_merged_generator_decodes_exactly_as_the_unmerged_one(docs):
-    """The served fast path: the generator's LoRA merged into a copy of the base gives the same greedy answers;
-    the compressor and query reasoner keep their adapters, and checkpoints never see the copy."""
+def test_merged_copies_answer_and_retrieve_exactly_as_the_adapters(docs):
+    """The served fast path: the generator, the query reasoner and the bare base (raw text) run from plain copies of
+    the base with their LoRA merged in; in fp32 the greedy answers and the query tensors are the unmerged ones. The
+    compressor keeps its adapter; checkpoints and parameter lists never see the copies; training bypasses them."""
     model = ClaraModel.build(preset("tiny", compression_rate=16))
     perturb(model)
     mems = model.compress(docs)
     questions = ["Where is Paris?", "Which river flows north?", "What is Python?"]
     plain = model.generate(questions, [[m] for m in mems], max_new_tokens=12)
     texts = model.paraphrase(mems, max_new_tokens=12)
-    n_params = len(list(model.parameters()))
-    model.merge_generator()
-    assert model.generator_merged and len(list(model.parameters())) == n_params  # not a submodule
+    raw = model.generate_from_text(questions, [[d] for d in docs], max_new_tokens=12)
+    queries = model.encode_queries(questions)
+    n_params, keys = len(list(model.parameters())), set(model.state_dict())
+    model.merge_adapters(["generator", "query_reasoner", None])
+    assert model.merged_adapters == ["generator", "query_reasoner", None]
+    assert len(list(model.parameters())) == n_params and set(model.state_dict()) == keys  # not submodules
     assert model.generate(questions, [[m] for m in mems], max_new_tokens=12) == plain
     assert model.paraphrase(mems, max_new_tokens=12) == texts
+    assert model.generate_from_text(questions, [[d] for d in docs], max_new_tokens=12) == raw
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model.encode_queries(questions), queries))
     assert all(torch.equal(a, b) for a, b in zip(model.compress(docs), mems))  # compressor untouched
-    assert not any("lora_" in n for n, _ in model._merged_generator.named_parameters())
-    model.unmerge_generator()
-    assert not model.generator_merged
+    with torch.no_grad():
+        merged = model._merged.get("query_reasoner")
+    assert merged is not None and not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.enable_grad(), model.adapter("query_reasoner"):  # training runs the adapter, not the snapshot
+        model.set_trainable(["query_reasoner"])
+        enc = model.encode_texts(questions[:1], max_len=model.cfg.query_max_len, query=True)
+        enc.memory.sum().backward()
+    assert any(p.grad is not None for p in model.trainable_parameters())
+    model.unmerge_adapters()
+    assert model.merged_adapters == []
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.merge_adapters(["decoder"])
 
 
 def test_the_cached_system_prefix_decodes_exactly_as_a_full_prefill(docs, monkeypatch):
@@ -301,15 +316,16 @@ def test_the_cached_system_prefix_decodes_exactly_as_a_full_prefill(docs, monkey
             (model.generate, questions[:1], sets[:1])]
     before = [logits(*run) for run in runs]
     model.cache_prefix()
-    assert model._prefixes and all(len(p) >= 5 for p in model._prefixes)
+    assert model._prefix_cache.prefixes and all(len(p) >= 5 for p in model._prefix_cache.prefixes)
     for _ in range(2):  # the second time from the stored prefix, which decoding must not have consumed
         for run, (answers, want) in zip(runs, before):
             got_answers, got = logits(*run)
             assert got_answers == answers and torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
-    assert len(model._prefix_kv) == 2  # generator and bare base: one prefix each, reused
-    model.merge_generator()
-    answers, got = logits(*runs[0])
-    assert answers == before[0][0] and torch.allclose(got, before[0][1], atol=1e-4)
+    assert len(model._prefix_cache) == 2  # generator and bare base: one prefix each, reused
+    model.merge_adapters(["generator", None])
+    for run, (answers, want) in zip(runs, before):
+        got_answers, got = logits(*run)
+        assert got_answers == answers and torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
 def test_merged_generator_under_bf16_matches_to_bf16_rounding(docs):
@@ -322,9 +338,14 @@ def test_merged_generator_under_bf16_matches_to_bf16_rounding(docs):
     embeds, mask, _ = model.embed_prompts(rows, [[mems[0]]], left_pad=True)
     with torch.no_grad(), model.adapter("generator"), model.amp():
         plain = model.base_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
-    model.merge_generator()
+    queries = model.encode_queries(["Where is Paris?", "What is Python?"])
+    model.merge_adapters()
+    for a, b in zip(model.encode_queries(["Where is Paris?", "What is Python?"]), queries):
+        assert a.dtype == b.dtype and torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
     with torch.no_grad(), model.amp():
-        merged = model._merged_generator(inputs_embeds=embeds, attention_mask=mask).logits.float()
+        copy = model._merged.get("generator")
+        assert copy.dtype == torch.bfloat16  # held in the dtype the model computes in
+        merged = copy(inputs_embeds=embeds.to(copy.dtype), attention_mask=mask).logits.float()
     scale = plain.abs().max()
     assert (merged - plain).abs().max() <= 0.03 * scale
     assert (merged[0, -1].argmax() == plain[0, -1].argmax()) or (plain[0, -1].topk(2).values.diff().abs() < 0.03 * scale)
