@@ -5,6 +5,11 @@ time each, then malformed requests. Needs the services' environment (the trackin
     python benchmarks/load.py [--model models:/clara@production] [--clients 1,4,16] [--seconds 60]
                               [--out benchmarks/results/load.json]
 
+or, with no services, a checkpoint over a build of bundled passages (``--checkpoint``), served unmerged and then
+merged in the same run (``--compare-merge``):
+
+    python benchmarks/load.py --checkpoint releases/clara-smollm2-r16 --compare-merge --seconds 30
+
 Per client count: completed requests/s, latency p50/p95/p99, errors (any non-200: must be 0), and the throughput
 ratio against one client measured in the same run. The server's resident memory (the serve process and its
 workers) is sampled every second: after the warm-up, the peak and the last sample of each level, after the
@@ -82,11 +87,38 @@ class RssSampler(threading.Thread):
         return [mb for _, mb in self.series[start:]]
 
 
-def start_server(model: str, port: int, log: Path, arena_max: int | None = None) -> subprocess.Popen:
+def local_model(checkpoint: str, passages: int, folder: Path, seed: int = 0) -> str:
+    """A QA model folder (what the registry would hold) for ``checkpoint`` over a store build of ``passages``
+    seeded bundled passages in the embedded Postgres (compressed once, reused): serving without the services."""
+    import mlflow.pyfunc
+
+    from clara.data.corpus import corpus_version_of, ingest_corpus
+    from clara.model.checkpoint import load_checkpoint
+    from clara.retrieval.dense import DenseEncoder
+    from clara.store.db import connect
+    from clara.store.loading import index_corpus
+    from clara_flows.registry import MODEL_CODE, model_signature
+
+    model = load_checkpoint(checkpoint)
+    docs, _ = ingest_corpus("bundled", model.cfg)
+    rng = np.random.default_rng(seed)
+    sub = [docs[i] for i in sorted(rng.choice(len(docs), min(passages, len(docs)), replace=False))]
+    build = index_corpus(connect(None), model, sub, model_uri=str(Path(checkpoint).resolve()),
+                         corpus_version=corpus_version_of(sub), dense=DenseEncoder(), reuse=True)
+    mlflow.pyfunc.save_model(folder, python_model=str(MODEL_CODE["qa"]), artifacts={"checkpoint": str(checkpoint)},
+                             signature=model_signature("qa", "question"),
+                             model_config={"build_id": build.id, "mode": "hybrid", "k": 5})
+    return str(folder)
+
+
+def start_server(model: str, port: int, log: Path, arena_max: int | None = None,
+                 merge: bool | None = None) -> subprocess.Popen:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     if arena_max:
         env["MALLOC_ARENA_MAX"] = str(arena_max)
+    if merge is not None:
+        env["CLARA_MERGE"] = "1" if merge else "0"
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
                                  "-h", "127.0.0.1", "-p", str(port), "-t", "600"],
@@ -167,41 +199,29 @@ def malformed(url: str) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="models:/clara@production")
-    ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arena-max", type=int, default=None, help="MALLOC_ARENA_MAX for the server (default: unset)")
-    ap.add_argument("--out", default="benchmarks/results/load.json")
-    args = ap.parse_args()
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        sys.exit('MLFLOW_TRACKING_URI is not set: run  eval "$(python -m clara_infra.services env)"  first')
+def serve_and_load(model: str, questions: list[str], clients: list[int], seconds: float, seed: int,
+                   arena_max: int | None, merge: bool | None) -> dict[str, Any]:
+    """One server of ``model``: warm-up, each client count in turn, the malformed requests; RSS sampled."""
+    import httpx
 
-    questions = [json.loads(line)["question"] for line in DEV.read_text(encoding="utf-8").splitlines() if line]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/invocations"
     # the server's log is for diagnosing this run, not a result: it stays out of benchmarks/results
     log = Path(tempfile.mkdtemp(prefix="clara-load-")) / "server.log"
     print(f"server log: {log}", flush=True)
-    proc = start_server(args.model, port, log, args.arena_max)
+    proc = start_server(model, port, log, arena_max, merge)
     try:
-        import httpx
-
         warm = httpx.post(url, json={"dataframe_records": [{"question": questions[0]}]}, timeout=600)
         if warm.status_code != 200:
             raise RuntimeError(f"warm-up request failed with {warm.status_code}: {warm.text[:500]}")
-        result: dict[str, Any] = {"model": args.model, "host": "127.0.0.1", "threads": os.cpu_count(),
-                                  "malloc_arena_max": args.arena_max, "seconds_per_level": args.seconds,
+        result: dict[str, Any] = {"model": model, "merge": merge, "host": "127.0.0.1", "threads": os.cpu_count(),
+                                  "malloc_arena_max": arena_max, "seconds_per_level": seconds,
                                   "rss_mb_start": rss_mb(proc.pid), "levels": []}
         sampler = RssSampler(proc.pid)
         sampler.start()
-        for n in [int(x) for x in args.clients.split(",")]:
+        for n in clients:
             start = len(sampler.series)
-            level = load(url, questions, n, args.seconds, args.seed)
+            level = load(url, questions, n, seconds, seed)
             seen = sampler.since(start) or [rss_mb(proc.pid)]
             level.update(rss_mb_peak=max(seen), rss_mb_end=seen[-1])
             result["levels"].append(level)
@@ -218,20 +238,65 @@ def main() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-    out.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    print("\n| clients | req/s | p50 ms | p95 ms | p99 ms | errors | throughput vs 1 | RSS peak / end MiB |\n"
-          "|---|---|---|---|---|---|---|---|")
+    return result
+
+
+def table(result: dict[str, Any]) -> None:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
+    print(f"\nmerge={result['merge']}\n| clients | req/s | p50 ms | p95 ms | p99 ms | errors | throughput vs 1 | "
+          "RSS peak / end MiB |\n|---|---|---|---|---|---|---|---|")
     for lv in result["levels"]:
         print(f"| {lv['clients']} | {lv['requests_per_s']:.2f} | {f(lv['ms_p50'], '.0f')} | {f(lv['ms_p95'], '.0f')} | "
               f"{f(lv['ms_p99'], '.0f')} | {lv['errors']} | {f(lv['throughput_vs_first'], '.2f')} | "
               f"{lv['rss_mb_peak']:.0f} / {lv['rss_mb_end']:.0f} |")
-    print(f"\nserver RSS {result['rss_mb_start']:.0f} MiB after warm-up -> {result['rss_mb_after_load']:.0f} after the "
+    print(f"server RSS {result['rss_mb_start']:.0f} MiB after warm-up -> {result['rss_mb_after_load']:.0f} after the "
           f"load -> {result['rss_mb_end']:.0f} after the malformed requests")
     for case, r in result["malformed"].items():
         print(f"{case}: {r['status']} {r['message'][:120]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models:/clara@production")
+    ap.add_argument("--checkpoint", default=None,
+                    help="Instead of --model: serve this checkpoint over a build of --passages bundled passages in "
+                         "the embedded Postgres (no services needed).")
+    ap.add_argument("--passages", type=int, default=300, help="--checkpoint: passages in its build.")
+    ap.add_argument("--compare-merge", action="store_true",
+                    help="Serve twice in this run, unmerged adapters (CLARA_MERGE=0) then merged copies "
+                         "(CLARA_MERGE=1), and report the throughput ratio per client count.")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arena-max", type=int, default=None, help="MALLOC_ARENA_MAX for the server (default: unset)")
+    ap.add_argument("--out", default="benchmarks/results/load.json")
+    args = ap.parse_args()
+    if args.checkpoint:
+        model = local_model(args.checkpoint, args.passages, Path(tempfile.mkdtemp(prefix="clara-load-model-")) / "m")
+    elif not os.environ.get("MLFLOW_TRACKING_URI"):
+        sys.exit('MLFLOW_TRACKING_URI is not set: run  eval "$(python -m clara_infra.services env)"  first')
+    else:
+        model = args.model
+
+    questions = [json.loads(line)["question"] for line in DEV.read_text(encoding="utf-8").splitlines() if line]
+    clients = [int(x) for x in args.clients.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = [serve_and_load(model, questions, clients, args.seconds, args.seed, args.arena_max, merge)
+            for merge in ((False, True) if args.compare_merge else (None,))]
+    result = runs[0] if len(runs) == 1 else {
+        "model": args.checkpoint or model, "passages": args.passages if args.checkpoint else None,
+        "unmerged": runs[0], "merged": runs[1],
+        "throughput_merged_vs_unmerged": {lv0["clients"]: lv1["requests_per_s"] / lv0["requests_per_s"]
+                                          for lv0, lv1 in zip(runs[0]["levels"], runs[1]["levels"])}}
+    out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    for r in runs:
+        table(r)
+    if len(runs) == 2:
+        print("throughput merged / unmerged per client count:",
+              {k: round(v, 2) for k, v in result["throughput_merged_vs_unmerged"].items()})
     print(f"wrote {out}")
 
 

@@ -47,6 +47,19 @@ def _questions(model_input: Any, column: str = "question", max_chars: int | None
         raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
 
+def _merge(configured: bool) -> bool:
+    """Whether to serve from merged copies (two more copies of the base, for base speed): ``$CLARA_MERGE`` (``0``
+    or ``1``; ``mlflow models serve`` takes no model config), else the model config's ``merge``."""
+    import os
+
+    env = os.environ.get("CLARA_MERGE")
+    if env is not None:
+        if env not in ("0", "1"):
+            raise ValueError(f"CLARA_MERGE must be 0 or 1, got {env!r}")
+        return env == "1"
+    return configured
+
+
 class ClaraQAModel(mlflow.pyfunc.PythonModel):
     """Questions in (column ``question``), answers out with the retrieved documents and their scores.
 
@@ -66,8 +79,7 @@ class ClaraQAModel(mlflow.pyfunc.PythonModel):
                                       mode=str(cfg.get("mode", "clara")), fuse=float(cfg.get("fuse", 0.0)),
                                       candidates=int(cfg["candidates"]) if cfg.get("candidates") else None,
                                       max_new_tokens=int(cfg.get("max_new_tokens", 64)),
-                                      # two more copies of the base for base speed; off where memory is short
-                                      merge=bool(cfg.get("merge", True)))
+                                      merge=_merge(bool(cfg.get("merge", True))))
         self.batcher = Batcher(self._answer, max_batch=int(cfg.get("max_batch", 8)))
 
     def _answer(self, items: list[tuple[str, int | None]]) -> list:

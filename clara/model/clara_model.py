@@ -219,8 +219,9 @@ class ClaraModel(nn.Module):
 
     def _decode_hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states (after the final norm) without computing vocabulary logits."""
-        lm = self._merged.get(self._in_use) or self.base_model
-        with self.amp():
+        copy = self._merged.get(self._in_use)
+        lm = copy or self.base_model
+        with contextlib.nullcontext() if copy is not None else self.amp():  # a copy runs in its own dtype
             out = lm.get_decoder()(inputs_embeds=embeds.to(lm.dtype), attention_mask=mask, use_cache=False)
         # Under autocast the states may come out bf16; memory vectors are stored and compared in the weights' dtype.
         return out.last_hidden_state.to(self.dtype)
@@ -418,15 +419,23 @@ class ClaraModel(nn.Module):
 
     def merge_adapters(self, names: Sequence[str | None] = ("generator", "query_reasoner")) -> None:
         """Run each named adapter (``None``: the bare base, the raw-text baseline) from a plain copy of the base with
-        its LoRA merged in, in the dtype the model computes in (bf16 under ``amp``): base-model speed for one more
+        its LoRA merged in, in a fixed dtype and without autocast (``_copy_dtype``): base-model speed for one more
         copy of the base weights each (``clara.model.inference.MergedCopies``). For serving: the corpus is
         compressed offline, so a served question needs only the query reasoner's forward and the generator's
         decoding. Used only without gradients; a snapshot: ``unmerge_adapters`` before training again."""
         unknown = [n for n in names if n is not None and n not in ADAPTERS]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; known: {ADAPTERS}")
-        self._merged.merge(self.peft, names, torch.bfloat16 if self.uses_amp else self.dtype)
+        self._merged.merge(self.peft, names, self._copy_dtype)
         self._forget_prefixes()
+
+    def _copy_dtype(self, name: str | None) -> torch.dtype:
+        """bf16 where the model computes in it (``amp``), except for the copies that decode on a CPU: one token at a
+        time, this CPU's bf16 kernels run ~3x slower than fp32 (``MergedCopies``), while a whole text's forward
+        (query reasoner, compressor) gains from bf16. On a GPU bf16 wins both."""
+        if not self.uses_amp or (self.device.type == "cpu" and name in ("generator", None)):
+            return self.dtype
+        return torch.bfloat16
 
     def unmerge_adapters(self) -> None:
         self._merged.clear()
@@ -461,19 +470,22 @@ class ClaraModel(nn.Module):
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
         # The special tokens are inputs only; the model must never emit them.
         banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
-        lm = self._merged.get(self._in_use) or self.base_model
+        copy = self._merged.get(self._in_use)
+        lm = copy or self.base_model
+        amp = contextlib.nullcontext if copy is not None else self.amp  # a copy runs in its own dtype
 
         def embed(ids: torch.Tensor) -> torch.Tensor:
             return self.embed(ids).to(lm.dtype)
 
         n, past = 0, None
         if self._prefix_cache is not None:
-            n, past = self._prefix_cache.shared(rows, lm, adapter, embed, self.amp)
+            n, past = self._prefix_cache.shared(rows, lm, adapter, embed, amp)
         embeds, mask, _ = self.embed_prompts([r[n:] for r in rows], memories, left_pad=True)
-        with self.amp():
+        with amp():
             return greedy_decode(lm, embed, embeds.to(lm.dtype), mask, max_new_tokens,
                                  [eos] if isinstance(eos, int) else list(eos), banned, timing, past, n)
 
+    @torch.no_grad()  # decoding never trains; and merged copies serve only calls without gradients
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None,
                         timing: Timing | None = None):
         was_training = self.peft.training

@@ -344,7 +344,8 @@ def test_merged_generator_under_bf16_matches_to_bf16_rounding(docs):
         assert a.dtype == b.dtype and torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
     with torch.no_grad(), model.amp():
         copy = model._merged.get("generator")
-        assert copy.dtype == torch.bfloat16  # held in the dtype the model computes in
+        # on a CPU the decoding copies stay fp32 (its bf16 kernels decode slower), the query reasoner's is bf16
+        assert copy.dtype == torch.float32 and model._merged.get("query_reasoner").dtype == torch.bfloat16
         merged = copy(inputs_embeds=embeds.to(copy.dtype), attention_mask=mask).logits.float()
     scale = plain.abs().max()
     assert (merged - plain).abs().max() <= 0.03 * scale
