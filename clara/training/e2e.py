@@ -190,6 +190,23 @@ def _check_gold_in_corpus(records: Sequence[QARecord], corpus: Mapping[str, str]
         raise ValueError(f"{len(missing)} gold document id(s) are not in the corpus, e.g. {missing[:5]}")
 
 
+def _accumulate_gradients(model: ClaraModel, records: Sequence[QARecord], pool, cfg: E2EConfig, step: int,
+                          recall_key: str, dist) -> dict[str, float]:
+    """One optimizer step's micro-batches, forward and backward (this process's slice of each): loss, recall and
+    score margin averaged over the micro-batches."""
+    train = cfg.train
+    sums = {"loss": 0.0, recall_key: 0.0, "score_margin": 0.0}
+    for micro in range(train.grad_accum):
+        idx = dist.shard(batch_indices(step, micro, train, len(records)))
+        loss, parts = e2e_loss(model, [records[i] for i in idx], pool.memories, pool.n_mem, pool.flat,
+                               pool.index, cfg, [pool.first[i] for i in idx] if pool.first is not None else None)
+        (loss / train.grad_accum).backward()
+        for key, value in (("loss", loss.item()), (recall_key, parts[recall_key]),
+                           ("score_margin", parts["score_margin"])):
+            sums[key] += value / train.grad_accum
+    return sums
+
+
 def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[str, str], cfg: E2EConfig,
               out_dir: str | Path, *, callback: MetricsCallback | None = None, resume: bool = True,
               progress: bool = True, compress_batch_size: int = 16, candidates_cache: str | Path | None = None
@@ -229,15 +246,7 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
                dynamic_ncols=True)
     for step in range(start, steps):
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, recall_key: 0.0, "score_margin": 0.0}
-        for micro in range(train.grad_accum):
-            idx = dist.shard(batch_indices(step, micro, train, len(records)))
-            loss, parts = e2e_loss(model, [records[i] for i in idx], pool.memories, pool.n_mem, pool.flat,
-                                   pool.index, cfg, [pool.first[i] for i in idx] if pool.first is not None else None)
-            (loss / train.grad_accum).backward()
-            for key, value in (("loss", loss.item()), (recall_key, parts[recall_key]),
-                               ("score_margin", parts["score_margin"])):
-                sums[key] += value / train.grad_accum
+        sums = _accumulate_gradients(model, records, pool, cfg, step, recall_key, dist)
         grad_norm = optimizer_step(model, optimizer, scheduler, train, dist)
 
         done = step + 1
