@@ -426,7 +426,7 @@ class ClaraModel(nn.Module):
         unknown = [n for n in names if n is not None and n not in ADAPTERS]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; known: {ADAPTERS}")
-        self._merged.merge(self.peft, names, self._copy_dtype)
+        self._merged.merge(self.peft, names, self._copy_dtype, self._prefill_dtype)
         self._forget_prefixes()
 
     def _copy_dtype(self, name: str | None) -> torch.dtype:
@@ -436,6 +436,10 @@ class ClaraModel(nn.Module):
         if not self.uses_amp or (self.device.type == "cpu" and name in ("generator", None)):
             return self.dtype
         return torch.bfloat16
+
+    def _prefill_dtype(self, name: str | None) -> torch.dtype | None:
+        """A decoding copy kept in fp32 on a CPU prefills its prompts with a bf16 twin (a prompt is a whole text)."""
+        return torch.bfloat16 if self.uses_amp and self._copy_dtype(name) != torch.bfloat16 else None
 
     def unmerge_adapters(self) -> None:
         self._merged.clear()
@@ -472,18 +476,20 @@ class ClaraModel(nn.Module):
         banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
         copy = self._merged.get(self._in_use)
         lm = copy or self.base_model
+        prefill = self._merged.prefill(self._in_use)  # runs the prompt where it is faster than ``lm``
+        first = prefill or lm
         amp = contextlib.nullcontext if copy is not None else self.amp  # a copy runs in its own dtype
 
-        def embed(ids: torch.Tensor) -> torch.Tensor:
-            return self.embed(ids).to(lm.dtype)
+        def embed(ids: torch.Tensor, dtype: torch.dtype = lm.dtype) -> torch.Tensor:
+            return self.embed(ids).to(dtype)
 
         n, past = 0, None
         if self._prefix_cache is not None:
-            n, past = self._prefix_cache.shared(rows, lm, adapter, embed, amp)
+            n, past = self._prefix_cache.shared(rows, first, adapter, lambda ids: embed(ids, first.dtype), amp)
         embeds, mask, _ = self.embed_prompts([r[n:] for r in rows], memories, left_pad=True)
         with amp():
-            return greedy_decode(lm, embed, embeds.to(lm.dtype), mask, max_new_tokens,
-                                 [eos] if isinstance(eos, int) else list(eos), banned, timing, past, n)
+            return greedy_decode(lm, embed, embeds.to(first.dtype), mask, max_new_tokens,
+                                 [eos] if isinstance(eos, int) else list(eos), banned, timing, past, n, prefill)
 
     @torch.no_grad()  # decoding never trains; and merged copies serve only calls without gradients
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,10 +31,20 @@ class Timing:
         return (self.new_tokens - 1) / max(1e-9, self.total_s - self.first_token_s)
 
 
+def cast_cache(past: Any, dtype: torch.dtype) -> Any:
+    """A key/value cache (``DynamicCache``) with every layer's keys and values cast to ``dtype``, in place."""
+    for layer in past.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+            layer.dtype = dtype
+    return past
+
+
 @torch.no_grad()
 def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor,
                   max_new_tokens: int, eos_ids: Sequence[int], banned: tuple[int, int] | None = None,
-                  timing: Timing | None = None, past: Any = None, past_len: int = 0) -> list[list[int]]:
+                  timing: Timing | None = None, past: Any = None, past_len: int = 0,
+                  prefill: Any = None) -> list[list[int]]:
     """Decode greedily from left-padded prompt embeddings; each row stops at its first EOS (not returned).
 
     Args:
@@ -45,6 +56,10 @@ def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: tor
         past, past_len: the key/value cache of a prefix every row shares (``past_len`` tokens, batch B), which
             ``embeds`` continue: only the rest is prefilled. The padding then sits between the prefix and the
             rest, masked out, and positions count real tokens only, so the result is the uncached one.
+        prefill: a model whose layers run the prompt instead of ``lm``'s (the same weights in another dtype: on a
+            CPU the layers run a whole prompt faster in bf16, while one token at a time, and the vocabulary head
+            always, run faster in fp32); ``embeds`` and ``past`` are in its dtype, the first token's logits come from
+            ``lm``'s head, and the cache is cast to ``lm``'s dtype before decoding.
     """
     eos = set(int(e) for e in eos_ids)
     b = embeds.shape[0]
@@ -52,8 +67,14 @@ def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: tor
         mask = torch.cat([mask.new_ones(b, past_len), mask], dim=1)
     # Explicit positions: with left padding each row's first real token must be position 0.
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
-             logits_to_keep=1)
+    if prefill is None:
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
+                 logits_to_keep=1)
+    else:  # the prompt through the prefill copy's layers; the last state through lm's own head, in lm's dtype
+        states = prefill.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                                       past_key_values=past, use_cache=True)
+        logits = lm.get_output_embeddings()(states.last_hidden_state[:, -1:].to(lm.dtype))
+        out = SimpleNamespace(logits=logits, past_key_values=cast_cache(states.past_key_values, lm.dtype))
     done = [False] * b
     produced: list[list[int]] = [[] for _ in range(b)]
     steps = 0
@@ -72,7 +93,7 @@ def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: tor
                     done[i] = True
                 else:
                     produced[i].append(tok)
-        if all(done):
+        if all(done) or steps == max_new_tokens:  # no forward for a token that will not be read
             break
         mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         pos = pos[:, -1:] + 1

@@ -350,3 +350,51 @@ def test_merged_generator_under_bf16_matches_to_bf16_rounding(docs):
     scale = plain.abs().max()
     assert (merged - plain).abs().max() <= 0.03 * scale
     assert (merged[0, -1].argmax() == plain[0, -1].argmax()) or (plain[0, -1].topk(2).values.diff().abs() < 0.03 * scale)
+
+
+def test_a_prefill_twin_hands_its_cache_to_the_decoding_copy(docs):
+    """The served decoding on a CPU: a bf16 twin's layers run the prompt, the fp32 copy's head gives the first
+    token and its layers decode from the twin's cache, cast to fp32. With an fp32 twin (the same weights, the same
+    dtype) every token must equal plain decoding: the handoff itself (cache, positions, padding, prefix) is exact."""
+    import copy
+    from types import SimpleNamespace
+
+    from clara.model import decoding
+
+    model = ClaraModel.build(preset("tiny", compression_rate=16, amp="bf16"))
+    perturb(model)
+    mems = model.compress(docs)
+    model.merge_adapters(["generator", "query_reasoner", None])
+    with torch.no_grad():
+        assert model._merged.prefill("generator").dtype == torch.bfloat16
+        assert model._merged.prefill(None).dtype == torch.bfloat16
+        assert model._merged.prefill("query_reasoner") is None  # already bf16: one copy does both
+        lm = model._merged.get("generator")
+    rows = [model.qa_prompt(q, [m.shape[0]]) for q, m in zip(["Where is Paris?", "Which river flows north?"], mems)]
+    embeds, mask, _ = model.embed_prompts(rows, [[m] for m in mems[:2]], left_pad=True)
+    class Recording:  # the decoding copy, keeping the logits of every step (random tiny models' greedy tokens
+        dtype = lm.dtype  # hardly depend on positions: compare the logits)
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, **kw):
+            return self.keep(lm(**kw))
+
+        def keep(self, out):
+            self.seen.append(out.logits[:, -1].clone())
+            return out
+
+        def get_output_embeddings(self):
+            return lambda h: self.keep(SimpleNamespace(logits=lm.get_output_embeddings()(h))).logits
+
+    args = (lambda ids: model.embed(ids).to(lm.dtype), embeds.to(lm.dtype), mask, 8, [-1])
+    plain, handed = Recording(), Recording()
+    tokens = decoding.greedy_decode(plain, *args)
+    assert decoding.greedy_decode(handed, *args, prefill=copy.deepcopy(lm)) == tokens
+    assert len(handed.seen) == len(plain.seen) == 8
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(handed.seen, plain.seen))
+    model.cache_prefix()
+    answers = model.generate(["Where is Paris?", "Which river flows north?"], [[m] for m in mems[:2]],
+                             max_new_tokens=8)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
