@@ -60,8 +60,8 @@ def versus(cell: dict[str, Any], raw: dict[str, Any], prompt_tokens: int | None 
 
 def against_best_raw(cell: dict[str, Any], raw: dict[str, Any], k: int) -> dict[str, Any]:
     """``cell``'s speed-ups over raw text at its best per measure, of its two ways in this run: unmerged under
-    autocast (bf16 prefill: the faster TTFT for long prompts on this CPU) and the served way (a plain fp32 copy,
-    prefix cached: the faster decoding). A served CLaRa is not credited with raw text's weaker configuration."""
+    autocast, and the served way (the bare base's merged copies, prefix cached). A served CLaRa is not credited
+    with raw text's weaker configuration."""
     ways = [raw[k], raw[f"{k}_prefix"]]
     cell["ttft_speedup_vs_best_raw"] = min(w["ttft_ms_p50"] for w in ways) / cell["ttft_ms_p50"]
     cell["e2e_speedup_vs_best_raw"] = min(w["e2e_ms_p50"] for w in ways) / cell["e2e_ms_p50"]
@@ -72,10 +72,11 @@ def served_cells(model, base_model, result: dict[str, Any], question: str, texts
                  new_tokens: int, repeats: int) -> dict[str, Any]:
     """The served path in the same run: the generator and query reasoner merged into plain copies of the base
     (``ClaraModel.merge_adapters``) and the fixed system-prompt prefix cached (``ClaraModel.cache_prefix``), beside
-    raw text decoding from a plain copy of the bare base with the same prefix cached (fair: same dtype, same prefix).
+    raw text run the same way from the bare base's copies with the same prefix cached (fair: same dtypes, same
+    prefix).
     Raw text's prefix-cached cells go into ``result["raw"]`` as ``<k>_prefix``."""
     cells: dict[str, Any] = {}
-    base_model.merge_adapters([None])  # raw text decodes from the same kind of plain copy: fair
+    base_model.merge_adapters([None])  # raw text runs from the same kind of copies: fair
     base_model.cache_prefix()
     prefix = max((len(p) for p in base_model._prefix_cache.prefixes), default=0)
     for k in ks:

@@ -48,7 +48,7 @@ def _questions(model_input: Any, column: str = "question", max_chars: int | None
 
 
 def _merge(configured: bool) -> bool:
-    """Whether to serve from merged copies (two more copies of the base, for base speed): ``$CLARA_MERGE`` (``0``
+    """Whether to serve from merged copies (more copies of the base, for base speed): ``$CLARA_MERGE`` (``0``
     or ``1``; ``mlflow models serve`` takes no model config), else the model config's ``merge``."""
     import os
 

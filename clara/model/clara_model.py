@@ -173,6 +173,20 @@ class ClaraModel(nn.Module):
             self.peft.set_adapter(previous)
             self._apply_trainable()
 
+    @contextlib.contextmanager
+    def _inference(self, name: str | None) -> Iterator[None]:
+        """Adapter ``name`` active, dropout off, the training mode restored after. ``eval()`` / ``train()`` walk every
+        module (~25 ms each on SmolLM2, per call), so they run only when the mode really changes."""
+        was_training = self.peft.training
+        if was_training:
+            self.peft.eval()
+        try:
+            with self.adapter(name):
+                yield
+        finally:
+            if was_training:
+                self.peft.train()
+
     def copy_adapter(self, src: str, dst: str) -> None:
         """Overwrite adapter ``dst`` with the weights of ``src`` (E2E starts the query reasoner this way)."""
         with torch.no_grad():
@@ -299,19 +313,12 @@ class ClaraModel(nn.Module):
         # Length-sorted batches waste less compute on padding; results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[torch.Tensor | None] = [None] * len(texts)
-        was_training = self.peft.training
-        if was_training:  # .eval() / .train() walk every module: ~25 ms each on SmolLM2, per call
-            self.peft.eval()
-        try:
-            with self.adapter(adapter):
-                for s in range(0, len(order), batch_size):
-                    chunk = order[s : s + batch_size]
-                    enc = self.encode_texts([texts[i] for i in chunk], max_len=max_len, query=query)
-                    for i, m in zip(chunk, enc.unpad()):
-                        out[i] = m
-        finally:
-            if was_training:
-                self.peft.train()
+        with self._inference(adapter):
+            for s in range(0, len(order), batch_size):
+                chunk = order[s : s + batch_size]
+                enc = self.encode_texts([texts[i] for i in chunk], max_len=max_len, query=query)
+                for i, m in zip(chunk, enc.unpad()):
+                    out[i] = m
         return out  # type: ignore[return-value]
 
     def compression_stats(self, docs: Sequence[str]) -> dict[str, float]:
@@ -494,15 +501,8 @@ class ClaraModel(nn.Module):
     @torch.no_grad()  # decoding never trains; and merged copies serve only calls without gradients
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None,
                         timing: Timing | None = None):
-        was_training = self.peft.training
-        if was_training:  # .eval() / .train() walk every module: ~25 ms each on SmolLM2, per call
-            self.peft.eval()
-        try:
-            with self.adapter(adapter):
-                ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id, timing, adapter)
-        finally:
-            if was_training:
-                self.peft.train()
+        with self._inference(adapter):
+            ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id, timing, adapter)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
     def generate(self, questions: Sequence[str], memories: Sequence[Sequence[torch.Tensor]],

@@ -14,7 +14,7 @@ from torch import nn
 
 class MergedCopies:
     """One plain copy of the base per adapter (``None``: the bare base, no LoRA), the adapter's LoRA merged into its
-    weights (``W + s·BA``) and held in the dtype the model computes in.
+    weights (``W + s·BA``) and held in a fixed dtype chosen per adapter (``ClaraModel._copy_dtype``).
 
     Why: an unmerged LoRA runs two extra matmuls per projection per token (210 on SmolLM2), and under bf16
     autocast every forward casts all fp32 weights again; a merged copy in a fixed dtype does neither. Measured on
