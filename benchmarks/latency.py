@@ -90,7 +90,7 @@ def served_cells(model, base_model, result: dict[str, Any], question: str, texts
     for k in ks:
         cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens, timing=t,
                                                    eos_token_id=NO_EOS), repeats)
-        tokens = len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]])) - prefix
+        tokens = len(model.prompter.qa_prompt(question, [m.shape[0] for m in mems[:k]])) - prefix
         cells[f"{k}_served"] = against_best_raw(versus(cell, result["raw"][f"{k}_prefix"], tokens), result["raw"], k)
         print(f"clara k={k} served (merged generator, prefix cached) vs raw text prefix cached: {cell}", flush=True)
     model.cache_prefix(False)
@@ -126,7 +126,7 @@ def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tok
             for k in ks:
                 result["raw"][k] = timed(lambda t, k=k: model.generate_from_text(
                     [question], [texts[:k]], max_new_tokens=new_tokens, timing=t, eos_token_id=NO_EOS), repeats)
-                result["raw"][k]["prompt_tokens"] = len(model.text_qa_prompt(question, texts[:k]))
+                result["raw"][k]["prompt_tokens"] = len(model.prompter.text_qa_prompt(question, texts[:k]))
                 print(f"raw text k={k}: {result['raw'][k]}", flush=True)
         t0 = time.perf_counter()
         mems = model.compress(texts)
@@ -135,7 +135,8 @@ def run(preset_name: str, ks: list[int], rates: list[int], repeats: int, new_tok
         for k in ks:
             cell = timed(lambda t, k=k: model.generate([question], [mems[:k]], max_new_tokens=new_tokens, timing=t,
                                                        eos_token_id=NO_EOS), repeats)
-            cells[k] = versus(cell, result["raw"][k], len(model.qa_prompt(question, [m.shape[0] for m in mems[:k]])))
+            prompt = model.prompter.qa_prompt(question, [m.shape[0] for m in mems[:k]])
+            cells[k] = versus(cell, result["raw"][k], len(prompt))
             print(f"clara rate {rate} k={k}: {cell}", flush=True)
         if merged:  # the served path: the generator's LoRA merged into a copy of the base (same run, same k)
             model.merge_adapters(["generator"])

@@ -81,8 +81,7 @@ def reconstruction(model, passages: Sequence[Any], batch_size: int = 4) -> dict[
     model.peft.eval()
 
     def rows_for(mems):
-        return [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=model.placeholders(m.shape[0])))
-                for m in mems]
+        return [model.prompter.paraphrase_prompt(m.shape[0]) for m in mems]
 
     if len(passages) < 2:
         raise ValueError(f"reconstruction needs at least 2 held-out passages (the control reads another "
@@ -93,18 +92,18 @@ def reconstruction(model, passages: Sequence[Any], batch_size: int = 4) -> dict[
     with torch.no_grad():
         for s, e in zip(starts, starts[1:] + [len(passages)]):
             chunk = [p.full_text for p in passages[s:e]]
-            targets = [model.target_ids(t, 1024) for t in chunk]
+            targets = [model.prompter.target_ids(t, 1024) for t in chunk]
             n = sum(len(t) for t in targets)
             mems = model.compress(chunk)
             other = mems[1:] + mems[:1]  # each passage read from its neighbour's memory
-            empty = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents="")) for _ in chunk]
+            empty = [model.prompter.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents="")) for _ in chunk]
             with model.adapter("generator"):
                 sums["memory"] += model.response_loss(rows_for(mems), targets, [[m] for m in mems]).item() * n
                 sums["memory_other"] += model.response_loss(rows_for(other), targets,
                                                             [[m] for m in other]).item() * n
                 sums["generator_no_document"] += model.response_loss(empty, targets,
                                                                      [[] for _ in chunk]).item() * n
-            raw = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=t)) for t in chunk]
+            raw = [model.prompter.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=t)) for t in chunk]
             with model.adapter(None):
                 sums["no_document"] += model.response_loss(empty, targets, [[] for _ in chunk]).item() * n
                 sums["raw_document"] += model.response_loss(raw, targets, [[] for _ in chunk]).item() * n
@@ -159,7 +158,7 @@ def answer_spans(model, items: Sequence[tuple[str, str]], batch_size: int = 4) -
         enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(answer) and b > at and i < 1024]
         if idx:
-            spans.append((text, model.target_ids(text, 1024), idx))
+            spans.append((text, model.prompter.target_ids(text, 1024), idx))
     if len(spans) < 2:
         raise ValueError(f"answer spans need at least 2 answers found in their passages; got {len(spans)}")
     sums = {"memory": 0.0, "memory_other": 0.0, "no_document": 0.0, "raw_document": 0.0}
@@ -182,14 +181,14 @@ def answer_spans(model, items: Sequence[tuple[str, str]], batch_size: int = 4) -
             targets = [t for _, t, _ in chunk]
             mems = model.compress([text for text, _, _ in chunk])
             other = mems[1:] + mems[:1]
-            empty = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents="")) for _ in chunk]
+            empty = [model.prompter.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents="")) for _ in chunk]
             with model.adapter("generator"):
                 for key, m in (("memory", mems), ("memory_other", other)):
-                    rows = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=model.placeholders(
-                        x.shape[0]))) for x in m]
+                    rows = [model.prompter.paraphrase_prompt(x.shape[0]) for x in m]
                     sums[key] += picked(model.response_loss(rows, targets, [[x] for x in m], reduction="none"),
                                         chunk)
-            raw = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=text)) for text, _, _ in chunk]
+            raw = [model.prompter.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=text))
+                   for text, _, _ in chunk]
             with model.adapter(None):
                 sums["no_document"] += picked(model.response_loss(empty, targets, [[] for _ in chunk],
                                                                   reduction="none"), chunk)
@@ -330,10 +329,11 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         if nll_cached.is_file():
             base_nll = json.loads(nll_cached.read_text(encoding="utf-8"))
         else:
+            text_prompt = model.prompter.text_qa_prompt
             base_nll = {
-                "closed_book": answer_nll(model, [model.text_qa_prompt(q, []) for q in questions], gold_answers,
+                "closed_book": answer_nll(model, [text_prompt(q, []) for q in questions], gold_answers,
                                           None, None, batch_size)[0],
-                "raw_text_forced": answer_nll(model, [model.text_qa_prompt(q, [by_id[d].full_text for d in ids])
+                "raw_text_forced": answer_nll(model, [text_prompt(q, [by_id[d].full_text for d in ids])
                                                       for q, ids in zip(questions, forced)],
                                               gold_answers, None, None, batch_size)[0]}
             nll_cached.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +348,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
                                    "clara_forced": _score(clara, qa)}
 
         def clara_nll(sets: list[list[str]]) -> tuple[float, list[float]]:
-            rows = [model.qa_prompt(q, [mem[d].shape[0] for d in ids]) for q, ids in zip(questions, sets)]
+            rows = [model.prompter.qa_prompt(q, [mem[d].shape[0] for d in ids]) for q, ids in zip(questions, sets)]
             return answer_nll(model, rows, gold_answers, [[mem[d] for d in ids] for ids in sets], "generator",
                               batch_size)
 

@@ -30,7 +30,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from clara.data.corpus import ingest_corpus
     from clara.data.mixes import heldout
-    from clara.model import prompts
     from clara.model.checkpoint import load_checkpoint
     from quality_probe import first_articles
 
@@ -39,10 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     docs, _ = ingest_corpus("bundled", model.cfg)
     held = [d for d in first_articles(docs, 2000) if heldout(d)][:4]
     texts = [p.full_text for p in held]
-    targets = [model.target_ids(t, 1024) for t in texts]
+    targets = [model.prompter.target_ids(t, 1024) for t in texts]
     mems = model.compress(texts)
-    rows = [model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=model.placeholders(m.shape[0])))
-            for m in mems]
+    rows = [model.prompter.paraphrase_prompt(m.shape[0]) for m in mems]
     model.set_trainable([], special=False)
     vecs = [torch.nn.Parameter(m.detach().float().clone()) for m in mems]
     opt = torch.optim.Adam(vecs, lr=args.lr)

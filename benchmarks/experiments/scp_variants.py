@@ -155,9 +155,10 @@ if a.distill > 0:
             ex_mems = memories[at: at + len(ex.docs)]
             raw = "\n\n".join(ex.docs); at += len(ex.docs)
             user = rng.choice(ex.users)
-            rows.append(model.prompt_ids(user.replace("{documents}", "".join(model.placeholders(m.shape[0]) for m in ex_mems)), ex.system))
-            raw_rows.append(model.prompt_ids(user.replace("{documents}", raw), ex.system))
-            targets.append(model.target_ids(ex.target, max_target_len)); mems.append(ex_mems)
+            slots = "".join(model.prompter.placeholders(m.shape[0]) for m in ex_mems)
+            rows.append(model.prompter.prompt_ids(user.replace("{documents}", slots), ex.system))
+            raw_rows.append(model.prompter.prompt_ids(user.replace("{documents}", raw), ex.system))
+            targets.append(model.prompter.target_ids(ex.target, max_target_len)); mems.append(ex_mems)
         with model.adapter("generator"):
             hs = states([r + t for r, t in zip(rows, targets)], mems)
         with torch.no_grad(), model.adapter(None):

@@ -68,9 +68,10 @@ def model_paraphrase(
 ) -> None:
     """Compress a document and print what the generator reads back from its memory tokens."""
     from clara.model.checkpoint import load_checkpoint
+    from clara.model.memory import compression_stats
 
     model = load_checkpoint(checkpoint, device=device)
     memory = model.compress([text])[0]
-    typer.echo(f"memory tokens: {memory.shape[0]} x {memory.shape[1]}  "
-               f"(real ratio {model.compression_stats([text])['real_ratio']:.1f})")
+    stats = compression_stats(model.cfg, [len(t) for t in model.tokenize_texts([text], model.cfg.doc_max_len)])
+    typer.echo(f"memory tokens: {memory.shape[0]} x {memory.shape[1]}  (real ratio {stats['real_ratio']:.1f})")
     typer.echo(model.paraphrase([memory], max_new_tokens=max_new_tokens)[0])

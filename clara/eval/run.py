@@ -265,7 +265,7 @@ class _Evaluation:
 
     def text_nll(self, r: QARecord, ids: Sequence[str]) -> float:
         """The base model (adapters off) on the raw-text prompt with passages ``ids`` (none: closed book)."""
-        row = self.base.text_qa_prompt(r.question, [self.by_id[d].full_text for d in ids])
+        row = self.base.prompter.text_qa_prompt(r.question, [self.by_id[d].full_text for d in ids])
         return answer_nll(self.base, [row], r.answers[:1], None, None)[0]
 
     def closed_book(self) -> list[dict[str, Any]]:
@@ -286,7 +286,7 @@ class _Evaluation:
                        lambda r, ids, t: model.generate([r.question], [[]], max_new_tokens=self.cfg.max_new_tokens,
                                                         timing=t)[0],
                        lambda acc, ids: acc.context.append(0),
-                       lambda r, ids: answer_nll(model, [model.qa_prompt(r.question, [])], r.answers[:1], [[]],
+                       lambda r, ids: answer_nll(model, [model.prompter.qa_prompt(r.question, [])], r.answers[:1], [[]],
                                                  "generator")[0])
         return [_row("clara-closed-book", None, "normal", rate, acc)]
 
@@ -340,7 +340,7 @@ class _Evaluation:
 
         def nll(r: QARecord, ids: list[str]) -> float:
             mems = [retriever.memory_of(d) for d in ids]
-            row = model.qa_prompt(r.question, [m.shape[0] for m in mems])
+            row = model.prompter.qa_prompt(r.question, [m.shape[0] for m in mems])
             return answer_nll(model, [row], r.answers[:1], [[m.to(model.device) for m in mems]], "generator")[0]
 
         rows += self.clara_closed_book(rate, model)

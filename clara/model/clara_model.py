@@ -14,7 +14,6 @@ separate, trainable parameter) and ``embed`` splices them in. This keeps the bas
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator, Sequence
 
 import torch
@@ -22,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clara.config import ModelConfig
-from clara.model import prompts
+from clara.model.prompts import Prompter
 from clara.model.base import cpu_has_native_bf16, load_base, resolve_device, resolve_dtype
 from clara.model.decoding import Timing, greedy_decode
-from clara.model.inference import MergedCopies, PrefixCache
-from clara.model.memory import Encoded, clara_row, gather, initial_special_rows, mem_token, ml_clara_rows
+from clara.model.inference import MergedCopies, PrefixCache, copy_dtypes
+from clara.model.memory import (Encoded, clara_row, gather, initial_special_rows, mem_token, ml_clara_rows,
+                                pad_rows)
 
 ADAPTERS = ("compressor", "generator", "query_reasoner")
 ENC_TOKEN = "<ENC>"
@@ -52,6 +52,7 @@ class ClaraModel(nn.Module):
         self.first_special_id = first
         self.mem_ids = ids[: cfg.n_mem_max]
         self.enc_id, self.sep_id = ids[-2], ids[-1]
+        self.prompter = Prompter(tokenizer, cfg.layout, self.special_tokens[: cfg.n_mem_max], SEP_TOKEN)
 
         def lora() -> LoraConfig:
             return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -141,37 +142,32 @@ class ClaraModel(nn.Module):
     @contextlib.contextmanager
     def adapter(self, name: str | None) -> Iterator[None]:
         """Run the enclosed calls with adapter ``name`` active (``None``: the bare base model)."""
+        if name is not None and name not in ADAPTERS:
+            raise ValueError(f"unknown adapter {name!r}; known: {ADAPTERS}")
         outer, self._in_use = self._in_use, name
-        if self._merged.get(name) is not None:
-            # Its merged copy runs it (no gradients): peft's own switch is not needed, and it walks every module
-            # twice per call (~45 ms on SmolLM2, as long as the query reasoner's whole forward).
-            try:
+        # Where a merged copy runs it (no gradients), peft's own switch is not needed, and it walks every module
+        # twice per call (~45 ms on SmolLM2, as long as the query reasoner's whole forward).
+        switch = self._merged.get(name) is None
+        try:
+            if not switch:
                 yield
-            finally:
-                self._in_use = outer
-            return
-        if name is None:
-            try:
+            elif name is None:
                 with self.peft.disable_adapter():
                     yield
-            finally:
-                self._in_use = outer
-                # re-enabling flips requires_grad to "active adapter only" too, and autograd then drops the
-                # gradients of every other adapter in a graph built before (a teacher pass by the bare base)
+            else:
+                previous = self.peft.active_adapter
+                self.peft.set_adapter(name)
                 self._apply_trainable()
-            return
-        if name not in ADAPTERS:
-            self._in_use = outer
-            raise ValueError(f"unknown adapter {name!r}; known: {ADAPTERS}")
-        previous = self.peft.active_adapter
-        self.peft.set_adapter(name)
-        self._apply_trainable()
-        try:
-            yield
+                try:
+                    yield
+                finally:
+                    self.peft.set_adapter(previous)
         finally:
             self._in_use = outer
-            self.peft.set_adapter(previous)
-            self._apply_trainable()
+            if switch:
+                # peft's switches (re-enabling included) flip requires_grad to "active adapter only", and autograd
+                # then drops the gradients of every other adapter in a graph built before (e.g. a teacher pass)
+                self._apply_trainable()
 
     @contextlib.contextmanager
     def _inference(self, name: str | None) -> Iterator[None]:
@@ -268,20 +264,10 @@ class ClaraModel(nn.Module):
             text_pos = [list(range(a, b)) for a, b in text_spans]
             mem_pos = [list(range(len(r) - self.cfg.n_mem_max, len(r))) for r in rows]
         else:
-            rows, text_pos, mem_pos = [], [], []
-            for t in self.tokenize_texts(texts, max_len):
-                n = self.cfg.n_mem_max if query else self.cfg.n_mem_for(len(t))
-                row, tp, mp = clara_row(t, n, self.cfg.memory_slots, self.enc_id, self.mem_ids)
-                rows.append(row)
-                text_pos.append(tp)
-                mem_pos.append(mp)
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        # None marks a left pad (ml-clara layout): masked like the right padding
-        ids = torch.tensor([[pad if x is None else x for x in r] + [pad] * (width - len(r)) for r in rows],
-                           device=self.device)
-        mask = torch.tensor([[0 if x is None else 1 for x in r] + [0] * (width - len(r)) for r in rows],
-                            device=self.device)
+            built = [clara_row(t, self.cfg.n_mem_max if query else self.cfg.n_mem_for(len(t)), self.cfg.memory_slots,
+                               self.enc_id, self.mem_ids) for t in self.tokenize_texts(texts, max_len)]
+            rows, text_pos, mem_pos = (list(x) for x in zip(*built))
+        ids, mask, _ = pad_rows(rows, self.tokenizer.pad_token_id, left=False, device=self.device)
         hidden = self._decode_hidden(self.embed(ids), mask)
         return gather(hidden, text_pos, mem_pos, self.cfg.n_mem_max, self._readout)
 
@@ -321,42 +307,7 @@ class ClaraModel(nn.Module):
                     out[i] = m
         return out  # type: ignore[return-value]
 
-    def compression_stats(self, docs: Sequence[str]) -> dict[str, float]:
-        """Nominal rate and the real one (document tokens kept / memory tokens) over ``docs``."""
-        toks = [len(t) for t in self.tokenize_texts(docs, self.cfg.doc_max_len)]
-        mems = [self.cfg.n_mem_for(t) for t in toks]
-        return {
-            "nominal_rate": float(self.cfg.compression_rate),
-            "real_ratio": sum(toks) / max(1, sum(mems)),
-            "doc_tokens_mean": sum(toks) / max(1, len(toks)),
-            "mem_tokens_mean": sum(mems) / max(1, len(mems)),
-        }
-
     # ------------------------------------------------------------------------------------------- prompts
-
-    def placeholders(self, n: int) -> str:
-        if not 1 <= n <= self.cfg.n_mem_max:
-            raise ValueError(f"a document has 1..{self.cfg.n_mem_max} memory tokens at this rate, not {n}")
-        return "".join(mem_token(i) for i in range(n)) + SEP_TOKEN
-
-    def prompt_ids(self, user: str, system: str | None = None) -> list[int]:
-        """The chat prompt's token ids. A template without a system role (older Mistral templates raise on one)
-        gets the system text folded into the user's turn instead of failing."""
-        from jinja2 import TemplateError
-
-        try:
-            text = self.tokenizer.apply_chat_template(prompts.chat(system, user), tokenize=False,
-                                                      add_generation_prompt=True)
-        except TemplateError:
-            if not system:
-                raise
-            text = self.tokenizer.apply_chat_template(prompts.chat(None, f"{system}\n{user}"), tokenize=False,
-                                                      add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def qa_prompt(self, question: str, n_per_doc: Sequence[int]) -> list[int]:
-        docs = "".join(self.placeholders(n) for n in n_per_doc)
-        return self.prompt_ids(prompts.QA_USER.format(documents=docs, question=question), prompts.QA_SYSTEM)
 
     def embed_prompts(self, rows: list[list[int]], memories: list[list[torch.Tensor]], left_pad: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -364,13 +315,7 @@ class ClaraModel(nn.Module):
 
         Returns (embeds [B, L, H], attention mask [B, L], the pad offset of each row).
         """
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        offsets = [width - len(r) if left_pad else 0 for r in rows]
-        ids = torch.tensor([[pad] * o + r + [pad] * (width - len(r) - o) for r, o in zip(rows, offsets)],
-                           device=self.device)
-        mask = torch.tensor([[0] * o + [1] * len(r) + [0] * (width - len(r) - o) for r, o in zip(rows, offsets)],
-                            device=self.device)
+        ids, mask, offsets = pad_rows(rows, self.tokenizer.pad_token_id, left=left_pad, device=self.device)
         embeds = self.embed(ids)
         slots = (ids >= self.mem_ids[0]) & (ids <= self.mem_ids[-1]) & mask.bool()
         vectors = [m for mems in memories for m in mems]
@@ -402,51 +347,29 @@ class ClaraModel(nn.Module):
         embeds, mask, _ = self.embed_prompts(rows, memories, left_pad=False)
         hidden = self._decode_hidden(embeds, mask)
         # Only positions that predict a response token go through the (large) vocabulary projection.
-        b_idx, t_idx, labels = [], [], []
-        for b, (p, t) in enumerate(zip(prompts_ids, targets)):
-            for j, tok in enumerate(t):
-                b_idx.append(b)
-                t_idx.append(len(p) + j - 1)
-                labels.append(tok)
+        b_idx = [b for b, t in enumerate(targets) for _ in t]
+        t_idx = [len(p) + j - 1 for p, t in zip(prompts_ids, targets) for j in range(len(t))]
+        labels = [tok for t in targets for tok in t]
         if not labels:
             raise ValueError("no response tokens to score")
         h = hidden[torch.tensor(b_idx, device=self.device), torch.tensor(t_idx, device=self.device)]
         logits = self._logits(h)
         return F.cross_entropy(logits, torch.tensor(labels, device=self.device), reduction=reduction)
 
-    def target_ids(self, text: str, max_len: int) -> list[int]:
-        """Response tokens followed by EOS, so the generator learns to stop; a target longer than ``max_len``
-        is cut and gets no EOS, since stopping mid-line is not what it should learn."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_len:
-            return ids[:max_len]
-        return ids + [self.tokenizer.eos_token_id]
-
     # ------------------------------------------------------------------------------------------ generate
 
     def merge_adapters(self, names: Sequence[str | None] = ("generator", "query_reasoner")) -> None:
         """Run each named adapter (``None``: the bare base, the raw-text baseline) from a plain copy of the base with
-        its LoRA merged in, in a fixed dtype and without autocast (``_copy_dtype``): base-model speed for one more
-        copy of the base weights each (``clara.model.inference.MergedCopies``). For serving: the corpus is
-        compressed offline, so a served question needs only the query reasoner's forward and the generator's
-        decoding. Used only without gradients; a snapshot: ``unmerge_adapters`` before training again."""
+        its LoRA merged in, in a fixed dtype and without autocast (``clara.model.inference.copy_dtypes``):
+        base-model speed for one more copy of the base weights each (``clara.model.inference.MergedCopies``). For
+        serving: the corpus is compressed offline, so a served question needs only the query reasoner's forward and
+        the generator's decoding. Used only without gradients; a snapshot: ``unmerge_adapters`` before training
+        again."""
         unknown = [n for n in names if n is not None and n not in ADAPTERS]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; known: {ADAPTERS}")
-        self._merged.merge(self.peft, names, self._copy_dtype, self._prefill_dtype)
+        self._merged.merge(self.peft, names, lambda n: copy_dtypes(n, self.uses_amp, self.dtype, self.device.type))
         self._forget_prefixes()
-
-    def _copy_dtype(self, name: str | None) -> torch.dtype:
-        """bf16 where the model computes in it (``amp``), except for the copies that decode on a CPU: one token at a
-        time, this CPU's bf16 kernels run ~3x slower than fp32 (``MergedCopies``), while a whole text's forward
-        (query reasoner, compressor) gains from bf16. On a GPU bf16 wins both."""
-        if not self.uses_amp or (self.device.type == "cpu" and name in ("generator", None)):
-            return self.dtype
-        return torch.bfloat16
-
-    def _prefill_dtype(self, name: str | None) -> torch.dtype | None:
-        """A decoding copy kept in fp32 on a CPU prefills its prompts with a bf16 twin (a prompt is a whole text)."""
-        return torch.bfloat16 if self.uses_amp and self._copy_dtype(name) != torch.bfloat16 else None
 
     def unmerge_adapters(self) -> None:
         self._merged.clear()
@@ -468,16 +391,12 @@ class ClaraModel(nn.Module):
         if not on:
             object.__setattr__(self, "_prefix_cache", None)
             return
-        systems = (prompts.QA_SYSTEM, prompts.PROMPTS[self.cfg.layout].paraphrase_system)
-        # what every prompt with that system text starts with, whatever its user turn says
-        prefixes = {tuple(os.path.commonprefix([self.prompt_ids("A", s), self.prompt_ids("B", s)])) for s in systems}
-        object.__setattr__(self, "_prefix_cache", PrefixCache(prefixes))
+        object.__setattr__(self, "_prefix_cache", PrefixCache(self.prompter.fixed_prefixes()))
 
     def greedy_decode(self, rows: list[list[int]], memories: list[list[torch.Tensor]], max_new_tokens: int,
-                      eos_token_id: int | Sequence[int] | None = None, timing: Timing | None = None,
-                      adapter: str | None = None) -> list[list[int]]:
+                      eos_token_id: int | Sequence[int] | None = None, timing: Timing | None = None) -> list[list[int]]:
         """Greedy decoding of prompt rows (memory vectors spliced in) under the active adapter (its merged copy
-        when ``merge_adapters`` made one); ``adapter`` names it for the prefix cache."""
+        when ``merge_adapters`` made one; the prefix cache keeps a prefix per adapter)."""
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
         # The special tokens are inputs only; the model must never emit them.
         banned = (self.first_special_id, self.first_special_id + len(self.special_tokens))
@@ -492,7 +411,7 @@ class ClaraModel(nn.Module):
 
         n, past = 0, None
         if self._prefix_cache is not None:
-            n, past = self._prefix_cache.shared(rows, first, adapter, lambda ids: embed(ids, first.dtype), amp)
+            n, past = self._prefix_cache.shared(rows, first, self._in_use, lambda ids: embed(ids, first.dtype), amp)
         embeds, mask, _ = self.embed_prompts([r[n:] for r in rows], memories, left_pad=True)
         with amp():
             return greedy_decode(lm, embed, embeds.to(first.dtype), mask, max_new_tokens,
@@ -502,7 +421,7 @@ class ClaraModel(nn.Module):
     def _run_generation(self, rows, memories, adapter: str | None, max_new_tokens: int, eos_token_id=None,
                         timing: Timing | None = None):
         with self._inference(adapter):
-            ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id, timing, adapter)
+            ids = self.greedy_decode(rows, memories, max_new_tokens, eos_token_id, timing)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
     def generate(self, questions: Sequence[str], memories: Sequence[Sequence[torch.Tensor]],
@@ -512,7 +431,7 @@ class ClaraModel(nn.Module):
         ``timing``: filled in with time to first token and decoding speed (``clara.model.decoding.Timing``)."""
         if len(questions) != len(memories):
             raise ValueError(f"{len(questions)} questions but {len(memories)} document lists")
-        rows = [self.qa_prompt(q, [m.shape[0] for m in mems]) for q, mems in zip(questions, memories)]
+        rows = [self.prompter.qa_prompt(q, [m.shape[0] for m in mems]) for q, mems in zip(questions, memories)]
         mems = [[m.to(self.device) for m in ms] for ms in memories]
         return self._run_generation(rows, mems, "generator", max_new_tokens, eos_token_id, timing)
 
@@ -521,22 +440,11 @@ class ClaraModel(nn.Module):
                            eos_token_id: int | None = None) -> list[str]:
         """The raw-text baseline: the same base, adapters off, documents as text in the same QA prompt.
         A question with no documents is answered closed book."""
-        rows = [self.text_qa_prompt(q, docs) for q, docs in zip(questions, documents, strict=True)]
+        rows = [self.prompter.text_qa_prompt(q, docs) for q, docs in zip(questions, documents, strict=True)]
         return self._run_generation(rows, [[] for _ in rows], None, max_new_tokens, eos_token_id, timing)
-
-    def text_qa_prompt(self, question: str, documents: Sequence[str]) -> list[int]:
-        """The raw-text baseline's prompt: the QA prompt with the documents as text (none: closed book)."""
-        if documents:
-            background = "\n".join(f"Document {i + 1}: {d}" for i, d in enumerate(documents))
-            user = prompts.QA_USER.replace("{documents}", background).replace("{question}", question)
-        else:  # closed book: the same instruction, no background at all
-            user = f"Question:{question}"
-        return self.prompt_ids(user, prompts.QA_SYSTEM)
 
     def paraphrase(self, memories: Sequence[torch.Tensor], max_new_tokens: int = 128) -> list[str]:
         """What the generator reads back from each compressed document (to inspect a compressor)."""
-        p = prompts.PROMPTS[self.cfg.layout]
-        rows = [self.prompt_ids(p.paraphrase_users[0].format(documents=self.placeholders(m.shape[0])),
-                                p.paraphrase_system) for m in memories]
+        rows = [self.prompter.paraphrase_prompt(m.shape[0]) for m in memories]
         return self._run_generation(rows, [[m.to(self.device)] for m in memories], "generator", max_new_tokens)
 

@@ -12,9 +12,24 @@ import torch
 from torch import nn
 
 
+def copy_dtypes(name: str | None, uses_amp: bool, dtype: torch.dtype, device_type: str
+                ) -> tuple[torch.dtype, torch.dtype | None]:
+    """The dtype of adapter ``name``'s merged copy, and of its prompt twin (None: no twin).
+
+    bf16 where the model computes in it (``ClaraModel.amp``), except for the copies that decode on a CPU (the
+    generator's, and the bare base's for the raw-text baseline): one token at a time, this CPU's bf16 kernels run
+    ~3x slower than fp32 (``MergedCopies``), while a whole text's forward (a prompt, the query reasoner) gains from
+    bf16, so those get a bf16 twin for their prompts. On a GPU bf16 wins both."""
+    if not uses_amp:
+        return dtype, None
+    if device_type == "cpu" and name in ("generator", None):
+        return dtype, torch.bfloat16
+    return torch.bfloat16, None
+
+
 class MergedCopies:
     """One plain copy of the base per adapter (``None``: the bare base, no LoRA), the adapter's LoRA merged into its
-    weights (``W + s·BA``) and held in a fixed dtype chosen per adapter (``ClaraModel._copy_dtype``).
+    weights (``W + s·BA``) and held in a fixed dtype chosen per adapter (``copy_dtypes``).
 
     Why: an unmerged LoRA runs two extra matmuls per projection per token (210 on SmolLM2), and under bf16
     autocast every forward casts all fp32 weights again; a merged copy in a fixed dtype does neither. Measured on
@@ -31,10 +46,10 @@ class MergedCopies:
         self._copies: dict[str | None, nn.Module] = {}
         self._prefill: dict[str | None, nn.Module] = {}
 
-    def merge(self, peft, names: Sequence[str | None], dtype: Callable[[str | None], torch.dtype],
-              prefill_dtype: Callable[[str | None], torch.dtype | None]) -> None:
-        """Copies for ``names``, each held in ``dtype(name)`` and run in it (no autocast), plus a second copy in
-        ``prefill_dtype(name)`` for prompts where that is not None."""
+    def merge(self, peft, names: Sequence[str | None],
+              dtypes: Callable[[str | None], tuple[torch.dtype, torch.dtype | None]]) -> None:
+        """Copies for ``names``: ``dtypes(name)`` gives the dtype each is held and run in (no autocast) and, where
+        not None, the dtype of a second copy that runs its prompts (``copy_dtypes``)."""
         for name in names:
             twin = copy.deepcopy(peft)
             if name is None:
@@ -42,12 +57,12 @@ class MergedCopies:
             else:
                 twin.set_adapter(name)
                 plain = twin.merge_and_unload(adapter_names=[name])
-            plain.to(dtype(name)).requires_grad_(False).eval()
+            held, prompts = dtypes(name)
+            plain.to(held).requires_grad_(False).eval()
             self._copies[name] = plain
             self._prefill.pop(name, None)
-            other = prefill_dtype(name)
-            if other is not None and other != dtype(name):
-                self._prefill[name] = copy.deepcopy(plain).to(other).eval()
+            if prompts is not None and prompts != held:
+                self._prefill[name] = copy.deepcopy(plain).to(prompts).eval()
 
     def get(self, name: str | None) -> nn.Module | None:
         """The copy for adapter ``name``; none while gradients are on (training needs the adapter's own weights)."""

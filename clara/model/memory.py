@@ -9,9 +9,12 @@ states back at the memory positions, together with what the alignment term compa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from clara.config import ModelConfig
 
 
 def mem_token(i: int) -> str:
@@ -136,3 +139,28 @@ def gather(hidden: torch.Tensor, text_pos: list[list[int]], mem_pos: list[list[i
     chunk_used = (chunk_weights.sum(-1) > 0) & slot_used
     memory = readout(states) * slot_used.unsqueeze(-1)
     return Encoded(memory, n_mem, n_tok, mem_mean, text_mean, states, chunk_mean, chunk_used)
+
+
+def compression_stats(cfg: "ModelConfig", token_counts: Sequence[int]) -> dict[str, float]:
+    """Nominal rate and the real one (document tokens kept / memory tokens) over documents of ``token_counts``
+    tokens (after truncation, ``ClaraModel.tokenize_texts``)."""
+    mems = [cfg.n_mem_for(t) for t in token_counts]
+    return {
+        "nominal_rate": float(cfg.compression_rate),
+        "real_ratio": sum(token_counts) / max(1, sum(mems)),
+        "doc_tokens_mean": sum(token_counts) / max(1, len(token_counts)),
+        "mem_tokens_mean": sum(mems) / max(1, len(mems)),
+    }
+
+
+def pad_rows(rows: Sequence[Sequence[int | None]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     list[int]]:
+    """A batch of token rows as ids [B, L] and attention mask [B, L], padded on the right (``left``: on the left,
+    as decoding wants). ``None`` inside a row is a pad too (the ``ml-clara`` layout's left pad). Also returns
+    each row's left offset."""
+    width = max(len(r) for r in rows)
+    offsets = [width - len(r) if left else 0 for r in rows]
+    ids = [[pad] * o + [pad if x is None else x for x in r] + [pad] * (width - len(r) - o)
+           for r, o in zip(rows, offsets)]
+    mask = [[0] * o + [0 if x is None else 1 for x in r] + [0] * (width - len(r) - o) for r, o in zip(rows, offsets)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device), offsets

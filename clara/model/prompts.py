@@ -1,12 +1,15 @@
 """Prompt shapes for the generator: the paper's QA prompt, the SCP QA and paraphrase instructions.
 
 Documents appear in prompts as placeholder runs ``<MEM0>…<MEM{n-1}><SEP>`` whose embeddings are overwritten with
-the compressed vectors (``ClaraModel.embed_prompt``), or as raw text for the baseline.
+the compressed vectors (``ClaraModel.embed_prompts``), or as raw text for the baseline. ``Prompter`` turns them into
+token ids for one tokenizer.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Sequence
 
 QA_SYSTEM = (
     "You are a helpful assistant. Your task is to extract relevant information from provided documents and to "
@@ -82,3 +85,68 @@ def chat(system: str | None, user: str) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": user})
     return messages
+
+
+class Prompter:
+    """Token ids of every prompt a model reads, built with its tokenizer's chat template.
+
+    ``mem_tokens``: the memory placeholder tokens (``<MEM0>…``), as many as a document can have; ``sep_token`` ends
+    each document's run.
+    """
+
+    def __init__(self, tokenizer, layout: str, mem_tokens: Sequence[str], sep_token: str):
+        self.tokenizer = tokenizer
+        self.layout = PROMPTS[layout]
+        self.mem_tokens = list(mem_tokens)
+        self.sep_token = sep_token
+
+    def placeholders(self, n: int) -> str:
+        if not 1 <= n <= len(self.mem_tokens):
+            raise ValueError(f"a document has 1..{len(self.mem_tokens)} memory tokens at this rate, not {n}")
+        return "".join(self.mem_tokens[:n]) + self.sep_token
+
+    def prompt_ids(self, user: str, system: str | None = None) -> list[int]:
+        """The chat prompt's token ids. A template without a system role (older Mistral templates raise on one)
+        gets the system text folded into the user's turn instead of failing."""
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(chat(system, user), tokenize=False, add_generation_prompt=True)
+        except TemplateError:
+            if not system:
+                raise
+            text = self.tokenizer.apply_chat_template(chat(None, f"{system}\n{user}"), tokenize=False,
+                                                      add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def qa_prompt(self, question: str, n_per_doc: Sequence[int]) -> list[int]:
+        """The QA prompt over compressed documents with ``n_per_doc`` memory vectors each."""
+        docs = "".join(self.placeholders(n) for n in n_per_doc)
+        return self.prompt_ids(QA_USER.format(documents=docs, question=question), QA_SYSTEM)
+
+    def text_qa_prompt(self, question: str, documents: Sequence[str]) -> list[int]:
+        """The raw-text baseline's prompt: the QA prompt with the documents as text (none: closed book)."""
+        if documents:
+            background = "\n".join(f"Document {i + 1}: {d}" for i, d in enumerate(documents))
+            user = QA_USER.replace("{documents}", background).replace("{question}", question)
+        else:  # closed book: the same instruction, no background at all
+            user = f"Question:{question}"
+        return self.prompt_ids(user, QA_SYSTEM)
+
+    def paraphrase_prompt(self, n_mem: int) -> list[int]:
+        """The first reconstruction instruction over one compressed document of ``n_mem`` vectors."""
+        return self.prompt_ids(self.layout.paraphrase_users[0].format(documents=self.placeholders(n_mem)),
+                               self.layout.paraphrase_system)
+
+    def target_ids(self, text: str, max_len: int) -> list[int]:
+        """Response tokens followed by EOS, so the generator learns to stop; a target longer than ``max_len``
+        is cut and gets no EOS, since stopping mid-line is not what it should learn."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_len:
+            return ids[:max_len]
+        return ids + [self.tokenizer.eos_token_id]
+
+    def fixed_prefixes(self) -> set[tuple[int, ...]]:
+        """What every QA and every paraphrase prompt starts with, whatever its user turn says (``PrefixCache``)."""
+        systems = (QA_SYSTEM, self.layout.paraphrase_system)
+        return {tuple(os.path.commonprefix([self.prompt_ids("A", s), self.prompt_ids("B", s)])) for s in systems}

@@ -129,8 +129,8 @@ def e2e_loss(model: ClaraModel, batch: Sequence[QARecord], pool: torch.Tensor, p
     for b, r in enumerate(batch):
         ns = [int(pool_n[candidates[b, j]]) for j in picked[b].tolist()]
         memories.append([selected[b, j, :n] for j, n in enumerate(ns)])
-        prompts_ids.append(model.qa_prompt(r.question, ns))
-        targets.append(model.target_ids(r.answers[0], cfg.max_answer_len))
+        prompts_ids.append(model.prompter.qa_prompt(r.question, ns))
+        targets.append(model.prompter.target_ids(r.answers[0], cfg.max_answer_len))
     with model.adapter("generator"):
         ce = model.response_loss(prompts_ids, targets, memories)
     return ce, {"ce": ce.item(), f"recall@{k}": recall_at_k(picked, candidates, positives),

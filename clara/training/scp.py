@@ -77,8 +77,8 @@ def build_examples(records: Sequence[SCPRecord], stage: str = "scp", layout: str
 
 
 def salient_weights(model: ClaraModel, text: str, target: Sequence[int], weight: float) -> list[float]:
-    """Per-token CE weights of ``target`` (``model.target_ids(text, …)``): ``weight`` for a token that overlaps a
-    ``clara.text.salient_spans`` word, 1 otherwise (EOS included)."""
+    """Per-token CE weights of ``target`` (``model.prompter.target_ids(text, …)``): ``weight`` for a token that
+    overlaps a ``clara.text.salient_spans`` word, 1 otherwise (EOS included)."""
     spans = salient_spans(text)
     offsets = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     out, j = [], 0
@@ -120,10 +120,10 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
     for ex in batch:
         ex_mems = memories[at : at + len(ex.docs)]
         at += len(ex.docs)
-        placeholder = "".join(model.placeholders(m.shape[0]) for m in ex_mems)
+        placeholder = "".join(model.prompter.placeholders(m.shape[0]) for m in ex_mems)
         user = rng.choice(ex.users).replace("{documents}", placeholder)
-        prompt_rows.append(model.prompt_ids(user, ex.system))
-        targets.append(model.target_ids(ex.target, max_target_len))
+        prompt_rows.append(model.prompter.prompt_ids(user, ex.system))
+        targets.append(model.prompter.target_ids(ex.target, max_target_len))
         mems.append(ex_mems)
     fed = None
     if target_dropout > 0:  # drawn only when asked, so the template choices above stay as they were

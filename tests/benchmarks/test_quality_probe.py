@@ -77,7 +77,7 @@ def test_answer_nll_scores_exactly_the_answer_tokens(tiny_model):
 
     questions = ["Where is the tower?", "Who wrote the long book about the river and the sea?"]
     answers = ["Paris", "a writer of many books"]
-    rows = [tiny_model.text_qa_prompt(q, []) for q in questions]
+    rows = [tiny_model.prompter.text_qa_prompt(q, []) for q in questions]
     got, each = answer_nll(tiny_model, rows, answers, None, None, batch_size=2)
     total, tokens, means = 0.0, 0, []
     with torch.no_grad(), tiny_model.adapter(None):
@@ -109,12 +109,12 @@ def test_answer_spans_score_only_the_answers_tokens(tiny_model):
     enc = tiny_model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     at = text.index(answer)
     idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(answer) and b > at]
-    target = tiny_model.target_ids(text, 1024)
-    empty = [tiny_model.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=""))]
+    target = tiny_model.prompter.target_ids(text, 1024)
+    empty = [tiny_model.prompter.prompt_ids(prompts.PARAPHRASE_USER[0].format(documents=""))]
     with torch.no_grad(), tiny_model.adapter(None):
         losses = tiny_model.response_loss(empty, [target], [[]], reduction="none")
         assert abs(float(losses.mean()) - float(tiny_model.response_loss(empty, [target], [[]]))) < 1e-5
-    third = tiny_model.target_ids("Rome lies on the Tiber.", 1024)
+    third = tiny_model.prompter.target_ids("Rome lies on the Tiber.", 1024)
     enc3 = tiny_model.tokenizer("Rome lies on the Tiber.", add_special_tokens=False, return_offsets_mapping=True)
     idx3 = [i for i, (a, b) in enumerate(enc3["offset_mapping"]) if a < 22 and b > 17]
     with torch.no_grad(), tiny_model.adapter(None):

@@ -99,9 +99,9 @@ def test_heldout_is_per_article_and_stable():
 
 def test_long_targets_are_cut_without_eos(tiny_model):
     eos = tiny_model.tokenizer.eos_token_id
-    short = tiny_model.target_ids("Paris.", 64)
+    short = tiny_model.prompter.target_ids("Paris.", 64)
     assert short[-1] == eos
-    cut = tiny_model.target_ids("Paris is the capital of France. " * 20, 16)
+    cut = tiny_model.prompter.target_ids("Paris is the capital of France. " * 20, 16)
     assert len(cut) == 16 and eos not in cut
 
 
@@ -117,9 +117,10 @@ def test_bf16_autocast_agrees_with_fp32(docs):
         assert model.uses_amp == (amp == "bf16")
         mems = model.compress(docs)
         assert all(m.dtype == torch.float32 for m in mems)
-        rows = [model.qa_prompt("Where is Paris?", [m.shape[0]]) for m in mems]
+        rows = [model.prompter.qa_prompt("Where is Paris?", [m.shape[0]]) for m in mems]
         with model.adapter("generator"):
-            losses[amp] = model.response_loss(rows, [model.target_ids("France", 8)] * 3, [[m] for m in mems]).item()
+            target = model.prompter.target_ids("France", 8)
+            losses[amp] = model.response_loss(rows, [target] * 3, [[m] for m in mems]).item()
     assert losses["bf16"] == pytest.approx(losses["off"], rel=0.05)
 
 

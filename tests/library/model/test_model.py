@@ -5,6 +5,7 @@ import torch
 
 from clara.config import COMPRESSION_RATES, preset
 from clara.model import ADAPTERS, ClaraModel
+from clara.model.memory import compression_stats
 
 from conftest import perturb
 
@@ -34,7 +35,7 @@ def test_compress_shapes_and_real_ratio(models, docs, rate, mode):
         expected = 256 // rate if mode == "fixed" else max(1, math.ceil(n_tok / rate))
         assert m.shape == (expected, 64)
         assert torch.isfinite(m).all()
-    stats = model.compression_stats(docs)
+    stats = compression_stats(model.cfg, lengths)
     assert stats["nominal_rate"] == rate
     assert stats["real_ratio"] == pytest.approx(sum(lengths) / sum(m.shape[0] for m in mems))
     # A query covers every slot a document can use, whatever the mode.
@@ -153,7 +154,7 @@ def test_generate_batched_equals_single(tiny_model, docs):
 
 def test_generation_stops_at_eos_and_never_emits_special_tokens(tiny_model, docs):
     mem = tiny_model.compress(docs[:1])
-    row = [tiny_model.qa_prompt("Where?", [mem[0].shape[0]])]
+    row = [tiny_model.prompter.qa_prompt("Where?", [mem[0].shape[0]])]
     with tiny_model.adapter("generator"):
         free = tiny_model.greedy_decode(row, [mem], max_new_tokens=12)[0]
     assert len(free) == 12
@@ -178,11 +179,11 @@ def test_generation_stops_at_eos_and_never_emits_special_tokens(tiny_model, docs
 
 def test_prompt_memory_mismatch_is_an_error(tiny_model, docs):
     mem = tiny_model.compress(docs[:1])[0]
-    row = tiny_model.qa_prompt("q", [mem.shape[0] - 1])
+    row = tiny_model.prompter.qa_prompt("q", [mem.shape[0] - 1])
     with pytest.raises(ValueError, match="memory slots"):
         tiny_model.embed_prompts([row], [[mem]], left_pad=True)
     with pytest.raises(ValueError, match="memory tokens at this rate"):
-        tiny_model.qa_prompt("q", [mem.shape[0] + 1])
+        tiny_model.prompter.qa_prompt("q", [mem.shape[0] + 1])
 
 
 def test_raw_text_baseline_and_paraphrase(tiny_model, docs):
@@ -205,10 +206,10 @@ def test_a_chat_template_without_a_system_role_gets_the_system_text_in_the_user_
                          "roles must alternate user/assistant') }}{% endif %}[INST] {{ m['content'] }} [/INST]"
                          "{% endfor %}")
     try:
-        ids = tiny_model.prompt_ids("What is it?", "Answer briefly.")
+        ids = tiny_model.prompter.prompt_ids("What is it?", "Answer briefly.")
         text = tok.decode(ids)
         assert "Answer briefly." in text and "What is it?" in text and text.index("Answer") < text.index("What")
-        assert tok.decode(tiny_model.prompt_ids("What is it?")).count("[INST]") == 1
+        assert tok.decode(tiny_model.prompter.prompt_ids("What is it?")).count("[INST]") == 1
     finally:
         tok.chat_template = saved
 
@@ -334,7 +335,7 @@ def test_merged_generator_under_bf16_matches_to_bf16_rounding(docs):
     model = ClaraModel.build(preset("tiny", compression_rate=16, amp="bf16"))
     perturb(model)
     mems = model.compress(docs)
-    rows = [model.qa_prompt("Where is Paris?", [mems[0].shape[0]])]
+    rows = [model.prompter.qa_prompt("Where is Paris?", [mems[0].shape[0]])]
     embeds, mask, _ = model.embed_prompts(rows, [[mems[0]]], left_pad=True)
     with torch.no_grad(), model.adapter("generator"), model.amp():
         plain = model.base_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
@@ -370,7 +371,8 @@ def test_a_prefill_twin_hands_its_cache_to_the_decoding_copy(docs):
         assert model._merged.prefill(None).dtype == torch.bfloat16
         assert model._merged.prefill("query_reasoner") is None  # already bf16: one copy does both
         lm = model._merged.get("generator")
-    rows = [model.qa_prompt(q, [m.shape[0]]) for q, m in zip(["Where is Paris?", "Which river flows north?"], mems)]
+    questions = ["Where is Paris?", "Which river flows north?"]
+    rows = [model.prompter.qa_prompt(q, [m.shape[0]]) for q, m in zip(questions, mems)]
     embeds, mask, _ = model.embed_prompts(rows, [[m] for m in mems[:2]], left_pad=True)
     class Recording:  # the decoding copy, keeping the logits of every step (random tiny models' greedy tokens
         dtype = lm.dtype  # hardly depend on positions: compare the logits)

@@ -120,7 +120,7 @@ def test_target_dropout_feeds_pads_and_keeps_the_labels(fixtures):
         dropped, _ = compressed_lm_loss(model, examples, 0.1, 64, random.Random(3), target_dropout=0.5)
         assert not torch.isclose(plain, dropped)
         # the labels are the targets: feeding the targets themselves is the plain loss
-        prompt, target = [model.prompt_ids("Say it:")], [model.target_ids("Paris is in France.", 64)]
+        prompt, target = [model.prompter.prompt_ids("Say it:")], [model.prompter.target_ids("Paris is in France.", 64)]
         with model.adapter("generator"):
             same = model.response_loss(prompt, target, [[]], fed=target)
             assert torch.equal(same, model.response_loss(prompt, target, [[]]))
@@ -151,7 +151,7 @@ def test_salient_weight_is_a_weighted_mean_of_the_token_losses(fixtures):
         SCPConfig(salient_weight=0.5)
     model = ClaraModel.build(tiny_scp_cfg().model)
     text = "Paris lies on the Seine. It had 2,100,000 people in 2020."
-    target = model.target_ids(text, 64)
+    target = model.prompter.target_ids(text, 64)
     w = salient_weights(model, text, target, 4.0)
     marked = model.tokenizer.decode([t for t, x in zip(target, w) if x == 4.0])
     assert "Paris" in marked and "Seine" in marked and "2020" in marked and "people" not in marked
@@ -165,8 +165,8 @@ def test_salient_weight_is_a_weighted_mean_of_the_token_losses(fixtures):
         weighted, parts4 = compressed_lm_loss(model, examples, 0.0, 64, random.Random(0), salient_weight=4.0)
         assert abs(parts4["ce_plain"] - parts["ce"]) < 1e-5
         mems = model.compress(examples[0].docs)
-        row = model.prompt_ids(prompts.PARAPHRASE_USER[0].replace("{documents}",
-                                                                  model.placeholders(mems[0].shape[0])))
+        row = model.prompter.prompt_ids(prompts.PARAPHRASE_USER[0].replace("{documents}",
+                                                                  model.prompter.placeholders(mems[0].shape[0])))
         with model.adapter("generator"):
             per_token = model.response_loss([row], [target], [mems], reduction="none")
         wt = torch.tensor(w)
