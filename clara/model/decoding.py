@@ -41,6 +41,18 @@ def cast_cache(past: Any, dtype: torch.dtype) -> Any:
 
 
 @torch.no_grad()
+def _run_prompt(lm, prefill: Any, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past: Any) -> Any:
+    """The prompt's forward: the last position's logits and the key/value cache, in ``lm``'s dtype."""
+    if prefill is None:
+        return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
+                  logits_to_keep=1)
+    # the prompt through the prefill copy's layers; the last state through lm's own head, in lm's dtype
+    states = prefill.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                   use_cache=True)
+    logits = lm.get_output_embeddings()(states.last_hidden_state[:, -1:].to(lm.dtype))
+    return SimpleNamespace(logits=logits, past_key_values=cast_cache(states.past_key_values, lm.dtype))
+
+
 def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor,
                   max_new_tokens: int, eos_ids: Sequence[int], banned: tuple[int, int] | None = None,
                   timing: Timing | None = None, past: Any = None, past_len: int = 0,
@@ -67,14 +79,7 @@ def greedy_decode(lm, embed: Callable[[torch.Tensor], torch.Tensor], embeds: tor
         mask = torch.cat([mask.new_ones(b, past_len), mask], dim=1)
     # Explicit positions: with left padding each row's first real token must be position 0.
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
-    if prefill is None:
-        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
-                 logits_to_keep=1)
-    else:  # the prompt through the prefill copy's layers; the last state through lm's own head, in lm's dtype
-        states = prefill.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                                       past_key_values=past, use_cache=True)
-        logits = lm.get_output_embeddings()(states.last_hidden_state[:, -1:].to(lm.dtype))
-        out = SimpleNamespace(logits=logits, past_key_values=cast_cache(states.past_key_values, lm.dtype))
+    out = _run_prompt(lm, prefill, embeds, mask, pos, past)
     done = [False] * b
     produced: list[list[int]] = [[] for _ in range(b)]
     steps = 0
