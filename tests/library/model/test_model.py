@@ -400,3 +400,20 @@ def test_a_prefill_twin_hands_its_cache_to_the_decoding_copy(docs):
     answers = model.generate(["Where is Paris?", "Which river flows north?"], [[m] for m in mems[:2]],
                              max_new_tokens=8)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_a_built_model_is_in_eval_mode_and_inference_keeps_each_mode(docs):
+    from clara.config import preset
+
+    model = ClaraModel.build(preset("tiny", compression_rate=16))
+    assert not any(m.training for m in model.modules())  # no dropout, and no mode walk per call
+    calls = []
+    original = type(model.peft).train
+    model.peft.train = lambda mode=True: (calls.append(mode), original(model.peft, mode))[1]
+    mem = model.compress(docs[:1])[0]
+    model.generate(["Where?"], [[mem]], max_new_tokens=2)
+    assert calls == [] and not model.peft.training
+    model.peft.train()  # as a trainer does: inference calls inside training switch to eval and back
+    calls.clear()
+    model.compress(docs[:1])
+    assert model.peft.training and calls == [False, True]
