@@ -172,6 +172,7 @@ CLI = {
     "evaluate --mode": "EvalConfig.mode",
     "evaluate --fuse": "EvalConfig.fuse",
     "evaluate --settings": "EvalConfig.settings",
+    "evaluate --merge": "EvalConfig.merge",
     "evaluate --seed": "clara/eval/datasets.py:subsample(seed)",
     "compress --batch_size": "clara/store/loading.py:index_corpus(batch_size)",
     "train scp --preset": "ModelConfig.base",

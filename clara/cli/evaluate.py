@@ -70,6 +70,8 @@ def evaluate_cmd(
                                          "reasoner's order alone)."),
     settings: str = typer.Option("normal,oracle", help="Settings: normal, oracle (gold forced into the k), "
                                                        "oracle-candidates (the paper's: gold among the candidates)."),
+    merge: bool = typer.Option(True, help="Answer from merged copies of the base, as the served model does (served "
+                                           "speed; one more copy of the base weights per adapter)."),
     database_url: Optional[str] = DbOpt,
     device: Optional[str] = DeviceOpt,
     seed: int = typer.Option(0, help="Sampling seed."),
@@ -88,7 +90,7 @@ def evaluate_cmd(
         questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
         stores = _stores(models, refs, docs, database_url) if use_store else None
         cfg = EvalConfig(k=k, max_new_tokens=max_new_tokens, mode=mode, n_candidates=candidates, fuse=fuse,
-                         settings=tuple(x for x in settings.split(",") if x),
+                         merge=merge, settings=tuple(x for x in settings.split(",") if x),
                          baselines=tuple(b for b in baselines.split(",") if b))
         rows = evaluate(questions, docs, models, out, cfg, stores=stores,
                         progress=lambda msg: typer.echo(msg, err=True))

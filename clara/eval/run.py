@@ -15,11 +15,12 @@ A gold id may name a document that was split into passages: any passage of it (s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -60,6 +61,12 @@ class EvalConfig:
     baselines: tuple[str, ...] = ("bm25", "minilm")
     settings: tuple[str, ...] = ("normal", "oracle")
     closed_book: bool = True
+    merge: bool = True
+    """Answer as the served model does (``clara.serving.Answerer``): CLaRa's generator and query reasoner, and the
+    bare base for raw text and closed book, each from a copy of the base with its LoRA merged in, the QA prompt's
+    fixed prefix cached (``ClaraModel.merge_adapters``, ``cache_prefix``). The latency columns then show served
+    speed (decoding ~3x faster on a CPU than through the adapters under autocast); costs one more copy of the base
+    weights per adapter while it runs (~2 GB on SmolLM2; at 7B ~14 GB each in bf16: False where memory is short)."""
 
 
 @dataclass
@@ -190,7 +197,8 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
     out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as predictions:
         ev = _Evaluation(qa, docs, gold, next(iter(models.values())), cfg, predictions, progress, bars)
-        rows = ev.closed_book() + [row for name in cfg.baselines for row in ev.raw_text(name)]
+        with ev.served(ev.base, [None]):
+            rows = ev.closed_book() + [row for name in cfg.baselines for row in ev.raw_text(name)]
         for rate, model in sorted(models.items()):
             rows += ev.clara(rate, model, *(stores or {}).get(rate, (None, None)))
     (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
@@ -211,6 +219,21 @@ class _Evaluation:
         self.with_answers = all(r.answers for r in qa)
         self.with_gold = all(r.gold_doc_ids for r in qa)
         self.depth = max(cfg.k, max(RECALL_AT))
+
+    @contextlib.contextmanager
+    def served(self, model, adapters: Sequence[str | None]) -> Iterator[None]:
+        """``adapters`` of ``model`` run as served (``EvalConfig.merge``) inside, as trained after. A model that
+        already has merged copies is left as its caller made it."""
+        if not self.cfg.merge or model.merged_adapters:
+            yield
+            return
+        model.merge_adapters(adapters)
+        model.cache_prefix()
+        try:
+            yield
+        finally:
+            model.cache_prefix(False)
+            model.unmerge_adapters()
 
     def each(self, label: str):
         self.progress(label)
@@ -309,11 +332,15 @@ class _Evaluation:
 
     def clara(self, rate: int, model, engine=None, build=None) -> list[dict[str, Any]]:
         """CLaRa at one rate: retrieval rows (from a store), then answers in every setting."""
-        cfg, gold = self.cfg, self.gold
         query_reasoner = "trained"
         if model.ensure_query_reasoner():
             query_reasoner = "compressor copy (no E2E)"
             self.progress(f"rate {rate}: the query reasoner was never trained (no E2E); using the compressor")
+        with self.served(model, ("generator", "query_reasoner")):  # after the query reasoner got its weights
+            return self.clara_rows(rate, model, query_reasoner, engine, build)
+
+    def clara_rows(self, rate: int, model, query_reasoner: str, engine, build) -> list[dict[str, Any]]:
+        cfg, gold = self.cfg, self.gold
         self.progress(f"compressing the corpus at rate {rate}" if build is None else f"using store build {build.id}")
         mode = cfg.mode if build is not None else "exact"
         retriever = ClaraRetriever(model, self.docs, engine=engine, build=build, mode=mode,

@@ -227,3 +227,26 @@ def test_evaluate_cli_pairs_each_model_with_its_own_store_build(fixtures, tmp_pa
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert {r["rate"] for r in report if r["system"] == "clara"} == {64}
     assert next(r for r in report if r["system"] == "clara" and r["setting"] == "normal")["retriever"] == "lexical"
+
+
+def test_evaluation_answers_as_served_the_same_as_through_the_adapters(fixtures, tmp_path, monkeypatch):
+    """``EvalConfig.merge``: the served path (merged copies, cached prefix) gives the same predictions and
+    retrieval as the adapters (fp32, no autocast, so only merge rounding differs) and leaves the model as it was."""
+    docs = read_corpus(fixtures / "corpus.jsonl")
+    qa = load_qa_records(fixtures / "qa.jsonl")
+    model = ClaraModel.build(preset("tiny", compression_rate=16, amp="off"))
+    perturb(model, seed=3)
+    merged = []
+    original = ClaraModel.merge_adapters
+    monkeypatch.setattr(ClaraModel, "merge_adapters", lambda self, names: (merged.append(list(names)),
+                                                                          original(self, names))[1])
+    predictions = {}
+    for merge in (False, True):
+        out = tmp_path / str(merge)
+        cfg = EvalConfig(k=2, max_new_tokens=6, baselines=("bm25",), merge=merge)
+        rows = evaluate(qa, docs, {16: model}, out, cfg, progress=lambda m: None, bars=False)
+        predictions[merge] = [(p["system"], p["prediction"], p["retrieved"])
+                              for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())]
+        assert model.merged_adapters == [] and model._prefix_cache is None and rows
+    assert merged == [[None], ["generator", "query_reasoner"]]  # the raw-text base, then CLaRa's served adapters
+    assert predictions[True] == predictions[False]
