@@ -73,12 +73,15 @@ class ModelConfig:
     default. The MSE alignment always compares the states."""
     readout_temperature: float = 1.0
     """Softmax temperature of the ``vocab`` readout (0.3 learned slower than 1.0 on SmolLM2)."""
-    memory_slots: Literal["after", "interleaved"] = "after"
+    memory_slots: Literal["after", "interleaved", "pooled"] = "after"
     """Where the memory tokens sit in the compressor's input (``clara`` layout only). ``after`` (paper): all of
     them after the text, at adjacent positions with the same view of it; nothing tells slot 3 from slot 5, and
     trained that way they collapse into one vector written n times (docs/memory.md). ``interleaved``: the text is
     cut into n equal chunks and ``<MEMi>`` follows chunk i, so slot i sees chunks 0..i only, sits at the end of
-    its chunk, and has a job no other slot can do. Questions are laid out the same way."""
+    its chunk, and has a job no other slot can do. ``pooled``: no memory tokens; memory vector i is the mean
+    last-layer state over chunk i (reported in the literature to match memory tokens; an untrained base reads
+    such states worse than no document, so it is trained like the others). Its alignment term is met by
+    construction. Questions are laid out the same way."""
     memory_init: Literal["mean", "orthogonal"] = "mean"
     """How new special-token rows start (a loaded checkpoint keeps its own). ``mean``: the mean embedding plus
     0.1 std of seeded noise (near-identical rows: cosine ~0.98). ``orthogonal``: the mean embedding plus
@@ -110,10 +113,10 @@ class ModelConfig:
             raise ValueError(f"memory_readout must be 'states' or 'vocab', got {self.memory_readout!r}")
         if not self.readout_temperature > 0:
             raise ValueError(f"readout_temperature must be > 0, got {self.readout_temperature}")
-        if self.memory_slots not in ("after", "interleaved"):
-            raise ValueError(f"memory_slots must be 'after' or 'interleaved', got {self.memory_slots!r}")
-        if self.memory_slots == "interleaved" and self.layout == "ml-clara":
-            raise ValueError("memory_slots 'interleaved' needs layout 'clara' (the authors' layout puts every "
+        if self.memory_slots not in ("after", "interleaved", "pooled"):
+            raise ValueError(f"memory_slots must be 'after', 'interleaved' or 'pooled', got {self.memory_slots!r}")
+        if self.memory_slots != "after" and self.layout == "ml-clara":
+            raise ValueError(f"memory_slots {self.memory_slots!r} needs layout 'clara' (the authors' layout puts every "
                              "memory token after the text)")
         if self.memory_init not in ("mean", "orthogonal"):
             raise ValueError(f"memory_init must be 'mean' or 'orthogonal', got {self.memory_init!r}")

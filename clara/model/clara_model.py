@@ -269,7 +269,7 @@ class ClaraModel(nn.Module):
             rows, text_pos, mem_pos = (list(x) for x in zip(*built))
         ids, mask, _ = pad_rows(rows, self.tokenizer.pad_token_id, left=False, device=self.device)
         hidden = self._decode_hidden(self.embed(ids), mask)
-        return gather(hidden, text_pos, mem_pos, self.cfg.n_mem_max, self._readout)
+        return gather(hidden, text_pos, mem_pos, self.cfg.n_mem_max, self._readout, self.cfg.memory_slots == "pooled")
 
     def _readout(self, states: torch.Tensor) -> torch.Tensor:
         """Memory vectors from the compressor's states (``ModelConfig.memory_readout``)."""

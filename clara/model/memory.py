@@ -1,7 +1,8 @@
 """Where a text's memory tokens sit and how their states become the compressed text.
 
 A ``clara``-layout row is ``<ENC>`` + the text's tokens with ``n`` memory tokens after them (``after``) or one
-after each of ``n`` contiguous chunks (``interleaved``, ``ModelConfig.memory_slots``); the authors' ``ml-clara``
+after each of ``n`` contiguous chunks (``interleaved``), or no memory tokens, each chunk's mean state standing for it
+(``pooled``, ``ModelConfig.memory_slots``); the authors' ``ml-clara``
 layout is a left-padded ``<ENC><s>{text}</s>`` followed by the memory tokens. ``gather`` reads a batch's last-layer
 states back at the memory positions, together with what the alignment term compares them with.
 """
@@ -49,7 +50,10 @@ def chunk_bounds(n_tokens: int, n_chunks: int) -> list[tuple[int, int]]:
 def clara_row(tokens: list[int], n: int, slots: str, enc_id: int, mem_ids: Sequence[int]
               ) -> tuple[list[int], list[int], list[int]]:
     """One ``clara``-layout row for ``tokens`` with ``n`` memory tokens placed as ``slots`` says
-    (``ModelConfig.memory_slots``): the row, the positions of its text tokens and of its memory tokens."""
+    (``ModelConfig.memory_slots``): the row, the positions of its text tokens and of its memory tokens (``pooled``:
+    of each chunk's last token, or of the one before an empty chunk; only their number counts, ``gather``)."""
+    if slots == "pooled":  # token t sits at row position 1 + t, so a chunk [a, e) ends at position e
+        return [enc_id] + tokens, list(range(1, 1 + len(tokens))), [e for _, e in chunk_bounds(len(tokens), n)]
     if slots == "after":
         row = [enc_id] + tokens + list(mem_ids[:n])
         return row, list(range(1, 1 + len(tokens))), list(range(1 + len(tokens), len(row)))
@@ -109,10 +113,11 @@ class Encoded:
 
 
 def gather(hidden: torch.Tensor, text_pos: list[list[int]], mem_pos: list[list[int]], n_max: int,
-           readout: Callable[[torch.Tensor], torch.Tensor]) -> Encoded:
+           readout: Callable[[torch.Tensor], torch.Tensor], pooled: bool = False) -> Encoded:
     """The batch's memory from its last-layer states ``hidden`` [B, L, H]: the states at each row's memory
     positions gathered into ``n_max`` slots (zeros where a text uses fewer), ``readout`` of them as the memory,
-    and the means the alignment term compares (of the memory states, of the text states, of each slot's chunk)."""
+    and the means the alignment term compares (of the memory states, of the text states, of each slot's chunk).
+    ``pooled``: each slot's state is its chunk's mean state instead (``ModelConfig.memory_slots``)."""
     b, width, h = hidden.shape
     device = hidden.device
     pos = torch.zeros(b, n_max, dtype=torch.long, device=device)
@@ -129,14 +134,17 @@ def gather(hidden: torch.Tensor, text_pos: list[list[int]], mem_pos: list[list[i
         for j, (a, e) in enumerate(chunk_bounds(len(tp), n)):
             if e > a:
                 chunk_weights[i, j, tp[a:e]] = 1.0 / (e - a)
-    states = hidden.gather(1, pos.unsqueeze(-1).expand(b, n_max, h)) * slot_used.unsqueeze(-1)
+    chunk_mean = torch.bmm(chunk_weights, hidden)
+    chunk_used = (chunk_weights.sum(-1) > 0) & slot_used
+    if pooled:  # an empty chunk (a text shorter than its slots) gives a zero vector
+        states = chunk_mean * chunk_used.unsqueeze(-1)
+    else:
+        states = hidden.gather(1, pos.unsqueeze(-1).expand(b, n_max, h)) * slot_used.unsqueeze(-1)
     n_mem = torch.tensor([len(mp) for mp in mem_pos], device=device)
     n_tok = torch.tensor([len(tp) for tp in text_pos], device=device)
     # The alignment compares states with states, whatever the readout makes of them.
     mem_mean = states.sum(1) / n_mem.unsqueeze(-1)
     text_mean = (hidden * text_mask.unsqueeze(-1)).sum(1) / n_tok.clamp(min=1).unsqueeze(-1)
-    chunk_mean = torch.bmm(chunk_weights, hidden)
-    chunk_used = (chunk_weights.sum(-1) > 0) & slot_used
     memory = readout(states) * slot_used.unsqueeze(-1)
     return Encoded(memory, n_mem, n_tok, mem_mean, text_mean, states, chunk_mean, chunk_used)
 

@@ -120,6 +120,8 @@ def test_options_are_validated():
         preset("tiny", memory_slots="between")
     with pytest.raises(ValueError, match="interleaved"):
         preset("tiny", memory_slots="interleaved", layout="ml-clara")
+    with pytest.raises(ValueError, match="pooled"):
+        preset("tiny", memory_slots="pooled", layout="ml-clara")
     with pytest.raises(ValueError, match="memory_init"):
         preset("tiny", memory_init="zeros")
     with pytest.raises(ValueError, match="align"):
@@ -152,3 +154,34 @@ def test_stage_two_can_freeze_the_compressor(tmp_path):
     after = [p.detach() for p in m._adapter_params["compressor"]] + [m.special.detach()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert any(not torch.equal(a, b.detach()) for a, b in zip(gen_before, m._adapter_params["generator"]))
+
+
+def test_pooled_memory_is_each_chunks_mean_state_without_memory_tokens():
+    m = build(memory_slots="pooled")
+    tokens = list(range(10, 30))
+    row, text_pos, mem_pos = clara_row(tokens, 4, "pooled", m.enc_id, m.mem_ids)
+    assert row == [m.enc_id] + tokens and [row[p] for p in text_pos] == tokens and len(mem_pos) == 4
+    assert not set(row) & set(m.mem_ids)
+    with torch.no_grad(), m.adapter("compressor"):
+        enc = m.encode_texts([TEXT], max_len=256)
+        ids = torch.tensor([[m.enc_id] + m.tokenize_texts([TEXT], 256)[0]])
+        hidden = m._decode_hidden(m.embed(ids), torch.ones_like(ids))[0]
+    n = int(enc.n_mem[0])
+    for j, (a, e) in enumerate(chunk_bounds(ids.shape[1] - 1, n)):
+        assert torch.allclose(enc.memory[0, j], hidden[1 + a : 1 + e].mean(0), atol=1e-5)
+    # a slot sees only its chunk and the text before it, as interleaved slots do
+    a, b = m.compress([TEXT, TEXT.replace("1911", "1922")])
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[-1], b[-1])
+    # a question shorter than its slots: the empty chunks are zero vectors, the others are not
+    q = m.encode_queries(["Why?"])[0]
+    assert q.shape[0] == m.cfg.n_mem_max and (q.abs().sum(-1) == 0).any() and (q.abs().sum(-1) > 0).any()
+
+
+def test_pooled_memory_trains_the_compressor_through_the_loss():
+    m = build(memory_slots="pooled")
+    m.set_trainable(["compressor"])
+    with m.adapter("compressor"):
+        mem = m.encode_texts([TEXT], max_len=256).memory
+    mem.sum().backward()
+    grads = [p.grad for p in m.trainable_parameters()]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
