@@ -107,7 +107,7 @@ def local_model(checkpoint: str, passages: int, folder: Path, seed: int = 0) -> 
                          corpus_version=corpus_version_of(sub), dense=DenseEncoder(), reuse=True)
     mlflow.pyfunc.save_model(folder, python_model=str(MODEL_CODE["qa"]), artifacts={"checkpoint": str(checkpoint)},
                              signature=model_signature("qa", "question"),
-                             model_config={"build_id": build.id, "mode": "hybrid", "k": 5})
+                             model_config={"build_id": build.id, "mode": "hybrid", "k": 5, "rerank": "always"})
     return str(folder)
 
 

@@ -19,15 +19,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-FUSE_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+FUSE_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, dev: Path | None = None,
-        database_url: str | None = None, seed: int = 0, out_dir: Path) -> dict[str, Any]:
+        database_url: str | None = None, seed: int = 0, corpus_limit: int | None = None,
+        out_dir: Path) -> dict[str, Any]:
     from clara.data.corpus import ingest_corpus
     from clara.data.records import QARecord, load_qa_records
     from clara.retrieval.dense import DenseEncoder
-    from clara.eval.datasets import description_retrieval
+    from clara.eval.datasets import description_retrieval, subsample
     from clara.eval.run import EvalConfig, evaluate
     from clara.model.checkpoint import load_checkpoint
     from clara.store.db import connect
@@ -37,6 +38,9 @@ def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, d
     t0 = time.perf_counter()
     model = load_checkpoint(checkpoint)
     docs, _ = ingest_corpus(corpus, model.cfg)
+    dev_qa = [QARecord(r.id, r.question, [], r.gold_doc_ids) for r in load_qa_records(dev)] if dev else []
+    if corpus_limit is not None:  # a seeded cut that keeps every dev gold passage; descriptions follow the cut
+        _, docs = subsample(dev_qa, docs, None, corpus_limit, seed)
     engine = connect(database_url)
     build = index_corpus(engine, model, docs, model_uri=str(Path(checkpoint).resolve()),
                          corpus_version=corpus_version_of(docs), dense=DenseEncoder(), reuse=True)
@@ -44,8 +48,8 @@ def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, d
     sets: dict[str, list[QARecord]] = {}
     desc = description_retrieval(docs)
     sets["descriptions"] = random.Random(seed).sample(desc, min(descriptions, len(desc)))
-    if dev is not None:  # retrieval only: drop the answers so nothing is generated
-        sets["dev"] = [QARecord(r.id, r.question, [], r.gold_doc_ids) for r in load_qa_records(dev)]
+    if dev is not None:  # retrieval only: the answers are dropped above, so nothing is generated
+        sets["dev"] = dev_qa
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "corpus_passages": len(docs),
                               "articles": len({d.parent_id or d.id for d in docs}), "build_id": build.id,
                               "build_seconds": build_s, "sets": {}}
@@ -119,13 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--descriptions", type=int, default=1000, help="Seeded sample of description queries.")
     ap.add_argument("--dev", default=str(Path(__file__).parent / "dev" / "natural_dev.jsonl"),
                     help="Natural-question dev set ('none' to skip).")
+    ap.add_argument("--corpus-limit", type=int, default=None,
+                    help="A seeded cut of the corpus to N passages that keeps every dev gold passage (faster builds).")
     ap.add_argument("--database-url", default=None)
     ap.add_argument("--work", type=Path, default=Path("runs/retrieval_bench"), help="Evaluation reports.")
     ap.add_argument("--out", type=Path, default=None, help="JSON result.")
     args = ap.parse_args(argv)
     dev = None if args.dev.lower() == "none" else Path(args.dev)
     result = run(args.checkpoint, corpus=args.corpus, descriptions=args.descriptions, dev=dev,
-                 database_url=args.database_url, out_dir=args.work)
+                 database_url=args.database_url, corpus_limit=args.corpus_limit, out_dir=args.work)
     text = markdown(result)
     print(text)
     if args.out:

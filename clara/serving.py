@@ -47,13 +47,13 @@ class Answer:
 
 
 class Answerer:
-    """Answers from one build: ``mode``'s first stage in Postgres, the query reasoner's re-rank, the generator.
-    Retrieval is the evaluation's own (``clara.retrieval.rerank.ClaraRetriever``), so what is served is what was
-    measured."""
+    """Answers from one build: ``mode``'s first stage in Postgres, the query reasoner's re-rank where it pays
+    (``rerank``, ``clara.retrieval.rerank.use_rerank``), the generator. Retrieval is the evaluation's own
+    (``clara.retrieval.rerank.ClaraRetriever``), so what is served is what was measured."""
 
     def __init__(self, model, engine, build, k: int = 5, mode: str = "hybrid", candidates: int | None = None,
-                 fuse: float = 2.0, max_new_tokens: int = 64):
-        from clara.retrieval.rerank import ClaraRetriever
+                 fuse: float = 2.0, rerank: str = "auto", max_new_tokens: int = 64):
+        from clara.retrieval.rerank import ClaraRetriever, use_rerank
 
         if build.compression_rate != model.cfg.compression_rate:
             raise ValueError(f"build {build.id} holds rate-{build.compression_rate} memories; the model is "
@@ -65,14 +65,19 @@ class Answerer:
                              f"rebuild it (clara compress) or serve with mode 'clara' or 'lexical'")
         self.model, self.engine, self.build = model, engine, build
         self.k, self.max_new_tokens = k, max_new_tokens
+        # mode 'clara' is the query reasoner's own search; a query reasoner E2E never trained is the compressor's
+        # copy, as in evaluation (an untrained adapter would leave the bare base encoding the questions)
+        reranks = use_rerank(rerank, trained=not model.adapter_is_zero("query_reasoner")) or mode == "clara"
+        if reranks:
+            model.ensure_query_reasoner()
         self.retriever = ClaraRetriever(model, [], engine=engine, build=build, mode=mode, candidates=candidates,
-                                        fuse=fuse)
+                                        fuse=fuse, rerank=reranks)
 
     @classmethod
     def load(cls, checkpoint: str | Path, build_id: int, *, database_url: str | None = None,
              device: str | None = None, merge: bool = True, **kwargs) -> "Answerer":
-        """``merge``: run the query reasoner and the generator from plain copies of the base with their LoRA merged
-        in (``ClaraModel.merge_adapters``: base-model speed for more copies of the base weights, ~1.1 GB on
+        """``merge``: run the generator (and the query reasoner where it re-ranks) from plain copies of the base with
+        their LoRA merged in (``ClaraModel.merge_adapters``: base-model speed for more copies of the base weights, ~1.1 GB on
         SmolLM2 on a CPU).
         The QA prompt's fixed system turn is prefilled once and its key/value cache reused by every question
         (``ClaraModel.cache_prefix``): a served model's weights never change."""
@@ -83,10 +88,11 @@ class Answerer:
         engine = connect(database_url)
         build = ready_build(engine, build_id)
         model = load_checkpoint(checkpoint, device=device)
+        answerer = cls(model, engine, build, **kwargs)  # first: it may give the query reasoner its weights
         if merge:
-            model.merge_adapters()
+            model.merge_adapters(["generator"] + (["query_reasoner"] if answerer.retriever.rerank else []))
         model.cache_prefix()
-        return cls(model, engine, build, **kwargs)
+        return answerer
 
     def ask(self, questions: Sequence[str], k: int | None = None) -> list[Answer]:
         questions = check_questions(questions)
@@ -95,7 +101,7 @@ class Answerer:
         from clara.store.db import reachable
 
         k = k or self.k
-        queries = self.retriever.encode(questions)  # the query reasoner and the sentence encoder: one batch each
+        queries = self.retriever.queries(questions)  # the query reasoner and the sentence encoder: one batch each
         dense = self.retriever.dense_queries(questions)
         with reachable(self.engine):
             ranked = [self.retriever.retrieve(q, t, k, dense_query=d) for q, t, d in zip(questions, queries, dense)]

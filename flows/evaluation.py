@@ -42,6 +42,7 @@ def evaluate_task(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, An
         out = work_dir("eval", key)
         cfg = EvalConfig(k=top_k, baselines=tuple(b for b in baselines.split(",") if b), settings=("normal",),
                          mode=retrieval["mode"], fuse=retrieval["fuse"], n_candidates=retrieval["candidates"],
+                         rerank=retrieval["rerank"],
                          retrieval_modes=())
         with stage_run("evaluate", ctx, {"model_uri": e2e["model_uri"], "build_id": build["build_id"],
                                          "questions": questions, "k": top_k, "baselines": baselines,

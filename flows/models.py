@@ -78,6 +78,8 @@ class ClaraQAModel(mlflow.pyfunc.PythonModel):
                                       # versions registered before the first-stage modes searched with CLaRa alone
                                       mode=str(cfg.get("mode", "clara")), fuse=float(cfg.get("fuse", 0.0)),
                                       candidates=int(cfg["candidates"]) if cfg.get("candidates") else None,
+                                      # versions registered before the re-rank became conditional always re-ranked
+                                      rerank=str(cfg.get("rerank", "always")),
                                       max_new_tokens=int(cfg.get("max_new_tokens", 64)),
                                       merge=_merge(bool(cfg.get("merge", True))))
         self.batcher = Batcher(self._answer, max_batch=int(cfg.get("max_batch", 8)))

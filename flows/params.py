@@ -70,6 +70,9 @@ class Evaluation(_Group):
     n_candidates: int = _E2E.n_candidates
     retrieval_mode: Literal["clara", "dense", "lexical", "hybrid"] = "hybrid"
     retrieval_fuse: float = 2.0
+    retrieval_rerank: Literal["auto", "always", "never"] = "auto"
+    """When the query reasoner re-ranks the first stage (``clara.retrieval.rerank.use_rerank``; ``auto``: only
+    when E2E trained it)."""
     eval_questions: Optional[int] = None
     baselines: str = "bm25"
     """Fewer than ``clara evaluate``'s ``bm25,minilm`` (``EvalConfig.baselines``): the gate needs one raw-text

@@ -152,7 +152,8 @@ def full_pipeline(
         tracking.log_params(tracking.client(), run.run_id, {**p, **b})
         ctx = {"parent_run": run.run_id, "experiment": ex.experiment, "refresh": ex.refresh_cache}
         runner = task_runner(ex.dask_address, ex.dask_workers)
-        retrieval = {"mode": ev.retrieval_mode, "fuse": ev.retrieval_fuse, "candidates": ev.n_candidates}
+        retrieval = {"mode": ev.retrieval_mode, "fuse": ev.retrieval_fuse, "candidates": ev.n_candidates,
+                     "rerank": ev.retrieval_rerank}
 
         synthesized = run.record("synthesize", synthesis_flow.with_options(task_runner=runner)(
             corpus=data.corpus, max_docs=b["max_docs"] or None, preset=model.preset, shards=data.shards,

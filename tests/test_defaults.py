@@ -132,6 +132,7 @@ FLOW = {
     "n_candidates": "E2EConfig.n_candidates",
     "retrieval_mode": "EvalConfig.mode",
     "retrieval_fuse": "EvalConfig.fuse",
+    "retrieval_rerank": "EvalConfig.rerank",
     "gate_margin": "GateRule.margin",
     "gate_max_latency_regression": "GateRule.max_latency_regression",
 }
@@ -171,6 +172,7 @@ CLI = {
     "evaluate --baselines": "EvalConfig.baselines",
     "evaluate --mode": "EvalConfig.mode",
     "evaluate --fuse": "EvalConfig.fuse",
+    "evaluate --rerank": "EvalConfig.rerank",
     "evaluate --settings": "EvalConfig.settings",
     "evaluate --merge": "EvalConfig.merge",
     "evaluate --seed": "clara/eval/datasets.py:subsample(seed)",
@@ -205,6 +207,7 @@ FALLBACK = {
 FALLBACK_DIFFERS = {  # key -> (fallback, why)
     "mode": ("clara", "versions registered before the first-stage modes searched with CLaRa alone"),
     "fuse": (0.0, "the same versions: the query reasoner's order alone"),
+    "rerank": ("always", "versions registered before the re-rank became conditional always re-ranked"),
 }
 
 # the serving path's own defaults (clara.serving.Answerer) -> the evaluation's
@@ -212,6 +215,7 @@ LIBRARY = {
     "clara/serving.py:Answerer.__init__(k)": "EvalConfig.k",
     "clara/serving.py:Answerer.__init__(mode)": "EvalConfig.mode",
     "clara/serving.py:Answerer.__init__(fuse)": "EvalConfig.fuse",
+    "clara/serving.py:Answerer.__init__(rerank)": "EvalConfig.rerank",
     "clara/serving.py:Answerer.__init__(max_new_tokens)": "EvalConfig.max_new_tokens",
     "E2EConfig.top_k": "EvalConfig.k",
 }

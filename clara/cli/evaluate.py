@@ -68,6 +68,8 @@ def evaluate_cmd(
                                                         "mode clara)."),
     fuse: float = typer.Option(2.0, help="Weight of the first-stage rank in CLaRa's final order (0: the query "
                                          "reasoner's order alone)."),
+    rerank: str = typer.Option("auto", help="With --use-store: when the query reasoner re-ranks the first stage "
+                                            "(auto: only when E2E trained it; always; never)."),
     settings: str = typer.Option("normal,oracle", help="Settings: normal, oracle (gold forced into the k), "
                                                        "oracle-candidates (the paper's: gold among the candidates)."),
     merge: bool = typer.Option(True, help="Answer from merged copies of the base, as the served model does (served "
@@ -90,7 +92,7 @@ def evaluate_cmd(
         questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
         stores = _stores(models, refs, docs, database_url) if use_store else None
         cfg = EvalConfig(k=k, max_new_tokens=max_new_tokens, mode=mode, n_candidates=candidates, fuse=fuse,
-                         merge=merge, settings=tuple(x for x in settings.split(",") if x),
+                         merge=merge, rerank=rerank, settings=tuple(x for x in settings.split(",") if x),
                          baselines=tuple(b for b in baselines.split(",") if b))
         rows = evaluate(questions, docs, models, out, cfg, stores=stores,
                         progress=lambda msg: typer.echo(msg, err=True))

@@ -31,7 +31,7 @@ from clara.eval.likelihood import answer_nll
 from clara.eval.metrics import answer_scores, mean, recall_at
 from clara.eval.report import plot_report, report_markdown
 from clara.retrieval.fusion import baseline
-from clara.retrieval.rerank import ClaraRetriever
+from clara.retrieval.rerank import ClaraRetriever, use_rerank
 from clara.retrieval.timing import StageTimes
 from clara.model.decoding import Timing
 
@@ -55,6 +55,10 @@ class EvalConfig:
     fuse: float = 2.0
     """Weight of the first-stage rank in CLaRa's final order (see ``clara.store.search``). 2.0 won on both dev
     sets (``benchmarks/results/retrieval.md``)."""
+    rerank: str = "auto"
+    """With a store: when the query reasoner re-ranks the first stage (``clara.retrieval.rerank.use_rerank``:
+    ``auto``, ``always``, ``never``; ``auto`` re-ranks only with a query reasoner E2E trained). The retrieval-only
+    rows (``retrieval_modes``) measure the re-rank whatever this says."""
     retrieval_modes: tuple[str, ...] = ("clara", "dense", "lexical", "hybrid")
     """With a store: retrieval-only rows for these first stages, alone and re-ranked."""
     max_new_tokens: int = 64
@@ -343,18 +347,20 @@ class _Evaluation:
         cfg, gold = self.cfg, self.gold
         self.progress(f"compressing the corpus at rate {rate}" if build is None else f"using store build {build.id}")
         mode = cfg.mode if build is not None else "exact"
+        reranks = use_rerank(cfg.rerank, query_reasoner == "trained") or mode in ("exact", "clara")
         retriever = ClaraRetriever(model, self.docs, engine=engine, build=build, mode=mode,
-                                   candidates=cfg.n_candidates, fuse=cfg.fuse)
+                                   candidates=cfg.n_candidates, fuse=cfg.fuse, rerank=reranks)
         label = mode if build is not None else "clara-exact"
-        extra = {"query_reasoner": query_reasoner, "mode": mode, "fuse": cfg.fuse}
+        extra = {"query_reasoner": query_reasoner, "mode": mode, "fuse": cfg.fuse, "rerank": reranks}
         rows = []
         if build is not None and self.with_gold:
             rows += _retrieval_rows(self.qa, retriever, cfg, rate, gold, self.each, extra)
 
         def rank(r: QARecord, setting: str) -> list[str]:
-            query = retriever.encode([r.question])[0]
             if setting != "oracle-candidates":
+                query = retriever.queries([r.question])[0]  # None: the first stage's order (``rerank``)
                 return [d for d, _ in retriever.retrieve(r.question, query, self.depth)]
+            query = retriever.encode([r.question])[0]
             # The paper's Oracle: gold added to the N candidates, then the query reasoner picks k.
             pool = [d for d, _ in retriever.retrieve(r.question, query, retriever.n_candidates)]
             cand = list(dict.fromkeys(gold.forced(r, pool, 1) + pool))[: retriever.n_candidates]

@@ -14,27 +14,44 @@ from clara.model.topk import flat_cosine, flat_unit, pad_memories, unit_scores
 from clara.retrieval.first_stage import Ranked
 from clara.retrieval.timing import StageTimes, timed
 
+RERANK = ("auto", "always", "never")
+"""When the query reasoner re-ranks a store's first stage (``use_rerank``)."""
+
+
+def use_rerank(setting: str, trained: bool) -> bool:
+    """Whether to re-rank with the query reasoner: ``always``, ``never``, or ``auto``: only when E2E trained it
+    (``trained``). A query reasoner that never went through E2E is a copy of the compressor (the paper's
+    initialisation), and re-ranking with it does not pay: over the release's build of 2,000 bundled passages its
+    re-rank (fused with the hybrid rank at weight 2) lost R@1 against the hybrid first stage alone (descriptions
+    43.3 vs 66.7, dev set 52.0 vs 98.7), never gained R@5, and cost ~75 ms per question (docs/benchmarks.md)."""
+    if setting not in RERANK:
+        raise ValueError(f"rerank must be one of {', '.join(RERANK)}, got {setting!r}")
+    return setting == "always" or (setting == "auto" and trained)
+
 
 class ClaraRetriever:
     """The query reasoner against compressed documents.
 
     With a store build: ``mode``'s first stage in Postgres, then the flattened-cosine re-rank
-    (``clara.store.search.search``). Without one (``mode="exact"``): exact flattened cosine over an in-memory
+    (``clara.store.search.search``), or the first stage's own order with ``rerank=False`` (``use_rerank``; the query
+    reasoner then never runs). Without one (``mode="exact"``): exact flattened cosine over an in-memory
     compression of the whole corpus.
     """
 
     name = "clara"
 
     def __init__(self, model, docs: Sequence[Document], *, engine=None, build=None, mode: str = "exact",
-                 candidates: int | None = None, fuse: float = 0.0, compress_batch_size: int = 16):
+                 candidates: int | None = None, fuse: float = 0.0, rerank: bool = True, compress_batch_size: int = 16):
         from clara.store.search import DEFAULT_CANDIDATES, MODES
 
         if mode not in MODES + ("exact",):
             raise ValueError(f"unknown retrieval mode {mode!r}; known: {', '.join(MODES + ('exact',))}")
         if build is None and mode != "exact":
             raise ValueError(f"retrieval mode {mode!r} needs a store build (evaluate with --use-store)")
+        if not rerank and mode in ("exact", "clara"):
+            raise ValueError(f"retrieval mode {mode!r} is the query reasoner's own search: it cannot skip it")
         self.model, self.engine, self.build = model, engine, build
-        self.mode, self.fuse = mode, fuse
+        self.mode, self.fuse, self.rerank = mode, fuse, rerank
         self.n_candidates = candidates or DEFAULT_CANDIDATES.get(mode, 20)
         self.ids = [d.id for d in docs]
         self.memory: dict[str, torch.Tensor] = {}
@@ -53,6 +70,10 @@ class ClaraRetriever:
         """The query reasoner's tensor of each question (one batched forward)."""
         with timed(self.times, "query reasoner", len(questions)):
             return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
+
+    def queries(self, questions: Sequence[str]) -> list[torch.Tensor | None]:
+        """What ``retrieve`` needs of each question: its tensor, or None when the re-rank is off."""
+        return self.encode(questions) if self.rerank else [None] * len(questions)
 
     def dense_queries(self, questions: Sequence[str], mode: str | None = None) -> list[np.ndarray | None]:
         """Each question's sentence vector when ``mode`` needs one (one batched forward), else Nones. Not cached:
@@ -79,10 +100,11 @@ class ClaraRetriever:
         return first_stage(self.engine, self.build, mode, n, query=query, text_query=question,
                            dense_query=self.dense_queries([question], mode)[0])
 
-    def retrieve(self, question: str, query: torch.Tensor, k: int, mode: str | None = None,
+    def retrieve(self, question: str, query: torch.Tensor | None, k: int, mode: str | None = None,
                  dense_query: np.ndarray | None = None) -> Ranked:
-        """The top ``k`` for one question whose query-reasoner tensor is ``query`` (and sentence vector
-        ``dense_query``, when it was computed with others' in a batch: ``dense_queries``)."""
+        """The top ``k`` for one question whose query-reasoner tensor is ``query`` (None: the first stage's order,
+        see ``queries``) and sentence vector ``dense_query`` (when it was computed with others' in a batch:
+        ``dense_queries``)."""
         mode = mode or self.mode
         if mode == "exact":
             if self.build is not None:
@@ -98,7 +120,8 @@ class ClaraRetriever:
         n = self.n_candidates if mode == self.mode else DEFAULT_CANDIDATES[mode]
         if dense_query is None:
             dense_query = self.dense_queries([question], mode)[0]
-        hits = search(self.engine, self.build, query.numpy(), k=k, mode=mode, candidates=max(n, k),
+        hits = search(self.engine, self.build, None if query is None else query.numpy(), k=k, mode=mode,
+                      candidates=max(n, k),
                       text_query=question, dense_query=dense_query, fuse=self.fuse, times=self.times)
         return self._keep(hits)
 

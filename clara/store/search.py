@@ -224,10 +224,11 @@ def _hits(engine: Engine, build: Build, doc_ids: list[str], scores: dict[str, fl
     return [Hit(d, scores[d], *docs.get(d, ("", "")), memories[d]) for d in doc_ids]
 
 
-def search(engine: Engine, build: Build, query: np.ndarray, k: int = 5, *, mode: str = "clara",
+def search(engine: Engine, build: Build, query: np.ndarray | None, k: int = 5, *, mode: str = "clara",
            candidates: int | None = None, text_query: str | None = None, dense_query: np.ndarray | None = None,
            fuse: float = 0.0, exact: bool = False, times: StageTimes | None = None) -> list[Hit]:
-    """Top-k documents of ``build`` for a query memory tensor [n, hidden], best first.
+    """Top-k documents of ``build`` for a query memory tensor [n, hidden], best first. ``query=None``: no re-rank,
+    the first stage's top k in its own order and scores (``clara.retrieval.rerank.use_rerank``).
 
     Args:
         mode: the first stage (``MODES``); ``text_query`` / ``dense_query`` as ``first_stage`` needs them.
@@ -236,18 +237,24 @@ def search(engine: Engine, build: Build, query: np.ndarray, k: int = 5, *, mode:
         exact: score every document of the build (brute force; for evaluation and for measuring recall).
         times: where to record each stage's milliseconds (``clara.retrieval.timing``).
     """
-    query = _check_query(build, query)
+    if query is None and (exact or mode == "clara"):
+        raise ValueError("exact search and mode 'clara' need the query reasoner's tensor (query)")
+    query = None if query is None else _check_query(build, query)
     if k < 1:
         raise ValueError("k must be >= 1")
     if exact:
         return exact_search(engine, build, query, k)
+    # as deep with or without the re-rank: hybrid's fusion depth follows n, so its top k stays what was measured
     n = max(candidates or DEFAULT_CANDIDATES.get(mode, 20), k)
     with timed(times, "first stage"):
         first = first_stage(engine, build, mode, n, query=query, text_query=text_query, dense_query=dense_query)
     with timed(times, "candidate fetch"):
-        mems, rows = candidates_of(engine, build, [d for d, _ in first])
-    with timed(times, "re-rank"):
-        ranked = rerank(query, first, mems, build.n_mem_max, fuse)[:k]
+        mems, rows = candidates_of(engine, build, [d for d, _ in (first if query is not None else first[:k])])
+    if query is None:
+        ranked = [(d, score, i + 1) for i, (d, score) in enumerate(first) if d in mems][:k]
+    else:
+        with timed(times, "re-rank"):
+            ranked = rerank(query, first, mems, build.n_mem_max, fuse)[:k]
     return [Hit(d, score, *rows[d], mems[d], first_rank=r) for d, score, r in ranked]
 
 

@@ -250,3 +250,50 @@ def test_evaluation_answers_as_served_the_same_as_through_the_adapters(fixtures,
         assert model.merged_adapters == [] and model._prefix_cache is None and rows
     assert merged == [[None], ["generator", "query_reasoner"]]  # the raw-text base, then CLaRa's served adapters
     assert predictions[True] == predictions[False]
+
+
+def test_a_query_reasoner_e2e_never_trained_does_not_rerank_unless_asked(fixtures, tmp_path, engine, monkeypatch):
+    """``rerank="auto"`` (``clara.retrieval.rerank.use_rerank``): with a zero query reasoner, evaluation and the
+    served path keep the first stage's order and never run the query reasoner; ``always`` gives it the
+    compressor's weights first (as evaluation does) instead of encoding questions with the bare base."""
+    from clara.retrieval.dense import DenseEncoder
+    from clara.serving import Answerer
+    from clara.store.loading import index_corpus
+    from clara.store.search import first_stage
+
+    docs = read_corpus(fixtures / "corpus.jsonl")
+    qa = load_qa_records(fixtures / "qa.jsonl")
+    m = ClaraModel.build(preset("tiny", compression_rate=16))
+    perturb(m, seed=16)
+    m.reset_adapter("query_reasoner")
+    assert m.adapter_is_zero("query_reasoner")
+    build = index_corpus(engine, m, docs, model_uri="eval-untrained-qr", corpus_version="eval-modes-v1",
+                         dense=DenseEncoder(), progress=False)
+    encoded = []
+    original = ClaraModel.encode_queries
+    monkeypatch.setattr(ClaraModel, "encode_queries", lambda self, qs, **kw: (encoded.append(len(qs)),
+                                                                            original(self, qs, **kw))[1])
+    answerer = Answerer(m, engine, build, k=2, max_new_tokens=2)
+    assert not answerer.retriever.rerank and m.adapter_is_zero("query_reasoner")
+    question = qa[0].question
+    got = answerer.ask([question])[0]
+    dense_query = answerer.retriever.dense_queries([question])[0]
+    top = first_stage(engine, build, "hybrid", 20, text_query=question, dense_query=dense_query)
+    assert got.doc_ids == [d for d, _ in top[:2]] and encoded == []
+    cfg = EvalConfig(k=2, max_new_tokens=2, baselines=(), closed_book=False, settings=("normal",),
+                     retrieval_modes=("hybrid",))
+    rows = evaluate(qa, docs, {16: m}, tmp_path, cfg, stores={16: (engine, build)}, progress=lambda x: None,
+                    bars=False)
+    row = next(r for r in rows if r["system"] == "clara" and r["setting"] == "normal")
+    first = next(r for r in rows if r["system"] == "first-stage")
+    assert row["rerank"] is False and row["query_reasoner"] == "compressor copy (no E2E)"
+    assert row["recall@5"] == first["recall@5"] and row["recall@1"] == first["recall@1"]
+    # asked to re-rank anyway: the compressor's copy encodes the question, as in evaluation
+    m.reset_adapter("query_reasoner")
+    encoded.clear()
+    always = Answerer(m, engine, build, k=2, max_new_tokens=2, rerank="always")
+    assert always.retriever.rerank and not m.adapter_is_zero("query_reasoner")
+    always.ask([question])
+    assert encoded == [1]
+    with pytest.raises(ValueError, match="rerank"):
+        Answerer(m, engine, build, rerank="sometimes")

@@ -359,6 +359,14 @@ def test_dense_and_hybrid_modes(engine):
     # Fusing the first-stage rank: with a large weight the first stage's order wins.
     fused = search(engine, build, mems["river"], k=3, mode="hybrid", text_query=question, dense_query=q, fuse=100.0)
     assert [h.first_rank for h in fused] == sorted(h.first_rank for h in fused)
+    # No re-rank (query None): the first stage's top k as it ranked them, with their memories and text.
+    plain = search(engine, build, None, k=3, mode="hybrid", text_query=question, dense_query=q)
+    deep = first_stage(engine, build, "hybrid", 20, text_query=question, dense_query=q)
+    assert [(h.doc_id, h.first_rank) for h in plain] == [(d, i + 1) for i, (d, _) in enumerate(deep[:3])]
+    assert [h.score for h in plain] == pytest.approx([s for _, s in deep[:3]])
+    assert all(np.allclose(h.memory, mems[h.doc_id], rtol=1e-2, atol=1e-3) and h.text for h in plain)
+    with pytest.raises(ValueError, match="query reasoner"):
+        search(engine, build, None, mode="clara")
 
 
 def test_dense_needs_a_build_with_dense_vectors(engine):
