@@ -55,7 +55,9 @@ def run(checkpoint: str, *, corpus: str = "bundled", descriptions: int = 1000, d
                               "build_seconds": build_s, "sets": {}}
     for name, qa in sets.items():
         rows = evaluate(qa, docs, {model.cfg.compression_rate: model}, out_dir / name,
-                        EvalConfig(settings=("normal",), mode="hybrid", fuse=FUSE_WEIGHTS[0], closed_book=False),
+                        # every clara row re-ranks, whatever the product default decides for this checkpoint
+                        EvalConfig(settings=("normal",), mode="hybrid", fuse=FUSE_WEIGHTS[0], closed_book=False,
+                                   rerank="always"),
                         stores={model.cfg.compression_rate: (engine, build)})
         table = [_slim(r) for r in rows if r["setting"] in ("normal", "retrieval")]
         for w in FUSE_WEIGHTS[1:]:
