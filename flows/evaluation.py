@@ -43,7 +43,8 @@ def evaluate_task(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, An
         cfg = EvalConfig(k=top_k, baselines=tuple(b for b in baselines.split(",") if b), settings=("normal",),
                          mode=retrieval["mode"], fuse=retrieval["fuse"], n_candidates=retrieval["candidates"],
                          rerank=retrieval["rerank"],
-                         retrieval_modes=())
+                         # the first stage alone and re-ranked, on these questions: whether the re-rank paid
+                         retrieval_modes=(retrieval["mode"],))
         with stage_run("evaluate", ctx, {"model_uri": e2e["model_uri"], "build_id": build["build_id"],
                                          "questions": questions, "k": top_k, "baselines": baselines,
                                          "data_version": data["data_version"],
@@ -59,6 +60,8 @@ def evaluate_task(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, An
             engine.dispose()
             for r in rows:
                 prefix = r["system"] if r["system"] != "raw-text" else f"raw-text.{r['retriever']}"
+                if r["setting"] == "retrieval":  # retrieval.hybrid, retrieval.hybrid.rerank (no '+' in MLflow names)
+                    prefix = f"retrieval.{r['retriever'].replace('+', '.')}"
                 tracking.log_metrics(st.c, st.run_id, {f"{prefix}.{k}": v for k, v in stages.numeric(r).items()})
             st.c.log_artifacts(st.run_id, str(out), "evaluation")
             table = (out / "report.md").read_text(encoding="utf-8")
