@@ -265,6 +265,37 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def prefill_run(preset_name: str, lengths: list[int], repeats: int, seed: int) -> dict[str, Any]:
+    """What a prompt of L tokens costs the served generator's layers (its fp32 decoding copy and the bf16 twin that
+    prefills, ``ClaraModel.merge_adapters``), p50 ms per L: the cost is not proportional to L, which bounds the TTFT
+    ratio of a short prompt against a long one below their token ratio."""
+    from clara.config import preset
+    from clara.model.clara_model import ClaraModel
+
+    torch.manual_seed(seed)
+    model = ClaraModel.build(preset(preset_name))
+    model.merge_adapters(["generator"])
+    out: dict[str, Any] = {"preset": preset_name, "repeats": repeats, "threads": torch.get_num_threads(),
+                           "machine": platform.processor() or platform.machine(), "lengths": {}}
+    with torch.no_grad():
+        copies = {"decoding copy": model._merged.get("generator"), "prefill twin": model._merged.prefill("generator")}
+        for n in lengths:
+            cell = {}
+            for name, lm in copies.items():
+                if lm is None:
+                    continue
+                x = torch.randn(1, n, model.hidden_size, dtype=lm.dtype)
+                times = []
+                for i in range(repeats + 1):  # the first call warms up
+                    t0 = time.perf_counter()
+                    lm.get_decoder()(inputs_embeds=x, use_cache=True)
+                    times.append(time.perf_counter() - t0)
+                cell[f"{name} ({str(lm.dtype).removeprefix('torch.')}) ms p50"] = pct(times[1:], 50)
+            out["lengths"][n] = cell
+            print(f"{n} tokens: {cell}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="smollm2-135m")
@@ -283,10 +314,18 @@ def main() -> None:
                     help="Instead: time the served retrieval path stage by stage on builds of these many bundled "
                          "passages (e.g. 300,12878), unmerged vs served, same run.")
     ap.add_argument("--questions", type=int, default=100, help="--retrieval: dev questions timed.")
+    ap.add_argument("--prefill-lengths", default=None, metavar="TOKENS",
+                    help="Instead: time the served generator's layers over prompts of these lengths (e.g. 20,70,400).")
     ap.add_argument("--random-memory", action="store_true",
                     help="--retrieval: builds hold random memory vectors instead of compressed ones (same SQL and "
                          "re-rank cost; compressing the whole corpus takes ~21 min on 2 cores).")
     args = ap.parse_args()
+    if args.prefill_lengths:
+        result = prefill_run(args.preset, [int(x) for x in args.prefill_lengths.split(",")], args.repeats, args.seed)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+        return
     if args.retrieval:
         result = retrieval_run(args.preset, [int(x) for x in args.retrieval.split(",")], args.questions, 5, args.seed,
                                random_memory=args.random_memory)
