@@ -77,8 +77,8 @@ class Answerer:
     def load(cls, checkpoint: str | Path, build_id: int, *, database_url: str | None = None,
              device: str | None = None, merge: bool = True, **kwargs) -> "Answerer":
         """``merge``: run the generator (and the query reasoner where it re-ranks) from plain copies of the base with
-        their LoRA merged in (``ClaraModel.merge_adapters``: base-model speed for more copies of the base weights, ~1.1 GB on
-        SmolLM2 on a CPU).
+        their LoRA merged in (``ClaraModel.merge_adapters``: base-model speed for more copies of the base weights,
+        ~1.1 GB on SmolLM2 on a CPU).
         The QA prompt's fixed system turn is prefilled once and its key/value cache reused by every question
         (``ClaraModel.cache_prefix``): a served model's weights never change."""
         from clara.model.checkpoint import load_checkpoint

@@ -41,7 +41,8 @@ class ClaraRetriever:
     name = "clara"
 
     def __init__(self, model, docs: Sequence[Document], *, engine=None, build=None, mode: str = "exact",
-                 candidates: int | None = None, fuse: float = 0.0, rerank: bool = True, compress_batch_size: int = 16):
+                 candidates: int | None = None, fuse: float = 0.0, rerank: bool = True,
+                 compress_batch_size: int = 16):
         from clara.store.search import DEFAULT_CANDIDATES, MODES
 
         if mode not in MODES + ("exact",):
@@ -121,8 +122,8 @@ class ClaraRetriever:
         if dense_query is None:
             dense_query = self.dense_queries([question], mode)[0]
         hits = search(self.engine, self.build, None if query is None else query.numpy(), k=k, mode=mode,
-                      candidates=max(n, k),
-                      text_query=question, dense_query=dense_query, fuse=self.fuse, times=self.times)
+                      candidates=max(n, k), text_query=question, dense_query=dense_query, fuse=self.fuse,
+                      times=self.times)
         return self._keep(hits)
 
     def _keep(self, hits) -> Ranked:
