@@ -65,9 +65,9 @@ class Answerer:
                              f"rebuild it (clara compress) or serve with mode 'clara' or 'lexical'")
         self.model, self.engine, self.build = model, engine, build
         self.k, self.max_new_tokens = k, max_new_tokens
-        # mode 'clara' is the query reasoner's own search; a query reasoner E2E never trained is the compressor's
-        # copy, as in evaluation (an untrained adapter would leave the bare base encoding the questions)
-        reranks = use_rerank(rerank, trained=not model.adapter_is_zero("query_reasoner")) or mode == "clara"
+        # a query reasoner E2E never trained is the compressor's copy, as in evaluation (an untrained adapter would
+        # leave the bare base encoding the questions)
+        reranks = use_rerank(rerank, not model.adapter_is_zero("query_reasoner"), mode)
         if reranks:
             model.ensure_query_reasoner()
         self.retriever = ClaraRetriever(model, [], engine=engine, build=build, mode=mode, candidates=candidates,

@@ -347,7 +347,7 @@ class _Evaluation:
         cfg, gold = self.cfg, self.gold
         self.progress(f"compressing the corpus at rate {rate}" if build is None else f"using store build {build.id}")
         mode = cfg.mode if build is not None else "exact"
-        reranks = use_rerank(cfg.rerank, query_reasoner == "trained") or mode in ("exact", "clara")
+        reranks = use_rerank(cfg.rerank, query_reasoner == "trained", mode)
         retriever = ClaraRetriever(model, self.docs, engine=engine, build=build, mode=mode,
                                    candidates=cfg.n_candidates, fuse=cfg.fuse, rerank=reranks)
         label = mode if build is not None else "clara-exact"

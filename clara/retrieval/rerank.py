@@ -18,15 +18,16 @@ RERANK = ("auto", "always", "never")
 """When the query reasoner re-ranks a store's first stage (``use_rerank``)."""
 
 
-def use_rerank(setting: str, trained: bool) -> bool:
-    """Whether to re-rank with the query reasoner: ``always``, ``never``, or ``auto``: only when E2E trained it
+def use_rerank(setting: str, trained: bool, mode: str) -> bool:
+    """Whether retrieval in ``mode`` runs the query reasoner: always for ``clara`` and ``exact``, its own searches;
+    over another first stage as ``setting`` says: ``always``, ``never``, or ``auto``: only when E2E trained it
     (``trained``). A query reasoner that never went through E2E is a copy of the compressor (the paper's
     initialisation), and re-ranking with it does not pay: over the release's build of 2,000 bundled passages its
     re-rank (fused with the hybrid rank at weight 2) lost R@1 against the hybrid first stage alone (descriptions
     43.3 vs 66.7, dev set 52.0 vs 98.7), never gained R@5, and cost ~75 ms per question (docs/benchmarks.md)."""
     if setting not in RERANK:
         raise ValueError(f"rerank must be one of {', '.join(RERANK)}, got {setting!r}")
-    return setting == "always" or (setting == "auto" and trained)
+    return mode in ("clara", "exact") or setting == "always" or (setting == "auto" and trained)
 
 
 class ClaraRetriever:

@@ -248,10 +248,12 @@ def search(engine: Engine, build: Build, query: np.ndarray | None, k: int = 5, *
     n = max(candidates or DEFAULT_CANDIDATES.get(mode, 20), k)
     with timed(times, "first stage"):
         first = first_stage(engine, build, mode, n, query=query, text_query=text_query, dense_query=dense_query)
+    if query is None:  # the first stage's order is the answer: only its top k are fetched
+        first = first[:k]
     with timed(times, "candidate fetch"):
-        mems, rows = candidates_of(engine, build, [d for d, _ in (first if query is not None else first[:k])])
+        mems, rows = candidates_of(engine, build, [d for d, _ in first])
     if query is None:
-        ranked = [(d, score, i + 1) for i, (d, score) in enumerate(first) if d in mems][:k]
+        ranked = [(d, score, i + 1) for i, (d, score) in enumerate(first) if d in mems]
     else:
         with timed(times, "re-rank"):
             ranked = rerank(query, first, mems, build.n_mem_max, fuse)[:k]
