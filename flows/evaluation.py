@@ -65,8 +65,12 @@ def evaluate_task(e2e: dict[str, Any], build: dict[str, Any], data: dict[str, An
                 tracking.log_metrics(st.c, st.run_id, {f"{prefix}.{k}": v for k, v in stages.numeric(r).items()})
             st.c.log_artifacts(st.run_id, str(out), "evaluation")
             table = (out / "report.md").read_text(encoding="utf-8")
-            metrics = {tracking.metric_name(k): v for k, v in stages.numeric(stages.clara_row(rows)).items()}
-            return st.finish({"metrics": metrics, "table": table, "questions": len(qa)})
+            row = stages.clara_row(rows)
+            metrics = {tracking.metric_name(k): v for k, v in stages.numeric(row).items()}
+            # what the answers did, for promote to serve the same (``auto`` resolved from the retrieval rows)
+            return st.finish({"metrics": metrics, "table": table, "questions": len(qa),
+                              "rerank": "always" if row["rerank"] else "never",
+                              "rerank_evidence": row.get("rerank_evidence")})
 
 
 @task(name="promote", **RETRIED)
@@ -92,12 +96,18 @@ def promote_task(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, A
                 c = st.c
                 # A killed run may have registered and died before finishing its run: that version is found, not
                 # registered twice.
+                # The version serves the re-rank choice its evaluation made and measured (an evaluation cached
+                # before the choice was recorded leaves the setting as it was).
+                served = {**retrieval, "rerank": scores.get("rerank", retrieval["rerank"])}
+                why = scores.get("rerank_evidence")
+                evidence = {"retrieval.rerank_evidence": why} if why else {}
                 version, _ = register_once(c, model_name, key, lambda: log_pyfunc(
-                    e2e["run_id"], "qa", checkpoint_dir(e2e), {"build_id": build["build_id"], "k": top_k, **retrieval},
+                    e2e["run_id"], "qa", checkpoint_dir(e2e), {"build_id": build["build_id"], "k": top_k, **served},
                     input_column="question"), {
                     **{f"eval.{k}": round(v, 6) for k, v in scores["metrics"].items()}, "eval.run_id": scores["run_id"],
                     "data_version": data["data_version"], "build_id": build["build_id"], "compressor": scp["model_uri"],
-                    **{f"retrieval.{k}": v for k, v in retrieval.items()},
+                    **{f"retrieval.{k}": v for k, v in served.items()}, "retrieval.rerank_setting": retrieval["rerank"],
+                    **evidence,
                     "git_commit": tracking.git_commit(PROJECT), "prefect.flow_run_id": str(flow_run.id)},
                     description="CLaRa end to end: questions -> answers from the compressed corpus in pgvector")
                 tracking.set_tags(c, st.run_id, {"model_version": version})

@@ -31,7 +31,7 @@ from clara.eval.likelihood import answer_nll
 from clara.eval.metrics import answer_scores, mean, recall_at
 from clara.eval.report import plot_report, report_markdown
 from clara.retrieval.fusion import baseline
-from clara.retrieval.rerank import ClaraRetriever, use_rerank
+from clara.retrieval.rerank import ClaraRetriever, measured_rerank, use_rerank
 from clara.retrieval.timing import StageTimes
 from clara.model.decoding import Timing
 
@@ -57,8 +57,9 @@ class EvalConfig:
     sets (``benchmarks/results/retrieval.md``)."""
     rerank: str = "auto"
     """With a store: when the query reasoner re-ranks the first stage (``clara.retrieval.rerank.use_rerank``:
-    ``auto``, ``always``, ``never``; ``auto`` re-ranks only with a query reasoner E2E trained). The retrieval-only
-    rows (``retrieval_modes``) measure the re-rank whatever this says."""
+    ``auto``, ``always``, ``never``; ``auto`` re-ranks only with a query reasoner E2E trained, and then only if
+    the retrieval rows of ``mode`` show it paid: ``measured_rerank``). The retrieval-only rows (``retrieval_modes``)
+    measure the re-rank whatever this says."""
     retrieval_modes: tuple[str, ...] = ("clara", "dense", "lexical", "hybrid")
     """With a store: retrieval-only rows for these first stages, alone and re-ranked."""
     max_new_tokens: int = 64
@@ -343,6 +344,23 @@ class _Evaluation:
         with self.served(model, ("generator", "query_reasoner")):  # after the query reasoner got its weights
             return self.clara_rows(rate, model, query_reasoner, engine, build)
 
+    def measured_rerank(self, rows: list[dict[str, Any]], mode: str, retriever: ClaraRetriever,
+                        extra: dict[str, Any]) -> None:
+        """``auto`` with an E2E-trained query reasoner: the answers re-rank only if the retrieval rows just measured
+        say it paid (``clara.retrieval.rerank.measured_rerank``); the rows and the answers record the choice and
+        its evidence. Without a row for ``mode`` (``retrieval_modes``) E2E training decides, as when serving."""
+        first = next((r for r in rows if r["system"] == "first-stage" and r["retriever"] == mode), None)
+        again = next((r for r in rows if r["setting"] == "retrieval" and r["retriever"] == f"{mode}+rerank"), None)
+        found = measured_rerank(first, again, self.cfg.k) if first and again else None
+        if found is None:
+            return
+        retriever.rerank, extra["rerank_evidence"] = found
+        extra["rerank"] = retriever.rerank
+        for r in rows:
+            if r["setting"] == "retrieval":
+                r.update(rerank=retriever.rerank, rerank_evidence=extra["rerank_evidence"])
+        self.progress(f"re-rank {'kept' if retriever.rerank else 'dropped'}: {extra['rerank_evidence']}")
+
     def clara_rows(self, rate: int, model, query_reasoner: str, engine, build) -> list[dict[str, Any]]:
         cfg, gold = self.cfg, self.gold
         self.progress(f"compressing the corpus at rate {rate}" if build is None else f"using store build {build.id}")
@@ -355,6 +373,8 @@ class _Evaluation:
         rows = []
         if build is not None and self.with_gold:
             rows += _retrieval_rows(self.qa, retriever, cfg, rate, gold, self.each, extra)
+            if cfg.rerank == "auto" and reranks and mode != "clara":
+                self.measured_rerank(rows, mode, retriever, extra)
 
         def rank(r: QARecord, setting: str) -> list[str]:
             if setting != "oracle-candidates":

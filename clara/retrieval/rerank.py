@@ -30,6 +30,26 @@ def use_rerank(setting: str, trained: bool, mode: str) -> bool:
     return mode in ("clara", "exact") or setting == "always" or (setting == "auto" and trained)
 
 
+def measured_rerank(first: dict, reranked: dict, k: int) -> tuple[bool, str] | None:
+    """``auto``'s answer for an E2E-trained query reasoner, from the retrieval rows of an evaluation (the first
+    stage alone and re-ranked, same questions): re-rank only where it found more gold documents among the ``k`` the
+    generator reads (recall at the first measured depth >= ``k``), or as many with more at rank 1. A tie goes to
+    the first stage: the re-rank costs the query reasoner's forward on every question. None when the rows hold no
+    recall (questions without gold). E2E training alone is no evidence: the demo pipeline's 10 E2E steps gave a
+    re-rank that lost R@1 75 vs 100 to its own first stage (docs/quality.md). Returns (re-rank, why)."""
+    depths = sorted(int(key.split("@")[1]) for key in first if key.startswith("recall@"))
+    if not depths or any(first.get(f"recall@{d}") is None or reranked.get(f"recall@{d}") is None
+                         for d in (1, depths[-1])):
+        return None
+    at = next((d for d in depths if d >= k), depths[-1])
+    # rounded: equal counts of hits must compare equal whatever order a float sum took
+    ours = (round(reranked[f"recall@{at}"], 9), round(reranked["recall@1"], 9))
+    theirs = (round(first[f"recall@{at}"], 9), round(first["recall@1"], 9))
+    why = (f"re-ranked R@{at} {100 * ours[0]:.1f} / R@1 {100 * ours[1]:.1f} vs first stage "
+           f"{100 * theirs[0]:.1f} / {100 * theirs[1]:.1f} on {reranked.get('n', '?')} questions")
+    return ours > theirs, why
+
+
 class ClaraRetriever:
     """The query reasoner against compressed documents.
 

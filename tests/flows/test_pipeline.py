@@ -133,6 +133,11 @@ def test_run_left_registered_models_alias_build_and_lineage(first_run, repo):
     prod = c.get_model_version("clara", result["promotion"]["version"])
     assert prod.tags["data_version"] == data_version(repo) == result["data"]["data_version"]
     assert "eval.f1" in prod.tags and prod.tags["build_id"] == str(result["build"]["build_id"])
+    # rerank "auto" after E2E: the version serves what its evaluation chose from its own retrieval rows
+    assert prod.tags["retrieval.rerank_setting"] == "auto"
+    assert prod.tags["retrieval.rerank"] == result["evaluation"]["rerank"] in ("always", "never")
+    assert prod.tags["retrieval.rerank_evidence"] == result["evaluation"]["rerank_evidence"]
+    assert "vs first stage" in prod.tags["retrieval.rerank_evidence"]
     assert c.search_model_versions("name = 'clara-compressor'")
 
     build = get_build(connect(), result["build"]["build_id"])
@@ -202,6 +207,7 @@ def test_production_model_loads_from_the_registry_and_answers(first_run):
     import pandas as pd
 
     model = mlflow.pyfunc.load_model("models:/clara@production")
+    assert model.model_config["rerank"] == first_run["evaluation"]["rerank"]  # what evaluation chose and measured
     out = model.predict(pd.DataFrame({"question": ["What is an urban area?", "Who founded Rome?"]}))
     assert list(out.columns) == ["question", "answer", "doc_ids", "titles", "scores"]
     assert model.metadata.get_output_schema().input_names() == list(out.columns)  # what the UI lists as Outputs

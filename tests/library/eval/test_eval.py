@@ -198,6 +198,15 @@ def test_store_evaluation_reports_every_first_stage_alone_and_reranked(fixtures,
             "retrieval_ms_p50"] * 1.5
     qa_row = next(r for r in rows if r["system"] == "clara" and r["setting"] == "normal")
     assert qa_row["retriever"] == "hybrid" and qa_row["mode"] == "hybrid"
+    # rerank="auto" with an E2E-trained query reasoner: the answers re-rank only as the retrieval rows measured
+    from clara.retrieval.rerank import measured_rerank
+
+    paid, why = measured_rerank(first["hybrid"], reranked["hybrid+rerank"], cfg.k)
+    assert qa_row["query_reasoner"] == "trained" and qa_row["rerank"] is paid and qa_row["rerank_evidence"] == why
+    assert reranked["hybrid+rerank"]["rerank"] is paid and f"on {len(qa)} questions" in why
+    served = first["hybrid"] if not paid else reranked["hybrid+rerank"]
+    assert qa_row["recall@5"] == pytest.approx(served["recall@5"]) and qa_row["recall@1"] == pytest.approx(
+        served["recall@1"])
     # A second evaluation with reuse finds the same build instead of compressing again.
     again = index_corpus(engine, models[16], docs, model_uri="eval-modes", corpus_version="eval-modes-v1",
                          dense=DenseEncoder(), reuse=True, progress=False)
@@ -250,6 +259,24 @@ def test_evaluation_answers_as_served_the_same_as_through_the_adapters(fixtures,
         assert model.merged_adapters == [] and model._prefix_cache is None and rows
     assert merged == [[None], ["generator", "query_reasoner"]]  # the raw-text base, then CLaRa's served adapters
     assert predictions[True] == predictions[False]
+
+
+def test_the_measured_rerank_pays_only_with_more_gold_among_what_the_generator_reads():
+    from clara.retrieval.rerank import measured_rerank
+
+    first = {"n": 24, "recall@1": 1.0, "recall@3": 1.0, "recall@5": 1.0, "recall@20": 1.0}
+    # the pipeline's 10-step E2E re-rank (docs/quality.md): lost R@1, same R@5 -> the first stage's order
+    lost = {**first, "recall@1": 0.75, "recall@3": 0.917}
+    assert measured_rerank(first, lost, 5) == (False, "re-ranked R@5 100.0 / R@1 75.0 vs first stage 100.0 / 100.0"
+                                                      " on 24 questions")
+    assert measured_rerank(first, dict(first), 5)[0] is False  # a tie: the re-rank costs time for nothing
+    weak = {**first, "recall@1": 0.5, "recall@3": 0.6, "recall@5": 0.7}
+    assert measured_rerank(weak, {**weak, "recall@5": 0.75, "recall@1": 0.4}, 5)[0] is True  # more gold in the k
+    assert measured_rerank(weak, {**weak, "recall@1": 0.55}, 5)[0] is True  # as many, and more at rank 1
+    assert measured_rerank(weak, {**weak, "recall@3": 0.9, "recall@5": 0.6}, 2)[0] is True  # k=2 reads R@3
+    assert measured_rerank(weak, {**weak, "recall@5": 0.9, "recall@20": 0.5}, 50)[0] is False  # past 20: R@20
+    no_gold = {k: None for k in first if k.startswith("recall@")}
+    assert measured_rerank(no_gold, no_gold, 5) is None
 
 
 def test_a_query_reasoner_e2e_never_trained_does_not_rerank_unless_asked(fixtures, tmp_path, engine, monkeypatch):
