@@ -101,10 +101,8 @@ class Answerer:
         from clara.store.db import reachable
 
         k = k or self.k
-        queries = self.retriever.queries(questions)  # the query reasoner and the sentence encoder: one batch each
-        dense = self.retriever.dense_queries(questions)
-        with reachable(self.engine):
-            ranked = [self.retriever.retrieve(q, t, k, dense_query=d) for q, t, d in zip(questions, queries, dense)]
+        with reachable(self.engine):  # the query reasoner and the sentence encoder: one batch each
+            ranked = self.retriever.retrieve_batch(questions, k)
             memories = [[self.retriever.memory_of(d) for d, _ in r] for r in ranked]
         answers = self.model.generate(questions, memories, max_new_tokens=self.max_new_tokens)
         titles = self.retriever.titles  # the search already read them with the documents

@@ -377,9 +377,8 @@ class _Evaluation:
                 self.measured_rerank(rows, mode, retriever, extra)
 
         def rank(r: QARecord, setting: str) -> list[str]:
-            if setting != "oracle-candidates":
-                query = retriever.queries([r.question])[0]  # None: the first stage's order (``rerank``)
-                return [d for d, _ in retriever.retrieve(r.question, query, self.depth)]
+            if setting != "oracle-candidates":  # as served
+                return [d for d, _ in retriever.retrieve_batch([r.question], self.depth)[0]]
             query = retriever.encode([r.question])[0]
             # The paper's Oracle: gold added to the N candidates, then the query reasoner picks k.
             pool = [d for d, _ in retriever.retrieve(r.question, query, retriever.n_candidates)]
@@ -424,8 +423,7 @@ def _retrieval_rows(qa: Sequence[QARecord], retriever: ClaraRetriever, cfg: Eval
             gold.recalls(r, [d for d, _ in first], alone)
             t0 = time.perf_counter()
             retriever.times = stages  # where the re-ranked retrieval's time goes, stage by stage
-            query = retriever.encode([r.question])[0]
-            ranked = retriever.retrieve(r.question, query, depth, mode=mode)
+            ranked = retriever.retrieve_batch([r.question], depth, mode=mode, rerank=True)[0]
             retriever.times = None
             reranked.retrieval_s.append(time.perf_counter() - t0)
             gold.recalls(r, [d for d, _ in ranked], reranked)

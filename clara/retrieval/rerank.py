@@ -4,6 +4,7 @@ documents it found, for the generator."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -93,10 +94,6 @@ class ClaraRetriever:
         with timed(self.times, "query reasoner", len(questions)):
             return [q.float().cpu() for q in self.model.encode_queries(list(questions))]
 
-    def queries(self, questions: Sequence[str]) -> list[torch.Tensor | None]:
-        """What ``retrieve`` needs of each question: its tensor, or None when the re-rank is off."""
-        return self.encode(questions) if self.rerank else [None] * len(questions)
-
     def dense_queries(self, questions: Sequence[str], mode: str | None = None) -> list[np.ndarray | None]:
         """Each question's sentence vector when ``mode`` needs one (one batched forward), else Nones. Not cached:
         every timed retrieval includes encoding its question, and a long-lived server would keep every question
@@ -124,8 +121,8 @@ class ClaraRetriever:
 
     def retrieve(self, question: str, query: torch.Tensor | None, k: int, mode: str | None = None,
                  dense_query: np.ndarray | None = None) -> Ranked:
-        """The top ``k`` for one question whose query-reasoner tensor is ``query`` (None: the first stage's order,
-        see ``queries``) and sentence vector ``dense_query`` (when it was computed with others' in a batch:
+        """The top ``k`` for one question whose query-reasoner tensor is ``query`` (None: the first stage's order)
+        and sentence vector ``dense_query`` (when it was computed with others' in a batch:
         ``dense_queries``)."""
         mode = mode or self.mode
         if mode == "exact":
@@ -146,6 +143,33 @@ class ClaraRetriever:
                       candidates=max(n, k), text_query=question, dense_query=dense_query, fuse=self.fuse,
                       times=self.times)
         return self._keep(hits)
+
+    def retrieve_batch(self, questions: Sequence[str], k: int, mode: str | None = None, rerank: bool | None = None,
+                       overlap: bool = True) -> list[Ranked]:
+        """The served retrieval of questions asked together: the top ``k`` of each, re-ranked by the query
+        reasoner as ``rerank`` says (default: the retriever's setting). Over a store's ``dense``, ``lexical`` or
+        ``hybrid`` first stage with the re-rank, the store's half (its SQL runs in Postgres, another process, and
+        the driver waits without the GIL) runs in a worker thread while the query reasoner's forward runs here
+        (``overlap``; off only to measure what it saves: ``benchmarks/latency.py --retrieval``)."""
+        from clara.store.search import check_search, fetch_candidates, rank_candidates
+
+        mode = mode or self.mode
+        rerank = self.rerank if rerank is None else rerank
+        if mode in ("exact", "clara") or not rerank or not overlap:  # the first stage waits for the tensor
+            queries = self.encode(questions) if rerank else [None] * len(questions)
+            dense = self.dense_queries(questions, mode)
+            return [self.retrieve(q, t, k, mode=mode, dense_query=d) for q, t, d in zip(questions, queries, dense)]
+        check_search(self.build, None, k, mode)
+        dense = self.dense_queries(questions, mode)
+        n = self.n_candidates if mode == self.mode else None
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            store = pool.submit(lambda: [fetch_candidates(self.engine, self.build, k, mode=mode, rerank=True,
+                                                          candidates=n, text_query=q, dense_query=d,
+                                                          times=self.times) for q, d in zip(questions, dense)])
+            queries = self.encode(questions)
+            found = store.result()
+        return [self._keep(rank_candidates(f, check_search(self.build, t.numpy(), k, mode), k, self.build.n_mem_max,
+                                           self.fuse, self.times)) for f, t in zip(found, queries)]
 
     def _keep(self, hits) -> Ranked:
         for h in hits:

@@ -485,17 +485,53 @@ def test_a_database_outage_during_queries_is_a_clear_error_and_answers_resume(ti
     corpus = [Document(f"d{i}", f"Doc {i}", t) for i, t in enumerate(docs)]
     build = index_corpus(own_server.engine, tiny_model, corpus, model_uri="m-outage", corpus_version="outage",
                          progress=False)
-    answerer = Answerer(tiny_model, own_server.engine, build, k=2, mode="clara", max_new_tokens=2)
-    before = answerer.ask(["Which river flows through Paris?"])
+    # CLaRa's own first stage, and a lexical one whose SQL runs in a worker thread beside the query reasoner
+    answerers = [Answerer(tiny_model, own_server.engine, build, k=2, mode="clara", max_new_tokens=2),
+                 Answerer(tiny_model, own_server.engine, build, k=2, mode="lexical", rerank="always",
+                          max_new_tokens=2)]
+    before = [a.ask(["Which river flows through Paris?"]) for a in answerers]
     own_server.stop()
     try:
-        with pytest.raises(StoreUnavailable, match=r"database at postgresql\+psycopg://.*did not answer.*"
-                                                   r"python -m clara_infra.services up"):
-            answerer.ask(["Which river flows through Paris?"])
+        for answerer in answerers:
+            with pytest.raises(StoreUnavailable, match=r"database at postgresql\+psycopg://.*did not answer.*"
+                                                       r"python -m clara_infra.services up"):
+                answerer.ask(["Which river flows through Paris?"])
     finally:
         own_server.start()
-    after = answerer.ask(["Which river flows through Paris?"])
-    assert after[0].doc_ids == before[0].doc_ids and after[0].answer == before[0].answer
+    for answerer, b in zip(answerers, before):
+        after = answerer.ask(["Which river flows through Paris?"])
+        assert after[0].doc_ids == b[0].doc_ids and after[0].answer == b[0].answer
+
+
+def test_served_retrieval_reads_the_store_beside_the_query_reasoner_and_ranks_the_same(tiny_model, docs, engine,
+                                                                                     monkeypatch):
+    """``retrieve_batch``: the first stage and the candidates' rows are read in a worker thread while the query
+    reasoner's forward runs; the top k are those of the one-after-the-other path, scores included."""
+    from clara.data.corpus import Document
+    from clara.retrieval.dense import DenseEncoder
+    from clara.retrieval.rerank import ClaraRetriever
+    from clara.store import search as store_search
+    from clara.store.loading import index_corpus
+
+    corpus = [Document(f"d{i}", f"Doc {i}", t) for i, t in enumerate(docs)]
+    build = index_corpus(engine, tiny_model, corpus, model_uri="m-overlap", corpus_version="overlap",
+                         dense=DenseEncoder(), progress=False)
+    retriever = ClaraRetriever(tiny_model, [], engine=engine, build=build, mode="hybrid", fuse=2.0)
+    threads = []
+    original = store_search.fetch_candidates
+    monkeypatch.setattr(store_search, "fetch_candidates",
+                        lambda *a, **kw: (threads.append(threading.current_thread()), original(*a, **kw))[1])
+    questions = ["Which river flows through Paris?", "Who wrote Hamlet?", "What is the capital of France?"]
+    served = retriever.retrieve_batch(questions, 3)
+    assert len(threads) == 3 and threading.current_thread() not in threads
+    threads.clear()
+    in_turn = retriever.retrieve_batch(questions, 3, overlap=False)
+    assert threads == [threading.current_thread()] * 3
+    queries = retriever.encode(questions)
+    by_hand = [retriever.retrieve(q, t, 3) for q, t in zip(questions, queries)]
+    for a, b, c in zip(served, in_turn, by_hand):
+        assert [d for d, _ in a] == [d for d, _ in b] == [d for d, _ in c] and len(a) == 3
+        assert [s for _, s in a] == pytest.approx([s for _, s in b]) == [s for _, s in c]
 
 
 def test_a_database_outage_while_loading_a_build_keeps_what_was_loaded_and_a_rerun_finishes(tiny_model, tmp_path,
