@@ -148,6 +148,14 @@ def curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instruct_entry(extra: dict[str, Any], data_version: str, commit: str) -> dict[str, Any]:
+    """One stage-2 run's lineage entry, from its checkpoint's ``extra``."""
+    cfg = extra["config"]
+    return {"stage": "instruct", "steps": int(extra.get("step", 0)), "batch_size": cfg["train"]["batch_size"],
+            "seed": cfg["train"]["seed"], "freeze_compressor": cfg.get("freeze_compressor", False),
+            "data": data_version, "commit": commit}
+
+
 def release(args: argparse.Namespace) -> int:
     """Replace the release with a checkpoint of the chain (after its stage 2), recording the lineage: the old
     release's stages, then this chain's SCP steps and the stage 2 on top, each with its data and code version."""
@@ -166,7 +174,8 @@ def release(args: argparse.Namespace) -> int:
     if not settings.get("init_lineage"):
         settings["init_lineage"] = before
         (root / "chain.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    extra = read_checkpoint_config(args.checkpoint).get("extra", {})
+    # stage 2 may have continued earlier stage-2 runs (--instruct-from, oldest first): one lineage entry each
+    instruct = [read_checkpoint_config(c).get("extra", {}) for c in [*args.instruct_from, args.checkpoint]]
     state = args.scp_checkpoint.parent / "train_state" / "trainer_state.json"  # a step checkpoint's own step
     chain_steps = int(json.loads(state.read_text(encoding="utf-8"))["step"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -175,9 +184,7 @@ def release(args: argparse.Namespace) -> int:
     new = before + [
         {"stage": "scp", "steps": chain_steps, "batch_size": settings["config"].get("train", {}).get("batch_size", 8),
          "config": settings["config"], "data": args.data_version, "commit": commit},
-        {"stage": "instruct", "steps": int(extra.get("step", 0)), "batch_size": extra["config"]["train"]["batch_size"],
-         "freeze_compressor": extra["config"].get("freeze_compressor", False), "data": args.data_version,
-         "commit": commit}]
+        *(_instruct_entry(extra, args.data_version, commit) for extra in instruct)]
     summary = {k: probe.get(k) for k in ("slot_diversity", "reconstruction", "answer_spans", "answer_nll",
                                           "generator", "compare") if k in probe}
     try:
@@ -209,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("release", help="Export a stage-2 checkpoint of the chain as the release, with its lineage.")
     r.add_argument("--checkpoint", type=Path, required=True, help="The stage-2 model folder on top of the chain.")
     r.add_argument("--scp-checkpoint", type=Path, required=True, help="The chain checkpoint stage 2 started from.")
+    r.add_argument("--instruct-from", type=Path, nargs="*", default=[],
+                   help="Earlier stage-2 model folders --checkpoint continued (its --init), oldest first.")
     r.add_argument("--out", type=Path, default=DEFAULT_RELEASE)
     r.add_argument("--probe", type=Path, default=None, help="The probe JSON of --checkpoint (with its compare).")
     r.add_argument("--data-version", required=True, help="Corpus / synthesis hashes the stages read.")

@@ -74,4 +74,13 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
                            str(scp_ck), "--out", str(out), "--data-version", "corpus-x"]) == 0
     lineage = read_checkpoint_config(out)["extra"]["lineage"]
     assert [(s["stage"], s["steps"]) for s in lineage] == [("scp", 7), ("scp", 4), ("instruct", 1)]
+    # a stage 2 that continued another (two runs, another data order): one lineage entry per run, oldest first
+    again = train_scp(load_checkpoint(final), load_scp_records(fixtures / "scp.jsonl"),
+                      SCPConfig(model=model.cfg, train=TrainConfig(batch_size=1, max_steps=2, seed=1),
+                                freeze_compressor=True), tmp_path / "inst2", stage="instruct", progress=False)
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(again), "--scp-checkpoint",
+                           str(scp_ck), "--instruct-from", str(final), "--out", str(out), "--data-version",
+                           "corpus-x"]) == 0
+    lineage = read_checkpoint_config(out)["extra"]["lineage"]
+    assert [(s["stage"], s["steps"], s.get("seed")) for s in lineage[-2:]] == [("instruct", 1, 0), ("instruct", 2, 1)]
     assert "| cumulative_scp_steps |" in scp_chain.curve_table([{"cumulative_scp_steps": 10, "slot_cosine": 0.5}])
