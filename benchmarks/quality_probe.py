@@ -343,9 +343,12 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         clara = _batched(lambda idx: model.generate([questions[i] for i in idx],
                                                     [[mem[d] for d in forced[i]] for i in idx], max_new_tokens),
                          list(range(len(qa))), batch_size) if generate else []
+        # CLaRa's own generator with no documents: the memory's worth is measured against the same generator
+        clara_closed = _batched(lambda b: model.generate(b, [[] for _ in b], max_new_tokens), questions,
+                                batch_size) if generate else []
         if generate:
             result["generator"] = {"closed_book": _score(closed, qa), "raw_text_forced": _score(raw, qa),
-                                   "clara_forced": _score(clara, qa)}
+                                   "clara_closed_book": _score(clara_closed, qa), "clara_forced": _score(clara, qa)}
 
         def clara_nll(sets: list[list[str]]) -> tuple[float, list[float]]:
             rows = [model.prompter.qa_prompt(q, [mem[d].shape[0] for d in ids]) for q, ids in zip(questions, sets)]
@@ -353,7 +356,8 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
                               batch_size)
 
         (forced_nll, forced_each), (without_nll, without_each) = clara_nll(forced), clara_nll(without_gold)
-        nll = {**base_nll, "clara_forced": forced_nll, "clara_without_gold": without_nll}
+        nll = {**base_nll, "clara_forced": forced_nll, "clara_without_gold": without_nll,
+               "clara_closed_book": clara_nll([[] for _ in questions])[0]}
         from clara.eval.metrics import answer_scores
 
         result["question_ids"] = [r.id for r in qa]
@@ -423,13 +427,17 @@ def table(r: dict[str, Any]) -> str:
         g = r["generator"]
         lines += ["", "(b) system                          CEM    EM    F1"]
         for name, key in (("closed book", "closed_book"), ("raw text, gold forced into k", "raw_text_forced"),
+                          ("CLaRa's generator, no documents", "clara_closed_book"),
                           ("CLaRa, gold forced into k", "clara_forced")):
+            if key not in g:  # a probe written before CLaRa's own closed book was measured
+                continue
             s = g[key]
             lines.append(f"    {name:<31} {s['cem']:5.1f} {s['em']:5.1f} {s['f1']:5.1f}")
     if "answer_nll" in r:
         n = r["answer_nll"]
         lines += [f"    gold-answer NLL (nats/token): CLaRa gold forced {n['clara_forced']:.3f} | gold swapped for a "
-                  f"negative {n['clara_without_gold']:.3f} | answer use {n['answer_use']:.3f}",
+                  f"negative {n['clara_without_gold']:.3f} | answer use {n['answer_use']:.3f}"
+                  + (f" | no documents {n['clara_closed_book']:.3f}" if "clara_closed_book" in n else ""),
                   f"    base model: raw text {n['raw_text_forced']:.3f} | closed book {n['closed_book']:.3f} | "
                   f"answer use {n['raw_answer_use']:.3f}"]
     if "own_retrieval" in r:

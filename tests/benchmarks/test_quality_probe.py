@@ -41,10 +41,11 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     assert spans["answers"] == 4 and spans["tokens"] >= 4 and spans["memory"] > 0 and spans["raw_document"] > 0
     assert abs(spans["memory_use"] - (spans["memory_other"] - spans["memory"])) < 1e-9
     g = result["generator"]
-    assert set(g) == {"closed_book", "raw_text_forced", "clara_forced"}
+    assert set(g) == {"closed_book", "raw_text_forced", "clara_closed_book", "clara_forced"}
     assert all(0 <= v <= 100 for s in g.values() for v in s.values())
     n = result["answer_nll"]
-    assert all(n[key] > 0 for key in ("closed_book", "raw_text_forced", "clara_forced", "clara_without_gold"))
+    assert all(n[key] > 0 for key in ("closed_book", "raw_text_forced", "clara_forced", "clara_without_gold",
+                                      "clara_closed_book"))
     assert abs(n["answer_use"] - (n["clara_without_gold"] - n["clara_forced"])) < 1e-9
     c = result["own_retrieval"]
     assert c["query_reasoner"] == "compressor copy (no e2e)" and 0 <= c["recall@5"] <= 100
