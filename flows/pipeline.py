@@ -66,7 +66,7 @@ def _summary(result: dict[str, Any], exp: str) -> str:
              f"- model: [{p['name']} v{p['version']}]({tracking.model_url(p['name'], p['version'], uri)}) -> "
              f"**{p['alias']}**: {p['reason']}", "",
              f"## Evaluation ({result['evaluation']['questions']} synthesized dev questions)", "",
-             result["evaluation"]["table"], "", "## MLflow runs", "",
+             result["evaluation"]["table"], "", *_rerank_line(result["evaluation"]), "## MLflow runs", "",
              f"- [pipeline]({tracking.run_url(result['parent_run'], exp, uri)})"]
     for stage in ("synthesize", "pretrain_scp", "instruct", "train_e2e", "compress_corpus", "evaluate", "promote"):
         run = result["runs"].get(stage)
@@ -74,6 +74,14 @@ def _summary(result: dict[str, Any], exp: str) -> str:
             cached = " (cached)" if stage in result["cached"] else ""
             lines.append(f"- [{stage}]({tracking.run_url(run, exp, uri)}){cached}")
     return "\n".join(lines) + "\n"
+
+
+def _rerank_line(evaluation: dict[str, Any]) -> list[str]:
+    """Whether the answers (and so the registered version) re-rank, and the retrieval rows that decided it."""
+    if "rerank" not in evaluation:  # an evaluation cached before the choice was recorded
+        return []
+    why = f": {evaluation['rerank_evidence']}" if evaluation.get("rerank_evidence") else ""
+    return [f"Query-reasoner re-rank: **{'on' if evaluation['rerank'] == 'always' else 'off'}**{why}.", ""]
 
 
 def check_parameters(p: dict[str, Any]) -> None:

@@ -138,6 +138,8 @@ def test_run_left_registered_models_alias_build_and_lineage(first_run, repo):
     assert prod.tags["retrieval.rerank"] == result["evaluation"]["rerank"] in ("always", "never")
     assert prod.tags["retrieval.rerank_evidence"] == result["evaluation"]["rerank_evidence"]
     assert "vs first stage" in prod.tags["retrieval.rerank_evidence"]
+    summary = c.download_artifacts(result["parent_run"], "summary.md")
+    assert f"{prod.tags['retrieval.rerank_evidence']}." in open(summary, encoding="utf-8").read()
     assert c.search_model_versions("name = 'clara-compressor'")
 
     build = get_build(connect(), result["build"]["build_id"])
