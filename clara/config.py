@@ -82,6 +82,11 @@ class ModelConfig:
     last-layer state over chunk i (reported in the literature to match memory tokens; an untrained base reads
     such states worse than no document, so it is trained like the others). Its alignment term is met by
     construction. Questions are laid out the same way."""
+    dropout_mask: Literal["pad", "learned"] = "pad"
+    """What target dropout (``SCPConfig.target_dropout``) feeds the generator in place of a dropped response token.
+    ``pad``: the tokenizer's pad id, which for SmolLM2 is ``<|im_end|>``, so dropout also teaches the generator
+    that end-of-turn markers appear mid-answer. ``learned``: a ``<MASK>`` special-token row of its own, trained with
+    the memory-token rows (``clara`` layout; a run continuing a checkpoint without the row adds it)."""
     memory_init: Literal["mean", "orthogonal"] = "mean"
     """How new special-token rows start (a loaded checkpoint keeps its own). ``mean``: the mean embedding plus
     0.1 std of seeded noise (near-identical rows: cosine ~0.98). ``orthogonal``: the mean embedding plus
@@ -118,6 +123,10 @@ class ModelConfig:
         if self.memory_slots != "after" and self.layout == "ml-clara":
             raise ValueError(f"memory_slots {self.memory_slots!r} needs layout 'clara' (the authors' layout puts every "
                              "memory token after the text)")
+        if self.dropout_mask not in ("pad", "learned"):
+            raise ValueError(f"dropout_mask must be 'pad' or 'learned', got {self.dropout_mask!r}")
+        if self.dropout_mask == "learned" and self.layout == "ml-clara":
+            raise ValueError("dropout_mask 'learned' needs layout 'clara' (the authors' checkpoints have no mask row)")
         if self.memory_init not in ("mean", "orthogonal"):
             raise ValueError(f"memory_init must be 'mean' or 'orthogonal', got {self.memory_init!r}")
         if self.amp not in ("auto", "bf16", "off"):
@@ -202,7 +211,7 @@ class SCPConfig:
     """Response tokens beyond this are cut, and a cut target gets no EOS (it must not teach stopping mid-line)."""
     target_dropout: float = 0.0
     """Training only: this fraction of the response tokens fed back to the generator (teacher forcing) is replaced
-    by the pad token; the labels stay. The generator can then no longer predict a passage from its own prefix
+    by the pad token or a learned mask row (``ModelConfig.dropout_mask``); the labels stay. The generator can then no longer predict a passage from its own prefix
     alone and has to read the memory (word dropout, the usual cure for a decoder that ignores its latent code).
     0 is the paper's recipe."""
     salient_weight: float = 1.0

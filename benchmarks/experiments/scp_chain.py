@@ -79,7 +79,7 @@ def train(args: argparse.Namespace) -> int:
     settings["init_lineage"] = start.get("init_lineage", lineage(args.init))
     settings["seed"] = start.get("seed", len(settings["init_lineage"]))
     model = load_checkpoint(args.init)
-    model.cfg = init_model_config(model.cfg, raw.get("model", {}), args.init)
+    model.continue_with(init_model_config(model.cfg, raw.get("model", {}), args.init))
     generation = settings["seed"]
     # constant lr after a short warm-up: the run may stop at any step and continue without a schedule restart
     train_cfg = merged({"batch_size": 8, "max_steps": args.steps, "checkpoint_every": 25, "seed": generation,

@@ -76,7 +76,7 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
             model = load_checkpoint(init, device=device)
             if rate is not None and rate != model.cfg.compression_rate:
                 raise ValueError(f"{init} was trained at rate {model.cfg.compression_rate}, not {rate}")
-            model.cfg = init_model_config(model.cfg, raw.get("model", {}), init)
+            model.continue_with(init_model_config(model.cfg, raw.get("model", {}), init))
             model_cfg = to_dict(model.cfg)
         else:
             model_cfg = to_dict(make_preset(preset, **merged(raw.get("model", {}), model_over)))

@@ -107,7 +107,7 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
     """CE on the response given only compressed documents, plus the MSE alignment term.
 
     Gradients reach the generator, the compressor (through the memory vectors) and the special-token rows.
-    ``target_dropout``: the fraction of response tokens fed back as pad (``SCPConfig.target_dropout``).
+    ``target_dropout``: the fraction of response tokens fed back as the mask (``SCPConfig.target_dropout``).
     ``salient_weight``: the CE weight of name and number tokens (``SCPConfig.salient_weight``); the CE is then
     the weighted mean, and the plain mean is reported beside it as ``ce_plain``.
     ``align``: what the MSE term compares (``SCPConfig.align``).
@@ -127,8 +127,8 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
         mems.append(ex_mems)
     fed = None
     if target_dropout > 0:  # drawn only when asked, so the template choices above stay as they were
-        pad = model.tokenizer.pad_token_id
-        fed = [[pad if rng.random() < target_dropout else tok for tok in t] for t in targets]
+        mask = model.dropout_id
+        fed = [[mask if rng.random() < target_dropout else tok for tok in t] for t in targets]
     extra = {}
     with model.adapter("generator"):
         if salient_weight == 1.0:

@@ -130,6 +130,53 @@ def test_target_dropout_feeds_pads_and_keeps_the_labels(fixtures):
                 model.response_loss(prompt, target, [[]], fed=[target[0][:-1]])
 
 
+def test_a_learned_mask_row_is_what_target_dropout_feeds_and_it_trains(fixtures, tmp_path, monkeypatch):
+    """``dropout_mask = "learned"``: dropped response tokens are fed a ``<MASK>`` row of their own (not the pad id,
+    SmolLM2's end-of-turn marker), that row gets gradients and is saved; a run continuing a checkpoint trained
+    without it gains the row and keeps every other row."""
+    import random
+    from dataclasses import replace
+
+    from clara.model.checkpoint import save_checkpoint
+    from clara.model.clara_model import MASK_TOKEN
+    from clara.training.scp import compressed_lm_loss
+
+    with pytest.raises(ValueError, match="dropout_mask"):
+        preset("tiny", dropout_mask="eos")
+    with pytest.raises(ValueError, match="layout 'clara'"):
+        preset("tiny", dropout_mask="learned", layout="ml-clara")
+    plain = ClaraModel.build(tiny_scp_cfg().model)
+    assert plain.dropout_id == plain.tokenizer.pad_token_id and MASK_TOKEN not in plain.special_tokens
+    model = ClaraModel.build(replace(tiny_scp_cfg().model, dropout_mask="learned"))
+    n = model.cfg.n_mem_max
+    assert model.special_tokens[-1] == MASK_TOKEN and model.special.shape[0] == n + 3
+    assert model.dropout_id == model.first_special_id + n + 2 != model.tokenizer.pad_token_id
+    assert (model.enc_id, model.sep_id) == (plain.enc_id, plain.sep_id)
+    fed_log = []  # what the generator is fed in place of its targets
+    original = ClaraModel.response_loss
+    monkeypatch.setattr(ClaraModel, "response_loss", lambda self, *a, fed=None, **kw: (
+        fed_log.append(fed), original(self, *a, fed=fed, **kw))[1])
+    examples = build_examples(load_scp_records(fixtures / "scp.jsonl")[:2], "scp")
+    model.set_trainable(["compressor", "generator"], special=True)
+    loss, _ = compressed_lm_loss(model, examples, 0.1, 64, random.Random(3), target_dropout=0.5)
+    loss.backward()
+    dropped = [t for row in fed_log[0] for t in row if t == model.dropout_id]
+    assert dropped and model.tokenizer.pad_token_id not in [t for row in fed_log[0] for t in row]
+    assert model.special.grad[-1].abs().sum() > 0  # the mask row learns
+    # saved and loaded with its row
+    ck = save_checkpoint(model, tmp_path / "masked")
+    again = load_checkpoint(ck)
+    assert again.special_tokens == model.special_tokens and torch.equal(again.special, model.special.detach())
+    # a checkpoint without the row, continued with it: the row is added after the others, which stay
+    before = plain.special.detach().clone()
+    plain.continue_with(replace(plain.cfg, dropout_mask="learned"))
+    assert plain.special_tokens[-1] == MASK_TOKEN and plain.special.shape[0] == n + 3
+    assert torch.equal(plain.special.detach()[:-1], before) and plain.dropout_id == model.dropout_id
+    assert plain.tokenizer.convert_tokens_to_ids(MASK_TOKEN) == plain.dropout_id
+    resaved = load_checkpoint(save_checkpoint(plain, tmp_path / "continued"))
+    assert resaved.special_tokens == plain.special_tokens
+
+
 def test_salient_spans_are_names_and_numbers():
     from clara.text import salient_spans
 
