@@ -61,6 +61,7 @@ def train(args: argparse.Namespace) -> int:
     from clara.config import SCPConfig, from_dict, init_model_config, merged, read_config_file
     from clara.data.records import load_scp_records
     from clara.model.checkpoint import load_checkpoint
+    from clara.model.special import continue_with
     from clara.training.scp import train_scp
 
     root = chain_dir(args.chain)
@@ -79,7 +80,7 @@ def train(args: argparse.Namespace) -> int:
     settings["init_lineage"] = start.get("init_lineage", lineage(args.init))
     settings["seed"] = start.get("seed", len(settings["init_lineage"]))
     model = load_checkpoint(args.init)
-    model.continue_with(init_model_config(model.cfg, raw.get("model", {}), args.init))
+    continue_with(model, init_model_config(model.cfg, raw.get("model", {}), args.init))
     generation = settings["seed"]
     # constant lr after a short warm-up: the run may stop at any step and continue without a schedule restart
     train_cfg = merged({"batch_size": 8, "max_steps": args.steps, "checkpoint_every": 25, "seed": generation,

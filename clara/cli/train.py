@@ -64,6 +64,7 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
     from clara.data.records import RecordError, load_scp_records
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
+    from clara.model.special import continue_with
     from clara.training.scp import train_scp
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -76,7 +77,7 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
             model = load_checkpoint(init, device=device)
             if rate is not None and rate != model.cfg.compression_rate:
                 raise ValueError(f"{init} was trained at rate {model.cfg.compression_rate}, not {rate}")
-            model.continue_with(init_model_config(model.cfg, raw.get("model", {}), init))
+            continue_with(model, init_model_config(model.cfg, raw.get("model", {}), init))
             model_cfg = to_dict(model.cfg)
         else:
             model_cfg = to_dict(make_preset(preset, **merged(raw.get("model", {}), model_over)))

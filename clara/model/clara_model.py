@@ -25,14 +25,10 @@ from clara.model.prompts import Prompter
 from clara.model.base import cpu_has_native_bf16, load_base, resolve_device, resolve_dtype
 from clara.model.decoding import Timing, greedy_decode
 from clara.model.inference import MergedCopies, PrefixCache, copy_dtypes
-from clara.model.memory import (Encoded, clara_row, gather, initial_special_rows, mem_token, ml_clara_rows,
-                                pad_rows)
+from clara.model.memory import Encoded, clara_row, gather, initial_special_rows, ml_clara_rows, pad_rows
+from clara.model.special import ENC_TOKEN, SEP_TOKEN, register, special_tokens
 
 ADAPTERS = ("compressor", "generator", "query_reasoner")
-ENC_TOKEN = "<ENC>"
-SEP_TOKEN = "<SEP>"
-MASK_TOKEN = "<MASK>"
-"""What target dropout feeds for a dropped response token with ``ModelConfig.dropout_mask = "learned"``."""
 
 
 class ClaraModel(nn.Module):
@@ -44,17 +40,10 @@ class ClaraModel(nn.Module):
 
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.special_tokens = [mem_token(i) for i in range(cfg.n_mem_max)] + [ENC_TOKEN, SEP_TOKEN]
-        self.special_tokens += [MASK_TOKEN] if cfg.dropout_mask == "learned" else []
-        tokenizer.add_special_tokens({"additional_special_tokens": self.special_tokens},
-                                     replace_extra_special_tokens=False)
-        ids = tokenizer.convert_tokens_to_ids(self.special_tokens)
-        first = ids[0]
-        if ids != list(range(first, first + len(ids))):
-            raise RuntimeError(f"special tokens did not get consecutive ids: {ids}")
-        self.first_special_id = first
-        self.mem_ids = ids[: cfg.n_mem_max]
-        self.enc_id, self.sep_id = ids[cfg.n_mem_max], ids[cfg.n_mem_max + 1]
+        self.special_tokens = special_tokens(cfg)
+        self.first_special_id = first = register(tokenizer, self.special_tokens)
+        self.mem_ids = list(range(first, first + cfg.n_mem_max))
+        self.enc_id, self.sep_id = first + cfg.n_mem_max, first + cfg.n_mem_max + 1
         self.prompter = Prompter(tokenizer, cfg.layout, self.special_tokens[: cfg.n_mem_max], SEP_TOKEN)
 
         def lora() -> LoraConfig:
@@ -122,30 +111,6 @@ class ClaraModel(nn.Module):
         return self.input_embeddings.weight.shape[1]
 
     # ------------------------------------------------------------------------------------------- adapters
-
-    def continue_with(self, cfg: ModelConfig) -> None:
-        """Run on with ``cfg`` (``clara.config.init_model_config``: what a continuing run may change). A model built
-        without the ``<MASK>`` row that ``dropout_mask = "learned"`` asks for gains it, started as a new memory row
-        would be; the other rows and every adapter stay as trained."""
-        self.cfg = cfg
-        if cfg.dropout_mask != "learned" or MASK_TOKEN in self.special_tokens:
-            return
-        self.tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]},
-                                          replace_extra_special_tokens=False)
-        if self.tokenizer.convert_tokens_to_ids(MASK_TOKEN) != self.first_special_id + len(self.special_tokens):
-            raise RuntimeError("the <MASK> token did not get the id after the other special tokens")
-        self.special_tokens.append(MASK_TOKEN)
-        emb = self.input_embeddings.weight.detach().float().cpu()
-        row = initial_special_rows(emb, 1, "mean", cfg.seed).to(self.special.device)
-        self.special = nn.Parameter(torch.cat([self.special.detach(), row]))
-        self._apply_trainable()
-
-    @property
-    def dropout_id(self) -> int:
-        """What target dropout feeds for a dropped response token (``ModelConfig.dropout_mask``)."""
-        if self.cfg.dropout_mask == "learned":
-            return self.first_special_id + self.special_tokens.index(MASK_TOKEN)
-        return self.tokenizer.pad_token_id
 
     def set_trainable(self, adapters: Sequence[str] = (), special: bool = False) -> None:
         """Which adapters (and whether the special-token rows) receive gradients; the base never does."""

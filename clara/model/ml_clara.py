@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from clara.config import ALL_LINEAR, LoraSettings, ModelConfig
-from clara.model.clara_model import ENC_TOKEN, SEP_TOKEN, ClaraModel
+from clara.model.clara_model import ClaraModel
+from clara.model.special import ENC_TOKEN, SEP_TOKEN
 from clara.model.memory import mem_token
 
 ADAPTER_NAMES = {"encoder_adapter": "compressor", "decoder_adapter": "generator",

@@ -22,6 +22,7 @@ from clara.model import prompts
 from clara.model.checkpoint import load_adapter_weights
 from clara.model.clara_model import ClaraModel
 from clara.model.memory import Encoded
+from clara.model.special import dropout_id
 from clara.text import salient_spans
 from clara.training.common import (
     Checkpointer,
@@ -127,7 +128,7 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
         mems.append(ex_mems)
     fed = None
     if target_dropout > 0:  # drawn only when asked, so the template choices above stay as they were
-        mask = model.dropout_id
+        mask = dropout_id(model)
         fed = [[mask if rng.random() < target_dropout else tok for tok in t] for t in targets]
     extra = {}
     with model.adapter("generator"):

@@ -138,7 +138,7 @@ def test_a_learned_mask_row_is_what_target_dropout_feeds_and_it_trains(fixtures,
     from dataclasses import replace
 
     from clara.model.checkpoint import save_checkpoint
-    from clara.model.clara_model import MASK_TOKEN
+    from clara.model.special import MASK_TOKEN, continue_with, dropout_id
     from clara.training.scp import compressed_lm_loss
 
     with pytest.raises(ValueError, match="dropout_mask"):
@@ -146,11 +146,11 @@ def test_a_learned_mask_row_is_what_target_dropout_feeds_and_it_trains(fixtures,
     with pytest.raises(ValueError, match="layout 'clara'"):
         preset("tiny", dropout_mask="learned", layout="ml-clara")
     plain = ClaraModel.build(tiny_scp_cfg().model)
-    assert plain.dropout_id == plain.tokenizer.pad_token_id and MASK_TOKEN not in plain.special_tokens
+    assert dropout_id(plain) == plain.tokenizer.pad_token_id and MASK_TOKEN not in plain.special_tokens
     model = ClaraModel.build(replace(tiny_scp_cfg().model, dropout_mask="learned"))
     n = model.cfg.n_mem_max
     assert model.special_tokens[-1] == MASK_TOKEN and model.special.shape[0] == n + 3
-    assert model.dropout_id == model.first_special_id + n + 2 != model.tokenizer.pad_token_id
+    assert dropout_id(model) == model.first_special_id + n + 2 != model.tokenizer.pad_token_id
     assert (model.enc_id, model.sep_id) == (plain.enc_id, plain.sep_id)
     fed_log = []  # what the generator is fed in place of its targets
     original = ClaraModel.response_loss
@@ -160,7 +160,7 @@ def test_a_learned_mask_row_is_what_target_dropout_feeds_and_it_trains(fixtures,
     model.set_trainable(["compressor", "generator"], special=True)
     loss, _ = compressed_lm_loss(model, examples, 0.1, 64, random.Random(3), target_dropout=0.5)
     loss.backward()
-    dropped = [t for row in fed_log[0] for t in row if t == model.dropout_id]
+    dropped = [t for row in fed_log[0] for t in row if t == dropout_id(model)]
     assert dropped and model.tokenizer.pad_token_id not in [t for row in fed_log[0] for t in row]
     assert model.special.grad[-1].abs().sum() > 0  # the mask row learns
     # saved and loaded with its row
@@ -169,10 +169,10 @@ def test_a_learned_mask_row_is_what_target_dropout_feeds_and_it_trains(fixtures,
     assert again.special_tokens == model.special_tokens and torch.equal(again.special, model.special.detach())
     # a checkpoint without the row, continued with it: the row is added after the others, which stay
     before = plain.special.detach().clone()
-    plain.continue_with(replace(plain.cfg, dropout_mask="learned"))
+    continue_with(plain, replace(plain.cfg, dropout_mask="learned"))
     assert plain.special_tokens[-1] == MASK_TOKEN and plain.special.shape[0] == n + 3
-    assert torch.equal(plain.special.detach()[:-1], before) and plain.dropout_id == model.dropout_id
-    assert plain.tokenizer.convert_tokens_to_ids(MASK_TOKEN) == plain.dropout_id
+    assert torch.equal(plain.special.detach()[:-1], before) and dropout_id(plain) == dropout_id(model)
+    assert plain.tokenizer.convert_tokens_to_ids(MASK_TOKEN) == dropout_id(plain)
     resaved = load_checkpoint(save_checkpoint(plain, tmp_path / "continued"))
     assert resaved.special_tokens == plain.special_tokens
 
