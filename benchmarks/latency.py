@@ -175,11 +175,9 @@ def retrieval_run(preset_name: str, passages: list[int], n_questions: int, k: in
                   database_url: str | None = None, random_memory: bool = False) -> dict[str, Any]:
     """The served retrieval path, stage by stage (``clara.retrieval.timing.STAGES``): hybrid first stage (MiniLM +
     Postgres BM25, RRF) and the query reasoner's re-rank, one question at a time, on a build of ``n`` bundled
-    passages per entry of ``passages`` in the embedded Postgres (or ``database_url``). Measured three times in the
-    same run on the same build: adapters unmerged under autocast, one stage after the other (``unmerged``); merged
-    copies in the compute dtype (``merge_adapters``), one after the other (``merged``); and as served: merged, the
-    store's SQL in a worker thread beside the query reasoner's forward (``served``;
-    ``ClaraRetriever.retrieve_batch``). Stage times then overlap. ``random_memory``: the build holds random
+    passages per entry of ``passages`` in the embedded Postgres (or ``database_url``). Measured twice in the same
+    run on the same build: as evaluation runs it (adapters unmerged, under autocast) and as the served model runs
+    it (``merge_adapters``: plain merged copies in the compute dtype). ``random_memory``: the build holds random
     memory vectors (``random_memories``) instead of compressed ones."""
     from clara.config import preset
     from clara.data.corpus import corpus_version_of, ingest_corpus
@@ -219,8 +217,8 @@ def retrieval_run(preset_name: str, passages: list[int], n_questions: int, k: in
                                  dense=dense, reuse=True)
         cells: dict[str, Any] = {"passages": len(sub), "build_s": time.perf_counter() - t0,
                                  "memories": "random" if random_memory else "compressed"}
-        for variant in ("unmerged", "merged", "served"):
-            if variant == "merged":
+        for variant in ("unmerged", "served"):
+            if variant == "served":
                 model.merge_adapters()
             retriever = ClaraRetriever(model, [], engine=engine, build=build, mode="hybrid")
             total = []
@@ -228,8 +226,7 @@ def retrieval_run(preset_name: str, passages: list[int], n_questions: int, k: in
                 if i == 3:
                     retriever.times = StageTimes()
                 t = time.perf_counter()
-                # served: the store's SQL beside the query reasoner's forward; the others one after the other
-                retriever.retrieve_batch([q], k, overlap=variant == "served")
+                retriever.retrieve_batch([q], k)
                 if i >= 3:
                     total.append(time.perf_counter() - t)
             cells[variant] = {"ms_p50": pct(total, 50), "ms_p99": pct(total, 99),
@@ -238,7 +235,6 @@ def retrieval_run(preset_name: str, passages: list[int], n_questions: int, k: in
                   f"{ {s: round(v, 1) for s, v in cells[variant]['stages_ms_p50'].items()} }", flush=True)
         model.unmerge_adapters()
         cells["speedup"] = cells["unmerged"]["ms_p50"] / cells["served"]["ms_p50"]
-        cells["overlap_speedup"] = cells["merged"]["ms_p50"] / cells["served"]["ms_p50"]
         result["passages"][len(sub)] = cells
     return result
 

@@ -4,7 +4,6 @@ documents it found, for the generator."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -144,32 +143,17 @@ class ClaraRetriever:
                       times=self.times)
         return self._keep(hits)
 
-    def retrieve_batch(self, questions: Sequence[str], k: int, mode: str | None = None, rerank: bool | None = None,
-                       overlap: bool = True) -> list[Ranked]:
+    def retrieve_batch(self, questions: Sequence[str], k: int, mode: str | None = None,
+                       rerank: bool | None = None) -> list[Ranked]:
         """The served retrieval of questions asked together: the top ``k`` of each, re-ranked by the query
-        reasoner as ``rerank`` says (default: the retriever's setting). Over a store's ``dense``, ``lexical`` or
-        ``hybrid`` first stage with the re-rank, the store's half (its SQL runs in Postgres, another process, and
-        the driver waits without the GIL) runs in a worker thread while the query reasoner's forward runs here
-        (``overlap``; off only to measure what it saves: ``benchmarks/latency.py --retrieval``)."""
-        from clara.store.search import check_search, fetch_candidates, rank_candidates
-
+        reasoner as ``rerank`` says (default: the retriever's setting). The query reasoner and the sentence encoder
+        run once for the whole batch. (Reading the store in a thread beside the query reasoner's forward was
+        measured and saves nothing on 2 cores: docs/benchmarks.md, Latency.)"""
         mode = mode or self.mode
         rerank = self.rerank if rerank is None else rerank
-        if mode in ("exact", "clara") or not rerank or not overlap:  # the first stage waits for the tensor
-            queries = self.encode(questions) if rerank else [None] * len(questions)
-            dense = self.dense_queries(questions, mode)
-            return [self.retrieve(q, t, k, mode=mode, dense_query=d) for q, t, d in zip(questions, queries, dense)]
-        check_search(self.build, None, k, mode)
+        queries = self.encode(questions) if rerank else [None] * len(questions)
         dense = self.dense_queries(questions, mode)
-        n = self.n_candidates if mode == self.mode else None
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            store = pool.submit(lambda: [fetch_candidates(self.engine, self.build, k, mode=mode, rerank=True,
-                                                          candidates=n, text_query=q, dense_query=d,
-                                                          times=self.times) for q, d in zip(questions, dense)])
-            queries = self.encode(questions)
-            found = store.result()
-        return [self._keep(rank_candidates(f, check_search(self.build, t.numpy(), k, mode), k, self.build.n_mem_max,
-                                           self.fuse, self.times)) for f, t in zip(found, queries)]
+        return [self.retrieve(q, t, k, mode=mode, dense_query=d) for q, t, d in zip(questions, queries, dense)]
 
     def _keep(self, hits) -> Ranked:
         for h in hits:

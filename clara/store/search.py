@@ -224,43 +224,6 @@ def _hits(engine: Engine, build: Build, doc_ids: list[str], scores: dict[str, fl
     return [Hit(d, scores[d], *docs.get(d, ("", "")), memories[d]) for d in doc_ids]
 
 
-@dataclass
-class Candidates:
-    """The store's half of a search: the first stage's order and its candidates' memories and rows. It needs the
-    query reasoner's tensor only in mode ``clara``, so the served path reads it while that forward runs
-    (``clara.retrieval.rerank.ClaraRetriever.retrieve_batch``)."""
-
-    first: list[tuple[str, float]]
-    memories: dict[str, np.ndarray]
-    rows: dict[str, tuple[str, str]]
-
-
-def fetch_candidates(engine: Engine, build: Build, k: int, *, mode: str, rerank: bool,
-                     candidates: int | None = None, query: np.ndarray | None = None, text_query: str | None = None,
-                     dense_query: np.ndarray | None = None, times: StageTimes | None = None) -> Candidates:
-    """The first stage and its candidates' rows (two statements); without the re-rank only its top ``k``."""
-    # as deep with or without the re-rank: hybrid's fusion depth follows n, so its top k stays what was measured
-    n = max(candidates or DEFAULT_CANDIDATES.get(mode, 20), k)
-    with timed(times, "first stage"):
-        first = first_stage(engine, build, mode, n, query=query, text_query=text_query, dense_query=dense_query)
-    if not rerank:  # the first stage's order is the answer: only its top k are fetched
-        first = first[:k]
-    with timed(times, "candidate fetch"):
-        mems, rows = candidates_of(engine, build, [d for d, _ in first])
-    return Candidates(first, mems, rows)
-
-
-def rank_candidates(found: Candidates, query: np.ndarray | None, k: int, n_mem_max: int, fuse: float = 0.0,
-                    times: StageTimes | None = None) -> list[Hit]:
-    """The top ``k`` of ``found``: re-ranked by the query reasoner's tensor, or in the first stage's order (None)."""
-    if query is None:
-        ranked = [(d, score, i + 1) for i, (d, score) in enumerate(found.first) if d in found.memories][:k]
-    else:
-        with timed(times, "re-rank"):
-            ranked = rerank(query, found.first, found.memories, n_mem_max, fuse)[:k]
-    return [Hit(d, score, *found.rows[d], found.memories[d], first_rank=r) for d, score, r in ranked]
-
-
 def search(engine: Engine, build: Build, query: np.ndarray | None, k: int = 5, *, mode: str = "clara",
            candidates: int | None = None, text_query: str | None = None, dense_query: np.ndarray | None = None,
            fuse: float = 0.0, exact: bool = False, times: StageTimes | None = None) -> list[Hit]:
@@ -274,22 +237,27 @@ def search(engine: Engine, build: Build, query: np.ndarray | None, k: int = 5, *
         exact: score every document of the build (brute force; for evaluation and for measuring recall).
         times: where to record each stage's milliseconds (``clara.retrieval.timing``).
     """
-    query = check_search(build, query, k, mode, exact)
-    if exact:
-        return exact_search(engine, build, query, k)
-    found = fetch_candidates(engine, build, k, mode=mode, rerank=query is not None, candidates=candidates,
-                             query=query, text_query=text_query, dense_query=dense_query, times=times)
-    return rank_candidates(found, query, k, build.n_mem_max, fuse, times)
-
-
-def check_search(build: Build, query: np.ndarray | None, k: int, mode: str, exact: bool = False
-                 ) -> np.ndarray | None:
-    """A search's arguments checked before any SQL; the query as float32 [n, hidden]."""
     if query is None and (exact or mode == "clara"):
         raise ValueError("exact search and mode 'clara' need the query reasoner's tensor (query)")
+    query = None if query is None else _check_query(build, query)
     if k < 1:
         raise ValueError("k must be >= 1")
-    return None if query is None else _check_query(build, query)
+    if exact:
+        return exact_search(engine, build, query, k)
+    # as deep with or without the re-rank: hybrid's fusion depth follows n, so its top k stays what was measured
+    n = max(candidates or DEFAULT_CANDIDATES.get(mode, 20), k)
+    with timed(times, "first stage"):
+        first = first_stage(engine, build, mode, n, query=query, text_query=text_query, dense_query=dense_query)
+    if query is None:  # the first stage's order is the answer: only its top k are fetched
+        first = first[:k]
+    with timed(times, "candidate fetch"):
+        mems, rows = candidates_of(engine, build, [d for d, _ in first])
+    if query is None:
+        ranked = [(d, score, i + 1) for i, (d, score) in enumerate(first) if d in mems]
+    else:
+        with timed(times, "re-rank"):
+            ranked = rerank(query, first, mems, build.n_mem_max, fuse)[:k]
+    return [Hit(d, score, *rows[d], mems[d], first_rank=r) for d, score, r in ranked]
 
 
 def exact_search(engine: Engine, build: Build, query: np.ndarray, k: int, chunk: int = 2000) -> list[Hit]:

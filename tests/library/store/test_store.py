@@ -503,35 +503,26 @@ def test_a_database_outage_during_queries_is_a_clear_error_and_answers_resume(ti
         assert after[0].doc_ids == b[0].doc_ids and after[0].answer == b[0].answer
 
 
-def test_served_retrieval_reads_the_store_beside_the_query_reasoner_and_ranks_the_same(tiny_model, docs, engine,
-                                                                                     monkeypatch):
-    """``retrieve_batch``: the first stage and the candidates' rows are read in a worker thread while the query
-    reasoner's forward runs; the top k are those of the one-after-the-other path, scores included."""
+def test_served_retrieval_of_a_batch_ranks_as_one_question_at_a_time(tiny_model, docs, engine):
+    """``retrieve_batch`` (the served path: one query-reasoner and one MiniLM forward for the batch) returns the top
+    k that each question alone gets, scores included."""
     from clara.data.corpus import Document
     from clara.retrieval.dense import DenseEncoder
     from clara.retrieval.rerank import ClaraRetriever
-    from clara.store import search as store_search
     from clara.store.loading import index_corpus
 
     corpus = [Document(f"d{i}", f"Doc {i}", t) for i, t in enumerate(docs)]
-    build = index_corpus(engine, tiny_model, corpus, model_uri="m-overlap", corpus_version="overlap",
+    build = index_corpus(engine, tiny_model, corpus, model_uri="m-batch", corpus_version="batch",
                          dense=DenseEncoder(), progress=False)
     retriever = ClaraRetriever(tiny_model, [], engine=engine, build=build, mode="hybrid", fuse=2.0)
-    threads = []
-    original = store_search.fetch_candidates
-    monkeypatch.setattr(store_search, "fetch_candidates",
-                        lambda *a, **kw: (threads.append(threading.current_thread()), original(*a, **kw))[1])
     questions = ["Which river flows through Paris?", "Who wrote Hamlet?", "What is the capital of France?"]
-    served = retriever.retrieve_batch(questions, 3)
-    assert len(threads) == 3 and threading.current_thread() not in threads
-    threads.clear()
-    in_turn = retriever.retrieve_batch(questions, 3, overlap=False)
-    assert threads == [threading.current_thread()] * 3
-    queries = retriever.encode(questions)
-    by_hand = [retriever.retrieve(q, t, 3) for q, t in zip(questions, queries)]
-    for a, b, c in zip(served, in_turn, by_hand):
-        assert [d for d, _ in a] == [d for d, _ in b] == [d for d, _ in c] and len(a) == 3
-        assert [s for _, s in a] == pytest.approx([s for _, s in b]) == [s for _, s in c]
+    together = retriever.retrieve_batch(questions, 3)
+    for q, got in zip(questions, together):
+        alone = retriever.retrieve(q, retriever.encode([q])[0], 3)
+        assert [d for d, _ in got] == [d for d, _ in alone] and len(got) == 3
+        assert [s for _, s in got] == pytest.approx([s for _, s in alone], abs=1e-5)
+    first = retriever.retrieve_batch(questions, 3, rerank=False)  # the first stage's order, no query reasoner
+    assert [len(r) for r in first] == [3, 3, 3]
 
 
 def test_a_database_outage_while_loading_a_build_keeps_what_was_loaded_and_a_rerun_finishes(tiny_model, tmp_path,
