@@ -211,8 +211,8 @@ class SCPConfig:
     """Response tokens beyond this are cut, and a cut target gets no EOS (it must not teach stopping mid-line)."""
     target_dropout: float = 0.0
     """Training only: this fraction of the response tokens fed back to the generator (teacher forcing) is replaced
-    by the pad token or a learned mask row (``ModelConfig.dropout_mask``); the labels stay. The generator can then no longer predict a passage from its own prefix
-    alone and has to read the memory (word dropout, the usual cure for a decoder that ignores its latent code).
+    by the pad token or a learned mask row (``ModelConfig.dropout_mask``); the labels stay. The generator can then
+    no longer predict a passage from its own prefix alone and has to read the memory (word dropout, the usual cure for a decoder that ignores its latent code).
     0 is the paper's recipe."""
     salient_weight: float = 1.0
     """Training only: the CE weight of response tokens inside names and numbers (``clara.text.salient_spans``:

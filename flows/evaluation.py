@@ -94,13 +94,13 @@ def promote_task(e2e: dict[str, Any], build: dict[str, Any], scores: dict[str, A
             with stage_run("promote", ctx, {"model_name": model_name, "model_uri": e2e["model_uri"],
                                             "build_id": build["build_id"]}, key) as st:
                 c = st.c
-                # A killed run may have registered and died before finishing its run: that version is found, not
-                # registered twice.
                 # The version serves the re-rank choice its evaluation made and measured (an evaluation cached
                 # before the choice was recorded leaves the setting as it was).
                 served = {**retrieval, "rerank": scores.get("rerank", retrieval["rerank"])}
                 why = scores.get("rerank_evidence")
                 evidence = {"retrieval.rerank_evidence": why} if why else {}
+                # A killed run may have registered and died before finishing its run: that version is found, not
+                # registered twice.
                 version, _ = register_once(c, model_name, key, lambda: log_pyfunc(
                     e2e["run_id"], "qa", checkpoint_dir(e2e), {"build_id": build["build_id"], "k": top_k, **served},
                     input_column="question"), {
