@@ -212,8 +212,8 @@ class SCPConfig:
     target_dropout: float = 0.0
     """Training only: this fraction of the response tokens fed back to the generator (teacher forcing) is replaced
     by the pad token or a learned mask row (``ModelConfig.dropout_mask``); the labels stay. The generator can then
-    no longer predict a passage from its own prefix alone and has to read the memory (word dropout, the usual cure for a decoder that ignores its latent code).
-    0 is the paper's recipe."""
+    no longer predict a passage from its own prefix alone and has to read the memory (word dropout, the usual cure
+    for a decoder that ignores its latent code). 0 is the paper's recipe."""
     salient_weight: float = 1.0
     """Training only: the CE weight of response tokens inside names and numbers (``clara.text.salient_spans``:
     capitalised words past a sentence's first, and digits) against 1 for the rest. A memory trained on a plain
