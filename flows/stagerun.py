@@ -103,11 +103,17 @@ def reuse(experiment: str, stage: str, key: str, still_there: Callable[[dict[str
     if not runs:
         log.info("%s: no finished run has these inputs (key %s): running it", stage, key)
         return None
+    from mlflow.exceptions import MlflowException
+
     for run in runs:
         try:
             result = json.loads(_read_result(c, run.info.run_id))
-        except (OSError, ValueError) as exc:
-            log.info("%s: run %s has key %s but no readable result (%s)", stage, run.info.run_id, key, exc)
+        except (OSError, ValueError, MlflowException) as exc:
+            if tracking.outage(exc):  # the server is down: not a missing result, and running it again cannot help
+                raise
+            # e.g. its artifacts lived in a project folder since deleted, while the runs stay in the shared store
+            log.info("%s: run %s has key %s but no readable result (%s): not reused", stage, run.info.run_id, key,
+                     exc)
             continue
         missing = still_there(result)
         if missing is None:
