@@ -479,10 +479,13 @@ def test_the_cache_rule_reuses_only_runs_whose_outputs_are_still_there(first_run
     assert reuse("clara", "pretrain_scp", "0" * 16, lambda r: None) is None  # other inputs
     # A finished run whose recorded result is gone (its artifacts lived in a clone since deleted; the runs stay in the
     # shared database) is not reused: the stage runs again instead of the pipeline failing.
-    exp = c.get_experiment_by_name("clara").experiment_id
-    orphan = c.create_run(exp, tags={"clara.stage": "pretrain_scp", "clara.key": "f" * 16})
+    # (in an experiment of its own: the other tests read every stage run of "clara" as a pipeline's child)
+    from clara_flows import tracking
+
+    orphan = c.create_run(tracking.experiment_id(c, "clara-orphans"),
+                          tags={"clara.stage": "pretrain_scp", "clara.key": "f" * 16})
     c.set_terminated(orphan.info.run_id, "FINISHED")
-    assert reuse("clara", "pretrain_scp", "f" * 16, lambda r: None) is None
+    assert reuse("clara-orphans", "pretrain_scp", "f" * 16, lambda r: None) is None
     # The real checks: a checkpoint folder deleted from disk is still found in MLflow; a deleted version is not.
     gone = {**first_run["scp"], "checkpoint": "/nonexistent"}
     assert checkpoint_missing(gone) is None
