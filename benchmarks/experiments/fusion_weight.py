@@ -2,10 +2,10 @@
 best single stage, on the article descriptions and the dev set (retrieval only).
 
 A weight picked on ``retrieval_bench.py``'s sample of descriptions is checked on the descriptions it left
-out (``descriptions held out``). Reads the store's dense and lexical first stages once per question (each 2 x 20 deep, as the served hybrid fuses
-them), fuses them here for each weight with the store's own formula and tie-break, and checks that weight 1
-reproduces the store's ``hybrid`` order. Same build as ``retrieval_bench.py`` (``--corpus-limit``; found, not
-rebuilt, when that benchmark ran with the same checkpoint).
+out (``descriptions held out``). Reads the store's dense and lexical first stages once per question (each
+2 x 20 deep, as the served hybrid fuses them), fuses them here for each weight with the store's own formula and
+tie-break, and checks that weight 1 reproduces the store's ``hybrid`` order. Same build as
+``retrieval_bench.py`` (``--corpus-limit``; found, not rebuilt, when that benchmark ran with the same checkpoint).
 
     python benchmarks/experiments/fusion_weight.py releases/clara-smollm2-r16 --corpus-limit 2000 \
         --descriptions 300 --out benchmarks/results/experiments/fusion_weight.json
@@ -57,7 +57,8 @@ def run(checkpoint: str, corpus_limit: int | None, descriptions: int, dev: Path,
     desc = description_retrieval(docs)
     picked = random.Random(seed).sample(desc, min(descriptions, len(desc)))  # retrieval_bench.py's sample
     # the descriptions that sample left out: a weight chosen on the sample is checked on questions it never saw
-    rest = [r for r in desc if r.id not in {p.id for p in picked}]
+    chosen = {p.id for p in picked}
+    rest = [r for r in desc if r.id not in chosen]
     sets = {"descriptions": picked, "dev": dev_qa, "descriptions held out": rest}
     gold, encoder = Gold(docs), DenseEncoder()
     n = DEFAULT_CANDIDATES["hybrid"]

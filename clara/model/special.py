@@ -40,8 +40,9 @@ def register(tokenizer, tokens: Sequence[str], first: int | None = None) -> int:
 
 def continue_with(model: ClaraModel, cfg: ModelConfig) -> None:
     """``model`` runs on with ``cfg`` (``clara.config.init_model_config``: what a continuing run may change). A model
-    built without the ``<MASK>`` row that ``dropout_mask = "learned"`` asks for gains it, started as a new memory
-    row would be; the other rows and every adapter stay as trained."""
+    built without the ``<MASK>`` row that ``dropout_mask = "learned"`` asks for gains it, started at the mean
+    embedding plus noise (``memory_init = "mean"``, whatever the config says: a single row has nothing to be
+    orthogonal to); the other rows and every adapter stay as trained."""
     model.cfg = cfg
     if cfg.dropout_mask != "learned" or MASK_TOKEN in model.special_tokens:
         return
