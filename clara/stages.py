@@ -106,7 +106,8 @@ def merge_synthesis(shard_dirs: Sequence[str | Path], out_dir: str | Path, cfg: 
 
 def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str | Path | None = None, *,
                    max_docs: int | None = None, kinds: Sequence[str] = ("simple",), k: int = 5,
-                   seed: int = 0, exclude: str | Path | None = None) -> dict[str, Any]:
+                   seed: int = 0, exclude: str | Path | None = None,
+                   reconstruction_share: float = 1.0) -> dict[str, Any]:
     """Write ``scp.jsonl`` (stage 1: every passage reconstructs itself, plus the synthesized train split's QA)
     and ``instruct.jsonl`` (stage 2: each synthesized question over its gold passage and k-1 BM25 hard
     negatives) to ``out_dir``; held-out articles (``clara.data.mixes.heldout``) are left out of both.
@@ -117,6 +118,8 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
         exclude: an evaluation QA file (``{"question", "gold_doc_ids", ...}`` rows): synthesized QA about its
             gold passages or asking its questions is left out of both sets (``clara.data.mixes.drop_excluded``),
             so a dev set stays unseen. Reconstruction rows stay: every passage is served compressed.
+        reconstruction_share: the fraction of passages with a reconstruction row
+            (``clara.data.mixes.reconstruction_rows``); below 1 the stage-1 mix leans toward its QA rows.
 
     Returns:
         ``{"scp": path, "instruct": path or None, "scp_rows": n, "instruct_rows": n, "excluded_rows": n}``.
@@ -129,7 +132,7 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     docs = [d for d in read_corpus(corpus_file, max_docs) if not heldout(d)]
     if not docs:
         raise ValueError(f"{corpus_file}: no passages left to train on")
-    scp = reconstruction_rows(docs)
+    scp = reconstruction_rows(docs, reconstruction_share)
     instruct: list[dict[str, Any]] = []
     excluded = 0
     if synth_dir is not None:

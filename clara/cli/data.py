@@ -57,6 +57,9 @@ def data_mix(
                                            help="An evaluation QA JSONL (e.g. benchmarks/dev/natural_dev.jsonl): "
                                                 "synthesized QA about its gold passages or asking its questions "
                                                 "is left out, so the set stays unseen."),
+    reconstruction_share: float = typer.Option(1.0, help="Fraction of passages (by a hash of the id) that get a "
+                                                         "stage-1 reconstruction row; below 1 the mix leans "
+                                                         "toward the QA rows."),
 ) -> None:
     """Training sets with no teacher: every passage reconstructs itself (stage 1); synthesized questions over k
     passages with hard negatives (stage 2). Held-out articles (``clara.data.mixes.heldout``) are left out."""
@@ -65,7 +68,7 @@ def data_mix(
 
     try:
         res = training_mixes(corpus, out, synth, max_docs=limit, kinds=kinds.split(","), k=k, seed=seed,
-                             exclude=exclude)
+                             exclude=exclude, reconstruction_share=reconstruction_share)
     except (RecordError, ValueError, OSError) as exc:
         _fail(exc)
     typer.echo(f"wrote {res['scp']} ({res['scp_rows']} stage-1 rows)")

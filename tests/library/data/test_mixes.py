@@ -143,3 +143,16 @@ def test_bf16_release_loads_and_answers_like_the_original(tiny_model, docs, tmp_
     loaded = load_checkpoint(rel)
     a, b = tiny_model.compress(docs), loaded.compress(docs)
     assert all(torch.allclose(x, y, atol=0.05, rtol=0.05) for x, y in zip(a, b))
+
+
+def test_a_reconstruction_share_keeps_a_stable_nested_subset():
+    docs = [Document(f"d{i}", "t", f"text {i}") for i in range(4000)]
+    quarter = {r["doc_id"] for r in reconstruction_rows(docs, 0.25)}
+    half = {r["doc_id"] for r in reconstruction_rows(docs, 0.5)}
+    assert 900 < len(quarter) < 1100 and 1850 < len(half) < 2150
+    assert quarter < half  # a smaller share is a subset of a larger one
+    assert quarter == {r["doc_id"] for r in reconstruction_rows(list(reversed(docs)), 0.25)}  # order-free
+    assert len(reconstruction_rows(docs, 1.0)) == 4000
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="reconstruction share"):
+            reconstruction_rows(docs, bad)
