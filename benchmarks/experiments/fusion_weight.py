@@ -36,7 +36,8 @@ def fuse(dense: Sequence[str], lexical: Sequence[str], weight: float, n: int) ->
     return sorted(score, key=lambda d: (-score[d], d))[:n]
 
 
-def run(checkpoint: str, corpus_limit: int | None, descriptions: int, dev: Path, seed: int = 0) -> dict[str, Any]:
+def run(checkpoint: str, corpus_limit: int | None, descriptions: int, dev: Path, seed: int = 0,
+        build_id: int | None = None) -> dict[str, Any]:
     from clara.data.corpus import corpus_version_of, ingest_corpus
     from clara.data.records import QARecord, load_qa_records
     from clara.eval.datasets import description_retrieval, subsample
@@ -53,7 +54,10 @@ def run(checkpoint: str, corpus_limit: int | None, descriptions: int, dev: Path,
     if corpus_limit is not None:  # the cut retrieval_bench.py makes
         _, docs = subsample(dev_qa, docs, None, corpus_limit, seed)
     engine = connect()
-    build = ready_build(engine, model_uri=str(Path(checkpoint).resolve()), corpus_version=corpus_version_of(docs))
+    build = ready_build(engine, build_id, model_uri=None if build_id else str(Path(checkpoint).resolve()),
+                        corpus_version=corpus_version_of(docs))
+    if build.corpus_version != corpus_version_of(docs):
+        raise SystemExit(f"build {build.id} holds corpus {build.corpus_version}, not {corpus_version_of(docs)}")
     desc = description_retrieval(docs)
     picked = random.Random(seed).sample(desc, min(descriptions, len(desc)))  # retrieval_bench.py's sample
     # the descriptions that sample left out: a weight chosen on the sample is checked on questions it never saw
@@ -99,9 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--corpus-limit", type=int, default=None)
     ap.add_argument("--descriptions", type=int, default=300)
     ap.add_argument("--dev", type=Path, default=Path(__file__).parents[1] / "dev" / "natural_dev.jsonl")
+    ap.add_argument("--build-id", type=int, default=None,
+                    help="Read this ready build (first stages only: its memory vectors are never read, so a "
+                         "--random-memory build of the same corpus serves).")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    result = run(args.checkpoint, args.corpus_limit, args.descriptions, args.dev)
+    result = run(args.checkpoint, args.corpus_limit, args.descriptions, args.dev, build_id=args.build_id)
     for name, s in result["sets"].items():
         print(f"{name} ({s['questions']} questions; store hybrid top 5 differs from weight 1 on "
               f"{s['store_top5_differs_at_weight_1']})")
