@@ -187,6 +187,7 @@ CLI = {
     "data mix --kinds": "clara/stages.py:training_mixes(kinds)",
     "data mix --k": "clara/stages.py:training_mixes(k)",
     "data mix --seed": "clara/stages.py:training_mixes(seed)",
+    "data mix --reconstruction_share": "clara/stages.py:training_mixes(reconstruction_share)",
     "data snapshot --target": "clara/data/versioning.py:snapshot(target)",
     "data snapshot --push": "clara/data/versioning.py:snapshot(push)",
     "data snapshot --commit": "clara/data/versioning.py:snapshot(git_commit)",
