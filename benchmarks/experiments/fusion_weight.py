@@ -54,10 +54,13 @@ def run(checkpoint: str, corpus_limit: int | None, descriptions: int, dev: Path,
     if corpus_limit is not None:  # the cut retrieval_bench.py makes
         _, docs = subsample(dev_qa, docs, None, corpus_limit, seed)
     engine = connect()
-    build = ready_build(engine, build_id, model_uri=None if build_id else str(Path(checkpoint).resolve()),
-                        corpus_version=corpus_version_of(docs))
-    if build.corpus_version != corpus_version_of(docs):
-        raise SystemExit(f"build {build.id} holds corpus {build.corpus_version}, not {corpus_version_of(docs)}")
+    version = corpus_version_of(docs)
+    if build_id is None:
+        build = ready_build(engine, model_uri=str(Path(checkpoint).resolve()), corpus_version=version)
+    else:  # ready_build reads a given id without filters: check its corpus here
+        build = ready_build(engine, build_id)
+        if build.corpus_version != version:
+            raise SystemExit(f"build {build.id} holds corpus {build.corpus_version}, not {version}")
     desc = description_retrieval(docs)
     picked = random.Random(seed).sample(desc, min(descriptions, len(desc)))  # retrieval_bench.py's sample
     # the descriptions that sample left out: a weight chosen on the sample is checked on questions it never saw

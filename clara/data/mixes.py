@@ -35,12 +35,9 @@ def reconstruction_rows(docs: Iterable[Document], share: float = 1.0) -> list[di
     if not 0.0 < share <= 1.0:
         raise ValueError(f"reconstruction share must be in (0, 1], got {share}")
     cut = round(share * 10_000)
-
-    def kept(d: Document) -> bool:
-        return cut == 10_000 or int(hashlib.sha1(f"reconstruction:{d.id}".encode()).hexdigest()[:8], 16) % 10_000 < cut
-
     return [{"data_type": "paraphrase", "kind": "reconstruction", "question": [], "answers": [d.full_text],
-             "docs": [d.full_text], "doc_id": d.id, "parent_id": d.parent_id or d.id} for d in docs if kept(d)]
+             "docs": [d.full_text], "doc_id": d.id, "parent_id": d.parent_id or d.id} for d in docs
+            if cut == 10_000 or _bucket(f"reconstruction:{d.id}", 10_000) < cut]
 
 
 def qa_pairs(rows: Iterable[dict[str, Any]], kinds: Sequence[str] = ("simple",)) -> list[dict[str, Any]]:
@@ -114,5 +111,9 @@ def heldout(doc: Document, per_mille: int = 10) -> bool:
     """Whether ``doc``'s article is in the fixed held-out share (``per_mille`` of 1000 articles, chosen by a hash
     of the article id, so every passage of an article falls on the same side on any machine). Training mixes
     leave these out; the quality probe measures reconstruction on them."""
-    parent = (doc.parent_id or doc.id).encode("utf-8")
-    return int(hashlib.sha1(parent).hexdigest()[:8], 16) % 1000 < per_mille
+    return _bucket(doc.parent_id or doc.id, 1000) < per_mille
+
+
+def _bucket(key: str, buckets: int) -> int:
+    """A stable bucket of ``key`` in ``range(buckets)`` (SHA-1, not ``hash()``: the same on any machine and run)."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % buckets
