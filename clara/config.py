@@ -207,6 +207,10 @@ class SCPConfig:
     """Stage 2 only (where ``INSTRUCT_DEFAULTS`` turns it on): keep the compressor adapter and the special-token rows
     as stage 1 left them and train the generator alone. Stage 2 trains on short answers; left free it takes back
     part of what stage 1 taught the memory (docs/memory.md)."""
+    compressor_lr_scale: float = 1.0
+    """Where the compressor trains (stage 1, or stage 2 without ``freeze_compressor``): its adapter and the special
+    rows learn at this fraction of ``train.optim.lr`` and the generator at the full rate. Stage 2 at a small fraction
+    lets the memory adapt to questions without undoing what stage 1 taught it (docs/memory.md). 1 is the paper's."""
     max_target_len: int = 1024
     """Response tokens beyond this are cut, and a cut target gets no EOS (it must not teach stopping mid-line)."""
     target_dropout: float = 0.0
@@ -232,6 +236,11 @@ class SCPConfig:
             raise ValueError(f"target_dropout must be in [0, 1), got {self.target_dropout}")
         if self.align not in ("mean", "chunks"):
             raise ValueError(f"align must be 'mean' or 'chunks', got {self.align!r}")
+        if not 0.0 < self.compressor_lr_scale <= 1.0:
+            raise ValueError(f"compressor_lr_scale must be in (0, 1], got {self.compressor_lr_scale}")
+        if self.freeze_compressor and self.compressor_lr_scale != 1.0:
+            raise ValueError("compressor_lr_scale sets the rate of a compressor that trains; with freeze_compressor "
+                             "it trains not at all: set one of the two")
         if self.salient_weight < 1.0:
             raise ValueError(f"salient_weight must be >= 1, got {self.salient_weight}")
 

@@ -132,6 +132,9 @@ class ClaraModel(nn.Module):
         params = [p for name in ADAPTERS if name in self._trainable for p in self._adapter_params[name]]
         return params + ([self.special] if self._train_special else [])
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self._adapter_params[name])
+
     @contextlib.contextmanager
     def adapter(self, name: str | None) -> Iterator[None]:
         """Run the enclosed calls with adapter ``name`` active (``None``: the bare base model)."""

@@ -38,7 +38,10 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float) ->
     return factor
 
 
-def build_optimization(params: list[torch.nn.Parameter], optim: OptimSettings, total_steps: int):
+def build_optimization(params: list[torch.nn.Parameter] | list[dict[str, Any]], optim: OptimSettings,
+                       total_steps: int):
+    """AdamW at ``optim.lr`` (a parameter group may set its own ``lr``) under the warm-up + cosine schedule, which
+    scales every group's rate alike."""
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, optim.warmup_ratio, optim.min_lr_ratio)

@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -158,6 +158,19 @@ def _select_trainable(model: ClaraModel, stage: str, cfg: SCPConfig) -> None:
         model.set_trainable(["compressor", "generator"], special=True)
 
 
+def _param_groups(model: ClaraModel, cfg: SCPConfig) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+    """The trainable parameters, in one group at the full rate, or, with ``compressor_lr_scale`` < 1, the generator
+    at the full rate and the rest (compressor adapter, special rows) at the fraction. One group when the scale is 1
+    keeps the optimizer state of earlier checkpoints loadable."""
+    params = model.trainable_parameters()
+    if cfg.compressor_lr_scale == 1.0:
+        return params
+    generator = {id(p) for p in model.adapter_parameters("generator")}
+    return [{"params": [p for p in params if id(p) in generator]},
+            {"params": [p for p in params if id(p) not in generator],
+             "lr": cfg.train.optim.lr * cfg.compressor_lr_scale}]
+
+
 def _accumulate_gradients(model: ClaraModel, examples: Sequence[Example], step: int, cfg: SCPConfig,
                           dist) -> tuple[dict[str, float], int]:
     """One optimizer step's micro-batches, forward and backward (this process's slice of each): the summed
@@ -207,7 +220,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
         return final
     torch.manual_seed(train.seed)
     _select_trainable(model, stage, cfg)
-    optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
+    optimizer, scheduler = build_optimization(_param_groups(model, cfg), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
     start = ckpt.restore(model, optimizer, scheduler) if resume else 0
     dist = setup()  # several processes under torchrun: each takes a slice of every batch

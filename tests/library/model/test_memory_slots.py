@@ -156,6 +156,33 @@ def test_stage_two_can_freeze_the_compressor(tmp_path):
     assert any(not torch.equal(a, b.detach()) for a, b in zip(gen_before, m._adapter_params["generator"]))
 
 
+def test_stage_two_can_train_the_compressor_at_a_fraction_of_the_rate(tmp_path):
+    """One Adam step moves each weight by about its group's rate: the compressor's and the special rows' steps are
+    the fraction of the generator's, and a run with two rates resumes from its step checkpoint."""
+    from clara.data.records import SCPRecord
+    from clara.training.scp import train_scp
+    from clara.config import OptimSettings, TrainConfig
+
+    m = build()
+    parts = {"compressor": m.adapter_parameters("compressor"), "generator": m.adapter_parameters("generator"),
+             "special": [m.special]}
+    before = {k: [p.detach().clone() for p in ps] for k, ps in parts.items()}
+    rec = SCPRecord(data_type="qa", questions=["Where was Curie born?"], answers=["Warsaw"], docs=[TEXT])
+    train = TrainConfig(batch_size=1, max_steps=1, checkpoint_every=1, optim=OptimSettings(lr=1e-3, warmup_ratio=0))
+    cfg = SCPConfig(model=m.cfg, train=train, freeze_compressor=False, compressor_lr_scale=0.01)
+    train_scp(m, [rec], cfg, tmp_path / "run", stage="instruct", progress=False)
+    step = {k: max(float((p.detach() - b).abs().max()) for p, b in zip(parts[k], before[k])) for k in parts}
+    assert 0.5e-3 < step["generator"] <= 1.01e-3
+    assert 0.5e-5 < step["compressor"] <= 1.01e-5 and 0.5e-5 < step["special"] <= 1.01e-5
+    cfg.train.max_steps = 2
+    train_scp(m, [rec], cfg, tmp_path / "run", stage="instruct", progress=False)  # the two groups' state loads
+
+    with pytest.raises(ValueError, match="freeze_compressor"):
+        SCPConfig(freeze_compressor=True, compressor_lr_scale=0.1)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        SCPConfig(compressor_lr_scale=0.0)
+
+
 def test_pooled_memory_is_each_chunks_mean_state_without_memory_tokens():
     m = build(memory_slots="pooled")
     tokens = list(range(10, 30))
