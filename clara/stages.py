@@ -125,10 +125,11 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
         ``{"scp": path, "instruct": path or None, "scp_rows": n, "instruct_rows": n, "excluded_rows": n}``.
     """
     from clara.data.corpus import atomic_write_lines, dumps
-    from clara.data.mixes import drop_excluded, heldout, instruct_rows, qa_pairs, reconstruction_rows
+    from clara.data.mixes import check_share, drop_excluded, heldout, instruct_rows, qa_pairs, reconstruction_rows
     from clara.data.records import load_qa_records, read_jsonl
     from clara.retrieval.first_stage import BM25Retriever
 
+    check_share(reconstruction_share)  # before the corpus is read: a bad value fails at once
     docs = [d for d in read_corpus(corpus_file, max_docs) if not heldout(d)]
     if not docs:
         raise ValueError(f"{corpus_file}: no passages left to train on")

@@ -25,6 +25,13 @@ Ranker = Callable[[Sequence[str], int], list[list[str]]]
 """``rank(questions, n)`` -> for each question the ids of its ``n`` best passages, best first."""
 
 
+def check_share(share: float) -> float:
+    """A reconstruction share is a fraction of the passages in (0, 1]; callers check it before reading a corpus."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"reconstruction share must be in (0, 1], got {share}")
+    return share
+
+
 def reconstruction_rows(docs: Iterable[Document], share: float = 1.0) -> list[dict[str, Any]]:
     """One stage-1 row per passage whose target is the passage itself (title line included: a question
     often names the subject only through the title).
@@ -32,9 +39,7 @@ def reconstruction_rows(docs: Iterable[Document], share: float = 1.0) -> list[di
     ``share``: the fraction of passages that get a row, chosen by a hash of the passage id (the same passages on
     any machine, and a smaller share keeps a subset of a larger one). Below 1 it weights a mix toward its QA rows.
     """
-    if not 0.0 < share <= 1.0:
-        raise ValueError(f"reconstruction share must be in (0, 1], got {share}")
-    cut = round(share * 10_000)
+    cut = round(check_share(share) * 10_000)
     return [{"data_type": "paraphrase", "kind": "reconstruction", "question": [], "answers": [d.full_text],
              "docs": [d.full_text], "doc_id": d.id, "parent_id": d.parent_id or d.id} for d in docs
             if cut == 10_000 or _bucket(f"reconstruction:{d.id}", 10_000) < cut]

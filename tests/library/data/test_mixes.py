@@ -156,3 +156,11 @@ def test_a_reconstruction_share_keeps_a_stable_nested_subset():
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="reconstruction share"):
             reconstruction_rows(docs, bad)
+
+
+def test_a_bad_reconstruction_share_fails_before_the_corpus_is_read(tmp_path):
+    from clara.stages import training_mixes
+
+    with pytest.raises(ValueError, match="reconstruction share"):  # not the missing file's error
+        training_mixes(tmp_path / "not-there.jsonl", tmp_path / "mix", reconstruction_share=1.5)
+    assert not (tmp_path / "mix").exists()
