@@ -53,7 +53,8 @@ def qa_pairs(rows: Iterable[dict[str, Any]], kinds: Sequence[str] = ("simple",))
             continue
         answers = r["answers"] if len(r["answers"]) == len(r["question"]) else r["answers"][:1] * len(r["question"])
         for q, a in zip(r["question"], answers):
-            out.append({"question": q, "answer": a, "doc_id": r["doc_id"], "parent_id": r.get("parent_id", r["doc_id"])})
+            out.append({"question": q, "answer": a, "doc_id": r["doc_id"],
+                        "parent_id": r.get("parent_id", r["doc_id"])})
     return out
 
 
