@@ -152,18 +152,32 @@ def curve(args: argparse.Namespace) -> int:
 def _instruct_entry(extra: dict[str, Any], data_version: str, commit: str) -> dict[str, Any]:
     """One stage-2 run's lineage entry, from its checkpoint's ``extra``."""
     cfg = extra["config"]
-    return {"stage": "instruct", "steps": int(extra.get("step", 0)), "batch_size": cfg["train"]["batch_size"],
-            "seed": cfg["train"]["seed"], "freeze_compressor": cfg.get("freeze_compressor", False),
-            "data": data_version, "commit": commit}
+    entry = {"stage": "instruct", "steps": int(extra.get("step", 0)), "batch_size": cfg["train"]["batch_size"],
+             "seed": cfg["train"]["seed"], "freeze_compressor": cfg.get("freeze_compressor", False),
+             "data": data_version, "commit": commit}
+    if cfg.get("compressor_lr_scale", 1.0) != 1.0:
+        entry["compressor_lr_scale"] = cfg["compressor_lr_scale"]
+    return entry
 
 
 def release(args: argparse.Namespace) -> int:
     """Replace the release with a checkpoint of the chain (after its stage 2), recording the lineage: the old
-    release's stages, then this chain's SCP steps and the stage 2 on top, each with its data and code version."""
+    release's stages, then this chain's SCP steps and the stage 2 on top, each with its data and code version.
+    Without ``--scp-checkpoint`` the stage 2 continued the release at ``--out`` itself (no chain steps): its
+    lineage, then the stage-2 runs."""
     import subprocess
 
-    from clara.model.checkpoint import export_release, read_checkpoint_config, release_notes
+    from clara.model.checkpoint import read_checkpoint_config
 
+    instruct = [read_checkpoint_config(c).get("extra", {}) for c in [*args.instruct_from, args.checkpoint]]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    if args.scp_checkpoint is None:
+        before = lineage(args.out)
+        if not before:
+            raise SystemExit(f"{args.out} records no lineage to continue: pass --scp-checkpoint")
+        new = before + [_instruct_entry(extra, args.data_version, commit) for extra in instruct]
+        return _export(args, new)
     root = chain_dir(args.chain)
     settings = json.loads((root / "chain.json").read_text(encoding="utf-8"))
     init = Path(settings["init"])
@@ -175,17 +189,21 @@ def release(args: argparse.Namespace) -> int:
     if not settings.get("init_lineage"):
         settings["init_lineage"] = before
         (root / "chain.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    # stage 2 may have continued earlier stage-2 runs (--instruct-from, oldest first): one lineage entry each
-    instruct = [read_checkpoint_config(c).get("extra", {}) for c in [*args.instruct_from, args.checkpoint]]
     state = args.scp_checkpoint.parent / "train_state" / "trainer_state.json"  # a step checkpoint's own step
     chain_steps = int(json.loads(state.read_text(encoding="utf-8"))["step"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    probe = json.loads(args.probe.read_text(encoding="utf-8")) if args.probe else {}
+    # stage 2 may have continued earlier stage-2 runs (--instruct-from, oldest first): one lineage entry each
     new = before + [
         {"stage": "scp", "steps": chain_steps, "batch_size": settings["config"].get("train", {}).get("batch_size", 8),
          "config": settings["config"], "data": args.data_version, "commit": commit},
         *(_instruct_entry(extra, args.data_version, commit) for extra in instruct)]
+    return _export(args, new)
+
+
+def _export(args: argparse.Namespace, new: list[dict[str, Any]]) -> int:
+    """Write ``--checkpoint`` to ``--out`` with lineage ``new``, the probe's summary and the notes."""
+    from clara.model.checkpoint import export_release, release_notes
+
+    probe = json.loads(args.probe.read_text(encoding="utf-8")) if args.probe else {}
     summary = {k: probe.get(k) for k in ("slot_diversity", "reconstruction", "answer_spans", "answer_nll",
                                           "generator", "compare") if k in probe}
     try:
@@ -216,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("curve", help="Print the curve.")
     r = sub.add_parser("release", help="Export a stage-2 checkpoint of the chain as the release, with its lineage.")
     r.add_argument("--checkpoint", type=Path, required=True, help="The stage-2 model folder on top of the chain.")
-    r.add_argument("--scp-checkpoint", type=Path, required=True, help="The chain checkpoint stage 2 started from.")
+    r.add_argument("--scp-checkpoint", type=Path, default=None,
+                   help="The chain checkpoint stage 2 started from (none: stage 2 continued the release at --out).")
     r.add_argument("--instruct-from", type=Path, nargs="*", default=[],
                    help="Earlier stage-2 model folders --checkpoint continued (its --init), oldest first.")
     r.add_argument("--out", type=Path, default=DEFAULT_RELEASE)

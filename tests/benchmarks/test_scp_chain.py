@@ -83,4 +83,19 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
                            "corpus-x"]) == 0
     lineage = read_checkpoint_config(out)["extra"]["lineage"]
     assert [(s["stage"], s["steps"], s.get("seed")) for s in lineage[-2:]] == [("instruct", 1, 0), ("instruct", 2, 1)]
+    # a stage 2 that continued the release itself (no chain steps), the compressor at a fraction of the rate
+    before = lineage
+    on_release = train_scp(load_checkpoint(out), load_scp_records(fixtures / "scp.jsonl"),
+                           SCPConfig(model=model.cfg, train=TrainConfig(batch_size=1, max_steps=1, seed=2),
+                                     compressor_lr_scale=0.1), tmp_path / "inst3", stage="instruct", progress=False)
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(on_release), "--out", str(out),
+                           "--data-version", "corpus-y"]) == 0
+    lineage = read_checkpoint_config(out)["extra"]["lineage"]
+    assert lineage[:-1] == before and lineage[-1]["compressor_lr_scale"] == 0.1
+    assert (lineage[-1]["stage"], lineage[-1]["freeze_compressor"], lineage[-1]["data"]) == ("instruct", False,
+                                                                                            "corpus-y")
+    bare = save_checkpoint(tiny_model, tmp_path / "bare")  # no lineage to continue
+    with pytest.raises(SystemExit, match="no lineage"):
+        scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(on_release), "--out", str(bare),
+                        "--data-version", "corpus-y"])
     assert "| cumulative_scp_steps |" in scp_chain.curve_table([{"cumulative_scp_steps": 10, "slot_cosine": 0.5}])
