@@ -1,4 +1,4 @@
-"""The deployment's parameters, grouped: what Prefect's run form shows as six sections instead of 37 fields.
+"""The deployment's parameters, grouped: what Prefect's run form shows as six sections instead of 38 fields.
 
     prefect deployment run clara/full-pipeline --param profile=quality
     prefect deployment run clara/full-pipeline --param training='{"scp_steps": 0}' --param model='{"init_from": "ckpt"}'
@@ -58,6 +58,9 @@ class Training(_Group):
     instruct_freeze_compressor: bool = _INSTRUCT.freeze_compressor
     """Stage 2 trains the generator alone (``clara.config.SCPConfig.freeze_compressor``): left free, the compressor
     gives back part of what SCP taught it to carry (docs/memory.md)."""
+    instruct_compressor_lr_scale: float = _INSTRUCT.compressor_lr_scale
+    """With ``instruct_freeze_compressor`` off: the compressor's fraction of ``instruct_lr``
+    (``SCPConfig.compressor_lr_scale``; 0.1 beat a frozen compressor in docs/memory.md, at twice the step time)."""
     e2e_steps: Optional[int] = None
     e2e_batch_size: Optional[int] = None
     e2e_lr: float = _E2E.train.optim.lr

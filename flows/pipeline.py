@@ -104,6 +104,11 @@ def check_parameters(p: dict[str, Any]) -> None:
     for name in ("scp_lr", "instruct_lr", "e2e_lr"):
         if not p[name] > 0:
             problems.append(f"{name}={p[name]} (must be > 0)")
+    scale = p["instruct_compressor_lr_scale"]
+    if not 0 < scale <= 1:
+        problems.append(f"instruct_compressor_lr_scale={scale} (in (0, 1])")
+    elif scale != 1 and p["instruct_freeze_compressor"]:
+        problems.append(f"instruct_compressor_lr_scale={scale} needs instruct_freeze_compressor=false")
     dropout = p.get("scp_target_dropout")
     if dropout is not None and not 0 <= dropout < 1:
         problems.append(f"scp_target_dropout={dropout} (in [0, 1))")
@@ -175,7 +180,8 @@ def full_pipeline(
             processes=t.train_processes, ctx=ctx))
         inst = run.record("instruct", instruct_task(
             scp=scp, data=synthesized, steps=b["instruct_steps"], batch_size=b["instruct_batch_size"],
-            lr=t.instruct_lr, device=model.device, ctx=ctx, freeze_compressor=t.instruct_freeze_compressor))
+            lr=t.instruct_lr, device=model.device, ctx=ctx, freeze_compressor=t.instruct_freeze_compressor,
+            compressor_lr_scale=t.instruct_compressor_lr_scale))
         e2e = run.record("train_e2e", e2e_task(
             init=inst, data=synthesized, steps=b["e2e_steps"], batch_size=b["e2e_batch_size"], lr=t.e2e_lr,
             top_k=ev.top_k, n_candidates=ev.n_candidates, device=model.device, processes=t.train_processes,

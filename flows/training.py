@@ -79,14 +79,17 @@ def scp_task(data: dict[str, Any], preset: str, compression_rate: int, memory_re
 
 @task(name="instruct", **RETRIED)
 def instruct_task(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int, lr: float,
-                  device: Optional[str], ctx: dict[str, Any], freeze_compressor: bool) -> dict[str, Any]:
+                  device: Optional[str], ctx: dict[str, Any], freeze_compressor: bool,
+                  compressor_lr_scale: float = 1.0) -> dict[str, Any]:
     """Stage 2: each synthesized question over its gold passage and k-1 hard negatives, compressed; the
-    generator continues from SCP (and the compressor too unless ``freeze_compressor``). No steps (or no
-    questions): SCP's checkpoint passes through."""
+    generator continues from SCP (and the compressor too, at ``compressor_lr_scale`` of the rate, unless
+    ``freeze_compressor``). No steps (or no questions): SCP's checkpoint passes through."""
     if steps <= 0 or not data.get("instruct_file"):
         return {**scp, "skipped": True, "reused": False}
     inputs = dict(scp=scp, data=data, steps=steps, batch_size=batch_size, lr=lr, device=device,
                   freeze_compressor=freeze_compressor)
+    if compressor_lr_scale != 1.0:  # only then: the keys of runs from before the option stay what they were
+        inputs["compressor_lr_scale"] = compressor_lr_scale
     key = stage_key("instruct", inputs)
     with exclusive("instruct", key):  # a second run with these inputs waits, then reuses
         found = reuse(ctx["experiment"], "instruct", key, checkpoint_missing, ctx["refresh"])
@@ -99,7 +102,7 @@ def instruct_task(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_s
 
         model = load_checkpoint(checkpoint_dir(scp), device=device)
         cfg = SCPConfig(model=model.cfg, train=stages.stage_budget(steps, batch_size, lr),
-                        freeze_compressor=freeze_compressor)
+                        freeze_compressor=freeze_compressor, compressor_lr_scale=compressor_lr_scale)
         with stage_run("instruct", ctx,
                        {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
                        key, data, reads=(("instruct_file", "training"),)) as st:

@@ -127,6 +127,7 @@ FLOW = {
     "scp_lr": "SCPConfig[scp].train.optim.lr",
     "instruct_lr": "SCPConfig[instruct].train.optim.lr",
     "instruct_freeze_compressor": "SCPConfig[instruct].freeze_compressor",
+    "instruct_compressor_lr_scale": "SCPConfig[instruct].compressor_lr_scale",
     "e2e_lr": "E2EConfig.train.optim.lr",
     "top_k": "E2EConfig.top_k",
     "n_candidates": "E2EConfig.n_candidates",
