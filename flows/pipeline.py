@@ -87,7 +87,7 @@ def _rerank_line(evaluation: dict[str, Any]) -> list[str]:
 def check_parameters(p: dict[str, Any]) -> None:
     """Every budget and choice the stages would otherwise reject late (after minutes of synthesis or training),
     all reported at once."""
-    from clara.config import COMPRESSION_RATES
+    from clara.config import COMPRESSION_RATES, SCPConfig
 
     problems = []
     if p["compression_rate"] not in COMPRESSION_RATES:
@@ -104,14 +104,15 @@ def check_parameters(p: dict[str, Any]) -> None:
     for name in ("scp_lr", "instruct_lr", "e2e_lr"):
         if not p[name] > 0:
             problems.append(f"{name}={p[name]} (must be > 0)")
-    scale = p["instruct_compressor_lr_scale"]
-    if not 0 < scale <= 1:
-        problems.append(f"instruct_compressor_lr_scale={scale} (in (0, 1])")
-    elif scale != 1 and p["instruct_freeze_compressor"]:
-        problems.append(f"instruct_compressor_lr_scale={scale} needs instruct_freeze_compressor=false")
-    dropout = p.get("scp_target_dropout")
-    if dropout is not None and not 0 <= dropout < 1:
-        problems.append(f"scp_target_dropout={dropout} (in [0, 1))")
+    # the stage configs own these rules: ask them, and name the parameters that fed them
+    stage_fields = {"scp_target_dropout": "target_dropout", "instruct_freeze_compressor": "freeze_compressor",
+                    "instruct_compressor_lr_scale": "compressor_lr_scale"}
+    for stage in ("scp", "instruct"):
+        given = {k: p[k] for k in stage_fields if k.startswith(stage + "_") and p.get(k) is not None}
+        try:
+            SCPConfig(**{stage_fields[k]: v for k, v in given.items()})
+        except ValueError as exc:
+            problems.append(f"{', '.join(f'{k}={v}' for k, v in given.items())}: {exc}")
     if p["retrieval_fuse"] < 0 or p["gate_max_latency_regression"] < 0:
         problems.append("retrieval_fuse and gate_max_latency_regression must be >= 0")
     problems += _model_problems(p["preset"])

@@ -235,11 +235,12 @@ def test_pipeline_parameters_are_checked_before_any_stage():
                           "scp_target_dropout": 1.0})
     msg = str(err.value)
     assert "compression_rate=7 (one of 4, 16, 32, 64, 128, 256)" in msg
-    assert "scp_target_dropout=1.0 (in [0, 1))" in msg
+    assert "scp_target_dropout=1.0: target_dropout must be in [0, 1), got 1.0" in msg
     assert "top_k=0 (at least 1)" in msg and "e2e_lr=0.0" in msg and "scp_batch_size=-1" in msg
-    with pytest.raises(ValueError, match="instruct_compressor_lr_scale=0.1 needs instruct_freeze_compressor=false"):
+    with pytest.raises(ValueError, match="instruct_freeze_compressor=True, instruct_compressor_lr_scale=0.1: "
+                                         "compressor_lr_scale sets the rate of a compressor that trains"):
         check_parameters({**params, "instruct_compressor_lr_scale": 0.1})  # frozen by default: a rate means nothing
-    with pytest.raises(ValueError, match=r"instruct_compressor_lr_scale=0 \(in \(0, 1\]\)"):
+    with pytest.raises(ValueError, match=r"instruct_compressor_lr_scale=0: compressor_lr_scale must be in \(0, 1\]"):
         check_parameters({**params, "instruct_compressor_lr_scale": 0, "instruct_freeze_compressor": False})
     check_parameters({**params, "instruct_compressor_lr_scale": 0.1, "instruct_freeze_compressor": False})
     with pytest.raises(ValueError, match="n_candidates=3 is below top_k=5"):
