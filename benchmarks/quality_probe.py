@@ -364,6 +364,9 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         result["per_question"] = {"nll_clara_forced": forced_each, "nll_clara_without_gold": without_each}
         if generate:
             result["per_question"]["f1_clara_forced"] = [answer_scores(p, r.answers)["f1"] for p, r in zip(clara, qa)]
+            # every answer, not only the examples: whether a CEM miss is a wrong fact or a near-miss is read here
+            result["per_question"]["clara_forced"] = clara
+            result["per_question"]["clara_closed_book"] = clara_closed
         nll["answer_use"] = nll["clara_without_gold"] - nll["clara_forced"]
         nll["raw_answer_use"] = nll["closed_book"] - nll["raw_text_forced"]
         result["answer_nll"] = nll

@@ -61,6 +61,8 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     assert -1 <= d["within_passage_cosine"] <= 1 and 1 <= d["effective_rank"] <= d["slots"]
     pq = result["per_question"]
     assert len(pq["nll_clara_forced"]) == len(pq["f1_clara_forced"]) == 4 == len(result["question_ids"])
+    assert len(pq["clara_forced"]) == len(pq["clara_closed_book"]) == 4
+    assert [e["clara"] for e in result["examples"]] == pq["clara_forced"][:len(result["examples"])]
     # the likelihood-only part gives the same likelihoods without generating anything
     quick = quality_probe.probe(str(ckpt), dev, articles=None, k=3, parts="n", corpus=str(corpus))
     assert quick["answer_nll"] == n and "generator" not in quick
