@@ -79,7 +79,7 @@ def models_cmd(name: str = ModelNameOpt,
 @registry_app.command("ask")
 def ask_cmd(question: list[str] = typer.Argument(..., help="One or more questions."),
             model: str = typer.Option("models:/clara@production", help="MLflow model URI."),
-            k: Optional[int] = typer.Option(None, help="Documents to retrieve (default: the model's)."),
+            k: Optional[int] = typer.Option(None, min=1, help="Documents to retrieve (default: the model's)."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
     """Answer from the production model: retrieval from pgvector, generation from the memory tokens."""
     import mlflow
@@ -95,7 +95,7 @@ def ask_cmd(question: list[str] = typer.Argument(..., help="One or more question
     try:
         # from the cache folder, downloaded once per model version (loading the URI itself leaves a temp copy)
         m = mlflow.pyfunc.load_model(str(tracking.download_model(model)))
-        out = m.predict(pd.DataFrame({"question": question}), params={"k": k} if k else None)
+        out = m.predict(pd.DataFrame({"question": question}), params={"k": k} if k is not None else None)
     except (MlflowException, StoreError, ValueError, OSError) as exc:
         _fail(exc)
     for row in out.to_dict("records"):

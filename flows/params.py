@@ -65,6 +65,7 @@ class Training(_Group):
     e2e_batch_size: Optional[int] = None
     e2e_lr: float = _E2E.train.optim.lr
     train_processes: int = 1
+    """> 1: SCP from scratch and E2E run under ``torchrun`` (stage 2, and SCP from ``init_from``, in one process)."""
 
 
 class Evaluation(_Group):

@@ -60,7 +60,8 @@ def train_instruct_cmd(
 
 def _train_compressor(data, out, preset, config, rate, length_mode, device, batch_size, grad_accum, max_steps, lr,
                       checkpoint_every, seed, resume, stage, init) -> None:
-    from clara.config import SCPConfig, init_model_config, merged, preset as make_preset, to_dict, train_overrides
+    from clara.config import (ModelConfig, SCPConfig, init_model_config, merged, preset as make_preset, to_dict,
+                              train_overrides)
     from clara.data.records import RecordError, load_scp_records
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
@@ -75,9 +76,10 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
                                             device=device).items() if v is not None}
         if init is not None:
             model = load_checkpoint(init, device=device)
-            if rate is not None and rate != model.cfg.compression_rate:
-                raise ValueError(f"{init} was trained at rate {model.cfg.compression_rate}, not {rate}")
-            continue_with(model, init_model_config(model.cfg, raw.get("model", {}), init))
+            over = merged(raw.get("model", {}), model_over)  # --rate and --length-mode must match the checkpoint
+            if preset != ModelConfig.base:  # given (the default cannot be told from absent): it must name its base
+                over["base"] = make_preset(preset).base
+            continue_with(model, init_model_config(model.cfg, over, init))
             model_cfg = to_dict(model.cfg)
         else:
             model_cfg = to_dict(make_preset(preset, **merged(raw.get("model", {}), model_over)))
