@@ -7,6 +7,7 @@ their own registered model names, so every test passes alone, in any order."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -439,6 +440,13 @@ def test_bad_parameters_fail_at_once_with_the_reason_on_the_run(services, repo):
         (flow_run,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
         assert flow_run.state.is_failed() and "compression_rate=7" in (flow_run.state.message or ""), flow_run.state
         assert client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))) == []
+    # what `make pipeline` prints after the run: no evaluation, and the link to the experiment the run recorded to
+    from clara_flows import run, tracking
+
+    summary, experiment = asyncio.run(run._run_facts(str(flow_run.id)))
+    assert summary is None and experiment == "clara"
+    assert run._experiment_link(experiment) == tracking.experiment_url(exp)
+    assert run._experiment_link("no-such-experiment") == tracking.tracking_uri()
 
 
 @pytest.mark.parametrize("name, content, message", [
