@@ -408,10 +408,3 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a config file must hold an object/table at the top level")
     return data
-
-
-def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
-    """Read a stage config from a JSON or TOML file (or none), then apply keyword overrides on top."""
-    data = read_config_file(path) if path is not None else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(cls, data)

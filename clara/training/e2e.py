@@ -137,33 +137,6 @@ def e2e_loss(model: ClaraModel, batch: Sequence[QARecord], pool: torch.Tensor, p
                 "score_margin": float((scores.max(-1).values - scores.mean(-1)).mean().detach())}
 
 
-@torch.no_grad()
-def selection_recall(model: ClaraModel, records: Sequence[QARecord], pool_flat: torch.Tensor,
-                     doc_index: Mapping[str, int], cfg: E2EConfig, batch_size: int = 16,
-                     first: Sequence[Sequence[int]] | None = None) -> float:
-    """Recall@k of the top-k the current query reasoner selects among positives + retrieved negatives.
-
-    The same candidate protocol as training, without gradients: a fixed yardstick to compare before and after.
-    """
-    total, count = 0.0, 0
-    n_cand = min(cfg.n_candidates, pool_flat.shape[0])
-    k = min(cfg.top_k, n_cand)
-    queries = model.encode_queries([r.question for r in records], batch_size=batch_size)
-    for s in range(0, len(records), batch_size):
-        batch = records[s : s + batch_size]
-        q = flat_unit(torch.stack(queries[s : s + batch_size]))
-        positives = [[doc_index[d] for d in r.gold_doc_ids if d in doc_index] for r in batch]
-        candidates = pick_candidates(unit_scores(q, pool_flat), positives, n_cand,
-                                     first[s : s + batch_size] if first is not None else None)
-        scores = unit_scores(q, pool_flat[candidates])
-        picked = scores.topk(k, dim=-1).indices
-        with_pos = sum(1 for p in positives if p)
-        if with_pos:
-            total += recall_at_k(picked, candidates, positives) * with_pos
-            count += with_pos
-    return total / count if count else float("nan")
-
-
 class _Pool(NamedTuple):
     """The whole corpus compressed once (the compressor is frozen in E2E), and each question's first-stage
     candidates as indices into it (None when negatives come from the query reasoner's own top)."""

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from clara.config import COMPRESSION_RATES, E2EConfig, ModelConfig, SCPConfig, load_config, preset, to_dict
+from clara.config import (COMPRESSION_RATES, E2EConfig, ModelConfig, SCPConfig, from_dict, preset, read_config_file,
+                          to_dict)
 
 
 @pytest.mark.parametrize("rate", COMPRESSION_RATES)
@@ -45,18 +46,18 @@ def test_config_round_trip_and_unknown_keys(tmp_path):
     cfg = SCPConfig(model=preset("tiny", compression_rate=32))
     path = tmp_path / "c.json"
     path.write_text(json.dumps(to_dict(cfg)))
-    again = load_config(SCPConfig, path)
+    again = from_dict(SCPConfig, read_config_file(path))
     assert again == cfg
     path.write_text(json.dumps({"model": {"bsae": "tiny"}}))
     with pytest.raises(ValueError, match="unknown ModelConfig field.*bsae"):
-        load_config(SCPConfig, path)
+        from_dict(SCPConfig, read_config_file(path))
     toml = tmp_path / "c.toml"
     toml.write_text('mse_weight = 0.5\n[train]\nbatch_size = 2\n[train.optim]\nlr = 0.001\n')
-    cfg = load_config(SCPConfig, toml)
+    cfg = from_dict(SCPConfig, read_config_file(toml))
     assert cfg.mse_weight == 0.5 and cfg.train.batch_size == 2 and cfg.train.optim.lr == 0.001
     toml.write_text("mse_weight = ")
     with pytest.raises(ValueError, match="not valid TOML"):
-        load_config(SCPConfig, toml)
+        from_dict(SCPConfig, read_config_file(toml))
 
 
 def test_e2e_learning_rate_default_survives_partial_train_settings():
