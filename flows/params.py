@@ -1,4 +1,4 @@
-"""The deployment's parameters, grouped: what Prefect's run form shows as six sections instead of 38 fields.
+"""The deployment's parameters, grouped: what Prefect's run form shows as six sections instead of 41 fields.
 
     prefect deployment run clara/full-pipeline --param profile=quality
     prefect deployment run clara/full-pipeline --param training='{"scp_steps": 0}' --param model='{"init_from": "ckpt"}'

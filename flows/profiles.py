@@ -4,7 +4,8 @@ given explicitly wins over the profile's value.
 - ``demo`` (default): ``make pipeline`` on a 2-core laptop CPU; 300 passages, starts from the shipped release
   (``RELEASE``) and runs a few dozen steps of stage 2 and E2E. ``--param model='{"init_from": "none"}' --param
   training='{"scp_steps": 30}'`` trains everything from scratch instead.
-- ``quality``: the whole corpus on a CPU, ~9 hours on 2 avx512_bf16 cores at the measured step times (README);
+- ``quality``: the whole corpus on a CPU, ~9 hours on 2 avx512_bf16 cores at the measured step times
+  (docs/benchmarks.md, "What to expect");
   every stage resumes from its step checkpoints, so it can be stopped and started again.
 - ``gpu``: the whole corpus on one GPU (bf16), larger batches.
 
@@ -23,7 +24,7 @@ from typing import Any
 RELEASE = "releases/clara-smollm2-r16"
 """The shipped starting point (SmolLM2-135M, rate 16; model card in its folder). ``demo`` uses its compressor as it
 is (``scp_steps=0``: 30 SCP steps on 300 passages would only wear it down) and fine-tunes stage 2 and E2E on the
-run's own data; its probe beside what ``demo`` trained from scratch is in the README."""
+run's own data; its probe beside what ``demo`` trained from scratch is in docs/quality.md."""
 
 PROFILES: dict[str, dict[str, Any]] = {
     "demo": dict(init_from=RELEASE, max_docs=300, scp_steps=0, scp_batch_size=4, scp_target_dropout=0.0,
