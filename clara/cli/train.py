@@ -54,7 +54,7 @@ def train_instruct_cmd(
 ) -> None:
     """Stage 2: instruction tuning on QA over k compressed documents (compressor and generator continue from the
     SCP checkpoint; set fresh_generator in --config to restart the generator as the paper does)."""
-    _train_compressor(data, out, "", config, None, None, device, batch_size, grad_accum, max_steps, lr,
+    _train_compressor(data, out, None, config, None, None, device, batch_size, grad_accum, max_steps, lr,
                       checkpoint_every, seed, resume, stage="instruct", init=init)
 
 
@@ -77,7 +77,7 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
         if init is not None:
             model = load_checkpoint(init, device=device)
             over = merged(raw.get("model", {}), model_over)  # --rate and --length-mode must match the checkpoint
-            if preset != ModelConfig.base:  # given (the default cannot be told from absent): it must name its base
+            if preset not in (None, ModelConfig.base):  # given (the default cannot be told from absent): its base
                 over["base"] = make_preset(preset).base
             continue_with(model, init_model_config(model.cfg, over, init))
             model_cfg = to_dict(model.cfg)
