@@ -126,7 +126,7 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     """
     from clara.data.corpus import atomic_write_lines, dumps
     from clara.data.mixes import check_share, drop_excluded, heldout, instruct_rows, qa_pairs, reconstruction_rows
-    from clara.data.records import load_qa_records, read_jsonl
+    from clara.data.records import load_qa_records, read_synth_rows
     from clara.retrieval.first_stage import BM25Retriever
 
     check_share(reconstruction_share)  # before the corpus is read: a bad value fails at once
@@ -138,7 +138,7 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     excluded = 0
     if synth_dir is not None:
         kept = {d.id for d in docs}
-        rows = [r for _, r in read_jsonl(Path(synth_dir) / "train.jsonl") if r.get("doc_id") in kept]
+        rows = [r for r in read_synth_rows(Path(synth_dir) / "train.jsonl") if r["doc_id"] in kept]
         if exclude is not None:
             held = load_qa_records(exclude)
             rows, excluded = drop_excluded(rows, [q.question for q in held], [g for q in held for g in q.gold_doc_ids])
@@ -155,6 +155,8 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     if instruct:
         atomic_write_lines(out / "instruct.jsonl", (dumps(r) for r in instruct))
         result["instruct"] = str(out / "instruct.jsonl")
+    else:  # a stage-2 file of an earlier mix into this folder must not pass for this one's
+        (out / "instruct.jsonl").unlink(missing_ok=True)
     return result
 
 

@@ -51,7 +51,7 @@ def data_mix(
                                               "questions over k passages, makes stage 2."),
     kinds: str = typer.Option("simple", help="Synthesized QA kinds used for stage 2 (simple, complex)."),
     k: int = typer.Option(5, help="Passages per stage-2 question: the gold one and k-1 BM25 hard negatives."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N passages of the corpus."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N passages of the corpus."),
     seed: int = typer.Option(0, help="Seed of the gold passage's slot among the k."),
     exclude: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                            help="An evaluation QA JSONL (e.g. benchmarks/dev/natural_dev.jsonl): "
@@ -91,7 +91,7 @@ def synthesize_cmd(
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key."),
     concurrency: int = typer.Option(4, help="Requests in flight at once (openai teacher)."),
     timeout: float = typer.Option(60.0, help="Seconds per request (openai teacher)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N passages of the corpus."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N passages of the corpus."),
     on_error: str = OnErrorOpt,
     preset: str = SplitPresetOpt,
     coverage_rounds: int = typer.Option(2, help="Supplementary rounds for uncovered facts (paper: 10)."),

@@ -107,6 +107,19 @@ def parse_scp_record(obj: dict[str, Any], where: str) -> SCPRecord:
     return SCPRecord(data_type, questions, answers, docs, where)
 
 
+def read_synth_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a synthesized split (``clara synthesize``'s train.jsonl / dev.jsonl), checked as stage-1 rows
+    (``parse_scp_record``: the authors' spellings are read, a wrong type names its ``file:line``) plus a
+    ``doc_id``; ``question`` and ``answers`` come back as lists of strings whatever spelling the file used."""
+    out = []
+    for where, obj in read_jsonl(path):
+        rec = parse_scp_record(obj, where)
+        if not isinstance(obj.get("doc_id"), str) or not obj["doc_id"]:
+            raise RecordError(f"{where}: field 'doc_id' must be a non-empty string (the passage it is about)")
+        out.append({**obj, "data_type": rec.data_type, "question": rec.questions, "answers": rec.answers})
+    return out
+
+
 def load_scp_records(path: str | Path) -> list[SCPRecord]:
     records = [parse_scp_record(obj, where) for where, obj in read_jsonl(path)]
     if not records:

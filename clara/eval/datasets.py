@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from clara.data.corpus import Document
-from clara.data.records import QARecord, load_qa_records, read_jsonl
+from clara.data.records import QARecord, load_qa_records, read_synth_rows
 
 
 def synth_qa(synth_dir: str | Path, split: str = "dev", kinds: Sequence[str] = ("simple", "complex")
@@ -18,8 +18,8 @@ def synth_qa(synth_dir: str | Path, split: str = "dev", kinds: Sequence[str] = (
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `clara synthesize` first")
     out = []
-    for where, row in read_jsonl(path):
-        if row.get("data_type") != "qa" or row.get("kind") not in kinds:
+    for row in read_synth_rows(path):
+        if row["data_type"] != "qa" or row.get("kind") not in kinds:
             continue
         for i, (q, a) in enumerate(zip(row["question"], row["answers"])):
             out.append(QARecord(f"{row['doc_id']}:{row['kind']}:{i}", q, [a], [row["doc_id"]]))

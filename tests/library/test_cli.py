@@ -35,15 +35,19 @@ def test_train_scp_then_e2e_write_checkpoints(fixtures, tmp_path):
     assert res.exit_code == 0 and "memory tokens: 1 x 64" in res.output
 
 
-def test_bad_input_exits_with_a_located_message(tmp_path):
+def test_bad_input_exits_with_a_located_message(fixtures, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"data_type": "qa", "question": ["q"], "answers": ["a"], "docs": ["d"]}\n{oops\n')
     res = runner.invoke(app, ["train", "scp", "--data", str(bad), "--out", str(tmp_path / "o"), "--preset", "tiny"])
     assert res.exit_code == 2
     assert "bad.jsonl:2: malformed JSON" in res.output
-    res = runner.invoke(app, ["train", "scp", "--data", str(bad), "--out", str(tmp_path / "o"), "--preset", "tiny",
-                              "--rate", "8"])
-    assert res.exit_code == 2
+    res = runner.invoke(app, ["train", "scp", "--data", str(fixtures / "scp.jsonl"), "--out", str(tmp_path / "o"),
+                              "--preset", "tiny", "--rate", "8"])
+    assert res.exit_code == 2 and "compression_rate" in res.output, res.output
+    # a count of nothing is a mistake, not "everything" (typer refuses it before anything is read)
+    res = runner.invoke(app, ["data", "mix", "--corpus", str(fixtures / "corpus.jsonl"), "--out", str(tmp_path / "m"),
+                              "--limit", "0"])
+    assert res.exit_code == 2 and "--limit" in res.output and not (tmp_path / "m").exists()
 
 
 def test_scp_can_continue_from_a_checkpoint(fixtures, tmp_path):

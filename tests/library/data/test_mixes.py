@@ -88,6 +88,51 @@ def test_training_mixes_leave_out_the_dev_set(tmp_path):
     asked = [json.loads(line)["question"][0] for line in (tmp_path / "mix" / "instruct.jsonl").open()]
     assert sorted(asked) == [f"What is in article {i}?" for i in (0, 1, 3, 5)]
     assert res["scp_rows"] == 8 + 4  # every passage still reconstructs itself
+    # a rerun into the same folder that makes no stage-2 rows leaves no stage-2 file of the earlier mix behind
+    again = training_mixes(corpus, tmp_path / "mix")
+    assert again["instruct"] is None and not (tmp_path / "mix" / "instruct.jsonl").exists()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"data_type": "qa", "kind": "simple", "question": ["Q?"], "answer": "A", "docs": ["d"]}, "'doc_id'"),
+    ({"data_type": "qa", "kind": "simple", "question": ["Q?"], "answers": [3], "docs": ["d"], "doc_id": "a0"},
+     "'answers' must be a list of strings"),
+    ({"data_type": "qa", "kind": "simple", "question": ["Q?"], "docs": ["d"], "doc_id": "a0"}, "'answers'"),
+])
+def test_a_bad_synthesized_row_is_named_by_file_and_line(tmp_path, row, message):
+    """Synthesized rows are read as checked records: a bad one is an error at its line, not a KeyError (or a
+    string answer split into characters) deep inside the mix or the evaluation."""
+    import json
+
+    from clara.data.records import RecordError
+    from clara.eval.datasets import synth_qa
+    from clara.stages import training_mixes
+
+    docs = _corpus()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs))
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    good = {"data_type": "qa", "kind": "simple", "question": ["Q?"], "answers": ["A"], "docs": ["d"], "doc_id": "a0"}
+    for split in ("train", "dev"):
+        (synth / f"{split}.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(RecordError, match=f"train.jsonl:2: .*{message}"):
+        training_mixes(corpus, tmp_path / "mix", synth, k=2)
+    assert not (tmp_path / "mix").exists()
+    with pytest.raises(RecordError, match=f"dev.jsonl:2: .*{message}"):
+        synth_qa(synth, "dev")
+
+
+def test_synthesized_rows_in_the_authors_spelling_are_read_whole(tmp_path):
+    import json
+
+    from clara.data.records import read_synth_rows
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"data_type": "qa", "question": "Where?", "answer": "Paris", "docs": ["d"],
+                                "doc_id": "a0"}) + "\n", encoding="utf-8")
+    (row,) = read_synth_rows(path)
+    assert row["question"] == ["Where?"] and row["answers"] == ["Paris"]  # not ['W', 'h', ...]
 
 
 def test_heldout_is_per_article_and_stable():
