@@ -33,7 +33,8 @@ StepsOpt = typer.Option(None, help="Optimizer steps (0: whole epochs).")
 LrOpt = typer.Option(None, help="Peak learning rate.")
 EveryOpt = typer.Option(None, help="Steps between resumable checkpoints.")
 SeedOpt = typer.Option(None, help="Data order / dropout seed.")
-ResumeOpt = typer.Option(True, help="Continue from the latest checkpoint in --out.")
+ResumeOpt = typer.Option(True, help="Continue from the latest checkpoint in --out (--no-resume: start over; refused "
+                                           "where --out holds step checkpoints).")
 DbOpt = typer.Option(None, help="Database URL (default: $CLARA_DATABASE_URL, else the embedded server).")
 
 

@@ -108,7 +108,7 @@ def export_release(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.
         for name in ADAPTERS:
             folder = tmp / "adapters" / name
             folder.mkdir(parents=True)
-            state = load_file(src / "adapters" / name / "adapter_model.safetensors")
+            state = read_safetensors(src / "adapters" / name / "adapter_model.safetensors")
             save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors")
             shutil.copy2(src / "adapters" / name / "adapter_config.json", folder / "adapter_config.json")
         shutil.copy2(src / "special_embeddings.safetensors", tmp / "special_embeddings.safetensors")

@@ -11,14 +11,15 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from clara.config import OptimSettings, TrainConfig
-from clara.model.checkpoint import load_adapter_weights, read_checkpoint_config, save_checkpoint
+from clara.model.checkpoint import load_adapter_weights, read_checkpoint_config, read_safetensors, save_checkpoint
 from clara.model.clara_model import ClaraModel
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -127,12 +128,21 @@ def save_train_state(folder: Path, optimizer, scheduler, step: int, extra: dict[
     (folder / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
+def read_train_meta(folder: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a train-state folder; unreadable JSON is a ValueError naming the file."""
+    file = folder / "trainer_state.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not valid JSON (truncated or corrupt): {exc}") from None
+
+
 def load_train_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
-    meta = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    tensors = load_file(folder / "optimizer.safetensors")
+    meta = read_train_meta(folder)
+    tensors = read_safetensors(folder / "optimizer.safetensors")
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
-    rng = load_file(folder / "rng.safetensors")
+    rng = read_safetensors(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available() and len(rng["torch_cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(list(rng["torch_cuda"]))
@@ -178,14 +188,39 @@ class Checkpointer:
             shutil.rmtree(self.root / f"step-{old:06d}", ignore_errors=True)
         return final
 
-    def restore(self, model: ClaraModel, optimizer, scheduler) -> int:
-        """Load the latest checkpoint into model/optimizer/scheduler/RNG; return its step (0 if none)."""
-        latest = self.latest()
-        if latest is None:
-            return 0
-        load_adapter_weights(model, latest / "model")
-        meta = load_train_state(latest / "train_state", optimizer, scheduler)
-        return int(meta["step"])
+    def restore(self, model: ClaraModel, optimizer, scheduler, *, stage: str, resume: bool = True) -> int:
+        """The step a run of ``stage`` starts from: 0 where there are no step checkpoints; else the latest readable
+        one is loaded into model/optimizer/scheduler/RNG and its step returned. One that cannot be read (cut off
+        when a disk filled) is skipped for the one before it, with a warning.
+
+        Refused, with the reason: checkpoints of another stage (the folder is another run's), and ``resume=False``
+        where checkpoints exist: two runs' steps in one folder would let retention delete the new run's and a
+        later resume continue the old one."""
+        steps = self.steps()
+        if steps and not resume:
+            raise ValueError(f"{self.root} holds step checkpoints of an earlier run (last: step {steps[-1]}); "
+                             f"without resuming they would mix with this run's: use another output folder, or "
+                             f"remove that one to start over")
+        for step in reversed(steps):
+            folder = self.root / f"step-{step:06d}"
+            try:
+                saved = read_train_meta(folder / "train_state").get("extra", {}).get("stage", stage)
+            except (ValueError, OSError) as exc:
+                warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
+                continue
+            if saved != stage:
+                raise ValueError(f"{folder} is a step checkpoint of stage {saved!r}, not {stage!r}: this output "
+                                 f"folder holds another run; use another one")
+            try:
+                load_adapter_weights(model, folder / "model")
+                load_train_state(folder / "train_state", optimizer, scheduler)
+            except (ValueError, OSError, KeyError) as exc:
+                warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
+                continue
+            return step
+        if steps:
+            raise ValueError(f"no readable step checkpoint under {self.root}: remove it to start over")
+        return 0
 
 
 class MetricsLog:
@@ -199,9 +234,10 @@ class MetricsLog:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.callback = callback
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if _step_of(ln) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")  # a kill mid-rewrite keeps the old file whole
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +245,14 @@ class MetricsLog:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.callback is not None:
             self.callback(step, metrics)
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line cut off by a kill or a full disk is not a step (+inf: dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def run_finished(final: Path, stage: str, steps: int) -> bool:

@@ -208,7 +208,7 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     model.set_trainable(["query_reasoner", "generator"], special=False)
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
-    start = ckpt.restore(model, optimizer, scheduler) if resume else 0
+    start = ckpt.restore(model, optimizer, scheduler, stage="e2e", resume=resume)
     dist = setup()  # several processes under torchrun: each takes a slice of every batch
     log = MetricsLog(out_dir, callback, start) if dist.main else None
     extra = {"stage": "e2e", "total_steps": steps, "config": to_dict(cfg)}

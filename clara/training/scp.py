@@ -222,7 +222,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
     _select_trainable(model, stage, cfg)
     optimizer, scheduler = build_optimization(_param_groups(model, cfg), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
-    start = ckpt.restore(model, optimizer, scheduler) if resume else 0
+    start = ckpt.restore(model, optimizer, scheduler, stage=stage, resume=resume)
     dist = setup()  # several processes under torchrun: each takes a slice of every batch
     log = MetricsLog(out_dir, callback, start) if dist.main else None
     extra = {"stage": stage, "total_steps": steps, "config": to_dict(cfg)}

@@ -1,4 +1,5 @@
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from clara.config import E2EConfig, OptimSettings, SCPConfig, TrainConfig, prese
 from clara.data.corpus import read_corpus
 from clara.data.records import QARecord, SCPRecord, load_qa_records, load_scp_records
 from clara.model import ClaraModel
-from clara.model.checkpoint import load_checkpoint
+from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
 from clara.model.prompts import PARAPHRASE_USER, QA_SYSTEM
 from clara.training.common import (
     Checkpointer,
@@ -225,6 +226,30 @@ def test_checkpointer_keeps_the_last_n(fixtures, tmp_path):
     cfg = tiny_scp_cfg(max_steps=6, checkpoint_every=1, keep_checkpoints=2)
     train_scp(ClaraModel.build(cfg.model), records, cfg, tmp_path / "r", progress=False)
     assert Checkpointer(tmp_path / "r").steps() == [5, 6]
+
+
+def test_resume_refuses_another_run_and_survives_a_damaged_latest_checkpoint(fixtures, tmp_path):
+    """A folder is one run: not resuming into step checkpoints, or resuming another stage's, is refused (retention
+    would delete the new run's steps and a later resume continue the old one). A latest checkpoint cut off by a
+    full disk is skipped for the one before it, and a cut-off metrics line is dropped, not a crash."""
+    records = load_scp_records(fixtures / "scp.jsonl")[:2]
+    cfg = tiny_scp_cfg(max_steps=3, checkpoint_every=1, keep_checkpoints=2)
+    run = tmp_path / "r"
+    train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False)
+    shutil.rmtree(run / "model")  # as if killed after its last step checkpoint
+    with pytest.raises(ValueError, match="holds step checkpoints of an earlier run"):
+        train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False, resume=False)
+    with pytest.raises(ValueError, match="step checkpoint of stage 'scp', not 'instruct'"):
+        train_scp(ClaraModel.build(cfg.model), records, cfg, run, stage="instruct", progress=False)
+    assert Checkpointer(run).steps() == [2, 3] and not (run / "model").exists()  # nothing lost by refusing
+
+    (run / "checkpoints" / "step-000003" / "train_state" / "optimizer.safetensors").write_bytes(b"\0" * 10)
+    with (run / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write('{"step": 4, "lo')  # a line cut off mid-write
+    with pytest.warns(UserWarning, match="step-000003 is unreadable"):
+        train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False)
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert read_checkpoint_config(run / "model")["extra"]["completed"]
 
 
 def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
