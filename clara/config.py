@@ -100,8 +100,7 @@ class ModelConfig:
     """Layers of the ``tiny`` base (ignored for other bases)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = from_dict(LoraSettings, self.lora)
+        self.lora = nested(self, "lora", LoraSettings)
         self.lora.target_modules = tuple(self.lora.target_modules)
         if self.compression_rate not in COMPRESSION_RATES:
             raise ValueError(
@@ -184,8 +183,7 @@ class TrainConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
 
     def __post_init__(self) -> None:
-        if isinstance(self.optim, dict):
-            self.optim = from_dict(OptimSettings, self.optim)
+        self.optim = nested(self, "optim", OptimSettings)
         self.optim.betas = tuple(self.optim.betas)  # type: ignore[assignment]
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
@@ -228,10 +226,8 @@ class SCPConfig:
     generator, which already reads memory tokens: on a CPU budget that head start is worth more."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = from_dict(ModelConfig, self.model)
-        if isinstance(self.train, dict):
-            self.train = from_dict(TrainConfig, self.train)
+        self.model = nested(self, "model", ModelConfig)
+        self.train = nested(self, "train", TrainConfig)
         if not 0.0 <= self.target_dropout < 1.0:
             raise ValueError(f"target_dropout must be in [0, 1), got {self.target_dropout}")
         if self.align not in ("mean", "chunks"):
@@ -288,6 +284,7 @@ class E2EConfig:
             if isinstance(optim, dict):  # the E2E learning rate differs from TrainConfig's SCP default
                 train["optim"] = {"lr": E2E_LR, **optim}
             self.train = from_dict(TrainConfig, train)
+        self.train = nested(self, "train", TrainConfig)
         if not 1 <= self.top_k <= self.n_candidates:
             raise ValueError(f"need 1 <= top_k ({self.top_k}) <= n_candidates ({self.n_candidates})")
         if self.tau <= 0:
@@ -343,6 +340,18 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**data)
 
 
+def nested(owner: Any, name: str, cls: type[T]) -> T:
+    """Field ``name`` of ``owner`` as a ``cls``: built from a table (a config file's), kept if it is one already;
+    anything else (a config file's ``"lora": 5``) is a ValueError naming the field, not an AttributeError later."""
+    value = getattr(owner, name)
+    if isinstance(value, dict):
+        return from_dict(cls, value)
+    if not isinstance(value, cls):
+        raise ValueError(f"{type(owner).__name__}.{name} must be a table/object of {cls.__name__} fields, "
+                         f"got {value!r}")
+    return value
+
+
 def _is_a(value: Any, want: type) -> bool:
     if want is float:  # an int is a fine float; a bool is neither
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -353,9 +362,18 @@ def _is_a(value: Any, want: type) -> bool:
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``over`` on top, nested tables merged key by key (a config file, then command-line options)."""
+    for table in (base, over):
+        if not isinstance(table, dict):  # e.g. a config file's `"train": 5`
+            raise ValueError(f"expected a table/object of settings, got {table!r}")
     out = dict(base)
     for k, v in over.items():
-        out[k] = merged(out.get(k) or {}, v) if isinstance(v, dict) else v
+        if isinstance(v, dict):
+            below = out.get(k) or {}
+            if not isinstance(below, dict):  # a config file's `"model": 5` under an option's {"model": {...}}
+                raise ValueError(f"{k!r} must be a table/object, got {below!r}")
+            out[k] = merged(below, v)
+        else:
+            out[k] = v
     return out
 
 

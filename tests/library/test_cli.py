@@ -44,6 +44,14 @@ def test_bad_input_exits_with_a_located_message(fixtures, tmp_path):
     res = runner.invoke(app, ["train", "scp", "--data", str(fixtures / "scp.jsonl"), "--out", str(tmp_path / "o"),
                               "--preset", "tiny", "--rate", "8"])
     assert res.exit_code == 2 and "compression_rate" in res.output, res.output
+    # a config whose tables are not tables: the field named, no traceback
+    for bad_cfg, field in (({"train": 5}, "got 5"), ({"train": {"optim": 5}}, "TrainConfig.optim"),
+                           ({"model": {"lora": 5}}, "ModelConfig.lora"), ({"model": 5}, "got 5")):
+        cfg_file = tmp_path / "bad-config.json"
+        cfg_file.write_text(json.dumps(bad_cfg))
+        res = runner.invoke(app, ["train", "scp", "--data", str(fixtures / "scp.jsonl"), "--out", str(tmp_path / "o"),
+                                  "--preset", "tiny", "--config", str(cfg_file), "--max-steps", "1"])
+        assert res.exit_code == 2 and field in res.output, (bad_cfg, res.output)  # an uncaught error exits 1
     # a count of nothing is a mistake, not "everything" (typer refuses it before anything is read)
     res = runner.invoke(app, ["data", "mix", "--corpus", str(fixtures / "corpus.jsonl"), "--out", str(tmp_path / "m"),
                               "--limit", "0"])
