@@ -143,9 +143,12 @@ def data_snapshot(
 def data_version_cmd(repo: Path = typer.Option(Path("."), help="The git + DVC repository."),
                      target: str = typer.Option("data", help="The tracked folder.")) -> None:
     """Print the current data version (the md5 recorded in data.dvc)."""
-    from clara.data.versioning import data_version
+    from clara.data.versioning import DataVersionError, data_version
 
-    version = data_version(repo, target)
+    try:
+        version = data_version(repo, target)
+    except DataVersionError as exc:
+        _fail(exc)
     if version is None:
         _fail(FileNotFoundError(f"{repo / (target + '.dvc')} not found: run `clara data snapshot` first"))
     typer.echo(version)

@@ -71,10 +71,13 @@ def data_version(repo: str | Path, target: str = "data") -> str | None:
     dvc_file = Path(repo) / f"{target}.dvc"
     if not dvc_file.is_file():
         return None
-    meta = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))
-    outs = meta.get("outs") or []
-    if not outs or "md5" not in outs[0]:
-        raise DataVersionError(f"{dvc_file} has no md5 for its output")
+    try:
+        meta = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise DataVersionError(f"{dvc_file}: not valid YAML: {exc}") from None
+    outs = meta.get("outs") if isinstance(meta, dict) else None
+    if not isinstance(outs, list) or not outs or not isinstance(outs[0], dict) or "md5" not in outs[0]:
+        raise DataVersionError(f"{dvc_file} has no md5 for its output (a DVC file holds outs: [{{md5: …}}])")
     return str(outs[0]["md5"])
 
 

@@ -75,3 +75,10 @@ def test_scp_can_continue_from_a_checkpoint(fixtures, tmp_path):
                                   "--out", str(tmp_path / "d"), *clash])
         assert res.exit_code == 2 and f"cannot change {field}" in res.output, res.output
         assert not (tmp_path / "d").exists()
+
+
+def test_data_version_of_a_damaged_dvc_file_is_a_located_error(tmp_path):
+    for content in ("", "- a list\n", "outs: [\n", "outs:\n- path: data\n"):
+        (tmp_path / "data.dvc").write_text(content, encoding="utf-8")
+        res = runner.invoke(app, ["data", "version", "--repo", str(tmp_path)])
+        assert res.exit_code == 2 and "data.dvc" in res.output, (content, res.output)
