@@ -85,7 +85,42 @@ def setup(case: str, t: Path) -> list[str]:
         return ["evaluate", "--qa", str(qa), "--corpus", str(corpus), "--model", str(ck), "--out", str(t / "ev")]
     if case == "evaluate: --out is a file":
         return ["evaluate", "--qa", str(good), "--corpus", str(good), "--model", str(t), "--out", str(good)]
+    if case == "train scp: a --config table that is a number":
+        cfg = t / "c.json"
+        cfg.write_text(json.dumps({"train": 5}))
+        return ["train", "scp", "--data", str(_scp(t)), "--out", str(t / "o"), "--preset", "tiny", "--config", str(cfg)]
+    if case == "train scp: a --config lora that is a number":
+        cfg = t / "c.json"
+        cfg.write_text(json.dumps({"model": {"lora": 5}}))
+        return ["train", "scp", "--data", str(_scp(t)), "--out", str(t / "o"), "--preset", "tiny", "--config", str(cfg)]
+    if case == "train scp: --init with a clashing --length-mode":
+        return ["train", "scp", "--data", str(_scp(t)), "--out", str(t / "o"), "--init", str(_tiny_checkpoint(t)),
+                "--length-mode", "proportional"]
+    if case == "train scp: --no-resume into an earlier run's checkpoints":
+        args = ["train", "scp", "--data", str(_scp(t)), "--out", str(t / "o"), "--preset", "tiny", "--max-steps", "1",
+                "--batch-size", "1", "--checkpoint-every", "1"]
+        from clara.cli import app
+        from typer.testing import CliRunner
+
+        assert CliRunner().invoke(app, args).exit_code == 0
+        return args + ["--no-resume"]
+    if case == "data mix: a synthesized row without answers":
+        (t / "synth").mkdir()
+        _jsonl(t / "synth" / "train.jsonl", [{"data_type": "qa", "question": ["Q?"], "docs": ["d"], "doc_id": "a"}])
+        return ["data", "mix", "--corpus", str(good), "--synth", str(t / "synth"), "--out", str(t / "mix")]
+    if case == "data mix: --limit 0":
+        return ["data", "mix", "--corpus", str(good), "--out", str(t / "mix"), "--limit", "0"]
+    if case == "data version: data.dvc not YAML":
+        (t / "data.dvc").write_text("outs: [\n")
+        return ["data", "version", "--repo", str(t)]
+    if case == "ask: --k 0":
+        return ["ask", "--k", "0", "What?"]
     raise KeyError(case)
+
+
+def _scp(t: Path) -> Path:
+    return _jsonl(t / "scp.jsonl", [{"data_type": "qa", "question": ["What is first?"], "answers": ["Alpha"],
+                                     "docs": ["Alpha is first."]}])
 
 
 # case -> (exit code, what the one line says)
@@ -104,6 +139,14 @@ CASES = {
     "import ml-clara: truncated adapters.pth": (2, "adapters.pth: unreadable (truncated or not a torch file)"),
     "evaluate: gold_doc_ids is a string": (2, "qa.jsonl:1: field 'gold_doc_ids' must be a list of document ids"),
     "evaluate: --out is a file": (2, "exists and is not a directory"),
+    "train scp: a --config table that is a number": (2, "expected a table/object of settings, got 5"),
+    "train scp: a --config lora that is a number": (2, "ModelConfig.lora must be a table/object of LoraSettings fields"),
+    "train scp: --init with a clashing --length-mode": (2, "a run continuing it cannot change length_mode"),
+    "train scp: --no-resume into an earlier run's checkpoints": (2, "holds step checkpoints of an earlier run"),
+    "data mix: a synthesized row without answers": (2, "train.jsonl:1: field 'answers' must be a list of strings"),
+    "data mix: --limit 0": (2, "Invalid value for '--limit': Input should be greater than or equal to 1"),
+    "data version: data.dvc not YAML": (2, "data.dvc: not valid YAML"),
+    "ask: --k 0": (2, "Invalid value for '--k': Input should be greater than or equal to 1"),
 }
 
 

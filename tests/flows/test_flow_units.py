@@ -347,13 +347,3 @@ def test_registration_with_the_tracking_server_gone_is_named_as_its_outage(monke
     message = tracking.outage(err.value)
     assert message and dead in message and "python -m clara_infra.services up" in message
     assert logged == []  # the key search failed first: no model was logged for a version that cannot be made
-
-
-def test_ask_refuses_k_below_one_before_loading_anything():
-    """``--k 0`` is a mistake, not "the model's default": refused by the option itself, no model loaded."""
-    from typer.testing import CliRunner
-
-    from clara_flows.cli import build_app, context
-
-    res = CliRunner().invoke(build_app(), ["ask", "--k", "0", "What is an urban area?"], obj=context())
-    assert res.exit_code == 2 and "--k" in res.output
