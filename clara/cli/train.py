@@ -74,15 +74,15 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
         raw = _read_config(config)
         model_over = {k: v for k, v in dict(compression_rate=rate, length_mode=length_mode,
                                             device=device).items() if v is not None}
+        over = merged(raw.get("model", {}), model_over)
         if init is not None:
             model = load_checkpoint(init, device=device)
-            over = merged(raw.get("model", {}), model_over)  # --rate and --length-mode must match the checkpoint
             if preset not in (None, ModelConfig.base):  # given (the default cannot be told from absent): its base
                 over["base"] = make_preset(preset).base
-            continue_with(model, init_model_config(model.cfg, over, init))
+            continue_with(model, init_model_config(model.cfg, over, init))  # --rate, --length-mode must match it
             model_cfg = to_dict(model.cfg)
         else:
-            model_cfg = to_dict(make_preset(preset, **merged(raw.get("model", {}), model_over)))
+            model_cfg = to_dict(make_preset(preset, **over))
         raw["model"] = model_cfg
         raw["train"] = merged(raw.get("train", {}), train_overrides(batch_size, grad_accum, max_steps, lr,
                                                                      checkpoint_every, seed))

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from clara.config import OptimSettings, TrainConfig
+from clara.data.corpus import atomic_write_lines
 from clara.model.checkpoint import load_adapter_weights, read_checkpoint_config, read_safetensors, save_checkpoint
 from clara.model.clara_model import ClaraModel
 
@@ -205,18 +206,15 @@ class Checkpointer:
             folder = self.root / f"step-{step:06d}"
             try:
                 saved = read_train_meta(folder / "train_state").get("extra", {}).get("stage", stage)
-            except (ValueError, OSError) as exc:
+                if saved == stage:  # another stage's is refused below, never loaded
+                    load_adapter_weights(model, folder / "model")
+                    load_train_state(folder / "train_state", optimizer, scheduler)
+            except (ValueError, OSError, KeyError) as exc:
                 warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
                 continue
             if saved != stage:
                 raise ValueError(f"{folder} is a step checkpoint of stage {saved!r}, not {stage!r}: this output "
                                  f"folder holds another run; use another one")
-            try:
-                load_adapter_weights(model, folder / "model")
-                load_train_state(folder / "train_state", optimizer, scheduler)
-            except (ValueError, OSError, KeyError) as exc:
-                warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
-                continue
             return step
         if steps:
             raise ValueError(f"no readable step checkpoint under {self.root}: remove it to start over")
@@ -235,9 +233,7 @@ class MetricsLog:
         self.callback = callback
         if self.path.exists():
             kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if _step_of(ln) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")  # a kill mid-rewrite keeps the old file whole
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_lines(self.path, kept)  # a kill mid-rewrite keeps the old file whole
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
