@@ -387,11 +387,21 @@ def init_model_config(loaded: ModelConfig, over: dict[str, Any], source: Any = "
     ``model`` table) on top. Settings that shape the weights must match (``FIXED_BY_CHECKPOINT``); how memory
     slots are laid out, precision and device may change (a chain can move to ``memory_slots = "interleaved"``)."""
     current = to_dict(loaded)
-    clash = sorted(k for k in over if k in FIXED_BY_CHECKPOINT and to_dict_value(over[k]) != current.get(k))
-    if clash:
-        raise ValueError(f"{source} was trained with {', '.join(f'{k}={current.get(k)!r}' for k in clash)}; "
-                         f"a run continuing it cannot change {', '.join(clash)}")
+    refuse_changes(current, {k: v for k, v in over.items() if k in FIXED_BY_CHECKPOINT}, source, "a run continuing it")
     return from_dict(ModelConfig, merged(current, over))  # unknown keys and bad values fail here, before training
+
+
+def refuse_changes(trained: dict[str, Any], asked: dict[str, Any], source: Any, user: str) -> None:
+    """Refuse ``asked`` settings that differ from what ``source`` was ``trained`` with: the one check behind
+    ``--init``, ``init_from`` and ``--rate`` against a checkpoint, said before any work is done.
+
+    Raises:
+        ValueError: naming each clashing setting, its trained value and ``user`` (who cannot change it).
+    """
+    clash = sorted(k for k, v in asked.items() if to_dict_value(v) != trained.get(k))
+    if clash:
+        raise ValueError(f"{source} was trained with {', '.join(f'{k}={trained.get(k)!r}' for k in clash)}; "
+                         f"{user} cannot change {', '.join(clash)}")
 
 
 def to_dict_value(v: Any) -> Any:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from clara.config import ModelConfig, OptimSettings, SCPConfig, TrainConfig, from_dict, preset
+from clara.config import ModelConfig, OptimSettings, SCPConfig, TrainConfig, from_dict, preset, refuse_changes
 from clara.data.corpus import read_corpus
 
 
@@ -39,13 +39,9 @@ def scp_start(init_from: str | Path | None, preset_name: str, compression_rate: 
     if start["base"] != preset_name and start["base"] != preset(preset_name).base:
         raise ValueError(f"init_from {init_from} is a {start['base']!r} checkpoint, not {preset_name!r}: pass "
                          f"init_from=none (and scp_steps) to train {preset_name!r} from scratch")
-    if start["compression_rate"] != compression_rate:
-        raise ValueError(f"init_from {init_from} was trained at rate {start['compression_rate']}, "
-                         f"not {compression_rate}")
-    readout = start.get("memory_readout", ModelConfig.memory_readout)  # older checkpoints: the default
-    if readout != memory_readout:
-        raise ValueError(f"init_from {init_from} reads its memory as {readout!r}, not {memory_readout!r}: "
-                         f"set model.memory_readout to match")
+    readout = {"memory_readout": ModelConfig.memory_readout}  # older checkpoints do not record it: the default
+    refuse_changes({**readout, **start}, {"compression_rate": compression_rate, "memory_readout": memory_readout},
+                   f"init_from {init_from}", "a run continuing it")
     return start
 
 

@@ -133,7 +133,7 @@ def user_error(exc: BaseException) -> bool:
 def main() -> None:
     import sys
 
-    from clara.cli import quiet_libraries
+    from clara.cli import quiet_libraries, say_error
 
     quiet_libraries()
     try:
@@ -141,8 +141,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - sorted by user_error; the rest re-raised
         if not user_error(exc) or os.environ.get("CLARA_DEBUG"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {message} (CLARA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        say_error(exc)
         sys.exit(2)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from clara.atomic import publish
 from clara.eval.gate import GateRule, NotComparable, judge
 from clara_flows import PACKAGES, PROJECT, source_digest
 
@@ -385,7 +386,7 @@ def project_wheel(project: Path = PROJECT) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"building the project wheel from {project} failed:\n{proc.stderr[-2000:]}")
     try:
-        tmp.rename(out)  # a whole folder or none: a killed build leaves only a temporary folder
+        publish(tmp, out)  # a whole folder or none: a killed build leaves only a temporary folder
     except OSError:  # another process published the same wheel first
         shutil.rmtree(tmp, ignore_errors=True)
     return next(out.glob("clara-*.whl"))

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
+from clara.atomic import publish
+
 EXPERIMENT = "clara"
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow's limits: 6000 characters for a param value, 100 metrics / 100 params per batch request.
@@ -85,7 +87,7 @@ def download_model(uri: str) -> Path:
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
         (tmp / "path.txt").write_text(got.relative_to(tmp).as_posix(), encoding="utf-8")
         try:
-            os.replace(tmp, root)
+            publish(tmp, root)
         except OSError:  # another process finished the same download first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -74,8 +74,17 @@ def check_output(path: Path, kind: str) -> None:
         raise ValueError(f"--out {path}: {folder} is not writable")
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+def say_error(exc: BaseException) -> None:
+    """The one way a user's mistake is reported, by a command (``_fail``) or by ``clara``'s entry point for what a
+    command did not catch: ``error: <message>`` on stderr, with how to see the traceback. The caller exits 2."""
+    message = str(exc).strip() or type(exc).__name__
+    typer.secho(f"error: {message} (CLARA_DEBUG=1 shows the traceback)", fg=typer.colors.RED, err=True)
+
+
+def _fail(exc: Exception) -> NoReturn:
+    if os.environ.get("CLARA_DEBUG"):
+        raise exc
+    say_error(exc)
     raise typer.Exit(2)
 
 

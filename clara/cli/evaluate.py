@@ -118,6 +118,7 @@ def compress_cmd(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Compress a corpus offline and load it into a new index build (resumable; published when complete)."""
+    from clara.config import refuse_changes, to_dict
     from clara.data.corpus import IngestError
     from clara.model.checkpoint import load_checkpoint
     from clara.store.builds import StoreError
@@ -130,8 +131,8 @@ def compress_cmd(
         docs = ingest(corpus, "fail", "", None, model_cfg=m.cfg)[0]
         if limit is not None:
             docs = docs[:limit]
-        if rate is not None and rate != m.cfg.compression_rate:
-            raise ValueError(f"{model} was trained at rate {m.cfg.compression_rate}, not {rate}")
+        if rate is not None:
+            refuse_changes(to_dict(m.cfg), {"compression_rate": rate}, model, "an index of it")
         engine = connect(database_url)
         from clara.retrieval.dense import DenseEncoder
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
+from clara.atomic import publish
 from clara.data.records import RecordError, iter_jsonl
 
 OnError = Literal["fail", "skip"]
@@ -309,7 +310,7 @@ def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             for line in lines:
                 fh.write(line + "\n")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from clara.assets import package_dir
+from clara.atomic import publish
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def convert_smollm2(target: Path | None = None) -> Path:
             shutil.rmtree(tmp)
         else:
             shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ are chosen at load time.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from clara.atomic import publish
 from clara.config import ModelConfig, from_dict, to_dict
 from clara.model.clara_model import ADAPTERS, ClaraModel
 
@@ -65,19 +67,28 @@ def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] |
 @contextmanager
 def _written_atomically(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces ``path`` (an earlier folder there is
-    moved aside first, so readers see the old or the new one, never a half-written one); on failure it is removed."""
+    moved aside first, so readers see the old or the new one, never a half-written one); on failure it is removed.
+
+    A writer killed outright (SIGKILL, power loss) cannot clean up: the next write of ``path`` puts back the
+    earlier folder if the kill fell between the two renames, and removes the temporary folders left beside it.
+    One writer per path at a time (a checkpoint has one owner).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            publish(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from sqlalchemy import Engine
 
+from clara.atomic import publish
 from clara.data.corpus import Document
 from clara.store.builds import Build, BuildWriter, StoreError, ready_build
 from clara.store.db import reachable
@@ -138,7 +139,7 @@ def compress_shard(checkpoint: str | Path, docs: Sequence[Document], out_file: s
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + f".tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"ids": json.dumps([d.id for d in docs])})
-    os.replace(tmp, out_file)  # atomic: a file that exists is complete
+    publish(tmp, out_file)  # a file that exists is complete
     return {"file": str(out_file), "documents": len(docs), "reused": False}
 
 

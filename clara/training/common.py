@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from clara.atomic import publish
 from clara.config import OptimSettings, TrainConfig
 from clara.data.corpus import atomic_write_lines
 from clara.model.checkpoint import load_adapter_weights, read_checkpoint_config, read_safetensors, save_checkpoint
@@ -179,7 +180,7 @@ class Checkpointer:
             save_checkpoint(model, tmp / "model", extra=extra)
             save_train_state(tmp / "train_state", optimizer, scheduler, step, extra)
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -19,6 +19,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from clara.atomic import publish
 from clara.config import E2EConfig, to_dict
 from clara.data.records import QARecord
 from clara.model.checkpoint import load_adapter_weights
@@ -94,7 +95,7 @@ def first_stage_candidates(records: Sequence[QARecord], corpus: Mapping[str, str
         # one temporary file per process: under torchrun every rank computes the same list and writes it
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(out), encoding="utf-8")
-        tmp.replace(path)  # atomic: a file that exists is complete
+        publish(tmp, path)  # a file that exists is complete
     return out
 
 

@@ -85,6 +85,8 @@ def setup(case: str, t: Path) -> list[str]:
         return ["evaluate", "--qa", str(qa), "--corpus", str(corpus), "--model", str(ck), "--out", str(t / "ev")]
     if case == "evaluate: --out is a file":
         return ["evaluate", "--qa", str(good), "--corpus", str(good), "--model", str(t), "--out", str(good)]
+    if case == "compress: --rate other than the checkpoint's":
+        return ["compress", "--model", str(_tiny_checkpoint(t)), "--corpus", str(good), "--rate", "4"]
     if case == "train scp: a --config table that is a number":
         cfg = t / "c.json"
         cfg.write_text(json.dumps({"train": 5}))
@@ -139,6 +141,7 @@ CASES = {
     "import ml-clara: truncated adapters.pth": (2, "adapters.pth: unreadable (truncated or not a torch file)"),
     "evaluate: gold_doc_ids is a string": (2, "qa.jsonl:1: field 'gold_doc_ids' must be a list of document ids"),
     "evaluate: --out is a file": (2, "exists and is not a directory"),
+    "compress: --rate other than the checkpoint's": (2, "an index of it cannot change compression_rate"),
     "train scp: a --config table that is a number": (2, "expected a table/object of settings, got 5"),
     "train scp: a --config lora that is a number": (2, "ModelConfig.lora must be a table/object of LoraSettings fields"),
     "train scp: --init with a clashing --length-mode": (2, "a run continuing it cannot change length_mode"),
@@ -165,6 +168,17 @@ def test_a_user_mistake_is_one_line_and_exit_2(case, tmp_path, monkeypatch, caps
     assert "Traceback" not in err
     words = " ".join(re.sub(r"[│╭╮╰╯─]", " ", err).split())  # typer's usage errors come in a box
     assert says in words, err
+
+
+def test_clara_debug_raises_the_users_mistake_with_its_traceback(tmp_path, monkeypatch):
+    """Caught by a command (``_fail``) or by the entry point, the same mistake is raised as itself under CLARA_DEBUG."""
+    from clara.data.versioning import DataVersionError
+    from clara_flows.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["clara", *setup("data version: data.dvc not YAML", tmp_path)])
+    monkeypatch.setenv("CLARA_DEBUG", "1")
+    with pytest.raises(DataVersionError, match="not valid YAML"):
+        main()
 
 
 def test_a_programming_error_keeps_its_traceback():

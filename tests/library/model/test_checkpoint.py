@@ -43,10 +43,62 @@ def test_run_folder_resolves_to_its_model(tiny_model, tmp_path):
     assert read_checkpoint_config(tmp_path / "run")["model"]["base"] == "tiny"
 
 
-def test_overwrite_is_atomic_and_leaves_no_temp(tiny_model, tmp_path):
-    save_checkpoint(tiny_model, tmp_path / "c")
-    save_checkpoint(tiny_model, tmp_path / "c")
+def test_a_failed_overwrite_keeps_the_earlier_checkpoint_and_leaves_no_temp(tiny_model, docs, tmp_path, monkeypatch):
+    import clara.model.checkpoint as ck
+
+    path = save_checkpoint(tiny_model, tmp_path / "c")
+    before = tiny_model.compress(docs[:1])[0]
+    save_checkpoint(tiny_model, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+    def disk_full(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tiny_model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert torch.equal(load_checkpoint(path).compress(docs[:1])[0], before)
+
+
+def test_the_next_write_repairs_what_a_killed_writer_left(tiny_model, docs, tmp_path, monkeypatch):
+    """SIGKILL between moving the earlier checkpoint aside and renaming the new one in: the name is gone, the
+    earlier folder sits at .c.old and a temporary folder is left. The next write (here one that fails) puts the
+    earlier checkpoint back and sweeps the leftovers."""
+    import clara.model.checkpoint as ck
+
+    path = save_checkpoint(tiny_model, tmp_path / "c")
+    path.rename(tmp_path / ".c.old")
+    (tmp_path / ".c.k1ll3d.tmp" / "adapters").mkdir(parents=True)
+    monkeypatch.setattr(ck, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("No space left on device")))
+    with pytest.raises(OSError):
+        save_checkpoint(tiny_model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert torch.equal(load_checkpoint(path).compress(docs[:1])[0], tiny_model.compress(docs[:1])[0])
+
+
+def test_publish_flushes_the_data_before_the_name(tmp_path, monkeypatch):
+    """A rename reaches the disk before unflushed data can, so after a power loss the final name could hold an
+    empty file; publish flushes every file, then renames, then flushes the folder holding the name."""
+    import os
+
+    from clara import atomic
+
+    tmp = tmp_path / ".out.tmp"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "sub" / "a.bin").write_bytes(b"a")
+    (tmp / "b.json").write_text("{}")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                        real_fsync(fd)))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    atomic.publish(tmp, tmp_path / "out")
+    renamed = events.index(("replace", str(tmp_path / "out")))
+    flushed_before = {p for kind, p in events[:renamed] if kind == "fsync"}
+    assert flushed_before == {str(tmp), str(tmp / "sub"), str(tmp / "sub" / "a.bin"), str(tmp / "b.json")}
+    assert events[renamed + 1:] == [("fsync", str(tmp_path))]
+    assert (tmp_path / "out" / "sub" / "a.bin").read_bytes() == b"a"
 
 
 def test_bad_checkpoints_fail_clearly(tiny_model, tmp_path):
