@@ -10,9 +10,7 @@ from pathlib import Path
 
 
 def _fsync(path: Path) -> None:
-    if path.is_dir() and os.name == "nt":  # Windows cannot open a folder to flush it; its renames are journaled
-        return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)  # POSIX (as the project is): a file or a folder is flushed through any descriptor
     try:
         os.fsync(fd)
     finally:
@@ -24,12 +22,13 @@ def publish(tmp: str | Path, final: str | Path) -> Path:
     contents to disk, then flush the folder that holds the new name.
 
     Raises:
-        OSError: as ``os.replace`` does, e.g. when ``final`` is a non-empty folder (callers that race for the same
-            name rely on it).
+        OSError: from a flush, or as ``os.replace`` does, e.g. when ``final`` is a non-empty folder (callers that
+            race another process for the same name check whether the name now exists).
     """
     tmp, final = Path(tmp), Path(final)
     for p in sorted(tmp.rglob("*")) if tmp.is_dir() else ():
-        _fsync(p)
+        if not p.is_symlink():  # what a link points at is not part of this write
+            _fsync(p)
     _fsync(tmp)
     os.replace(tmp, final)
     _fsync(final.parent)

@@ -65,7 +65,8 @@ class Training(_Group):
     e2e_batch_size: Optional[int] = None
     e2e_lr: float = _E2E.train.optim.lr
     train_processes: int = 1
-    """> 1: SCP from scratch and E2E run under ``torchrun`` (stage 2, and SCP from ``init_from``, in one process)."""
+    """> 1: the three training stages run under ``torchrun``, one process per GPU (data parallel: each stage's
+    batch size is the global batch and must divide among the processes)."""
 
 
 class Evaluation(_Group):

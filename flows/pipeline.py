@@ -99,6 +99,10 @@ def check_parameters(p: dict[str, Any]) -> None:
         value = p.get(name)
         if value is not None and value < low:
             problems.append(f"{name}={value} (at least {low})")
+    for stage in ("scp", "instruct", "e2e"):  # under torchrun each process takes an equal slice of every batch
+        size, steps, n = p.get(f"{stage}_batch_size"), p.get(f"{stage}_steps"), p.get("train_processes") or 1
+        if n > 1 and steps and size and size % n:
+            problems.append(f"{stage}_batch_size={size} does not divide among train_processes={n}")
     if p["n_candidates"] < p["top_k"]:
         problems.append(f"n_candidates={p['n_candidates']} is below top_k={p['top_k']}")
     for name in ("scp_lr", "instruct_lr", "e2e_lr"):
@@ -182,7 +186,7 @@ def full_pipeline(
         inst = run.record("instruct", instruct_task(
             scp=scp, data=synthesized, steps=b["instruct_steps"], batch_size=b["instruct_batch_size"],
             lr=t.instruct_lr, device=model.device, ctx=ctx, freeze_compressor=t.instruct_freeze_compressor,
-            compressor_lr_scale=t.instruct_compressor_lr_scale))
+            compressor_lr_scale=t.instruct_compressor_lr_scale, processes=t.train_processes))
         e2e = run.record("train_e2e", e2e_task(
             init=inst, data=synthesized, steps=b["e2e_steps"], batch_size=b["e2e_batch_size"], lr=t.e2e_lr,
             top_k=ev.top_k, n_candidates=ev.n_candidates, device=model.device, processes=t.train_processes,
@@ -218,7 +222,7 @@ def _report(run: PipelineRun) -> dict[str, Any]:
     """Finish the parent run (tags, metrics, summary) and return what every stage returned."""
     s = run.stages
     result = {"flow_run": run.flow_run_name, "parent_run": run.run_id, "data": s["synthesize"],
-              "scp": s["pretrain_scp"], "e2e": s["train_e2e"], "build": s["compress_corpus"],
+              "scp": s["pretrain_scp"], "instruct": s["instruct"], "e2e": s["train_e2e"], "build": s["compress_corpus"],
               "evaluation": s["evaluate"], "promotion": s["promote"], "cached": run.cached,
               "runs": {k: None if r.get("skipped") else r.get("run_id") for k, r in s.items()}}
     summary = _summary(result, run.exp_id)

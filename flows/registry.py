@@ -388,6 +388,8 @@ def project_wheel(project: Path = PROJECT) -> Path:
     try:
         publish(tmp, out)  # a whole folder or none: a killed build leaves only a temporary folder
     except OSError:  # another process published the same wheel first
+        if not out.is_dir():
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
     return next(out.glob("clara-*.whl"))
 

@@ -89,6 +89,8 @@ def download_model(uri: str) -> Path:
         try:
             publish(tmp, root)
         except OSError:  # another process finished the same download first: use theirs
+            if not done.is_file():
+                raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -52,17 +52,9 @@ def scp_task(data: dict[str, Any], preset: str, compression_rate: int, memory_re
             work, train_file = work_dir("scp", key), Path(data["scp_file"])
             if init_from and steps == 0:  # a trained starting point, used as it is
                 final = resolve_checkpoint(init_from)
-            elif processes > 1 and not init_from:
-                work.mkdir(parents=True, exist_ok=True)
-                # the whole model config, so the processes build exactly the model this stage describes
-                (work / "train.json").write_text(json.dumps({"model": to_dict(cfg.model),
-                                                             "train": to_dict(cfg.train),
-                                                             "mse_weight": cfg.mse_weight,
-                                                             "target_dropout": cfg.target_dropout}))
-                args = ["train", "scp", "--data", str(train_file), "--out", str(work), "--preset", preset,
-                        "--rate", str(compression_rate), "--config", str(work / "train.json"),
-                        *(["--device", device] if device else [])]
-                final = torchrun(processes, args, work, st.c, st.run_id)
+            elif processes > 1:
+                init = resolve_checkpoint(init_from) if init_from else None
+                final = _train_under_torchrun(processes, "scp", cfg, train_file, work, st, init, device, preset)
             else:
                 model = load_checkpoint(init_from, device=device) if init_from else ClaraModel.build(cfg.model)
                 live = LiveMetrics(st.c, st.run_id)
@@ -77,10 +69,25 @@ def scp_task(data: dict[str, Any], preset: str, compression_rate: int, memory_re
                               "version": version})
 
 
+def _train_under_torchrun(processes: int, stage: str, cfg, train_file: Path, work: Path, st, init: Optional[Path],
+                          device: Optional[str], preset: Optional[str] = None) -> Path:
+    """Stage 1 or 2 as ``clara train scp|instruct`` under torchrun, one process per GPU. The stage's whole config
+    goes in a file, so the processes train exactly the model and recipe the stage recorded; from ``init`` the
+    model table only restates that checkpoint's (the command refuses a change to what shapes its weights)."""
+    from clara.config import to_dict
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "train.json").write_text(json.dumps(to_dict(cfg)))
+    start = ["--init", str(init)] if init else ["--preset", preset, "--rate", str(cfg.model.compression_rate)]
+    return torchrun(processes, ["train", stage, "--data", str(train_file), "--out", str(work), *start,
+                                "--config", str(work / "train.json"), *(["--device", device] if device else [])],
+                    work, st.c, st.run_id)
+
+
 @task(name="instruct", **RETRIED)
 def instruct_task(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int, lr: float,
                   device: Optional[str], ctx: dict[str, Any], freeze_compressor: bool,
-                  compressor_lr_scale: float = 1.0) -> dict[str, Any]:
+                  compressor_lr_scale: float = 1.0, processes: int = 1) -> dict[str, Any]:
     """Stage 2: each synthesized question over its gold passage and k-1 hard negatives, compressed; the
     generator continues from SCP (and the compressor too, at ``compressor_lr_scale`` of the rate, unless
     ``freeze_compressor``). No steps (or no questions): SCP's checkpoint passes through."""
@@ -90,27 +97,34 @@ def instruct_task(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_s
                   freeze_compressor=freeze_compressor)
     if compressor_lr_scale != 1.0:  # only then: the keys of runs from before the option stay what they were
         inputs["compressor_lr_scale"] = compressor_lr_scale
+    if processes > 1:  # the same; and like SCP's and E2E's keys, another launch is another run
+        inputs["processes"] = processes
     key = stage_key("instruct", inputs)
     with exclusive("instruct", key):  # a second run with these inputs waits, then reuses
         found = reuse(ctx["experiment"], "instruct", key, checkpoint_missing, ctx["refresh"])
         if found:
             return found
-        from clara.config import SCPConfig, to_dict
+        from clara.config import ModelConfig, SCPConfig, from_dict, to_dict
         from clara.data.records import load_scp_records
-        from clara.model.checkpoint import load_checkpoint
+        from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
         from clara.training.scp import train_scp
 
-        model = load_checkpoint(checkpoint_dir(scp), device=device)
-        cfg = SCPConfig(model=model.cfg, train=stages.stage_budget(steps, batch_size, lr),
+        start = checkpoint_dir(scp)  # its config read, not the model loaded: under torchrun the processes load it
+        model_cfg = {**read_checkpoint_config(start)["model"], **({"device": device} if device else {})}
+        cfg = SCPConfig(model=from_dict(ModelConfig, model_cfg), train=stages.stage_budget(steps, batch_size, lr),
                         freeze_compressor=freeze_compressor, compressor_lr_scale=compressor_lr_scale)
         with stage_run("instruct", ctx,
                        {"data_version": data["data_version"], "init": scp["model_uri"], **to_dict(cfg)},
                        key, data, reads=(("instruct_file", "training"),)) as st:
             tracking.set_tags(st.c, st.run_id, {"data_version": data["data_version"], "init": scp["model_uri"]})
-            work, live = work_dir("instruct", key), LiveMetrics(st.c, st.run_id)
-            final = train_scp(model, load_scp_records(data["instruct_file"]), cfg, work, stage="instruct",
-                              callback=live, progress=False)
-            live.replay_if_silent(work)
+            work, train_file = work_dir("instruct", key), Path(data["instruct_file"])
+            if processes > 1:
+                final = _train_under_torchrun(processes, "instruct", cfg, train_file, work, st, start, device)
+            else:
+                model, live = load_checkpoint(start, device=device), LiveMetrics(st.c, st.run_id)
+                final = train_scp(model, load_scp_records(train_file), cfg, work, stage="instruct", callback=live,
+                                  progress=False)
+                live.replay_if_silent(work)
             st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
             return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint"})
 

@@ -77,7 +77,7 @@ def check_output(path: Path, kind: str) -> None:
 def say_error(exc: BaseException) -> None:
     """The one way a user's mistake is reported, by a command (``_fail``) or by ``clara``'s entry point for what a
     command did not catch: ``error: <message>`` on stderr, with how to see the traceback. The caller exits 2."""
-    message = str(exc).strip() or type(exc).__name__
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
     typer.secho(f"error: {message} (CLARA_DEBUG=1 shows the traceback)", fg=typer.colors.RED, err=True)
 
 

@@ -66,9 +66,11 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
     from clara.model.special import continue_with
+    from clara.training.distributed import setup
     from clara.training.scp import train_scp
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup()  # under torchrun: pin this process to its own GPU before a model is built ("cuda" is the current one)
     try:
         records = load_scp_records(data)
         raw = _read_config(config)
@@ -125,9 +127,11 @@ def train_e2e_cmd(
     from clara.data.corpus import read_corpus
     from clara.data.records import RecordError, load_qa_records
     from clara.model.checkpoint import load_checkpoint
+    from clara.training.distributed import setup
     from clara.training.e2e import train_e2e
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup()  # as in _train_compressor: each process on its own GPU before the model is loaded
     try:
         records = load_qa_records(data)
         docs = {d.id: d.full_text for d in read_corpus(corpus)}

@@ -151,7 +151,12 @@ def convert_smollm2(target: Path | None = None) -> Path:
             shutil.rmtree(tmp)
         else:
             shutil.rmtree(target, ignore_errors=True)
-            publish(tmp, target)
+            try:
+                publish(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process published it while this one flushed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -75,9 +75,9 @@ def _written_atomically(path: Path) -> Iterator[Path]:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
-    if old.is_dir() and not path.exists():
+    if (old / CONFIG_FILE).is_file() and not path.exists():  # moved aside by a writer killed between its renames
         os.replace(old, path)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):  # mkdtemp's 8 random characters
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -166,12 +166,13 @@ def test_a_user_mistake_is_one_line_and_exit_2(case, tmp_path, monkeypatch, caps
     code, says = CASES[case]
     assert exit_info.value.code == code, err
     assert "Traceback" not in err
+    assert code != 2 or err.strip().count("\n") == 0 or "│" in err, err  # one line (typer's usage errors: a box)
     words = " ".join(re.sub(r"[│╭╮╰╯─]", " ", err).split())  # typer's usage errors come in a box
     assert says in words, err
 
 
 def test_clara_debug_raises_the_users_mistake_with_its_traceback(tmp_path, monkeypatch):
-    """Caught by a command (``_fail``) or by the entry point, the same mistake is raised as itself under CLARA_DEBUG."""
+    """Caught by a command (``_fail``), the mistake is raised as itself under CLARA_DEBUG."""
     from clara.data.versioning import DataVersionError
     from clara_flows.cli import main
 
@@ -179,6 +180,26 @@ def test_clara_debug_raises_the_users_mistake_with_its_traceback(tmp_path, monke
     monkeypatch.setenv("CLARA_DEBUG", "1")
     with pytest.raises(DataVersionError, match="not valid YAML"):
         main()
+
+
+def test_a_mistake_no_command_caught_is_reported_the_same_way(monkeypatch, capsys):
+    """What reaches the entry point (a registry's refusal, a file error deep in a library call) is said as
+    ``_fail`` says it: one line, the message's lines joined, exit 2; CLARA_DEBUG raises it instead."""
+    import clara_flows.cli as cli
+
+    def app(**kwargs):
+        raise ValueError("model 'x' has no version 9\n  (the registry has 1-3)")
+
+    monkeypatch.setattr(cli, "build_app", lambda: app)
+    monkeypatch.delenv("CLARA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: model 'x' has no version 9 (the registry has 1-3) "
+                                       "(CLARA_DEBUG=1 shows the traceback)\n")
+    monkeypatch.setenv("CLARA_DEBUG", "1")
+    with pytest.raises(ValueError, match="no version 9"):
+        cli.main()
 
 
 def test_a_programming_error_keeps_its_traceback():

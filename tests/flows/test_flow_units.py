@@ -243,6 +243,11 @@ def test_pipeline_parameters_are_checked_before_any_stage():
     with pytest.raises(ValueError, match=r"instruct_compressor_lr_scale=0: compressor_lr_scale must be in \(0, 1\]"):
         check_parameters({**params, "instruct_compressor_lr_scale": 0, "instruct_freeze_compressor": False})
     check_parameters({**params, "instruct_compressor_lr_scale": 0.1, "instruct_freeze_compressor": False})
+    assert params["instruct_batch_size"] == 1 and params["instruct_steps"] > 0  # demo's
+    with pytest.raises(ValueError, match="instruct_batch_size=1 does not divide among train_processes=2"):
+        check_parameters({**params, "train_processes": 2})
+    check_parameters({**params, "train_processes": 2, "instruct_batch_size": 2})
+    check_parameters({**params, "train_processes": 2, "instruct_steps": 0})  # a stage that does not train
     with pytest.raises(ValueError, match="n_candidates=3 is below top_k=5"):
         check_parameters({**params, "n_candidates": 3, "top_k": 5})
     assert params["max_docs"] == 300 and check_parameters({**params, "max_docs": 0}) is None  # 0: whole corpus

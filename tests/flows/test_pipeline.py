@@ -396,17 +396,22 @@ def test_compression_shards_run_on_a_local_dask_cluster(first_run):
         np.testing.assert_allclose(decode_memory(a, n, hidden), decode_memory(b, n, hidden), atol=1e-2)
 
 
-def test_training_stages_run_under_torchrun(first_run, repo, monkeypatch):
-    """train_processes > 1: SCP and E2E run as `clara train …` under torchrun (2 CPU processes here, one per GPU
-    on a GPU host); their per-step metrics still reach the stage runs, and the rest of the pipeline follows."""
+@pytest.mark.parametrize("start", ["scratch", "checkpoint"])
+def test_training_stages_run_under_torchrun(first_run, repo, monkeypatch, start):
+    """train_processes > 1: SCP (from scratch, or continuing a checkpoint as the default runs do from the release),
+    stage 2 and E2E run as `clara train …` under torchrun (2 CPU processes here, one per GPU on a GPU host); their
+    per-step metrics still reach the stage runs, and the rest of the pipeline follows."""
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two cores
-    result = run_pipeline(**TINY, train_processes=2, project_dir=str(repo))
+    init = {"init_from": first_run["scp"]["checkpoint"]} if start == "checkpoint" else {}
+    result = run_pipeline(**{**TINY, **init, "instruct_batch_size": 2}, train_processes=2, project_dir=str(repo))
     assert not {"pretrain_scp", "instruct", "train_e2e"} & set(result["cached"])  # a different launch: new runs
     c = _client()
-    for stage in ("scp", "e2e"):
-        history = c.get_metric_history(result[stage]["run_id"], "loss")
-        assert [m.step for m in history] == [1, 2, 3][: len(history)] and history
+    for stage, steps in (("scp", TINY["scp_steps"]), ("instruct", TINY["instruct_steps"]),
+                         ("e2e", TINY["e2e_steps"])):
+        assert [m.step for m in c.get_metric_history(result[stage]["run_id"], "loss")] == \
+            list(range(1, steps + 1)), stage
+        assert (Path(result[stage]["checkpoint"]).parent / "launch.log").is_file(), stage  # torchrun's log
     assert result["promotion"]["version"] != first_run["promotion"]["version"]
     # A second real run on the same data answered the same questions: the gate paired them with production's.
     assert "paired questions" in result["promotion"]["reason"], result["promotion"]["reason"]

@@ -47,9 +47,12 @@ def test_a_failed_overwrite_keeps_the_earlier_checkpoint_and_leaves_no_temp(tiny
     import clara.model.checkpoint as ck
 
     path = save_checkpoint(tiny_model, tmp_path / "c")
-    before = tiny_model.compress(docs[:1])[0]
-    save_checkpoint(tiny_model, path)
+    save_checkpoint(tiny_model, path)  # an overwrite that succeeds leaves nothing beside it either
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    before = tiny_model.compress(docs[:1])[0]
+    with torch.no_grad():
+        tiny_model.special.add_(1.0)  # the model the failing write would have saved: other memories
+    assert not torch.equal(tiny_model.compress(docs[:1])[0], before)
 
     def disk_full(*a, **k):
         raise OSError("No space left on device")
@@ -68,13 +71,17 @@ def test_the_next_write_repairs_what_a_killed_writer_left(tiny_model, docs, tmp_
     import clara.model.checkpoint as ck
 
     path = save_checkpoint(tiny_model, tmp_path / "c")
+    before = tiny_model.compress(docs[:1])[0]
     path.rename(tmp_path / ".c.old")
-    (tmp_path / ".c.k1ll3d.tmp" / "adapters").mkdir(parents=True)
+    (tmp_path / ".c.k1ll3dxx.tmp" / "adapters").mkdir(parents=True)  # mkdtemp's name: 8 random characters
+    (tmp_path / ".c.v2.k1ll3dxx.tmp").mkdir()  # a writer of the checkpoint "c.v2": not this one's to sweep
+    with torch.no_grad():
+        tiny_model.special.add_(1.0)
     monkeypatch.setattr(ck, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("No space left on device")))
     with pytest.raises(OSError):
         save_checkpoint(tiny_model, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
-    assert torch.equal(load_checkpoint(path).compress(docs[:1])[0], tiny_model.compress(docs[:1])[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.v2.k1ll3dxx.tmp", "c"]
+    assert torch.equal(load_checkpoint(path).compress(docs[:1])[0], before)
 
 
 def test_publish_flushes_the_data_before_the_name(tmp_path, monkeypatch):
