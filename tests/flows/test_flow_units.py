@@ -326,7 +326,7 @@ def test_pipeline_refuses_a_starting_point_of_another_base_rate_or_readout(tiny_
         scp_task.fn(preset="smollm2-135m", compression_rate=16, memory_readout="states", **args)
     with pytest.raises(ValueError, match="rate"):
         scp_task.fn(preset="tiny", compression_rate=4, memory_readout="states", **args)
-    with pytest.raises(ValueError, match="memory_readout='states'; a run continuing it cannot change memory_readout"):
+    with pytest.raises(ValueError, match="'states'; a run continuing it cannot change memory_readout"):
         scp_task.fn(preset="tiny", compression_rate=16, memory_readout="vocab", **args)
 
 
