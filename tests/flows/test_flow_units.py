@@ -330,6 +330,40 @@ def test_pipeline_refuses_a_starting_point_of_another_base_rate_or_readout(tiny_
         scp_task.fn(preset="tiny", compression_rate=16, memory_readout="vocab", **args)
 
 
+def test_torchrun_commands_train_exactly_the_stage_config(fixtures, tmp_path, monkeypatch):
+    """What ``train_processes`` > 1 launches under torchrun, run here in one process: SCP from scratch and stage 2
+    from its checkpoint each train the very config the stage recorded (the final checkpoint keeps it)."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from clara import stages
+    from clara.cli import app
+    from clara.config import ModelConfig, SCPConfig, from_dict, to_dict
+    from clara.model.checkpoint import read_checkpoint_config
+    from clara_flows import training
+
+    launched = []
+    monkeypatch.setattr(training, "torchrun", lambda n, args, out, c, run_id: launched.append(args) or out / "model")
+    st = SimpleNamespace(c=None, run_id="-")
+    scp = stages.scp_config("tiny", 16, "states", None, stages.stage_budget(2, 2, 1e-3), target_dropout=0.1)
+    first = training._train_under_torchrun(2, "scp", scp, fixtures / "scp.jsonl", tmp_path / "scp", st, None, None,
+                                           "tiny")
+    res = CliRunner().invoke(app, launched[-1])
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint_config(first)["extra"]["config"] == to_dict(scp)
+
+    model = from_dict(ModelConfig, {**read_checkpoint_config(first)["model"], "device": "cpu"})  # as instruct_task
+    instruct = SCPConfig(model=model, train=stages.stage_budget(2, 2, 1e-3), freeze_compressor=False,
+                         compressor_lr_scale=0.1)
+    second = training._train_under_torchrun(2, "instruct", instruct, fixtures / "scp.jsonl", tmp_path / "inst", st,
+                                            first, "cpu")
+    assert launched[-1][launched[-1].index("--init") + 1] == str(first) and launched[-1][-2:] == ["--device", "cpu"]
+    res = CliRunner().invoke(app, launched[-1])
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint_config(second)["extra"]["config"] == to_dict(instruct)
+
+
 def test_registration_with_the_tracking_server_gone_is_named_as_its_outage(monkeypatch):
     """The promote stage's registry calls against a server that does not answer: the error the pipeline turns
     into TrackingUnavailable (names the server and `python -m clara_infra.services up`); nothing was registered, and

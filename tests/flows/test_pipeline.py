@@ -396,15 +396,15 @@ def test_compression_shards_run_on_a_local_dask_cluster(first_run):
         np.testing.assert_allclose(decode_memory(a, n, hidden), decode_memory(b, n, hidden), atol=1e-2)
 
 
-@pytest.mark.parametrize("start", ["scratch", "checkpoint"])
-def test_training_stages_run_under_torchrun(first_run, repo, monkeypatch, start):
-    """train_processes > 1: SCP (from scratch, or continuing a checkpoint as the default runs do from the release),
-    stage 2 and E2E run as `clara train …` under torchrun (2 CPU processes here, one per GPU on a GPU host); their
-    per-step metrics still reach the stage runs, and the rest of the pipeline follows."""
+def test_training_stages_run_under_torchrun(first_run, repo, monkeypatch):
+    """train_processes > 1: SCP (continuing a checkpoint, as the default runs do from the release), stage 2 and E2E
+    run as `clara train …` under torchrun (2 CPU processes here, one per GPU on a GPU host); their per-step metrics
+    still reach the stage runs, and the rest of the pipeline follows. The command SCP from scratch launches:
+    test_flow_units' ``test_torchrun_commands_train_exactly_the_stage_config``."""
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two cores
-    init = {"init_from": first_run["scp"]["checkpoint"]} if start == "checkpoint" else {}
-    result = run_pipeline(**{**TINY, **init, "instruct_batch_size": 2}, train_processes=2, project_dir=str(repo))
+    result = run_pipeline(**{**TINY, "init_from": first_run["scp"]["checkpoint"], "instruct_batch_size": 2},
+                          train_processes=2, project_dir=str(repo))
     assert not {"pretrain_scp", "instruct", "train_e2e"} & set(result["cached"])  # a different launch: new runs
     c = _client()
     for stage, steps in (("scp", TINY["scp_steps"]), ("instruct", TINY["instruct_steps"]),
