@@ -1,12 +1,18 @@
 """Putting a finished file or folder in place: every write that readers must see whole (checkpoints, corpora,
-memory shards, caches) fills a temporary sibling and ends with ``publish``. A rename alone is atomic against a
-kill but not against a power loss: the new name can reach the disk before the data it names, leaving an empty or
-partial file under the final name. ``publish`` flushes the data first and the rename after."""
+memory shards, caches) fills a temporary sibling and ends with ``publish``; a folder that may replace an earlier one
+(a checkpoint) is written through ``written_atomically``. A rename alone is atomic against a kill but not against a
+power loss: the new name can reach the disk before the data it names, leaving an empty or partial file under the
+final name. ``publish`` flushes the data first and the rename after."""
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def _fsync(path: Path) -> None:
@@ -33,3 +39,34 @@ def publish(tmp: str | Path, final: str | Path) -> Path:
     os.replace(tmp, final)
     _fsync(final.parent)
     return final
+
+
+@contextmanager
+def written_atomically(path: Path, complete: str) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``path`` (an earlier folder there is
+    moved aside first, so readers see the old or the new one, never a half-written one); on failure it is removed.
+
+    A writer killed outright (SIGKILL, power loss) cannot clean up: the next write of ``path`` puts back the
+    earlier folder if the kill fell between the two renames (only a whole one: it holds the entry ``complete``,
+    which a folder of this kind is written with), and removes the temporary folders left beside it. One writer
+    per path at a time (a checkpoint has one owner).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    if (old / complete).exists() and not path.exists():  # moved aside by a writer killed between its renames
+        os.replace(old, path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):  # mkdtemp's 8 random characters
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            publish(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -17,14 +17,14 @@ ModelNameOpt = typer.Option("clara", "--name", help="Registered model name.")
 def _registry_call(fn, *args):
     from mlflow.exceptions import MlflowException
 
-    from clara.cli import _fail
+    from clara.cli import fail
     from clara_flows import tracking
     from clara_flows.registry import RegistryError
 
     try:
         return fn(tracking.client(), *args)
     except (RegistryError, MlflowException) as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _say(decision) -> None:
@@ -54,7 +54,7 @@ def rollback_cmd(reason: str = typer.Option(..., help="Why (recorded)."), name: 
 def models_cmd(name: str = ModelNameOpt,
                metric: str = typer.Option("f1", help="Evaluation metric to show.")) -> None:
     """List a registered model's versions with their aliases, metric and gate decision."""
-    from clara.cli import _fail
+    from clara.cli import fail
     from clara_flows import tracking
 
     def show(c, name):
@@ -73,7 +73,7 @@ def models_cmd(name: str = ModelNameOpt,
     try:
         _registry_call(show, name)
     except FileNotFoundError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @registry_app.command("ask")
@@ -86,7 +86,7 @@ def ask_cmd(question: list[str] = typer.Argument(..., help="One or more question
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from clara.cli import _fail
+    from clara.cli import fail
     from clara.store.builds import StoreError
     from clara_flows import tracking
 
@@ -97,7 +97,7 @@ def ask_cmd(question: list[str] = typer.Argument(..., help="One or more question
         m = mlflow.pyfunc.load_model(str(tracking.download_model(model)))
         out = m.predict(pd.DataFrame({"question": question}), params={"k": k} if k is not None else None)
     except (MlflowException, StoreError, ValueError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
     for row in out.to_dict("records"):
         if as_json:
             typer.echo(json.dumps(row))
@@ -131,18 +131,15 @@ def user_error(exc: BaseException) -> bool:
 
 
 def main() -> None:
-    import sys
-
-    from clara.cli import quiet_libraries, say_error
+    from clara.cli import fail, quiet_libraries
 
     quiet_libraries()
     try:
         build_app()(obj=context(), standalone_mode=True)
     except Exception as exc:  # noqa: BLE001 - sorted by user_error; the rest re-raised
-        if not user_error(exc) or os.environ.get("CLARA_DEBUG"):
+        if not user_error(exc):
             raise
-        say_error(exc)
-        sys.exit(2)
+        fail(exc)
 
 
 if __name__ == "__main__":

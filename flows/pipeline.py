@@ -88,6 +88,7 @@ def check_parameters(p: dict[str, Any]) -> None:
     """Every budget and choice the stages would otherwise reject late (after minutes of synthesis or training),
     all reported at once."""
     from clara.config import COMPRESSION_RATES, SCPConfig
+    from clara.training.distributed import Dist
 
     problems = []
     if p["compression_rate"] not in COMPRESSION_RATES:
@@ -101,14 +102,17 @@ def check_parameters(p: dict[str, Any]) -> None:
             problems.append(f"{name}={value} (at least {low})")
     for stage in ("scp", "instruct", "e2e"):  # under torchrun each process takes an equal slice of every batch
         size, steps, n = p.get(f"{stage}_batch_size"), p.get(f"{stage}_steps"), p.get("train_processes") or 1
-        if n > 1 and steps and size and size % n:
-            problems.append(f"{stage}_batch_size={size} does not divide among train_processes={n}")
+        if n > 1 and steps and size:
+            try:
+                Dist(0, n).shard(range(size))
+            except ValueError as exc:
+                problems.append(f"{stage}_batch_size={size}, train_processes={n}: {exc}")
     if p["n_candidates"] < p["top_k"]:
         problems.append(f"n_candidates={p['n_candidates']} is below top_k={p['top_k']}")
     for name in ("scp_lr", "instruct_lr", "e2e_lr"):
         if not p[name] > 0:
             problems.append(f"{name}={p[name]} (must be > 0)")
-    # the stage configs own these rules: ask them, and name the parameters that fed them
+    # the stage configs own these rules (as Dist owns the one above): ask them, and name the parameters that fed them
     stage_fields = {"scp_target_dropout": "target_dropout", "instruct_freeze_compressor": "freeze_compressor",
                     "instruct_compressor_lr_scale": "compressor_lr_scale"}
     for stage in ("scp", "instruct"):

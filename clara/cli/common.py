@@ -74,18 +74,15 @@ def check_output(path: Path, kind: str) -> None:
         raise ValueError(f"--out {path}: {folder} is not writable")
 
 
-def say_error(exc: BaseException) -> None:
-    """The one way a user's mistake is reported, by a command (``_fail``) or by ``clara``'s entry point for what a
-    command did not catch: ``error: <message>`` on stderr, with how to see the traceback. The caller exits 2."""
-    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    typer.secho(f"error: {message} (CLARA_DEBUG=1 shows the traceback)", fg=typer.colors.RED, err=True)
-
-
-def _fail(exc: Exception) -> NoReturn:
+def fail(exc: BaseException) -> NoReturn:
+    """The one way a user's mistake ends a command, whether the command caught it or ``clara``'s entry point did:
+    ``error: <message>`` on one line of stderr (the message's lines joined), with how to see the traceback, and
+    exit status 2. Under ``CLARA_DEBUG=1`` the error is raised as itself instead, traceback and all."""
     if os.environ.get("CLARA_DEBUG"):
         raise exc
-    say_error(exc)
-    raise typer.Exit(2)
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    typer.secho(f"error: {message} (CLARA_DEBUG=1 shows the traceback)", fg=typer.colors.RED, err=True)
+    raise SystemExit(2)  # not typer.Exit: the entry point calls this outside the app, where only SystemExit ends
 
 
 def ingest(corpus: str, on_error: str, preset: str, max_doc_tokens: Optional[int], model_cfg=None):

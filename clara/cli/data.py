@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clara.cli.common import _fail, app, check_output, data_app, ingest
+from clara.cli.common import fail, app, check_output, data_app, ingest
 from clara.config import ModelConfig
 
 
@@ -34,7 +34,7 @@ def dataingest(
     try:
         docs, report = ingest(corpus, on_error, preset, max_doc_tokens)
     except (IngestError, FileNotFoundError, ValueError) as exc:
-        _fail(exc)
+        fail(exc)
     write_corpus(docs, out)
     rejects = out.with_name(out.stem + ".rejects.jsonl")
     write_rejects(report.rejects, rejects)
@@ -70,7 +70,7 @@ def data_mix(
         res = training_mixes(corpus, out, synth, max_docs=limit, kinds=kinds.split(","), k=k, seed=seed,
                              exclude=exclude, reconstruction_share=reconstruction_share)
     except (RecordError, ValueError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(f"wrote {res['scp']} ({res['scp_rows']} stage-1 rows)")
     if res["instruct"]:
         typer.echo(f"wrote {res['instruct']} ({res['instruct_rows']} stage-2 rows, k={k})")
@@ -118,7 +118,7 @@ def synthesize_cmd(
                               dev_fraction=dev_fraction, seed=seed, batch_docs=batch_docs)
         report = synthesize(docs, t, out, cfg, corpus_report=ingest_report.summary())
     except (IngestError, FileNotFoundError, ValueError, TeacherError) as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo((out / "report.md").read_text(encoding="utf-8"))
     typer.echo(f"train: {out / 'train.jsonl'}  dev: {out / 'dev.jsonl'}  ({report['documents_kept']} documents)")
 
@@ -136,7 +136,7 @@ def data_snapshot(
     try:
         typer.echo(snapshot(repo, target, push=push, git_commit=commit))
     except DataVersionError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @data_app.command("version")
@@ -148,7 +148,7 @@ def data_version_cmd(repo: Path = typer.Option(Path("."), help="The git + DVC re
     try:
         version = data_version(repo, target)
     except DataVersionError as exc:
-        _fail(exc)
+        fail(exc)
     if version is None:
-        _fail(FileNotFoundError(f"{repo / (target + '.dvc')} not found: run `clara data snapshot` first"))
+        fail(FileNotFoundError(f"{repo / (target + '.dvc')} not found: run `clara data snapshot` first"))
     typer.echo(version)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clara.cli.common import _fail, app, check_output, DbOpt, DeviceOpt, ingest
+from clara.cli.common import fail, app, check_output, DbOpt, DeviceOpt, ingest
 
 
 def _models_by_rate(refs: list[str], rates: str | None, resolve_uri, device: str | None) -> tuple[dict, dict]:
@@ -97,7 +97,7 @@ def evaluate_cmd(
         rows = evaluate(questions, docs, models, out, cfg, stores=stores,
                         progress=lambda msg: typer.echo(msg, err=True))
     except (IngestError, FileNotFoundError, ValueError, StoreError) as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo((out / "report.md").read_text(encoding="utf-8"))
     typer.echo(f"{len(rows)} rows; predictions: {out / 'predictions.jsonl'}")
 
@@ -118,21 +118,21 @@ def compress_cmd(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Compress a corpus offline and load it into a new index build (resumable; published when complete)."""
-    from clara.config import refuse_changes, to_dict
+    from clara.config import refuse_changes
     from clara.data.corpus import IngestError
-    from clara.model.checkpoint import load_checkpoint
+    from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
     from clara.store.builds import StoreError
     from clara.store.db import connect
     from clara.data.corpus import corpus_version_of
     from clara.store.loading import index_corpus
 
     try:
+        if rate is not None:  # from the checkpoint's config: refused before the model loads or the corpus is read
+            refuse_changes(read_checkpoint_config(model)["model"], {"compression_rate": rate}, model, "an index of it")
         m = load_checkpoint(model, device=device)
         docs = ingest(corpus, "fail", "", None, model_cfg=m.cfg)[0]
         if limit is not None:
             docs = docs[:limit]
-        if rate is not None:
-            refuse_changes(to_dict(m.cfg), {"compression_rate": rate}, model, "an index of it")
         engine = connect(database_url)
         from clara.retrieval.dense import DenseEncoder
 
@@ -140,7 +140,7 @@ def compress_cmd(
                              corpus_version=corpus_version or corpus_version_of(docs), batch_size=batch_size,
                              dense=DenseEncoder() if dense else None)
     except (IngestError, FileNotFoundError, ValueError, StoreError) as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(json.dumps({"build_id": build.id, "status": build.status, "n_docs": build.n_docs,
                            "model_uri": build.model_uri, "rate": build.compression_rate,
                            "corpus_version": build.corpus_version, "ann": build.ann_kind,

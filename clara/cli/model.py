@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clara.cli.common import _fail, DeviceOpt, import_app, model_app
+from clara.cli.common import fail, DeviceOpt, import_app, model_app
 
 
 @import_app.command("ml-clara")
@@ -29,7 +29,7 @@ def import_ml_clara_cmd(
     try:
         path = import_ml_clara(folder, out, base=base, device=device, dtype=dtype)
     except (ReleaseError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(f"wrote {path}")
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clara.cli.common import (_fail, _read_config, AccumOpt, BatchOpt, ConfigOpt, DeviceOpt, EveryOpt, LrOpt, PresetOpt,
+from clara.cli.common import (fail, _read_config, AccumOpt, BatchOpt, ConfigOpt, DeviceOpt, EveryOpt, LrOpt, PresetOpt,
                               ResumeOpt, SeedOpt, StepsOpt, train_app)
 from clara.config import E2EConfig
 
@@ -92,7 +92,7 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
         if init is None:
             model = ClaraModel.build(cfg.model)
     except (RecordError, ValueError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
     final = train_scp(model, records, cfg, out, stage=stage, resume=resume)
     typer.echo(f"wrote {final}")
 
@@ -143,6 +143,6 @@ def train_e2e_cmd(
         cfg = from_dict(E2EConfig, raw)
         model = load_checkpoint(init, device=device)
     except (RecordError, ValueError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
     final = train_e2e(model, records, docs, cfg, out, resume=resume)
     typer.echo(f"wrote {final}")

@@ -15,19 +15,15 @@ are chosen at load time.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from clara.atomic import publish
+from clara.atomic import written_atomically
 from clara.config import ModelConfig, from_dict, to_dict
 from clara.model.clara_model import ADAPTERS, ClaraModel
 
@@ -40,7 +36,7 @@ def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] |
     from peft import get_peft_model_state_dict
 
     path = Path(path)
-    with _written_atomically(path) as tmp:
+    with written_atomically(path, CONFIG_FILE) as tmp:
         for name in ADAPTERS:
             folder = tmp / "adapters" / name
             folder.mkdir(parents=True)
@@ -64,36 +60,6 @@ def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] |
     return path
 
 
-@contextmanager
-def _written_atomically(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces ``path`` (an earlier folder there is
-    moved aside first, so readers see the old or the new one, never a half-written one); on failure it is removed.
-
-    A writer killed outright (SIGKILL, power loss) cannot clean up: the next write of ``path`` puts back the
-    earlier folder if the kill fell between the two renames, and removes the temporary folders left beside it.
-    One writer per path at a time (a checkpoint has one owner).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.with_name(f".{path.name}.old")
-    if (old / CONFIG_FILE).is_file() and not path.exists():  # moved aside by a writer killed between its renames
-        os.replace(old, path)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):  # mkdtemp's 8 random characters
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            publish(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def release_notes(pairs: Sequence[str]) -> dict[str, str]:
     """``--note KEY=VALUE`` strings as the entries a release records in its ``clara.json`` (``export_release``'s
     ``extra``: where it came from, what was held out).
@@ -115,7 +81,7 @@ def export_release(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.
     ``extra`` is merged into the checkpoint's ``extra`` (a release records where it came from)."""
     src, dst = resolve_checkpoint(src), Path(dst)
     meta = read_checkpoint_config(src)
-    with _written_atomically(dst) as tmp:
+    with written_atomically(dst, CONFIG_FILE) as tmp:
         for name in ADAPTERS:
             folder = tmp / "adapters" / name
             folder.mkdir(parents=True)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +16,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from clara.atomic import publish
+from clara.atomic import written_atomically
 from clara.config import OptimSettings, TrainConfig
 from clara.data.corpus import atomic_write_lines
 from clara.model.checkpoint import load_adapter_weights, read_checkpoint_config, read_safetensors, save_checkpoint
@@ -139,8 +137,8 @@ def read_train_meta(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{file}: not valid JSON (truncated or corrupt): {exc}") from None
 
 
-def load_train_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
-    meta = read_train_meta(folder)
+def load_train_state(folder: Path, meta: dict[str, Any], optimizer, scheduler) -> None:
+    """Load the train state in ``folder`` (``meta``: its ``read_train_meta``) into optimizer/scheduler/RNG."""
     tensors = read_safetensors(folder / "optimizer.safetensors")
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
@@ -148,7 +146,6 @@ def load_train_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available() and len(rng["torch_cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(list(rng["torch_cuda"]))
-    return meta
 
 
 class Checkpointer:
@@ -175,16 +172,10 @@ class Checkpointer:
     def save(self, model: ClaraModel, optimizer, scheduler, step: int, extra: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", suffix=".tmp", dir=self.root))
-        try:
+        with written_atomically(final, "train_state") as tmp:  # what steps() takes for a step folder
             save_checkpoint(model, tmp / "model", extra=extra)
             save_train_state(tmp / "train_state", optimizer, scheduler, step, extra)
-            shutil.rmtree(final, ignore_errors=True)
-            publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        for stale in self.root.glob(".step-*.tmp"):
+        for stale in [*self.root.glob(".step-*.tmp"), *self.root.glob(".step-*.old")]:  # other steps' kill leftovers
             shutil.rmtree(stale, ignore_errors=True)
         for old in self.steps()[: -self.keep]:
             shutil.rmtree(self.root / f"step-{old:06d}", ignore_errors=True)
@@ -206,10 +197,11 @@ class Checkpointer:
         for step in reversed(steps):
             folder = self.root / f"step-{step:06d}"
             try:
-                saved = read_train_meta(folder / "train_state").get("extra", {}).get("stage", stage)
+                meta = read_train_meta(folder / "train_state")
+                saved = meta.get("extra", {}).get("stage", stage)
                 if saved == stage:  # another stage's is refused below, never loaded
                     load_adapter_weights(model, folder / "model")
-                    load_train_state(folder / "train_state", optimizer, scheduler)
+                    load_train_state(folder / "train_state", meta, optimizer, scheduler)
             except (ValueError, OSError, KeyError) as exc:
                 warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
                 continue

@@ -86,7 +86,8 @@ def setup(case: str, t: Path) -> list[str]:
     if case == "evaluate: --out is a file":
         return ["evaluate", "--qa", str(good), "--corpus", str(good), "--model", str(t), "--out", str(good)]
     if case == "compress: --rate other than the checkpoint's":
-        return ["compress", "--model", str(_tiny_checkpoint(t)), "--corpus", str(good), "--rate", "4"]
+        # a corpus that is not there: the clash is said first, from the checkpoint's config, before any work
+        return ["compress", "--model", str(_tiny_checkpoint(t)), "--corpus", str(t / "absent.jsonl"), "--rate", "4"]
     if case == "train scp: a --config table that is a number":
         cfg = t / "c.json"
         cfg.write_text(json.dumps({"train": 5}))
@@ -173,7 +174,7 @@ def test_a_user_mistake_is_one_line_and_exit_2(case, tmp_path, monkeypatch, caps
 
 
 def test_clara_debug_raises_the_users_mistake_with_its_traceback(tmp_path, monkeypatch):
-    """Caught by a command (``_fail``), the mistake is raised as itself under CLARA_DEBUG."""
+    """Caught by a command (``fail``), the mistake is raised as itself under CLARA_DEBUG."""
     from clara.data.versioning import DataVersionError
     from clara_flows.cli import main
 
@@ -185,7 +186,7 @@ def test_clara_debug_raises_the_users_mistake_with_its_traceback(tmp_path, monke
 
 def test_a_mistake_no_command_caught_is_reported_the_same_way(monkeypatch, capsys):
     """What reaches the entry point (a registry's refusal, a file error deep in a library call) is said as
-    ``_fail`` says it: one line, the message's lines joined, exit 2; CLARA_DEBUG raises it instead."""
+    ``fail`` says it: one line, the message's lines joined, exit 2; CLARA_DEBUG raises it instead."""
     import clara_flows.cli as cli
 
     def app(**kwargs):

@@ -244,7 +244,8 @@ def test_pipeline_parameters_are_checked_before_any_stage():
         check_parameters({**params, "instruct_compressor_lr_scale": 0, "instruct_freeze_compressor": False})
     check_parameters({**params, "instruct_compressor_lr_scale": 0.1, "instruct_freeze_compressor": False})
     assert params["instruct_batch_size"] == 1 and params["instruct_steps"] > 0  # demo's
-    with pytest.raises(ValueError, match="instruct_batch_size=1 does not divide among train_processes=2"):
+    with pytest.raises(ValueError, match="instruct_batch_size=1, train_processes=2: batch_size 1 is not divisible by "
+                                         "the 2 processes"):
         check_parameters({**params, "train_processes": 2})
     check_parameters({**params, "train_processes": 2, "instruct_batch_size": 2})
     check_parameters({**params, "train_processes": 2, "instruct_steps": 0})  # a stage that does not train

@@ -228,6 +228,30 @@ def test_checkpointer_keeps_the_last_n(fixtures, tmp_path):
     assert Checkpointer(tmp_path / "r").steps() == [5, 6]
 
 
+def test_a_step_checkpoint_rewrite_that_fails_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """Rewriting a step folder (a resume that went back past an unreadable one) goes through the same write as a
+    checkpoint: the earlier folder stays whole until the new one is complete, a failed write leaves no trace, and a
+    successful one sweeps what killed writers of other steps left (``.tmp`` and ``.old`` folders)."""
+    import clara.training.common as common
+
+    model = ClaraModel.build(tiny_scp_cfg().model)
+    opt = torch.optim.AdamW([model.special], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ck = Checkpointer(tmp_path / "r")
+    first = ck.save(model, opt, sched, 3, {"stage": "scp"})
+    real_save_file = common.save_file
+    monkeypatch.setattr(common, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("No space left")))
+    with pytest.raises(OSError, match="No space"):
+        ck.save(model, opt, sched, 3, {"stage": "scp", "second": True})
+    assert sorted(p.name for p in ck.root.iterdir()) == ["step-000003"]
+    assert common.read_train_meta(first / "train_state")["extra"] == {"stage": "scp"}
+    monkeypatch.setattr(common, "save_file", real_save_file)
+    (ck.root / ".step-000002.k1ll3dxx.tmp").mkdir()
+    (ck.root / ".step-000001.old" / "train_state").mkdir(parents=True)
+    ck.save(model, opt, sched, 4, {"stage": "scp"})
+    assert sorted(p.name for p in ck.root.iterdir()) == ["step-000003", "step-000004"]
+
+
 def test_resume_refuses_another_run_and_survives_a_damaged_latest_checkpoint(fixtures, tmp_path):
     """A folder is one run: not resuming into step checkpoints, or resuming another stage's, is refused (retention
     would delete the new run's steps and a later resume continue the old one). A latest checkpoint cut off by a
