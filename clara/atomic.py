@@ -48,8 +48,9 @@ def written_atomically(path: Path, complete: str) -> Iterator[Path]:
 
     A writer killed outright (SIGKILL, power loss) cannot clean up: the next write of ``path`` puts back the
     earlier folder if the kill fell between the two renames (only a whole one: it holds the entry ``complete``,
-    which a folder of this kind is written with), and removes the temporary folders left beside it. One writer
-    per path at a time (a checkpoint has one owner).
+    which a folder of this kind is written with), and removes the temporary folders left beside it; leftovers
+    of a path that is never written again are the caller's to sweep. One writer per path at a time (a checkpoint
+    has one owner).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")

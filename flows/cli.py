@@ -124,22 +124,10 @@ def context() -> dict:
     return {"resolve_uri": tracking.download_model}
 
 
-def user_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is the kind a user's input causes (a bad path, file, value, or a registry that says no) and
-    deserves one line, not a traceback. Programming errors (TypeError, KeyError, …) keep their traceback."""
-    return isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith("mlflow.")
-
-
 def main() -> None:
-    from clara.cli import fail, quiet_libraries
+    from clara.cli import run_app
 
-    quiet_libraries()
-    try:
-        build_app()(obj=context(), standalone_mode=True)
-    except Exception as exc:  # noqa: BLE001 - sorted by user_error; the rest re-raised
-        if not user_error(exc):
-            raise
-        fail(exc)
+    run_app(lambda: build_app()(obj=context(), standalone_mode=True))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,6 @@ options). ``clara_flows.cli`` adds the commands that need the tracking server; `
 torchrun launches) runs the library's commands alone."""
 
 from clara.cli import data, evaluate, model, store, train  # noqa: F401  each registers its commands on ``app``
-from clara.cli.common import app, check_output, fail, quiet_libraries
+from clara.cli.common import app, check_output, fail, quiet_libraries, run_app, user_error
 
-__all__ = ["app", "check_output", "fail", "quiet_libraries"]
+__all__ = ["app", "check_output", "fail", "quiet_libraries", "run_app", "user_error"]

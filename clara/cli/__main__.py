@@ -1,6 +1,5 @@
 """``python -m clara.cli …``: the library's commands (what torchrun launches, one process per GPU)."""
 
-from clara.cli import app, quiet_libraries
+from clara.cli import app, run_app
 
-quiet_libraries()
-app()
+run_app(app)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 
@@ -72,6 +72,24 @@ def check_output(path: Path, kind: str) -> None:
         raise ValueError(f"--out {path}: {folder} is not a directory, so it cannot be created")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--out {path}: {folder} is not writable")
+
+
+def user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the kind a user's input causes (a bad path, file, value, or a registry that says no) and
+    deserves one line, not a traceback. Programming errors (TypeError, KeyError, …) keep their traceback."""
+    return isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith("mlflow.")
+
+
+def run_app(app: Callable[[], Any]) -> None:
+    """What every entry point (``clara``, and ``python -m clara.cli`` that torchrun launches) does around its app:
+    the libraries quiet, a user's mistake that no command caught said by ``fail``, any other error raised."""
+    quiet_libraries()
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - sorted by user_error; the rest re-raised
+        if not user_error(exc):
+            raise
+        fail(exc)
 
 
 def fail(exc: BaseException) -> NoReturn:

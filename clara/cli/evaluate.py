@@ -118,7 +118,7 @@ def compress_cmd(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Compress a corpus offline and load it into a new index build (resumable; published when complete)."""
-    from clara.config import refuse_changes
+    from clara.config import ModelConfig, from_dict, refuse_changes, to_dict
     from clara.data.corpus import IngestError
     from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
     from clara.store.builds import StoreError
@@ -128,7 +128,8 @@ def compress_cmd(
 
     try:
         if rate is not None:  # from the checkpoint's config: refused before the model loads or the corpus is read
-            refuse_changes(read_checkpoint_config(model)["model"], {"compression_rate": rate}, model, "an index of it")
+            trained = to_dict(from_dict(ModelConfig, read_checkpoint_config(model)["model"]))  # defaults filled in
+            refuse_changes(trained, {"compression_rate": rate}, model, "an index of it")
         m = load_checkpoint(model, device=device)
         docs = ingest(corpus, "fail", "", None, model_cfg=m.cfg)[0]
         if limit is not None:

@@ -132,9 +132,12 @@ def read_train_meta(folder: Path) -> dict[str, Any]:
     """``trainer_state.json`` of a train-state folder; unreadable JSON is a ValueError naming the file."""
     file = folder / "trainer_state.json"
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        meta = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{file}: not valid JSON (truncated or corrupt): {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_train_state(folder: Path, meta: dict[str, Any], optimizer, scheduler) -> None:
@@ -152,7 +155,9 @@ class Checkpointer:
     """Step checkpoints under ``out/checkpoints/step-NNNNNN`` (model + train state), written atomically.
 
     A folder only appears under its final name once complete, so a kill mid-write leaves the previous
-    checkpoint intact and a half-written ``.tmp`` that the next save removes.
+    checkpoint intact and a half-written ``.tmp`` that the next save removes. A step is only ever rewritten when
+    ``restore`` skipped it as unreadable; a kill during that rewrite can leave the unreadable one at ``.step-N.old``,
+    which the next save of any step removes (nothing readable is lost).
     """
 
     def __init__(self, out_dir: str | Path, keep: int = 2):

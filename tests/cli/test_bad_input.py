@@ -204,10 +204,29 @@ def test_a_mistake_no_command_caught_is_reported_the_same_way(monkeypatch, capsy
         cli.main()
 
 
+def test_the_torchrun_entry_point_says_a_mistake_the_same_way(monkeypatch, capsys):
+    """``python -m clara.cli`` (one process per GPU under torchrun) reports what no command caught as ``clara``
+    does: one line and exit 2, not a traceback from every process."""
+    import runpy
+
+    import clara.cli
+
+    def app():
+        raise FileNotFoundError("no such checkpoint: /x\n(give a folder with clara.json)")
+
+    monkeypatch.setattr(clara.cli, "app", app)
+    monkeypatch.delenv("CLARA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("clara.cli", run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: no such checkpoint: /x (give a folder with clara.json) "
+                                       "(CLARA_DEBUG=1 shows the traceback)\n")
+
+
 def test_a_programming_error_keeps_its_traceback():
     from mlflow.exceptions import MlflowException
 
-    from clara_flows.cli import user_error
+    from clara.cli import user_error
 
     assert user_error(ValueError("x")) and user_error(IsADirectoryError("d")) and user_error(MlflowException("no"))
     assert not user_error(TypeError("bug")) and not user_error(KeyError("bug"))

@@ -250,6 +250,9 @@ def test_a_step_checkpoint_rewrite_that_fails_keeps_the_earlier_one(tmp_path, mo
     (ck.root / ".step-000001.old" / "train_state").mkdir(parents=True)
     ck.save(model, opt, sched, 4, {"stage": "scp"})
     assert sorted(p.name for p in ck.root.iterdir()) == ["step-000003", "step-000004"]
+    (ck.root / "step-000004" / "train_state" / "trainer_state.json").write_text("[]", encoding="utf-8")
+    with pytest.warns(UserWarning, match="step-000004 is unreadable .*expected a JSON object, got list"):
+        assert ck.restore(model, opt, sched, stage="scp") == 3  # valid JSON of the wrong shape: skipped, not a crash
 
 
 def test_resume_refuses_another_run_and_survives_a_damaged_latest_checkpoint(fixtures, tmp_path):
