@@ -41,8 +41,24 @@ def publish(tmp: str | Path, final: str | Path) -> Path:
     return final
 
 
+def check_replaceable(path: str | Path, complete: str, kind: str = "checkpoint") -> None:
+    """Refuse to write a folder of ``kind`` at ``path`` over anything but nothing, an empty folder or a folder of
+    the same kind (one holding the entry ``complete``): an ``--out`` that names a parent folder, a run folder or a
+    file would otherwise be replaced, and everything in it lost. Commands call it before any work.
+
+    Raises:
+        ValueError: naming the path and what is there.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; a {kind} is a folder: give a new path")
+    if path.is_dir() and not (path / complete).exists() and any(path.iterdir()):
+        raise ValueError(f"{path} is a folder that is not a {kind} (no {complete} in it); writing the {kind} there "
+                         f"would replace it and everything in it: give a new path, or a {kind}'s own folder")
+
+
 @contextmanager
-def written_atomically(path: Path, complete: str) -> Iterator[Path]:
+def written_atomically(path: Path, complete: str, kind: str = "checkpoint") -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces ``path`` (an earlier folder there is
     moved aside first, so readers see the old or the new one, never a half-written one); on failure it is removed.
 
@@ -50,8 +66,9 @@ def written_atomically(path: Path, complete: str) -> Iterator[Path]:
     earlier folder if the kill fell between the two renames (only a whole one: it holds the entry ``complete``,
     which a folder of this kind is written with), and removes the temporary folders left beside it; leftovers
     of a path that is never written again are the caller's to sweep. One writer per path at a time (a checkpoint
-    has one owner).
+    has one owner). What is at ``path`` must be replaceable (``check_replaceable``).
     """
+    check_replaceable(path, complete, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
     if (old / complete).exists() and not path.exists():  # moved aside by a writer killed between its renames

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -130,6 +131,10 @@ class ModelConfig:
             raise ValueError(f"memory_init must be 'mean' or 'orthogonal', got {self.memory_init!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", str(self.device)):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.doc_max_len < self.compression_rate:
             raise ValueError(
                 f"doc_max_len ({self.doc_max_len}) must be at least the compression rate ({self.compression_rate})"
@@ -185,8 +190,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.optim = nested(self, "optim", OptimSettings)
         self.optim.betas = tuple(self.optim.betas)  # type: ignore[assignment]
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be >= 1")
+        low = {"batch_size": 1, "grad_accum": 1, "max_steps": 0, "epochs": 1, "checkpoint_every": 1,
+               "keep_checkpoints": 1, "log_every": 1}
+        bad = [f"{k}={getattr(self, k)} (at least {v})" for k, v in low.items() if getattr(self, k) < v]
+        if bad:
+            raise ValueError(f"train settings out of range: {', '.join(bad)}")
 
 
 @dataclass

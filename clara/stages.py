@@ -123,9 +123,13 @@ def training_mixes(corpus_file: str | Path, out_dir: str | Path, synth_dir: str 
     from clara.data.corpus import atomic_write_lines, dumps
     from clara.data.mixes import check_share, drop_excluded, heldout, instruct_rows, qa_pairs, reconstruction_rows
     from clara.data.records import load_qa_records, read_synth_rows
+    from clara.data.synthesis import KINDS
     from clara.retrieval.first_stage import BM25Retriever
 
     check_share(reconstruction_share)  # before the corpus is read: a bad value fails at once
+    qa_kinds = [k for k in KINDS if k != "paraphrase"]
+    if not kinds or set(kinds) - set(qa_kinds):
+        raise ValueError(f"kinds {','.join(kinds)!r}: each must be one of {', '.join(qa_kinds)}")
     docs = [d for d in read_corpus(corpus_file, max_docs) if not heldout(d)]
     if not docs:
         raise ValueError(f"{corpus_file}: no passages left to train on")

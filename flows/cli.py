@@ -24,7 +24,8 @@ def _registry_call(fn, *args):
     try:
         return fn(tracking.client(), *args)
     except (RegistryError, MlflowException) as exc:
-        fail(exc)
+        why = tracking.outage(exc)  # a server that does not answer is said as that, not as the registry's refusal
+        fail(tracking.TrackingUnavailable(why) if why else exc)
 
 
 def _say(decision) -> None:

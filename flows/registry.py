@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from clara.atomic import publish
+from clara.errors import ClaraError
 from clara.eval.gate import GateRule, NotComparable, judge
 from clara_flows import PACKAGES, PROJECT, source_digest
 
@@ -34,7 +35,7 @@ HISTORY_TAG = "production.history"
 _HISTORY_KEEP = 40  # entries kept in the tag (tag values are size-limited)
 
 
-class RegistryError(RuntimeError):
+class RegistryError(ClaraError):
     pass
 
 
@@ -204,6 +205,8 @@ def promote(c: MlflowClient, name: str, version: str | int, reason: str) -> Deci
     try:
         c.get_model_version(name, version)
     except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # a server that is down or refuses says so itself
+            raise
         raise RegistryError(f"{name} has no version {version}") from exc
     current = _alias_version(c, name, PRODUCTION)
     _set_production(c, name, version, reason, "promote")

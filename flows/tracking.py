@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from clara.atomic import publish
+from clara.errors import ClaraError
 
 EXPERIMENT = "clara"
 PARENT_TAG = "mlflow.parentRunId"
@@ -36,7 +37,7 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(ClaraError):
     """The tracking server stopped answering: the message names it and how to bring it back."""
 
 
@@ -74,6 +75,9 @@ def download_model(uri: str) -> Path:
 
     from clara.model.base import cache_dir
 
+    if not re.match(r"(models|runs):/\S", uri):  # a path here would surface as an IndexError below
+        raise ValueError(f"{uri!r} is not an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION or "
+                         f"runs:/RUN_ID/PATH); a checkpoint folder is read by clara evaluate --model")
     mlflow.set_tracking_uri(tracking_uri())
     uri = resolve_version(uri)
     key = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.split(":", 1)[1].strip("/"))

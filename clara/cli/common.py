@@ -75,9 +75,12 @@ def check_output(path: Path, kind: str) -> None:
 
 
 def user_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is the kind a user's input causes (a bad path, file, value, or a registry that says no) and
-    deserves one line, not a traceback. Programming errors (TypeError, KeyError, …) keep their traceback."""
-    return isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith("mlflow.")
+    """Whether ``exc`` is the kind a user's input causes (a bad path, file, value) or a peer's answer (a database,
+    teacher or registry that refused or is down: ``ClaraError``, or MLflow's own) and deserves one line, not a
+    traceback. Programming errors (TypeError, KeyError, …) keep their traceback."""
+    from clara.errors import ClaraError
+
+    return isinstance(exc, (OSError, ValueError, ClaraError)) or type(exc).__module__.startswith("mlflow.")
 
 
 def run_app(app: Callable[[], Any]) -> None:

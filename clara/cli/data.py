@@ -67,6 +67,7 @@ def data_mix(
     from clara.stages import training_mixes
 
     try:
+        check_output(out, "dir")
         res = training_mixes(corpus, out, synth, max_docs=limit, kinds=kinds.split(","), k=k, seed=seed,
                              exclude=exclude, reconstruction_share=reconstruction_share)
     except (RecordError, ValueError, OSError) as exc:

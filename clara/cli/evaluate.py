@@ -17,7 +17,10 @@ def _models_by_rate(refs: list[str], rates: str | None, resolve_uri, device: str
     from clara.eval.datasets import resolve_model
     from clara.model.checkpoint import load_checkpoint
 
-    wanted = {int(r) for r in rates.split(",")} if rates else None
+    try:
+        wanted = {int(r) for r in rates.split(",")} if rates else None
+    except ValueError:
+        raise ValueError(f"--rates {rates!r}: expected compression rates separated by commas, e.g. 16,32") from None
     models, by_rate = {}, {}
     for ref in refs:
         m = load_checkpoint(resolve_model(ref, resolve_uri), device=device)
@@ -86,14 +89,17 @@ def evaluate_cmd(
 
     check_output(out, "dir")
     try:
-        models, refs = _models_by_rate(model, rates, (ctx.obj or {}).get("resolve_uri"), device)
-        # Split as the models do (all share one base); passage ids then match synthesis and training data.
-        docs = ingest(corpus, "fail", "", None, model_cfg=next(iter(models.values())).cfg)[0]
-        questions, docs = subsample(load_qa(qa, docs), docs, limit, corpus_limit, seed)
-        stores = _stores(models, refs, docs, database_url) if use_store else None
         cfg = EvalConfig(k=k, max_new_tokens=max_new_tokens, mode=mode, n_candidates=candidates, fuse=fuse,
                          merge=merge, rerank=rerank, settings=tuple(x for x in settings.split(",") if x),
                          baselines=tuple(b for b in baselines.split(",") if b))
+        # read before any model loads (minutes at 7B); only 'descriptions' is made from the corpus itself
+        questions = None if qa == "descriptions" else load_qa(qa, [])
+        models, refs = _models_by_rate(model, rates, (ctx.obj or {}).get("resolve_uri"), device)
+        # Split as the models do (all share one base); passage ids then match synthesis and training data.
+        docs = ingest(corpus, "fail", "", None, model_cfg=next(iter(models.values())).cfg)[0]
+        questions, docs = subsample(load_qa(qa, docs) if questions is None else questions, docs, limit,
+                                     corpus_limit, seed)
+        stores = _stores(models, refs, docs, database_url) if use_store else None
         rows = evaluate(questions, docs, models, out, cfg, stores=stores,
                         progress=lambda msg: typer.echo(msg, err=True))
     except (IngestError, FileNotFoundError, ValueError, StoreError) as exc:
@@ -113,7 +119,7 @@ def compress_cmd(
     corpus_version: Optional[str] = typer.Option(None, help="Data version to record (default: a content hash)."),
     model_uri: Optional[str] = typer.Option(None, help="Model reference to record (default: the checkpoint path)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N documents."),
-    batch_size: int = typer.Option(64, help="Documents per committed batch."),
+    batch_size: int = typer.Option(64, min=1, help="Documents per committed batch."),
     dense: bool = typer.Option(True, help="Also store MiniLM vectors (the dense and hybrid first stages)."),
     device: Optional[str] = DeviceOpt,
 ) -> None:
@@ -130,11 +136,11 @@ def compress_cmd(
         if rate is not None:  # from the checkpoint's config: refused before the model loads or the corpus is read
             trained = to_dict(from_dict(ModelConfig, read_checkpoint_config(model)["model"]))  # defaults filled in
             refuse_changes(trained, {"compression_rate": rate}, model, "an index of it")
+        engine = connect(database_url)  # a wrong or unreachable database is said before the model loads
         m = load_checkpoint(model, device=device)
         docs = ingest(corpus, "fail", "", None, model_cfg=m.cfg)[0]
         if limit is not None:
             docs = docs[:limit]
-        engine = connect(database_url)
         from clara.retrieval.dense import DenseEncoder
 
         build = index_corpus(engine, m, docs, model_uri=model_uri or str(model.resolve()),

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from clara.cli.common import (fail, _read_config, AccumOpt, BatchOpt, ConfigOpt, DeviceOpt, EveryOpt, LrOpt, PresetOpt,
-                              ResumeOpt, SeedOpt, StepsOpt, train_app)
+from clara.cli.common import (_read_config, AccumOpt, BatchOpt, check_output, ConfigOpt, DeviceOpt, EveryOpt, fail,
+                              LrOpt, PresetOpt, ResumeOpt, SeedOpt, StepsOpt, train_app)
 from clara.config import E2EConfig
 
 
@@ -60,8 +60,8 @@ def train_instruct_cmd(
 
 def _train_compressor(data, out, preset, config, rate, length_mode, device, batch_size, grad_accum, max_steps, lr,
                       checkpoint_every, seed, resume, stage, init) -> None:
-    from clara.config import (ModelConfig, SCPConfig, init_model_config, merged, preset as make_preset, to_dict,
-                              train_overrides)
+    from clara.config import (ModelConfig, SCPConfig, TrainConfig, from_dict, init_model_config, merged,
+                              preset as make_preset, to_dict, train_overrides)
     from clara.data.records import RecordError, load_scp_records
     from clara.model import ClaraModel
     from clara.model.checkpoint import load_checkpoint
@@ -72,8 +72,12 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     setup()  # under torchrun: pin this process to its own GPU before a model is built ("cuda" is the current one)
     try:
+        check_output(out, "dir")
         records = load_scp_records(data)
         raw = _read_config(config)
+        raw["train"] = merged(raw.get("train", {}), train_overrides(batch_size, grad_accum, max_steps, lr,
+                                                                     checkpoint_every, seed))
+        from_dict(TrainConfig, raw["train"])  # out-of-range settings are said before a model loads
         model_over = {k: v for k, v in dict(compression_rate=rate, length_mode=length_mode,
                                             device=device).items() if v is not None}
         over = merged(raw.get("model", {}), model_over)
@@ -86,8 +90,6 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
         else:
             model_cfg = to_dict(make_preset(preset, **over))
         raw["model"] = model_cfg
-        raw["train"] = merged(raw.get("train", {}), train_overrides(batch_size, grad_accum, max_steps, lr,
-                                                                     checkpoint_every, seed))
         cfg = SCPConfig.for_stage(stage, raw)  # stage 2 has defaults of its own (INSTRUCT_DEFAULTS)
         if init is None:
             model = ClaraModel.build(cfg.model)
@@ -133,6 +135,7 @@ def train_e2e_cmd(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     setup()  # as in _train_compressor: each process on its own GPU before the model is loaded
     try:
+        check_output(out, "dir")
         records = load_qa_records(data)
         docs = {d.id: d.full_text for d in read_corpus(corpus)}
         raw = _read_config(config)

@@ -24,6 +24,7 @@ from importlib import resources
 from typing import Any, Protocol, Sequence
 
 from clara.data.corpus import Document
+from clara.errors import ClaraError
 from clara.text import answer_tokens, normalize_answer
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ TASKS = ("system", "simple_qa", "complex_qa", "coverage", "paraphrase", "answer"
          "verify_paraphrase")
 
 
-class TeacherError(RuntimeError):
+class TeacherError(ClaraError):
     """A teacher could not produce an answer (endpoint down, retries exhausted, bad request)."""
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import yaml
 
+from clara.errors import ClaraError
+
 DEFAULT_REMOTE_NAME = "local"
 
 
-class DataVersionError(RuntimeError):
+class DataVersionError(ClaraError):
     pass
 
 

@@ -73,6 +73,28 @@ class EvalConfig:
     speed (decoding ~3x faster on a CPU than through the adapters under autocast); costs one more copy of the base
     weights per adapter while it runs (~2 GB on SmolLM2; at 7B ~14 GB each in bf16: False where memory is short)."""
 
+    def __post_init__(self) -> None:
+        """Every choice checked when the config is made, before a model loads: a typo in the last system to run
+        would otherwise fail after the closed-book and raw-text runs."""
+        from clara.retrieval.fusion import BASELINES
+        from clara.retrieval.rerank import RERANK
+        from clara.store.search import MODES
+
+        problems = [f"{name} {sorted(set(given) - set(known))} (known: {', '.join(known)})"
+                    for name, given, known in (("settings", self.settings, SETTINGS),
+                                               ("baselines", self.baselines, BASELINES),
+                                               ("retrieval_modes", self.retrieval_modes, MODES))
+                    if set(given) - set(known)]
+        if self.mode not in MODES:
+            problems.append(f"mode {self.mode!r} (known: {', '.join(MODES)})")
+        if self.rerank not in RERANK:
+            problems.append(f"rerank {self.rerank!r} (known: {', '.join(RERANK)})")
+        problems += [f"{name}={value} (at least {low})" for name, value, low in
+                     (("k", self.k, 1), ("max_new_tokens", self.max_new_tokens, 1), ("fuse", self.fuse, 0),
+                      ("n_candidates", self.n_candidates, 1)) if value is not None and value < low]
+        if problems:
+            raise ValueError("evaluation settings: " + "; ".join(problems))
+
 
 @dataclass
 class _Acc:
@@ -188,9 +210,6 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
         bars: a progress bar per system (questions/s) on stderr.
     """
     cfg = cfg or EvalConfig()
-    unknown = set(cfg.settings) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(SETTINGS)}")
     if not models:
         raise ValueError("at least one CLaRa model is needed")
     gold = Gold(docs)

@@ -46,9 +46,18 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: a CUDA device asked for where torch sees none (a CPU build, or no GPU on this machine).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if resolved.type == "cuda" and (resolved.index or 0) >= n_gpus:
+        raise ValueError(f"device {device!r}: torch sees {n_gpus} CUDA devices here; use --device cpu or auto")
+    return resolved
 
 
 def cpu_has_native_bf16() -> bool:

@@ -31,9 +31,13 @@ class HybridRetriever:
         return [rrf([a, b], k) for a, b in zip(lex, den)]
 
 
+BASELINES = ("bm25", "minilm", "hybrid")
+"""The raw-text retrievers ``baseline`` builds by name."""
+
+
 def baseline(name: str, docs: Sequence[Document]):
     """A raw-text retriever by name: bm25, minilm or hybrid."""
-    kinds = {"bm25": BM25Retriever, "minilm": MiniLMRetriever, "hybrid": HybridRetriever}
+    kinds = dict(zip(BASELINES, (BM25Retriever, MiniLMRetriever, HybridRetriever)))
     if name not in kinds:
         raise ValueError(f"unknown baseline retriever {name!r}; known: {', '.join(kinds)}")
     return kinds[name](docs)

@@ -19,10 +19,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from sqlalchemy import Engine, text
 
+from clara.errors import ClaraError
+
 HALFVEC_INDEX_LIMIT = 4000  # pgvector: HNSW over halfvec supports at most 4,000 dimensions
 
 
-class StoreError(RuntimeError):
+class StoreError(ClaraError):
     pass
 
 

@@ -71,10 +71,25 @@ def embedded_server(datadir: str | Path | None = None, keep_running: bool = Fals
 
 
 def database_url(url: str | None = None, datadir: str | Path | None = None) -> str:
-    """A SQLAlchemy URL: the argument, else ``$CLARA_DATABASE_URL``, else the embedded server's."""
-    url = url or os.environ.get(ENV_URL)
-    if url:
-        return sqlalchemy_url(url)
+    """A SQLAlchemy URL: the argument, else ``$CLARA_DATABASE_URL``, else the embedded server's.
+
+    Raises:
+        ValueError: a given URL that is not a PostgreSQL one (said before any work, not as a driver's traceback).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    given = url or os.environ.get(ENV_URL)
+    if given:
+        source, expected = ("the database URL" if url else f"${ENV_URL}"), "postgresql://USER:PASSWORD@HOST:PORT/DB"
+        try:
+            parsed = make_url(sqlalchemy_url(given))
+        except ArgumentError:
+            raise ValueError(f"{source} is not a URL (expected {expected})") from None
+        if parsed.get_backend_name() != "postgresql":
+            raise ValueError(f"{source} ({parsed.render_as_string(hide_password=True)}) is not PostgreSQL; the store "
+                             f"needs PostgreSQL with pgvector ({expected})")
+        return sqlalchemy_url(given)
     server = embedded_server(datadir)
     return sqlalchemy_url(server.get_uri())
 

@@ -177,7 +177,9 @@ class Checkpointer:
     def save(self, model: ClaraModel, optimizer, scheduler, step: int, extra: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:06d}"
-        with written_atomically(final, "train_state") as tmp:  # what steps() takes for a step folder
+        if final.is_dir() and not (final / "train_state").is_dir():  # ours, and unusable without it (steps() skips it)
+            shutil.rmtree(final)
+        with written_atomically(final, "train_state", "step checkpoint") as tmp:  # what steps() takes for a step folder
             save_checkpoint(model, tmp / "model", extra=extra)
             save_train_state(tmp / "train_state", optimizer, scheduler, step, extra)
         for stale in [*self.root.glob(".step-*.tmp"), *self.root.glob(".step-*.old")]:  # other steps' kill leftovers

@@ -118,7 +118,47 @@ def setup(case: str, t: Path) -> list[str]:
         return ["data", "version", "--repo", str(t)]
     if case == "ask: --k 0":
         return ["ask", "--k", "0", "What?"]
+    if case == "ask: --model a folder, not a model URI":
+        return ["ask", "--model", str(t), "What?"]
+    if case == "model release: --out a folder that is not a checkpoint":
+        (t / "releases" / "other").mkdir(parents=True)  # what a release over the parent folder would delete
+        return ["model", "release", str(_tiny_checkpoint(t)), "--out", str(t / "releases")]
+    if case == "model paraphrase: --device gpu":
+        return ["model", "paraphrase", str(_tiny_checkpoint(t)), "--text", "Alpha.", "--device", "gpu"]
+    if case == "train scp: --device cuda where torch sees no GPU":
+        return ["train", "scp", "--data", str(_scp(t)), "--out", str(t / "o"), "--preset", "tiny", "--device",
+                "cuda:7"]
+    if case == "train scp: a --config dtype bf16":
+        (t / "c.json").write_text(json.dumps({"model": {"dtype": "bf16"}}))
+        return ["train", "scp", "--data", str(_scp(t)), "--out", str(t / "o"), "--preset", "tiny", "--config",
+                str(t / "c.json")]
+    if case == "train scp: --checkpoint-every 0":
+        return ["train", "scp", "--data", str(_scp(t)), "--out", str(t / "o"), "--preset", "tiny",
+                "--checkpoint-every", "0"]
+    if case == "train scp: --out is a file":
+        return ["train", "scp", "--data", str(_scp(t)), "--out", str(good), "--preset", "tiny"]
+    if case == "compress: --batch-size 0":
+        return ["compress", "--model", str(t), "--corpus", str(good), "--batch-size", "0"]
+    if case == "evaluate: --qa missing (said before any model loads)":
+        return ["evaluate", "--qa", str(t / "absent.jsonl"), "--corpus", str(good), "--model", str(t / "no-model"),
+                "--out", str(t / "ev")]
+    if case == "evaluate: --rerank with a typo":
+        return ["evaluate", "--qa", str(good), "--corpus", str(good), "--model", str(t), "--out", str(t / "ev"),
+                "--rerank", "alwyas"]
+    if case == "evaluate: --rates not numbers":
+        return ["evaluate", "--qa", str(_qa(t)), "--corpus", str(good), "--model", str(t), "--out", str(t / "ev"),
+                "--rates", "16,abc"]
+    if case == "data mix: --kinds with a typo":
+        return ["data", "mix", "--corpus", str(good), "--out", str(t / "mix"), "--kinds", "Simple"]
+    if case == "store builds: --database-url not a URL":
+        return ["store", "builds", "--database-url", "localhost:5432/clara"]
+    if case == "store builds: --database-url not PostgreSQL":
+        return ["store", "builds", "--database-url", "sqlite:///clara.db"]
     raise KeyError(case)
+
+
+def _qa(t: Path) -> Path:
+    return _jsonl(t / "qa.jsonl", [{"id": "q", "question": "What?", "answers": ["Alpha"], "gold_doc_ids": ["a"]}])
 
 
 def _scp(t: Path) -> Path:
@@ -151,6 +191,21 @@ CASES = {
     "data mix: --limit 0": (2, "Invalid value for '--limit': Input should be greater than or equal to 1"),
     "data version: data.dvc not YAML": (2, "data.dvc: not valid YAML"),
     "ask: --k 0": (2, "Invalid value for '--k': Input should be greater than or equal to 1"),
+    "ask: --model a folder, not a model URI": (2, "is not an MLflow model URI (models:/NAME@ALIAS"),
+    "model release: --out a folder that is not a checkpoint": (2, "is a folder that is not a checkpoint (no clara.json "
+                                                               "in it); writing the checkpoint there would replace it"),
+    "model paraphrase: --device gpu": (2, "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+    "train scp: --device cuda where torch sees no GPU": (2, "device 'cuda:7': torch sees"),
+    "train scp: a --config dtype bf16": (2, "dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got 'bf16'"),
+    "train scp: --checkpoint-every 0": (2, "train settings out of range: checkpoint_every=0 (at least 1)"),
+    "train scp: --out is a file": (2, "good.jsonl exists and is not a directory"),
+    "compress: --batch-size 0": (2, "Invalid value for '--batch-size': Input should be greater than or equal to 1"),
+    "evaluate: --qa missing (said before any model loads)": (2, "No such file or directory"),
+    "evaluate: --rerank with a typo": (2, "evaluation settings: rerank 'alwyas' (known: auto, always, never)"),
+    "evaluate: --rates not numbers": (2, "--rates '16,abc': expected compression rates separated by commas"),
+    "data mix: --kinds with a typo": (2, "kinds 'Simple': each must be one of simple, complex"),
+    "store builds: --database-url not a URL": (2, "the database URL is not a URL (expected postgresql://"),
+    "store builds: --database-url not PostgreSQL": (2, "is not PostgreSQL; the store needs PostgreSQL with pgvector"),
 }
 
 
@@ -223,12 +278,37 @@ def test_the_torchrun_entry_point_says_a_mistake_the_same_way(monkeypatch, capsy
                                        "(CLARA_DEBUG=1 shows the traceback)\n")
 
 
+def test_a_registry_command_says_a_server_that_does_not_answer(monkeypatch, capsys):
+    """``clara promote`` against a tracking server that is down: the outage is said (and how to start it), not
+    the registry's refusal of the version."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    import clara_flows.cli as cli
+    from clara_flows import tracking
+
+    def down(*a, **k):
+        try:
+            raise requests.ConnectionError("Failed to establish a new connection: [Errno 111] Connection refused")
+        except requests.ConnectionError as exc:
+            raise MlflowException("API request to http://127.0.0.1:5000/... failed") from exc
+
+    monkeypatch.setattr(tracking, "client", lambda *a, **k: type("C", (), {"get_model_version": down})())
+    monkeypatch.delenv("CLARA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.promote_cmd(version="3", reason="r", name="clara")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "does not answer; start it with" in err and "no version" not in err
+
+
 def test_a_programming_error_keeps_its_traceback():
     from mlflow.exceptions import MlflowException
 
     from clara.cli import user_error
+    from clara.store.builds import StoreUnavailable
 
     assert user_error(ValueError("x")) and user_error(IsADirectoryError("d")) and user_error(MlflowException("no"))
+    assert user_error(StoreUnavailable("the database at 127.0.0.1:1 does not answer"))
     assert not user_error(TypeError("bug")) and not user_error(KeyError("bug"))
 
 

@@ -129,6 +129,8 @@ def test_gate_promotes_on_paired_evidence_only(registry):
 
 
 def test_rollback_walks_back_one_promotion_at_a_time(registry):
+    from mlflow.exceptions import MlflowException
+
     from clara_flows.registry import RegistryError, history, promote, rollback
 
     c, add = registry
@@ -146,6 +148,10 @@ def test_rollback_walks_back_one_promotion_at_a_time(registry):
     assert "rollback from v3: v3 is broken" in c.get_model_version("m", v2).tags["production.reason"]
     with pytest.raises(RegistryError, match="reason"):
         promote(c, "m", v3, "  ")
+    with pytest.raises(RegistryError, match="m has no version 99"):
+        promote(c, "m", "99", "x")
+    with pytest.raises(MlflowException, match="must be an integer"):  # not "no version": the registry's own words
+        promote(c, "m", "abc", "x")
 
 
 def test_registered_models_are_code_and_load_without_unpickling(tiny_model, docs, tmp_path, monkeypatch):

@@ -84,6 +84,26 @@ def test_the_next_write_repairs_what_a_killed_writer_left(tiny_model, docs, tmp_
     assert torch.equal(load_checkpoint(path).compress(docs[:1])[0], before)
 
 
+def test_a_checkpoint_is_never_written_over_a_folder_that_is_not_one(tiny_model, tmp_path):
+    """An --out that names a parent folder (``releases`` for ``releases/mine``), a run folder or a file is refused
+    before anything moves, and everything in it is kept; an empty folder or an earlier checkpoint is written over."""
+    from clara.model.checkpoint import export_release
+
+    (tmp_path / "releases" / "theirs").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a checkpoint .* would replace it and everything in it"):
+        save_checkpoint(tiny_model, tmp_path / "releases")
+    with pytest.raises(ValueError, match="notes.txt is a file"):
+        save_checkpoint(tiny_model, tmp_path / "notes.txt")
+    assert (tmp_path / "releases" / "theirs").is_dir() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "releases"]  # no temporary folder left
+    (tmp_path / "empty").mkdir()
+    first = save_checkpoint(tiny_model, tmp_path / "empty")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        export_release(first, tmp_path / "releases")
+    assert export_release(first, first) == first and load_checkpoint(first) is not None  # its own folder: fine
+
+
 def test_publish_flushes_the_data_before_the_name(tmp_path, monkeypatch):
     """A rename reaches the disk before unflushed data can, so after a power loss the final name could hold an
     empty file; publish flushes every file, then renames, then flushes the folder holding the name."""
