@@ -54,6 +54,17 @@ class SynthesisConfig:
     max_consecutive_failures: int = 3
     """Stop when this many batches in a row fail at the teacher (the endpoint is down): progress is kept."""
 
+    def __post_init__(self) -> None:
+        bad = [f"{k}={getattr(self, k)} (at least {v})" for k, v in
+               {"max_simple": 0, "max_complex": 0, "coverage_rounds": 0, "batch_docs": 1,
+                "max_consecutive_failures": 1}.items() if getattr(self, k) < v]
+        if not 0 <= self.min_coverage <= 1:
+            bad.append(f"min_coverage={self.min_coverage} (a fraction in [0, 1])")
+        if not 0 <= self.dev_fraction < 1:
+            bad.append(f"dev_fraction={self.dev_fraction} (a fraction in [0, 1): 1 would leave nothing to train on)")
+        if bad:
+            raise ValueError(f"synthesis settings out of range: {', '.join(bad)}")
+
 
 @dataclass
 class DocResult:
@@ -207,6 +218,21 @@ def _resume(out: Path, teacher: Teacher, rows_log: _Log, done_log: _Log, rej_log
     return done
 
 
+def _check_same_work(out: Path, done: dict[str, dict], rows: list[dict[str, Any]], by_id: dict[str, Document],
+                     cfg: SynthesisConfig) -> None:
+    """Refuse to resume work of another corpus, or split with another seed or dev_fraction: its documents and
+    rows would stay in train.jsonl / dev.jsonl beside this run's."""
+    foreign = [i for i in done if i not in by_id]
+    if foreign:
+        raise ValueError(f"{out} holds {len(foreign)} done document(s) this corpus does not have (e.g. "
+                         f"{foreign[0]!r}): it is another corpus's work; synthesize into another folder (or delete it)")
+    moved = next((r["doc_id"] for r in rows if r["split"] != split_of(by_id[r["doc_id"]], cfg.seed, cfg.dev_fraction)),
+                 None)
+    if moved is not None:
+        raise ValueError(f"{out} was split into train/dev with another seed or dev_fraction (document {moved!r} is in "
+                         f"another split now): resuming would mix two splits; synthesize into another folder")
+
+
 def _record(res, teacher: Teacher, cfg: SynthesisConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One document's result as its rows (none unless kept) and its done-log entry."""
     n_pairs = sum(len(p) for p in res.pairs.values())
@@ -231,6 +257,7 @@ def synthesize(docs: Sequence[Document], teacher: Teacher, out_dir: str | Path, 
         raise ValueError(f"duplicate document id {dup!r}: ingest the corpus first (it de-duplicates)")
     rows_log, done_log, rej_log = _Log(out / "rows.jsonl"), _Log(out / "done.jsonl"), _Log(out / "rejected.jsonl")
     done = _resume(out, teacher, rows_log, done_log, rej_log)
+    _check_same_work(out, done, rows_log.read(), {d.id: d for d in docs}, cfg)
     todo = [d for d in docs if d.id not in done]
     started, n_new, failures_in_a_row = time.perf_counter(), 0, 0
     failed: list[str] = []

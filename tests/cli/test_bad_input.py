@@ -148,6 +148,17 @@ def setup(case: str, t: Path) -> list[str]:
     if case == "evaluate: --rates not numbers":
         return ["evaluate", "--qa", str(_qa(t)), "--corpus", str(good), "--model", str(t), "--out", str(t / "ev"),
                 "--rates", "16,abc"]
+    if case == "synthesize: --dev-fraction 10":
+        return ["synthesize", "--corpus", str(good), "--out", str(t / "syn"), "--teacher", "extractive",
+                "--dev-fraction", "10"]
+    if case == "synthesize: resuming another corpus's work":
+        from clara.cli import app
+        from typer.testing import CliRunner
+
+        other = _jsonl(t / "other.jsonl", [{"id": "b", "title": "B", "text": "Beta is second."}])
+        first = ["synthesize", "--corpus", str(other), "--out", str(t / "syn"), "--teacher", "extractive"]
+        assert CliRunner().invoke(app, first).exit_code == 0
+        return ["synthesize", "--corpus", str(good), "--out", str(t / "syn"), "--teacher", "extractive"]
     if case == "data mix: --kinds with a typo":
         return ["data", "mix", "--corpus", str(good), "--out", str(t / "mix"), "--kinds", "Simple"]
     if case == "store builds: --database-url not a URL":
@@ -203,6 +214,8 @@ CASES = {
     "evaluate: --qa missing (said before any model loads)": (2, "No such file or directory"),
     "evaluate: --rerank with a typo": (2, "evaluation settings: rerank 'alwyas' (known: auto, always, never)"),
     "evaluate: --rates not numbers": (2, "--rates '16,abc': expected compression rates separated by commas"),
+    "synthesize: --dev-fraction 10": (2, "dev_fraction=10.0 (a fraction in [0, 1): 1 would leave nothing to train on)"),
+    "synthesize: resuming another corpus's work": (2, "holds 1 done document(s) this corpus does not have (e.g. 'b')"),
     "data mix: --kinds with a typo": (2, "kinds 'Simple': each must be one of simple, complex"),
     "store builds: --database-url not a URL": (2, "the database URL is not a URL (expected postgresql://"),
     "store builds: --database-url not PostgreSQL": (2, "is not PostgreSQL; the store needs PostgreSQL with pgvector"),

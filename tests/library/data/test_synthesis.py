@@ -57,6 +57,12 @@ def test_resuming_another_teacher_versions_folder_is_refused_and_touches_nothing
     with pytest.raises(ValueError, match="extractive-v1.*extractive-v9.*another folder"):
         synthesize(docs, newer, out, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # another split (seed or dev_fraction) or another corpus would leave the old rows beside the new ones
+    with pytest.raises(ValueError, match="split into train/dev with another seed or dev_fraction"):
+        synthesize(docs, ExtractiveTeacher(), out, SynthesisConfig(dev_fraction=0.9), progress=False)
+    with pytest.raises(ValueError, match="this corpus does not have"):
+        synthesize(docs[3:], ExtractiveTeacher(), out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # the same version resumes: the first three are found, the rest synthesized once each
     report = synthesize(docs, ExtractiveTeacher(), out, progress=False)
     assert report["documents_done"] == len(docs)
