@@ -5,6 +5,8 @@ Resumable state is written as safetensors (tensors) + JSON (everything else): a 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from clara.atomic import written_atomically
-from clara.config import OptimSettings, TrainConfig
+from clara.config import OptimSettings, TrainConfig, to_dict
 from clara.data.corpus import atomic_write_lines
 from clara.model.checkpoint import load_adapter_weights, read_checkpoint_config, read_safetensors, save_checkpoint
 from clara.model.clara_model import ClaraModel
@@ -188,14 +190,16 @@ class Checkpointer:
             shutil.rmtree(self.root / f"step-{old:06d}", ignore_errors=True)
         return final
 
-    def restore(self, model: ClaraModel, optimizer, scheduler, *, stage: str, resume: bool = True) -> int:
+    def restore(self, model: ClaraModel, optimizer, scheduler, *, stage: str, resume: bool = True,
+                identity: dict[str, Any] | None = None) -> int:
         """The step a run of ``stage`` starts from: 0 where there are no step checkpoints; else the latest readable
         one is loaded into model/optimizer/scheduler/RNG and its step returned. One that cannot be read (cut off
         when a disk filled) is skipped for the one before it, with a warning.
 
-        Refused, with the reason: checkpoints of another stage (the folder is another run's), and ``resume=False``
-        where checkpoints exist: two runs' steps in one folder would let retention delete the new run's and a
-        later resume continue the old one."""
+        Refused, with the reason: checkpoints of another stage (the folder is another run's), of other settings or
+        data than ``identity`` (``run_identity``: continuing them would train something else), and
+        ``resume=False`` where checkpoints exist: two runs' steps in one folder would let retention delete the new
+        run's and a later resume continue the old one."""
         steps = self.steps()
         if steps and not resume:
             raise ValueError(f"{self.root} holds step checkpoints of an earlier run (last: step {steps[-1]}); "
@@ -205,16 +209,21 @@ class Checkpointer:
             folder = self.root / f"step-{step:06d}"
             try:
                 meta = read_train_meta(folder / "train_state")
-                saved = meta.get("extra", {}).get("stage", stage)
-                if saved == stage:  # another stage's is refused below, never loaded
-                    load_adapter_weights(model, folder / "model")
-                    load_train_state(folder / "train_state", meta, optimizer, scheduler)
+                saved = meta.get("extra", {})
+            except (ValueError, OSError) as exc:
+                warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
+                continue
+            if saved.get("stage", stage) != stage:  # another run's: refused, never loaded
+                raise ValueError(f"{folder} is a step checkpoint of stage {saved['stage']!r}, not {stage!r}: this "
+                                 f"output folder holds another run; use another one")
+            if identity is not None:
+                refuse_another_run(saved, identity, folder)
+            try:
+                load_adapter_weights(model, folder / "model")
+                load_train_state(folder / "train_state", meta, optimizer, scheduler)
             except (ValueError, OSError, KeyError) as exc:
                 warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
                 continue
-            if saved != stage:
-                raise ValueError(f"{folder} is a step checkpoint of stage {saved!r}, not {stage!r}: this output "
-                                 f"folder holds another run; use another one")
             return step
         if steps:
             raise ValueError(f"no readable step checkpoint under {self.root}: remove it to start over")
@@ -251,10 +260,60 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-def run_finished(final: Path, stage: str, steps: int) -> bool:
-    """Whether ``final`` is the completed checkpoint of this stage with this step budget (a rerun is a no-op)."""
+CONTINUABLE = ("model.device", "model.dtype", "model.amp", "train.max_steps", "train.epochs",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+"""Settings a run may change and still continue the checkpoints of its output folder: where it runs, how often it
+saves and logs, and how long it goes on (extending a run). Any other change would train something else."""
+
+
+def run_identity(cfg: Any, *data: Any) -> dict[str, Any]:
+    """What a run records with its checkpoints to be told from another: its whole config and a digest of its data
+    (records as dataclasses or JSON values, in order)."""
+    digest = hashlib.sha256()
+    for part in data:
+        for item in part:
+            digest.update(json.dumps(dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item,
+                                     sort_keys=True, ensure_ascii=False).encode())
+    return {"config": to_dict(cfg), "data": digest.hexdigest()[:16]}
+
+
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def refuse_another_run(saved: dict[str, Any], identity: dict[str, Any], where: Path) -> None:
+    """Refuse to continue, or hand back as finished, a checkpoint trained with other settings or data than this
+    run's ``identity`` (``run_identity``). Settings in ``CONTINUABLE`` may differ; one the checkpoint does not
+    record (added to the code since) counts as unchanged.
+
+    Raises:
+        ValueError: naming each difference.
+    """
+    old, new = _flat(saved.get("config") or {}), _flat(identity["config"])
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+               if old[k] != new[k] and k not in CONTINUABLE]
+    if "data" in saved and saved["data"] != identity["data"]:
+        changed.append("the training data")
+    if changed:
+        raise ValueError(f"{where} was trained with other settings or data than this run's ({'; '.join(changed[:4])}"
+                         f"{'; …' if len(changed) > 4 else ''}): continuing it would not train what was asked; use "
+                         f"another output folder, or remove this one to start over")
+
+
+def run_finished(final: Path, stage: str, steps: int, identity: dict[str, Any]) -> bool:
+    """Whether ``final`` is the completed checkpoint of this stage with this step budget (a rerun is a no-op).
+
+    Raises:
+        ValueError: it is, but trained with other settings or data (``refuse_another_run``): not what was asked.
+    """
     try:
         extra = read_checkpoint_config(final)["extra"]
     except (FileNotFoundError, ValueError):
         return False
-    return bool(extra.get("completed")) and extra.get("stage") == stage and extra.get("step") == steps
+    if not (extra.get("completed") and extra.get("stage") == stage):
+        return False
+    refuse_another_run(extra, identity, final)
+    return extra.get("step") == steps

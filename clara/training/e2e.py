@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara.atomic import publish
-from clara.config import E2EConfig, to_dict
+from clara.config import E2EConfig
 from clara.data.records import QARecord
 from clara.model.checkpoint import load_adapter_weights
 from clara.model.clara_model import ClaraModel
@@ -33,6 +33,7 @@ from clara.training.common import (
     build_optimization,
     optimizer_step,
     run_finished,
+    run_identity,
     save_final,
     total_steps,
 )
@@ -198,7 +199,8 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     _check_gold_in_corpus(records, corpus)
     train = cfg.train
     steps = total_steps(train, len(records))
-    if resume and run_finished(final, "e2e", steps):
+    extra = {"stage": "e2e", "total_steps": steps, **run_identity(cfg, records, sorted(corpus.items()))}
+    if resume and run_finished(final, "e2e", steps, extra):
         load_adapter_weights(model, final)
         return final
     torch.manual_seed(train.seed)
@@ -209,10 +211,9 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     model.set_trainable(["query_reasoner", "generator"], special=False)
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
-    start = ckpt.restore(model, optimizer, scheduler, stage="e2e", resume=resume)
+    start = ckpt.restore(model, optimizer, scheduler, stage="e2e", resume=resume, identity=extra)
     dist = setup()  # several processes under torchrun: each takes a slice of every batch
     log = MetricsLog(out_dir, callback, start) if dist.main else None
-    extra = {"stage": "e2e", "total_steps": steps, "config": to_dict(cfg)}
     recall_key = f"recall@{min(cfg.top_k, cfg.n_candidates, len(pool.index))}"
 
     model.peft.train()

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from clara.config import SCPConfig, to_dict
+from clara.config import SCPConfig
 from clara.data.records import SCPRecord
 from clara.model import prompts
 from clara.model.checkpoint import load_adapter_weights
@@ -32,6 +32,7 @@ from clara.training.common import (
     build_optimization,
     optimizer_step,
     run_finished,
+    run_identity,
     save_final,
     total_steps,
 )
@@ -215,17 +216,17 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
         raise ValueError("no training examples")
     train = cfg.train
     steps = total_steps(train, len(examples))
-    if resume and run_finished(final, stage, steps):
+    extra = {"stage": stage, "total_steps": steps, **run_identity(cfg, records)}
+    if resume and run_finished(final, stage, steps, extra):
         load_adapter_weights(model, final)
         return final
     torch.manual_seed(train.seed)
     _select_trainable(model, stage, cfg)
     optimizer, scheduler = build_optimization(_param_groups(model, cfg), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
-    start = ckpt.restore(model, optimizer, scheduler, stage=stage, resume=resume)
+    start = ckpt.restore(model, optimizer, scheduler, stage=stage, resume=resume, identity=extra)
     dist = setup()  # several processes under torchrun: each takes a slice of every batch
     log = MetricsLog(out_dir, callback, start) if dist.main else None
-    extra = {"stage": stage, "total_steps": steps, "config": to_dict(cfg)}
 
     model.peft.train()
     bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not (progress and dist.main),

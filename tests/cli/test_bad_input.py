@@ -107,6 +107,14 @@ def setup(case: str, t: Path) -> list[str]:
 
         assert CliRunner().invoke(app, args).exit_code == 0
         return args + ["--no-resume"]
+    if case == "train scp: another --lr into a finished run's folder":
+        args = ["train", "scp", "--data", str(_scp(t)), "--out", str(t / "o"), "--preset", "tiny", "--max-steps", "1",
+                "--batch-size", "1"]
+        from clara.cli import app
+        from typer.testing import CliRunner
+
+        assert CliRunner().invoke(app, args + ["--lr", "0.01"]).exit_code == 0
+        return args + ["--lr", "0.02"]
     if case == "data mix: a synthesized row without answers":
         (t / "synth").mkdir()
         _jsonl(t / "synth" / "train.jsonl", [{"data_type": "qa", "question": ["Q?"], "docs": ["d"], "doc_id": "a"}])
@@ -198,6 +206,8 @@ CASES = {
     "train scp: a --config lora that is a number": (2, "ModelConfig.lora must be a table/object of LoraSettings fields"),
     "train scp: --init with a clashing --length-mode": (2, "a run continuing it cannot change length_mode"),
     "train scp: --no-resume into an earlier run's checkpoints": (2, "holds step checkpoints of an earlier run"),
+    "train scp: another --lr into a finished run's folder": (2, "was trained with other settings or data than this "
+                                                                "run's (train.optim.lr 0.01 -> 0.02)"),
     "data mix: a synthesized row without answers": (2, "train.jsonl:1: field 'answers' must be a list of strings"),
     "data mix: --limit 0": (2, "Invalid value for '--limit': Input should be greater than or equal to 1"),
     "data version: data.dvc not YAML": (2, "data.dvc: not valid YAML"),

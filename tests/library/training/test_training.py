@@ -255,6 +255,31 @@ def test_a_step_checkpoint_rewrite_that_fails_keeps_the_earlier_one(tmp_path, mo
         assert ck.restore(model, opt, sched, stage="scp") == 3  # valid JSON of the wrong shape: skipped, not a crash
 
 
+def test_a_rerun_with_other_settings_or_data_is_refused_not_handed_the_old_model(fixtures, tmp_path):
+    """Into a finished run folder (or one with step checkpoints), a run with another lr, rate or data must not get
+    the old model back as if it had trained, nor continue it; a new checkpoint interval or more steps may."""
+    import dataclasses
+
+    records = load_scp_records(fixtures / "scp.jsonl")[:2]
+    cfg = tiny_scp_cfg(max_steps=2, checkpoint_every=1)
+    run = tmp_path / "r"
+    train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False)
+    other_lr = tiny_scp_cfg(max_steps=2, checkpoint_every=1, optim=OptimSettings(lr=1e-3))
+    with pytest.raises(ValueError, match=r"other settings or data .*train\.optim\.lr 0\.005 -> 0\.001"):
+        train_scp(ClaraModel.build(cfg.model), records, other_lr, run, progress=False)
+    with pytest.raises(ValueError, match="the training data"):
+        train_scp(ClaraModel.build(cfg.model), records[:1], cfg, run, progress=False)
+    same = tiny_scp_cfg(max_steps=2, checkpoint_every=5)  # where and how often: the finished run is this one
+    assert train_scp(ClaraModel.build(cfg.model), records, same, run, progress=False) == run / "model"
+    shutil.rmtree(run / "model")  # as if killed after its last step checkpoint: the step checkpoints decide
+    rate = dataclasses.replace(cfg, model=preset("tiny", compression_rate=4))
+    with pytest.raises(ValueError, match="step-000002 was trained with other settings .*compression_rate 16 -> 4"):
+        train_scp(ClaraModel.build(rate.model), records, rate, run, progress=False)
+    longer = tiny_scp_cfg(max_steps=3, checkpoint_every=1)  # more steps: the run goes on from step 2
+    train_scp(ClaraModel.build(cfg.model), records, longer, run, progress=False)
+    assert Checkpointer(run).steps() == [2, 3]
+
+
 def test_resume_refuses_another_run_and_survives_a_damaged_latest_checkpoint(fixtures, tmp_path):
     """A folder is one run: not resuming into step checkpoints, or resuming another stage's, is refused (retention
     would delete the new run's steps and a later resume continue the old one). A latest checkpoint cut off by a
