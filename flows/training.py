@@ -28,9 +28,11 @@ def scp_task(data: dict[str, Any], preset: str, compression_rate: int, memory_re
                   steps=steps, batch_size=batch_size, lr=lr, init_from=init_from, device=device, processes=processes)
     if target_dropout:  # only when set, so the paper recipe's stage keys stay what they were
         inputs["target_dropout"] = target_dropout
-    from clara.model.checkpoint import resolve_checkpoint
+    from clara.model.checkpoint import checkpoint_digest, resolve_checkpoint
 
     start = stages.scp_start(init_from, preset, compression_rate, memory_readout)  # refused before anything else
+    if init_from:  # a release replaced in place under the same path is another starting point: another run
+        inputs["init_digest"] = checkpoint_digest(init_from)
     key = stage_key("pretrain_scp", inputs)
     with exclusive("pretrain_scp", key):  # a second run with these inputs waits, then reuses
         found = reuse(ctx["experiment"], "pretrain_scp", key, checkpoint_missing, ctx["refresh"])

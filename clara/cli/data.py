@@ -107,15 +107,15 @@ def synthesize_cmd(
     from clara.data.synthesis import SynthesisConfig, synthesize
     from clara.data.teachers import TeacherError, build_teacher
 
-    try:  # settings, --out and the teacher first: nothing is read or written before they are known to be good
+    try:  # nothing is written before the settings, --out, the corpus and the teacher are known to be good
         cfg = SynthesisConfig(coverage_rounds=coverage_rounds, min_coverage=min_coverage,
                               dev_fraction=dev_fraction, seed=seed, batch_docs=batch_docs)
         check_output(out, "dir")
-        t = build_teacher(teacher, model=model, base_url=base_url, api_key_env=api_key_env,
-                          concurrency=concurrency, device=device, timeout=timeout)
         docs, ingest_report = ingest(corpus, on_error, preset, None)
         if limit is not None:
             docs = docs[:limit]
+        t = build_teacher(teacher, model=model, base_url=base_url, api_key_env=api_key_env,
+                          concurrency=concurrency, device=device, timeout=timeout)
         out.mkdir(parents=True, exist_ok=True)
         write_rejects(ingest_report.rejects, out / "corpus_rejects.jsonl")
         report = synthesize(docs, t, out, cfg, corpus_report=ingest_report.summary())

@@ -225,7 +225,8 @@ def _check_same_work(out: Path, done: dict[str, dict], rows: list[dict[str, Any]
     foreign = [i for i in done if i not in by_id]
     if foreign:
         raise ValueError(f"{out} holds {len(foreign)} done document(s) this corpus does not have (e.g. "
-                         f"{foreign[0]!r}): it is another corpus's work; synthesize into another folder (or delete it)")
+                         f"{foreign[0]!r}): it is the work of another corpus or another cut of it (--limit); "
+                         f"synthesize into another folder (or delete it)")
     moved = next((r["doc_id"] for r in rows if r["split"] != split_of(by_id[r["doc_id"]], cfg.seed, cfg.dev_fraction)),
                  None)
     if moved is not None:

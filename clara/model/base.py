@@ -56,7 +56,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     resolved = torch.device(device)
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if resolved.type == "cuda" and (resolved.index or 0) >= n_gpus:
-        raise ValueError(f"device {device!r}: torch sees {n_gpus} CUDA devices here; use --device cpu or auto")
+        raise ValueError(f"device {device!r}: torch sees {n_gpus} CUDA device(s) here"
+                         f"{f' (cuda:0 to cuda:{n_gpus - 1})' if n_gpus else ''}; use one of those, cpu or auto")
     return resolved
 
 

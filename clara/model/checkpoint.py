@@ -143,6 +143,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def checkpoint_digest(path: str | Path) -> str:
+    """A digest of what a checkpoint holds (its model config and every weight file), for a cache key that must
+    change when a checkpoint is replaced in place under the same path (a release)."""
+    import hashlib
+
+    path = resolve_checkpoint(path)
+    digest = hashlib.sha256(json.dumps(read_checkpoint_config(path)["model"], sort_keys=True).encode())
+    for file in sorted(path.rglob("*.safetensors")):
+        digest.update(file.relative_to(path).as_posix().encode())
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     path = resolve_checkpoint(path)
     cfg_file = path / CONFIG_FILE

@@ -210,6 +210,8 @@ class Checkpointer:
             try:
                 meta = read_train_meta(folder / "train_state")
                 saved = meta.get("extra", {})
+                if not isinstance(saved, dict):
+                    raise ValueError(f"'extra' is a {type(saved).__name__}, not an object")
             except (ValueError, OSError) as exc:
                 warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
                 continue
@@ -217,7 +219,10 @@ class Checkpointer:
                 raise ValueError(f"{folder} is a step checkpoint of stage {saved['stage']!r}, not {stage!r}: this "
                                  f"output folder holds another run; use another one")
             if identity is not None:
-                refuse_another_run(saved, identity, folder)
+                refuse_another_run(saved, identity, folder, self.root.parent)
+            if identity is not None and step > identity["total_steps"]:  # fewer steps would label these weights
+                raise ValueError(f"{folder} is past this run's {identity['total_steps']} steps: the run in "
+                                 f"{self.root.parent} went further; give at least {step} steps, or another folder")
             try:
                 load_adapter_weights(model, folder / "model")
                 load_train_state(folder / "train_state", meta, optimizer, scheduler)
@@ -268,12 +273,15 @@ saves and logs, and how long it goes on (extending a run). Any other change woul
 
 def run_identity(cfg: Any, *data: Any) -> dict[str, Any]:
     """What a run records with its checkpoints to be told from another: its whole config and a digest of its data
-    (records as dataclasses or JSON values, in order)."""
+    (records as dataclasses or JSON values, in order; a record's ``source``, the file and line it was read from,
+    is left out: the same rows under another path are the same data)."""
     digest = hashlib.sha256()
     for part in data:
         for item in part:
-            digest.update(json.dumps(dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item,
-                                     sort_keys=True, ensure_ascii=False).encode())
+            row = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
+            if isinstance(row, dict):
+                row = {k: v for k, v in row.items() if k != "source"}
+            digest.update(json.dumps(row, sort_keys=True).encode())
     return {"config": to_dict(cfg), "data": digest.hexdigest()[:16]}
 
 
@@ -284,7 +292,7 @@ def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def refuse_another_run(saved: dict[str, Any], identity: dict[str, Any], where: Path) -> None:
+def refuse_another_run(saved: dict[str, Any], identity: dict[str, Any], where: Path, run: Path) -> None:
     """Refuse to continue, or hand back as finished, a checkpoint trained with other settings or data than this
     run's ``identity`` (``run_identity``). Settings in ``CONTINUABLE`` may differ; one the checkpoint does not
     record (added to the code since) counts as unchanged.
@@ -300,7 +308,7 @@ def refuse_another_run(saved: dict[str, Any], identity: dict[str, Any], where: P
     if changed:
         raise ValueError(f"{where} was trained with other settings or data than this run's ({'; '.join(changed[:4])}"
                          f"{'; …' if len(changed) > 4 else ''}): continuing it would not train what was asked; use "
-                         f"another output folder, or remove this one to start over")
+                         f"another output folder, or remove {run} to start over")
 
 
 def run_finished(final: Path, stage: str, steps: int, identity: dict[str, Any]) -> bool:
@@ -315,5 +323,5 @@ def run_finished(final: Path, stage: str, steps: int, identity: dict[str, Any]) 
         return False
     if not (extra.get("completed") and extra.get("stage") == stage):
         return False
-    refuse_another_run(extra, identity, final)
+    refuse_another_run(extra, identity, final, final.parent)
     return extra.get("step") == steps

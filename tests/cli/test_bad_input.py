@@ -215,7 +215,7 @@ CASES = {
     "ask: --model a folder, not a model URI": (2, "is not an MLflow model URI (models:/NAME@ALIAS"),
     "model release: --out a folder that is not a checkpoint": (2, "is a folder that is not a checkpoint (no clara.json "
                                                                "in it); writing the checkpoint there would replace it"),
-    "model paraphrase: --device gpu": (2, "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+    "model paraphrase: --device gpu": (2, "device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', got 'gpu'"),
     "train scp: --device cuda where torch sees no GPU": (2, "device 'cuda:7': torch sees"),
     "train scp: a --config dtype bf16": (2, "dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got 'bf16'"),
     "train scp: --checkpoint-every 0": (2, "train settings out of range: checkpoint_every=0 (at least 1)"),

@@ -271,6 +271,9 @@ def test_a_rerun_with_other_settings_or_data_is_refused_not_handed_the_old_model
         train_scp(ClaraModel.build(cfg.model), records[:1], cfg, run, progress=False)
     same = tiny_scp_cfg(max_steps=2, checkpoint_every=5)  # where and how often: the finished run is this one
     assert train_scp(ClaraModel.build(cfg.model), records, same, run, progress=False) == run / "model"
+    moved = tmp_path / "elsewhere.jsonl"  # the same rows read from another path are the same data
+    moved.write_bytes((fixtures / "scp.jsonl").read_bytes())
+    assert train_scp(ClaraModel.build(cfg.model), load_scp_records(moved)[:2], cfg, run, progress=False) == run / "model"
     shutil.rmtree(run / "model")  # as if killed after its last step checkpoint: the step checkpoints decide
     rate = dataclasses.replace(cfg, model=preset("tiny", compression_rate=4))
     with pytest.raises(ValueError, match="step-000002 was trained with other settings .*compression_rate 16 -> 4"):
@@ -278,6 +281,9 @@ def test_a_rerun_with_other_settings_or_data_is_refused_not_handed_the_old_model
     longer = tiny_scp_cfg(max_steps=3, checkpoint_every=1)  # more steps: the run goes on from step 2
     train_scp(ClaraModel.build(cfg.model), records, longer, run, progress=False)
     assert Checkpointer(run).steps() == [2, 3]
+    shutil.rmtree(run / "model")
+    with pytest.raises(ValueError, match="step-000003 is past this run's 2 steps"):  # not labelled as 2 steps
+        train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False)
 
 
 def test_resume_refuses_another_run_and_survives_a_damaged_latest_checkpoint(fixtures, tmp_path):
