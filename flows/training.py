@@ -60,7 +60,8 @@ def scp_task(data: dict[str, Any], preset: str, compression_rate: int, memory_re
             else:
                 model = load_checkpoint(init_from, device=device) if init_from else ClaraModel.build(cfg.model)
                 live = LiveMetrics(st.c, st.run_id)
-                final = train_scp(model, load_scp_records(train_file), cfg, work, callback=live, progress=False)
+                final = train_scp(model, load_scp_records(train_file), cfg, work, callback=live, progress=False,
+                                  start=inputs.get("init_digest"))
                 live.replay_if_silent(work)
             version, _ = register_once(
                 st.c, "clara-compressor", key,
@@ -108,7 +109,7 @@ def instruct_task(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_s
             return found
         from clara.config import ModelConfig, SCPConfig, from_dict, to_dict
         from clara.data.records import load_scp_records
-        from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
+        from clara.model.checkpoint import checkpoint_digest, load_checkpoint, read_checkpoint_config
         from clara.training.scp import train_scp
 
         start = checkpoint_dir(scp)  # its config read, not the model loaded: under torchrun the processes load it
@@ -125,7 +126,7 @@ def instruct_task(scp: dict[str, Any], data: dict[str, Any], steps: int, batch_s
             else:
                 model, live = load_checkpoint(start, device=device), LiveMetrics(st.c, st.run_id)
                 final = train_scp(model, load_scp_records(train_file), cfg, work, stage="instruct", callback=live,
-                                  progress=False)
+                                  progress=False, start=checkpoint_digest(start))
                 live.replay_if_silent(work)
             st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
             return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint"})
@@ -144,7 +145,7 @@ def e2e_task(init: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
             return found
         from clara.config import E2EConfig, to_dict
         from clara.eval.datasets import synth_qa
-        from clara.model.checkpoint import load_checkpoint, read_checkpoint_config
+        from clara.model.checkpoint import checkpoint_digest, load_checkpoint, read_checkpoint_config
         from clara.training.e2e import train_e2e
 
         cfg = E2EConfig(train=stages.stage_budget(steps, batch_size, lr), n_candidates=n_candidates, top_k=top_k)
@@ -169,7 +170,8 @@ def e2e_task(init: dict[str, Any], data: dict[str, Any], steps: int, batch_size:
             else:
                 model, live = load_checkpoint(checkpoint_dir(init), device=device), LiveMetrics(st.c, st.run_id)
                 corpus = {d.id: d.full_text for d in docs}
-                final = train_e2e(model, qa, corpus, cfg, work, callback=live, progress=False)
+                final = train_e2e(model, qa, corpus, cfg, work, callback=live, progress=False,
+                                  start=checkpoint_digest(checkpoint_dir(init)))
                 live.replay_if_silent(work)
             st.c.log_artifacts(st.run_id, str(final), "checkpoint")  # safetensors + JSON, no pickles
             return st.finish({"checkpoint": str(final), "model_uri": f"runs:/{st.run_id}/checkpoint",

@@ -64,7 +64,7 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
                               preset as make_preset, to_dict, train_overrides)
     from clara.data.records import RecordError, load_scp_records
     from clara.model import ClaraModel
-    from clara.model.checkpoint import load_checkpoint
+    from clara.model.checkpoint import checkpoint_digest, load_checkpoint
     from clara.model.special import continue_with
     from clara.training.distributed import setup
     from clara.training.scp import train_scp
@@ -95,7 +95,8 @@ def _train_compressor(data, out, preset, config, rate, length_mode, device, batc
             model = ClaraModel.build(cfg.model)
     except (RecordError, ValueError, OSError) as exc:
         fail(exc)
-    final = train_scp(model, records, cfg, out, stage=stage, resume=resume)
+    final = train_scp(model, records, cfg, out, stage=stage, resume=resume,
+                      start=checkpoint_digest(init) if init is not None else None)
     typer.echo(f"wrote {final}")
 
 
@@ -128,7 +129,7 @@ def train_e2e_cmd(
     from clara.config import from_dict, merged, train_overrides
     from clara.data.corpus import read_corpus
     from clara.data.records import RecordError, load_qa_records
-    from clara.model.checkpoint import load_checkpoint
+    from clara.model.checkpoint import checkpoint_digest, load_checkpoint
     from clara.training.distributed import setup
     from clara.training.e2e import train_e2e
 
@@ -147,5 +148,5 @@ def train_e2e_cmd(
         model = load_checkpoint(init, device=device)
     except (RecordError, ValueError, OSError) as exc:
         fail(exc)
-    final = train_e2e(model, records, docs, cfg, out, resume=resume)
+    final = train_e2e(model, records, docs, cfg, out, resume=resume, start=checkpoint_digest(init))
     typer.echo(f"wrote {final}")

@@ -271,10 +271,11 @@ CONTINUABLE = ("model.device", "model.dtype", "model.amp", "train.max_steps", "t
 saves and logs, and how long it goes on (extending a run). Any other change would train something else."""
 
 
-def run_identity(cfg: Any, *data: Any) -> dict[str, Any]:
-    """What a run records with its checkpoints to be told from another: its whole config and a digest of its data
+def run_identity(cfg: Any, *data: Any, start: str | None = None) -> dict[str, Any]:
+    """What a run records with its checkpoints to be told from another: its whole config, a digest of its data
     (records as dataclasses or JSON values, in order; a record's ``source``, the file and line it was read from,
-    is left out: the same rows under another path are the same data)."""
+    is left out: the same rows under another path are the same data) and ``start``, the ``checkpoint_digest`` of
+    the checkpoint it continues (None from scratch)."""
     digest = hashlib.sha256()
     for part in data:
         for item in part:
@@ -282,7 +283,7 @@ def run_identity(cfg: Any, *data: Any) -> dict[str, Any]:
             if isinstance(row, dict):
                 row = {k: v for k, v in row.items() if k != "source"}
             digest.update(json.dumps(row, sort_keys=True).encode())
-    return {"config": to_dict(cfg), "data": digest.hexdigest()[:16]}
+    return {"config": to_dict(cfg), "data": digest.hexdigest()[:16], **({"start": start} if start else {})}
 
 
 def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -305,6 +306,8 @@ def refuse_another_run(saved: dict[str, Any], identity: dict[str, Any], where: P
                if old[k] != new[k] and k not in CONTINUABLE]
     if "data" in saved and saved["data"] != identity["data"]:
         changed.append("the training data")
+    if "data" in saved and saved.get("start") != identity.get("start"):  # (checkpoints that record data, start too)
+        changed.append("the checkpoint it started from")
     if changed:
         raise ValueError(f"{where} was trained with other settings or data than this run's ({'; '.join(changed[:4])}"
                          f"{'; …' if len(changed) > 4 else ''}): continuing it would not train what was asked; use "

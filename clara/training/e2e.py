@@ -184,8 +184,8 @@ def _accumulate_gradients(model: ClaraModel, records: Sequence[QARecord], pool, 
 
 def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[str, str], cfg: E2EConfig,
               out_dir: str | Path, *, callback: MetricsCallback | None = None, resume: bool = True,
-              progress: bool = True, compress_batch_size: int = 16, candidates_cache: str | Path | None = None
-              ) -> Path:
+              progress: bool = True, compress_batch_size: int = 16, candidates_cache: str | Path | None = None,
+              start: str | None = None) -> Path:
     """Train query reasoner + generator end to end; write the final checkpoint to ``out_dir/model``.
 
     Args:
@@ -193,13 +193,15 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
         records: questions with answers and ``gold_doc_ids`` (ids into ``corpus``).
         corpus: id -> text; the whole mapping is the document pool negatives are drawn from.
         candidates_cache: folder for the first stage's candidates (default: ``out_dir``).
+        start: ``checkpoint_digest`` of the checkpoint ``model`` was loaded from (checkpoints of another start,
+            or of other settings or data, in ``out_dir`` are refused: ``run_identity``).
     """
     out_dir = Path(out_dir)
     final = out_dir / "model"
     _check_gold_in_corpus(records, corpus)
     train = cfg.train
     steps = total_steps(train, len(records))
-    extra = {"stage": "e2e", "total_steps": steps, **run_identity(cfg, records, sorted(corpus.items()))}
+    extra = {"stage": "e2e", "total_steps": steps, **run_identity(cfg, records, sorted(corpus.items()), start=start)}
     if resume and run_finished(final, "e2e", steps, extra):
         load_adapter_weights(model, final)
         return final

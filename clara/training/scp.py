@@ -196,7 +196,7 @@ def _accumulate_gradients(model: ClaraModel, examples: Sequence[Example], step: 
 
 def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, out_dir: str | Path, *,
               stage: str = "scp", callback: MetricsCallback | None = None, resume: bool = True,
-              progress: bool = True) -> Path:
+              progress: bool = True, start: str | None = None) -> Path:
     """Train compressor + generator (+ special rows) and write the final checkpoint to ``out_dir/model``.
 
     Args:
@@ -204,7 +204,8 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
             re-initialised first only with ``cfg.fresh_generator``).
         callback: receives ``(step, metrics)``: loss, ce, mse, lr, grad_norm, steps_per_s, docs_per_s.
         resume: continue from the latest step checkpoint in ``out_dir`` if there is one; a finished run
-            returns at once.
+            returns at once. Checkpoints of other settings, data or ``start`` are refused (``run_identity``).
+        start: ``checkpoint_digest`` of the checkpoint ``model`` was loaded from (None: built from scratch).
 
     Returns:
         The final checkpoint folder.
@@ -216,7 +217,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
         raise ValueError("no training examples")
     train = cfg.train
     steps = total_steps(train, len(examples))
-    extra = {"stage": stage, "total_steps": steps, **run_identity(cfg, records)}
+    extra = {"stage": stage, "total_steps": steps, **run_identity(cfg, records, start=start)}
     if resume and run_finished(final, stage, steps, extra):
         load_adapter_weights(model, final)
         return final

@@ -269,6 +269,8 @@ def test_a_rerun_with_other_settings_or_data_is_refused_not_handed_the_old_model
         train_scp(ClaraModel.build(cfg.model), records, other_lr, run, progress=False)
     with pytest.raises(ValueError, match="the training data"):
         train_scp(ClaraModel.build(cfg.model), records[:1], cfg, run, progress=False)
+    with pytest.raises(ValueError, match="the checkpoint it started from"):  # what --init names, by content
+        train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False, start="0123456789abcdef")
     same = tiny_scp_cfg(max_steps=2, checkpoint_every=5)  # where and how often: the finished run is this one
     assert train_scp(ClaraModel.build(cfg.model), records, same, run, progress=False) == run / "model"
     moved = tmp_path / "elsewhere.jsonl"  # the same rows read from another path are the same data
