@@ -92,6 +92,9 @@ def evaluate_cmd(
         cfg = EvalConfig(k=k, max_new_tokens=max_new_tokens, mode=mode, n_candidates=candidates, fuse=fuse,
                          merge=merge, rerank=rerank, settings=tuple(x for x in settings.split(",") if x),
                          baselines=tuple(b for b in baselines.split(",") if b))
+        if not use_store and (cfg.mode, cfg.rerank) != (EvalConfig.mode, EvalConfig.rerank):
+            raise ValueError("--mode and --rerank choose how CLaRa searches a store build: add --use-store (without "
+                             "it CLaRa searches the whole corpus exactly, and they would not apply)")
         # read before any model loads (minutes at 7B); only 'descriptions' is made from the corpus itself
         questions = None if qa == "descriptions" else load_qa(qa, [])
         models, refs = _models_by_rate(model, rates, (ctx.obj or {}).get("resolve_uri"), device)

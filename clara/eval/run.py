@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from clara.data.corpus import Document, dumps
+from clara.data.corpus import Document, atomic_write_lines, dumps
 from clara.data.records import QARecord
 from clara.eval.likelihood import answer_nll
 from clara.eval.metrics import answer_scores, mean, recall_at
@@ -219,24 +219,25 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
                          f"a split document's id), e.g. {missing[:5]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as predictions:
-        ev = _Evaluation(qa, docs, gold, next(iter(models.values())), cfg, predictions, progress, bars)
-        with ev.served(ev.base, [None]):
-            rows = ev.closed_book() + [row for name in cfg.baselines for row in ev.raw_text(name)]
-        for rate, model in sorted(models.items()):
-            rows += ev.clara(rate, model, *(stores or {}).get(rate, (None, None)))
-    (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(report_markdown(rows), encoding="utf-8")
+    predictions: list[str] = []  # written whole at the end: a failed run leaves an earlier run's files as they were
+    ev = _Evaluation(qa, docs, gold, next(iter(models.values())), cfg, predictions, progress, bars)
+    with ev.served(ev.base, [None]):
+        rows = ev.closed_book() + [row for name in cfg.baselines for row in ev.raw_text(name)]
+    for rate, model in sorted(models.items()):
+        rows += ev.clara(rate, model, *(stores or {}).get(rate, (None, None)))
+    atomic_write_lines(out / "predictions.jsonl", predictions)
+    atomic_write_lines(out / "report.json", [json.dumps(rows, indent=2)])
+    atomic_write_lines(out / "report.md", [report_markdown(rows).rstrip("\n")])
     plot_report(rows, out)
     return rows
 
 
 class _Evaluation:
-    """One evaluation: the systems' rows, each from the same timed loop (``run``), predictions written as they
+    """One evaluation: the systems' rows, each from the same timed loop (``run``), predictions collected as they
     come. Raw text and closed book use the first model's base with its adapters off."""
 
     def __init__(self, qa: Sequence[QARecord], docs: Sequence[Document], gold: Gold, base, cfg: EvalConfig,
-                 predictions, progress: Callable[[str], None], bars: bool):
+                 predictions: list[str], progress: Callable[[str], None], bars: bool):
         self.qa, self.docs, self.gold, self.base, self.cfg = qa, docs, gold, base, cfg
         self.by_id = {d.id: d for d in docs}
         self.predictions, self.progress, self.bars = predictions, progress, bars
@@ -283,7 +284,7 @@ class _Evaluation:
         if acc.retrieval_s:  # this question's time (the promotion gate compares p95 question by question)
             answer_s = acc.generation_s[-1] if pred is not None and acc.generation_s else 0.0
             entry["latency_ms"] = 1000.0 * (acc.retrieval_s[-1] + answer_s)
-        self.predictions.write(dumps(entry) + "\n")
+        self.predictions.append(dumps(entry))
 
     def run(self, label: str, key: tuple[str, str | None, str, int], rank, answer, context, nll) -> _Acc:
         """The one timed loop every system goes through: per question, rank (timed as retrieval; None: no

@@ -153,6 +153,9 @@ def setup(case: str, t: Path) -> list[str]:
     if case == "evaluate: --rerank with a typo":
         return ["evaluate", "--qa", str(good), "--corpus", str(good), "--model", str(t), "--out", str(t / "ev"),
                 "--rerank", "alwyas"]
+    if case == "evaluate: --mode without --use-store":
+        return ["evaluate", "--qa", str(_qa(t)), "--corpus", str(good), "--model", str(t), "--out", str(t / "ev"),
+                "--mode", "dense"]
     if case == "evaluate: --rates not numbers":
         return ["evaluate", "--qa", str(_qa(t)), "--corpus", str(good), "--model", str(t), "--out", str(t / "ev"),
                 "--rates", "16,abc"]
@@ -223,6 +226,8 @@ CASES = {
     "compress: --batch-size 0": (2, "Invalid value for '--batch-size': Input should be greater than or equal to 1"),
     "evaluate: --qa missing (said before any model loads)": (2, "No such file or directory"),
     "evaluate: --rerank with a typo": (2, "evaluation settings: rerank 'alwyas' (known: auto, always, never)"),
+    "evaluate: --mode without --use-store": (2, "--mode and --rerank choose how CLaRa searches a store build: add "
+                                                "--use-store"),
     "evaluate: --rates not numbers": (2, "--rates '16,abc': expected compression rates separated by commas"),
     "synthesize: --dev-fraction 10": (2, "dev_fraction=10.0 (a fraction in [0, 1): 1 would leave nothing to train on)"),
     "synthesize: resuming another corpus's work": (2, "holds 1 done document(s) this corpus does not have (e.g. 'b')"),

@@ -67,7 +67,7 @@ def test_full_evaluation_with_the_tiny_model(fixtures, tmp_path, models):
     assert (tmp_path / "latency_vs_rate.png").stat().st_size > 1000
 
 
-def test_retrieval_only_set_and_errors(tmp_path, models):
+def test_retrieval_only_set_and_errors(tmp_path, models, monkeypatch):
     from clara.data.corpus import Document
 
     docs = [Document(f"d{i}", f"T{i}", f"Text {i} about subject {i}.", meta={"description": f"subject {i}"})
@@ -81,6 +81,18 @@ def test_retrieval_only_set_and_errors(tmp_path, models):
     assert not any(r["system"] == "closed-book" for r in rows)
     with pytest.raises(ValueError, match="missing from the corpus"):
         evaluate([QARecord("x", "q?", ["a"], ["nope"])], docs, {16: models[16]}, tmp_path)
+    # a run that fails part-way (here in CLaRa's rows, after the baselines) leaves the earlier run's files whole
+    before = {f: (tmp_path / f).read_bytes() for f in ("predictions.jsonl", "report.json", "report.md")}
+    from clara.eval import run as run_module
+
+    def broken(self, *a, **k):
+        raise RuntimeError("the model died")
+
+    monkeypatch.setattr(run_module._Evaluation, "clara", broken)
+    with pytest.raises(RuntimeError, match="died"):
+        evaluate(qa, docs2, {16: models[16]}, tmp_path, EvalConfig(k=2, baselines=("bm25",)), progress=lambda m: None)
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
 
 
 def test_evaluate_cli(fixtures, tmp_path, models):
