@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from clara.atomic import check_replaceable, written_atomically
+from clara.atomic import written_atomically
 from clara.config import ModelConfig, from_dict, to_dict
 from clara.model.clara_model import ADAPTERS, ClaraModel
 
@@ -58,11 +58,6 @@ def save_checkpoint(model: ClaraModel, path: str | Path, extra: dict[str, Any] |
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return path
-
-
-def check_checkpoint_out(path: str | Path) -> None:
-    """Refuse, before any work, an output path that writing a checkpoint would destroy (``check_replaceable``)."""
-    check_replaceable(path, CONFIG_FILE)
 
 
 def release_notes(pairs: Sequence[str]) -> dict[str, str]:

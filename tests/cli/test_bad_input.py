@@ -172,6 +172,10 @@ def setup(case: str, t: Path) -> list[str]:
         return ["synthesize", "--corpus", str(good), "--out", str(t / "syn"), "--teacher", "extractive"]
     if case == "data mix: --kinds with a typo":
         return ["data", "mix", "--corpus", str(good), "--out", str(t / "mix"), "--kinds", "Simple"]
+    if case == "store start: --datadir is a file":
+        return ["store", "start", "--datadir", str(good)]
+    if case == "store start: --datadir holds other files":
+        return ["store", "start", "--datadir", str(t)]
     if case == "store builds: --database-url not a URL":
         return ["store", "builds", "--database-url", "localhost:5432/clara"]
     if case == "store builds: --database-url not PostgreSQL":
@@ -232,6 +236,8 @@ CASES = {
     "synthesize: --dev-fraction 10": (2, "dev_fraction=10.0 (a fraction in [0, 1): 1 would leave nothing to train on)"),
     "synthesize: resuming another corpus's work": (2, "holds 1 done document(s) this corpus does not have (e.g. 'b')"),
     "data mix: --kinds with a typo": (2, "kinds 'Simple': each must be one of simple, complex"),
+    "store start: --datadir is a file": (2, "is a file, not a data folder; give a new or empty folder"),
+    "store start: --datadir holds other files": (2, "is not a PostgreSQL data folder (no PG_VERSION) and is not empty"),
     "store builds: --database-url not a URL": (2, "the database URL is not a URL (expected postgresql://"),
     "store builds: --database-url not PostgreSQL": (2, "is not PostgreSQL; the store needs PostgreSQL with pgvector"),
 }

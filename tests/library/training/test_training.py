@@ -415,6 +415,24 @@ def test_e2e_rejects_gold_ids_missing_from_corpus(tmp_path):
         train_e2e(model, qa, {"d": "text"}, E2EConfig(n_candidates=1, top_k=1), tmp_path, progress=False)
 
 
+def test_e2e_refuses_another_runs_folder_before_compressing_its_pool(fixtures, tmp_path, monkeypatch):
+    """The refusal comes before the document pool is compressed (hours on a large corpus), not after it."""
+    from clara.training import e2e
+
+    cfg = tiny_scp_cfg(max_steps=1, checkpoint_every=1)
+    train_scp(ClaraModel.build(cfg.model), load_scp_records(fixtures / "scp.jsonl")[:1], cfg, tmp_path, progress=False)
+
+    def pool(*a, **k):
+        raise AssertionError("the pool was built before the folder was checked")
+
+    monkeypatch.setattr(e2e, "_document_pool", pool)
+    qa = load_qa_records(fixtures / "qa.jsonl")
+    corpus = {d.id: d.full_text for d in read_corpus(fixtures / "corpus.jsonl")}
+    with pytest.raises(ValueError, match="step checkpoint of stage 'scp', not 'e2e'"):
+        train_e2e(ClaraModel.build(cfg.model), qa, corpus, E2EConfig(n_candidates=2, top_k=1), tmp_path,
+                  progress=False)
+
+
 def test_first_stage_candidates_are_computed_once_and_cached(fixtures, tmp_path, monkeypatch):
     from clara.retrieval import fusion
     from clara.training.e2e import first_stage_candidates
