@@ -137,7 +137,7 @@ def import_ml_clara(folder: str | Path, out: str | Path, *, base: str | None = N
     from clara.atomic import check_replaceable
     from clara.model.checkpoint import CONFIG_FILE, save_checkpoint
 
-    check_replaceable(out, CONFIG_FILE)  # these two before the weights are read and the base model loads (minutes at 7B)
+    check_replaceable(out, CONFIG_FILE)  # these two before the weights and base model load (minutes at 7B)
     ModelConfig(**({"device": device} if device else {}), **({"dtype": dtype} if dtype else {}))
     folder = Path(folder)
     cfg = release_config(folder)
