@@ -177,6 +177,7 @@ CLI = {
     "evaluate --settings": "EvalConfig.settings",
     "evaluate --merge": "EvalConfig.merge",
     "evaluate --seed": "clara/eval/datasets.py:subsample(seed)",
+    "evaluate --resume": "clara/eval/run.py:evaluate(resume)",
     "compress --batch_size": "clara/store/loading.py:index_corpus(batch_size)",
     "train scp --preset": "ModelConfig.base",
     "train scp --resume": "clara/training/scp.py:train_scp(resume)",

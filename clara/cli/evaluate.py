@@ -80,6 +80,8 @@ def evaluate_cmd(
     database_url: Optional[str] = DbOpt,
     device: Optional[str] = DeviceOpt,
     seed: int = typer.Option(0, help="Sampling seed."),
+    resume: bool = typer.Option(True, help="Take back the systems an interrupted run of this same evaluation "
+                                           "finished (kept in OUT/partial); --no-resume answers everything again."),
 ) -> None:
     """Compare CLaRa with raw-text RAG (BM25, MiniLM), closed book, across rates: quality, recall, cost."""
     from clara.data.corpus import IngestError
@@ -104,7 +106,7 @@ def evaluate_cmd(
                                      corpus_limit, seed)
         stores = _stores(models, refs, docs, database_url) if use_store else None
         rows = evaluate(questions, docs, models, out, cfg, stores=stores,
-                        progress=lambda msg: typer.echo(msg, err=True))
+                        progress=lambda msg: typer.echo(msg, err=True), resume=resume)
     except (IngestError, FileNotFoundError, ValueError, StoreError) as exc:
         fail(exc)
     typer.echo((out / "report.md").read_text(encoding="utf-8"))

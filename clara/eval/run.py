@@ -11,13 +11,19 @@ Settings, the same meaning for every system:
 With a store, CLaRa retrieves with ``EvalConfig.mode``'s first stage and its re-rank, and the report gets one
 retrieval row per first-stage mode, alone and re-ranked by the query reasoner (what CLaRa adds).
 A gold id may name a document that was split into passages: any passage of it (same ``parent_id``) counts.
+An interrupted evaluation keeps the systems it finished (``_Partial``); run again as it was, it answers only the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
+import platform
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -25,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from clara.data.corpus import Document, atomic_write_lines, dumps
+from clara.data.corpus import Document, atomic_write_lines, corpus_version_of, dumps
 from clara.data.records import QARecord
 from clara.eval.likelihood import answer_nll
 from clara.eval.metrics import answer_scores, mean, recall_at
@@ -33,6 +39,7 @@ from clara.eval.report import plot_report, report_markdown
 from clara.retrieval.fusion import baseline
 from clara.retrieval.rerank import ClaraRetriever, measured_rerank, use_rerank
 from clara.retrieval.timing import StageTimes
+from clara.model import ADAPTERS
 from clara.model.decoding import Timing
 
 RECALL_AT = (1, 3, 5, 20)
@@ -124,6 +131,77 @@ class _Acc:
         return pred
 
 
+class _Partial:
+    """The systems an interrupted evaluation finished, one file each under ``out/partial``, with what the
+    evaluation was (``identity.json``: settings, questions, corpus, model weights, store builds and the machine,
+    since latencies are compared across systems). A rerun of the same evaluation takes them back instead of
+    answering again; the folder goes once the report is written. Retrieval-only rows are cheap and measured again.
+
+    Raises:
+        ValueError: the folder holds another evaluation's systems and ``resume`` was not turned off.
+    """
+
+    def __init__(self, folder: Path, identity: dict[str, Any], resume: bool):
+        self.folder = folder
+        identity = json.loads(json.dumps(identity, sort_keys=True))  # tuples as lists, as read back
+        file = folder / "identity.json"
+        if not resume:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif file.exists():
+            try:
+                saved = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{file}: unreadable ({exc}); remove {folder} (or --no-resume) to start over") from exc
+            differ = sorted(k for k in set(identity) | set(saved) if identity.get(k) != saved.get(k))
+            if differ:
+                raise ValueError(f"{folder} holds the finished systems of another evaluation ({', '.join(differ)} "
+                                 f"differ): run that evaluation again to finish it, or discard them with --no-resume")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_lines(file, [json.dumps(identity, sort_keys=True)])
+
+    def _file(self, label: str) -> Path:
+        return self.folder / f"{hashlib.sha256(label.encode()).hexdigest()[:16]}.json"
+
+    def get(self, label: str) -> tuple[_Acc, list[str]] | None:
+        """The finished system ``label``: its per-question results and prediction lines; None if not finished (or
+        its file is unreadable: answered again, with a warning)."""
+        file = self._file(label)
+        if not file.exists():
+            return None
+        try:
+            done = json.loads(file.read_text(encoding="utf-8"))
+            acc = done["acc"]
+            acc["recalls"] = {int(k): v for k, v in acc["recalls"].items()}
+            return _Acc(**acc), list(done["predictions"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(f"{file} is unreadable ({exc}); answering {label!r} again", stacklevel=2)
+            return None
+
+    def put(self, label: str, acc: _Acc, predictions: list[str]) -> None:
+        atomic_write_lines(self._file(label), [json.dumps({"label": label, "acc": dataclasses.asdict(acc),
+                                                           "predictions": predictions})])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _weights_digest(model) -> str:
+    """What a model answers with: its config, every adapter's weights and the special rows."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
+    for p in [p for name in ADAPTERS for p in model.adapter_parameters(name)] + [model.special]:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _identity(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int, Any], cfg: EvalConfig,
+              stores: dict[int, tuple[Any, Any]] | None) -> dict[str, Any]:
+    questions = hashlib.sha256("\n".join(dumps(dataclasses.asdict(r)) for r in qa).encode()).hexdigest()[:16]
+    return {"settings": dataclasses.asdict(cfg), "questions": questions, "corpus": corpus_version_of(docs),
+            "models": {str(rate): _weights_digest(m) for rate, m in sorted(models.items())},
+            "store_builds": {str(rate): build.id for rate, (_, build) in sorted((stores or {}).items())},
+            "machine": platform.node()}
+
+
 def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values) * 1000.0, q)) if values else None
 
@@ -197,7 +275,8 @@ class Gold:
 
 def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int, Any], out_dir: str | Path,
              cfg: EvalConfig | None = None, *, stores: dict[int, tuple[Any, Any]] | None = None,
-             progress: Callable[[str], None] = print, bars: bool = True) -> list[dict[str, Any]]:
+             progress: Callable[[str], None] = print, bars: bool = True, resume: bool = True
+             ) -> list[dict[str, Any]]:
     """Run every system on ``qa`` and write report.json, report.md, predictions.jsonl and plots to ``out_dir``.
 
     Args:
@@ -208,6 +287,8 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
             paper's initialisation); its rows say so in ``query_reasoner``.
         stores: rate -> (engine, build) to retrieve from pgvector instead of the in-memory exact index.
         bars: a progress bar per system (questions/s) on stderr.
+        resume: take back the systems an interrupted run of this same evaluation finished (``_Partial``); False
+            discards them and answers everything.
     """
     cfg = cfg or EvalConfig()
     if not models:
@@ -219,8 +300,9 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
                          f"a split document's id), e.g. {missing[:5]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    partial = _Partial(out / "partial", _identity(qa, docs, models, cfg, stores), resume)  # before any model runs
     predictions: list[str] = []  # written whole at the end: a failed run leaves an earlier run's files as they were
-    ev = _Evaluation(qa, docs, gold, next(iter(models.values())), cfg, predictions, progress, bars)
+    ev = _Evaluation(qa, docs, gold, next(iter(models.values())), cfg, predictions, progress, bars, partial)
     with ev.served(ev.base, [None]):
         rows = ev.closed_book() + [row for name in cfg.baselines for row in ev.raw_text(name)]
     for rate, model in sorted(models.items()):
@@ -229,6 +311,7 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
     atomic_write_lines(out / "report.json", [json.dumps(rows, indent=2)])
     atomic_write_lines(out / "report.md", [report_markdown(rows).rstrip("\n")])
     plot_report(rows, out)
+    partial.clear()
     return rows
 
 
@@ -237,8 +320,8 @@ class _Evaluation:
     come. Raw text and closed book use the first model's base with its adapters off."""
 
     def __init__(self, qa: Sequence[QARecord], docs: Sequence[Document], gold: Gold, base, cfg: EvalConfig,
-                 predictions: list[str], progress: Callable[[str], None], bars: bool):
-        self.qa, self.docs, self.gold, self.base, self.cfg = qa, docs, gold, base, cfg
+                 predictions: list[str], progress: Callable[[str], None], bars: bool, partial: _Partial):
+        self.qa, self.docs, self.gold, self.base, self.cfg, self.partial = qa, docs, gold, base, cfg, partial
         self.by_id = {d.id: d for d in docs}
         self.predictions, self.progress, self.bars = predictions, progress, bars
         self.with_answers = all(r.answers for r in qa)
@@ -289,8 +372,14 @@ class _Evaluation:
     def run(self, label: str, key: tuple[str, str | None, str, int], rank, answer, context, nll) -> _Acc:
         """The one timed loop every system goes through: per question, rank (timed as retrieval; None: no
         retrieval), pick k (gold forced in for ``oracle``), answer (timed as generation), score the gold answer's
-        likelihood under the same prompt (``nll(r, ids)``, untimed), record."""
-        setting, acc = key[2], _Acc()
+        likelihood under the same prompt (``nll(r, ids)``, untimed), record. A system an interrupted run of this
+        evaluation finished is taken back instead (``_Partial``)."""
+        done = self.partial.get(label)
+        if done is not None:
+            self.progress(f"{label}: finished by an earlier run, taken from {self.partial.folder}")
+            self.predictions += done[1]
+            return done[0]
+        setting, acc, first = key[2], _Acc(), len(self.predictions)
         for r in self.each(label):
             ranked: list[str] | None = None
             ids: list[str] = []
@@ -309,6 +398,7 @@ class _Evaluation:
             if ranked is not None and setting == "oracle":
                 retrieved = ids + [d for d in ranked if d not in ids]
             self.record(key, r, pred, retrieved, acc)
+        self.partial.put(label, acc, self.predictions[first:])
         return acc
 
     def text_nll(self, r: QARecord, ids: Sequence[str]) -> float:

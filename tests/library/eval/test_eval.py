@@ -95,6 +95,43 @@ def test_retrieval_only_set_and_errors(tmp_path, models, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
 
 
+def test_an_interrupted_evaluation_answers_only_what_it_had_not_finished(fixtures, tmp_path, models, monkeypatch):
+    """A run killed in CLaRa's rows keeps the systems it finished; the same evaluation again takes them back (same
+    rows, predictions once each), another evaluation into that folder is refused, and --no-resume starts over."""
+    from clara.eval import run as run_module
+
+    docs = read_corpus(fixtures / "corpus.jsonl")
+    qa = load_qa_records(fixtures / "qa.jsonl")[:3]
+    cfg = EvalConfig(k=2, max_new_tokens=3, baselines=("bm25",), settings=("normal",))
+    real = run_module._Evaluation.clara
+    monkeypatch.setattr(run_module._Evaluation, "clara", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
+    assert len(list((tmp_path / "partial").glob("*.json"))) == 3  # identity, closed book, raw text / bm25
+
+    monkeypatch.setattr(run_module._Evaluation, "clara", real)
+    said = []
+    rows = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
+    assert sum("finished by an earlier run" in m for m in said) == 2
+    assert "closed book" not in said and "raw-text / bm25 / normal" not in said  # neither answered again
+    assert not (tmp_path / "partial").exists()
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(qa) * len(rows) and len({(p["id"], p["system"]) for p in preds}) == len(preds)
+    again = evaluate(qa, docs, {16: models[16]}, tmp_path / "fresh", cfg, progress=lambda m: None)
+    for a, b in zip(rows, again):  # what was taken back scores as answering afresh does
+        assert (a["system"], a["em"], a["f1"], a["gold_nll"]) == (b["system"], b["em"], b["f1"], b["gold_nll"])
+
+    monkeypatch.setattr(run_module._Evaluation, "clara", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
+    with pytest.raises(ValueError, match=r"another evaluation \(questions differ\).*--no-resume"):
+        evaluate(qa[:2], docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
+    monkeypatch.setattr(run_module._Evaluation, "clara", real)
+    said.clear()
+    evaluate(qa[:2], docs, {16: models[16]}, tmp_path, cfg, progress=said.append, resume=False)
+    assert "closed book" in said and not any("finished by an earlier run" in m for m in said)
+
+
 def test_evaluate_cli(fixtures, tmp_path, models):
     from typer.testing import CliRunner
 
