@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from clara.data.corpus import Document, atomic_write_lines, corpus_version_of, dumps
@@ -133,29 +134,42 @@ class _Acc:
 
 class _Partial:
     """The systems an interrupted evaluation finished, one file each under ``out/partial``, with what the
-    evaluation was (``identity.json``: settings, questions, corpus, model weights, store builds and the machine,
-    since latencies are compared across systems). A rerun of the same evaluation takes them back instead of
-    answering again; the folder goes once the report is written. Retrieval-only rows are cheap and measured again.
+    evaluation was (``identity.json``). A rerun of the same evaluation takes them back instead of answering again;
+    the folder goes once the report is written. Retrieval-only rows are cheap and measured again.
+
+    The identity has two parts. What was evaluated (settings, questions, corpus, model weights, store builds):
+    finished systems of another evaluation are refused, not lost, unless ``resume`` is off. Where and by which
+    code (the machine, whose latencies the report compares across systems, and the package's source): finished
+    systems from elsewhere are discarded with a warning and answered again, so that a pipeline rerun on a new
+    host is never stuck.
 
     Raises:
-        ValueError: the folder holds another evaluation's systems and ``resume`` was not turned off.
+        ValueError: the folder holds another evaluation's finished systems and ``resume`` was not turned off.
     """
 
-    def __init__(self, folder: Path, identity: dict[str, Any], resume: bool):
+    def __init__(self, folder: Path, what: dict[str, Any], where: dict[str, Any], resume: bool):
         self.folder = folder
-        identity = json.loads(json.dumps(identity, sort_keys=True))  # tuples as lists, as read back
+        identity = json.loads(json.dumps({"what": what, "where": where}, sort_keys=True))  # tuples as lists
         file = folder / "identity.json"
-        if not resume:
-            shutil.rmtree(folder, ignore_errors=True)
-        elif file.exists():
+        finished = [f for f in folder.glob("*.json") if f != file] if folder.is_dir() else []
+        if finished and resume:
             try:
                 saved = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"{file}: unreadable ({exc}); remove {folder} (or --no-resume) to start over") from exc
-            differ = sorted(k for k in set(identity) | set(saved) if identity.get(k) != saved.get(k))
+                differ = sorted(k for k in set(identity["what"]) | set(saved["what"])
+                                if identity["what"].get(k) != saved["what"].get(k))
+                elsewhere = saved["where"] != identity["where"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{file}: unreadable ({exc}); remove {folder} (or --no-resume) to start "
+                                 f"over") from exc
             if differ:
                 raise ValueError(f"{folder} holds the finished systems of another evaluation ({', '.join(differ)} "
                                  f"differ): run that evaluation again to finish it, or discard them with --no-resume")
+            if elsewhere:
+                warnings.warn(f"{folder} holds finished systems measured on another machine or by other code; "
+                              f"answering them again", stacklevel=3)
+                resume = False
+        if not resume:
+            shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_lines(file, [json.dumps(identity, sort_keys=True)])
 
@@ -186,20 +200,36 @@ class _Partial:
 
 
 def _weights_digest(model) -> str:
-    """What a model answers with: its config, every adapter's weights and the special rows."""
+    """What a model answers with: its config, every adapter's weights and the special rows. A query reasoner never
+    trained (zero) counts as the compressor copy the evaluation gives it (``ClaraModel.ensure_query_reasoner``)."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
-    for p in [p for name in ADAPTERS for p in model.adapter_parameters(name)] + [model.special]:
+    copy = model.adapter_is_zero("query_reasoner") or all(
+        torch.equal(a, b) for a, b in zip(model.adapter_parameters("compressor"),
+                                          model.adapter_parameters("query_reasoner")))
+    names = [n for n in ADAPTERS if not (copy and n == "query_reasoner")]
+    for p in [p for name in names for p in model.adapter_parameters(name)] + [model.special]:
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
+def _source_digest() -> str:
+    """The package's own source: a fixed metric, prompt or decoding is other code, whose systems are not mixed
+    into one report with the old code's."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for file in sorted(root.rglob("*.py")):
+        h.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _identity(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int, Any], cfg: EvalConfig,
-              stores: dict[int, tuple[Any, Any]] | None) -> dict[str, Any]:
+              stores: dict[int, tuple[Any, Any]] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what is evaluated, where and by which code): ``_Partial``'s two parts."""
     questions = hashlib.sha256("\n".join(dumps(dataclasses.asdict(r)) for r in qa).encode()).hexdigest()[:16]
-    return {"settings": dataclasses.asdict(cfg), "questions": questions, "corpus": corpus_version_of(docs),
+    what = {"settings": dataclasses.asdict(cfg), "questions": questions, "corpus": corpus_version_of(docs),
             "models": {str(rate): _weights_digest(m) for rate, m in sorted(models.items())},
-            "store_builds": {str(rate): build.id for rate, (_, build) in sorted((stores or {}).items())},
-            "machine": platform.node()}
+            "store_builds": {str(rate): build.id for rate, (_, build) in sorted((stores or {}).items())}}
+    return what, {"machine": platform.node(), "code": _source_digest()}
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -300,7 +330,7 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
                          f"a split document's id), e.g. {missing[:5]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    partial = _Partial(out / "partial", _identity(qa, docs, models, cfg, stores), resume)  # before any model runs
+    partial = _Partial(out / "partial", *_identity(qa, docs, models, cfg, stores), resume)  # before any model runs
     predictions: list[str] = []  # written whole at the end: a failed run leaves an earlier run's files as they were
     ev = _Evaluation(qa, docs, gold, next(iter(models.values())), cfg, predictions, progress, bars, partial)
     with ev.served(ev.base, [None]):
@@ -448,11 +478,19 @@ class _Evaluation:
     def clara(self, rate: int, model, engine=None, build=None) -> list[dict[str, Any]]:
         """CLaRa at one rate: retrieval rows (from a store), then answers in every setting."""
         query_reasoner = "trained"
+        untrained = ([p.detach().clone() for p in model.adapter_parameters("query_reasoner")]
+                     if model.adapter_is_zero("query_reasoner") else None)
         if model.ensure_query_reasoner():
             query_reasoner = "compressor copy (no E2E)"
             self.progress(f"rate {rate}: the query reasoner was never trained (no E2E); using the compressor")
-        with self.served(model, ("generator", "query_reasoner")):  # after the query reasoner got its weights
-            return self.clara_rows(rate, model, query_reasoner, engine, build)
+        try:
+            with self.served(model, ("generator", "query_reasoner")):  # after the query reasoner got its weights
+                return self.clara_rows(rate, model, query_reasoner, engine, build)
+        finally:  # the caller's model as it was: evaluated again, it is the same model (rows, identity)
+            if untrained is not None:
+                with torch.no_grad():
+                    for p, before in zip(model.adapter_parameters("query_reasoner"), untrained):
+                        p.copy_(before)
 
     def measured_rerank(self, rows: list[dict[str, Any]], mode: str, retriever: ClaraRetriever,
                         extra: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 from safetensors.torch import save_file
@@ -220,8 +220,16 @@ class Checkpointer:
 
     def check(self, *, stage: str, resume: bool = True, identity: dict[str, Any] | None = None) -> None:
         """``restore``'s refusals alone, loading nothing: for a run whose setup before ``restore`` is costly (E2E
-        compresses its whole document pool), so that a folder it may not continue is said before that work."""
-        next(self._loadable(stage, resume, identity), None)
+        compresses its whole document pool), so that a folder it may not continue is said before that work. Its
+        warnings are ``restore``'s to give."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = next(self._loadable(stage, resume, identity), None)
+        if found is None and self.steps():
+            self._none_readable()
+
+    def _none_readable(self) -> NoReturn:
+        raise ValueError(f"no readable step checkpoint under {self.root}: remove it to start over")
 
     def restore(self, model: ClaraModel, optimizer, scheduler, *, stage: str, resume: bool = True,
                 identity: dict[str, Any] | None = None) -> int:
@@ -242,7 +250,7 @@ class Checkpointer:
                 continue
             return step
         if self.steps():
-            raise ValueError(f"no readable step checkpoint under {self.root}: remove it to start over")
+            self._none_readable()
         return 0
 
 

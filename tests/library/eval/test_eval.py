@@ -127,6 +127,15 @@ def test_an_interrupted_evaluation_answers_only_what_it_had_not_finished(fixture
     with pytest.raises(ValueError, match=r"another evaluation \(questions differ\).*--no-resume"):
         evaluate(qa[:2], docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
     monkeypatch.setattr(run_module._Evaluation, "clara", real)
+    monkeypatch.setattr(run_module.platform, "node", lambda: "another-host")  # latencies from elsewhere: redone
+    said.clear()
+    with pytest.warns(UserWarning, match="measured on another machine or by other code; answering them again"):
+        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
+    assert "closed book" in said and not any("finished by an earlier run" in m for m in said)
+    monkeypatch.setattr(run_module._Evaluation, "clara", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
+    monkeypatch.setattr(run_module._Evaluation, "clara", real)
     said.clear()
     evaluate(qa[:2], docs, {16: models[16]}, tmp_path, cfg, progress=said.append, resume=False)
     assert "closed book" in said and not any("finished by an earlier run" in m for m in said)
@@ -200,6 +209,11 @@ def test_untrained_query_reasoner_is_replaced_by_the_compressor(fixtures, tmp_pa
                     progress=lambda msg: None, bars=False)
     assert {r["query_reasoner"] for r in rows if r["system"] == "clara"} == {"compressor copy (no E2E)"}
     assert "compressor copy (no E2E)" in (tmp_path / "report.md").read_text()
+    assert m.adapter_is_zero("query_reasoner")  # the caller's model as it was: evaluated again, labelled again
+    again = evaluate(qa, docs, {16: m}, tmp_path / "again", EvalConfig(k=2, max_new_tokens=2, baselines=(),
+                                                                       closed_book=False), progress=lambda msg: None)
+    assert [r["query_reasoner"] for r in again] == [r["query_reasoner"] for r in rows]
+    assert m.ensure_query_reasoner()
     with torch.no_grad():
         q = m.encode_queries(["What is the capital of France?"])[0]
         with m.adapter("compressor"):

@@ -431,6 +431,11 @@ def test_e2e_refuses_another_runs_folder_before_compressing_its_pool(fixtures, t
     with pytest.raises(ValueError, match="step checkpoint of stage 'scp', not 'e2e'"):
         train_e2e(ClaraModel.build(cfg.model), qa, corpus, E2EConfig(n_candidates=2, top_k=1), tmp_path,
                   progress=False)
+    for meta in (tmp_path / "checkpoints").glob("step-*/train_state/*.json"):
+        meta.write_text("{")  # none readable: said before the pool too
+    with pytest.raises(ValueError, match="no readable step checkpoint"):
+        train_e2e(ClaraModel.build(cfg.model), qa, corpus, E2EConfig(n_candidates=2, top_k=1), tmp_path,
+                  progress=False)
 
 
 def test_first_stage_candidates_are_computed_once_and_cached(fixtures, tmp_path, monkeypatch):
