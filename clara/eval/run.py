@@ -173,13 +173,16 @@ class _Partial:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_lines(file, [json.dumps(identity, sort_keys=True)])
 
-    def _file(self, label: str) -> Path:
-        return self.folder / f"{hashlib.sha256(label.encode()).hexdigest()[:16]}.json"
+    def _file(self, key: tuple) -> Path:
+        return self.folder / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
 
-    def get(self, label: str) -> tuple[_Acc, list[str]] | None:
-        """The finished system ``label``: its per-question results and prediction lines; None if not finished (or
-        its file is unreadable: answered again, with a warning)."""
-        file = self._file(label)
+    def has(self, key: tuple) -> bool:
+        return self._file(key).exists()
+
+    def get(self, key: tuple) -> tuple[_Acc, list[str]] | None:
+        """The finished system ``key`` (a report row's system, retriever, setting, rate): its per-question results
+        and prediction lines; None if not finished (or its file is unreadable: answered again, with a warning)."""
+        file = self._file(key)
         if not file.exists():
             return None
         try:
@@ -188,12 +191,12 @@ class _Partial:
             acc["recalls"] = {int(k): v for k, v in acc["recalls"].items()}
             return _Acc(**acc), list(done["predictions"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            warnings.warn(f"{file} is unreadable ({exc}); answering {label!r} again", stacklevel=2)
+            warnings.warn(f"{file} is unreadable ({exc}); answering {key} again", stacklevel=2)
             return None
 
-    def put(self, label: str, acc: _Acc, predictions: list[str]) -> None:
-        atomic_write_lines(self._file(label), [json.dumps({"label": label, "acc": dataclasses.asdict(acc),
-                                                           "predictions": predictions})])
+    def put(self, key: tuple, acc: _Acc, predictions: list[str]) -> None:
+        atomic_write_lines(self._file(key), [json.dumps({"key": key, "acc": dataclasses.asdict(acc),
+                                                         "predictions": predictions})])
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -404,7 +407,7 @@ class _Evaluation:
         retrieval), pick k (gold forced in for ``oracle``), answer (timed as generation), score the gold answer's
         likelihood under the same prompt (``nll(r, ids)``, untimed), record. A system an interrupted run of this
         evaluation finished is taken back instead (``_Partial``)."""
-        done = self.partial.get(label)
+        done = self.partial.get(key)
         if done is not None:
             self.progress(f"{label}: finished by an earlier run, taken from {self.partial.folder}")
             self.predictions += done[1]
@@ -428,7 +431,7 @@ class _Evaluation:
             if ranked is not None and setting == "oracle":
                 retrieved = ids + [d for d in ranked if d not in ids]
             self.record(key, r, pred, retrieved, acc)
-        self.partial.put(label, acc, self.predictions[first:])
+        self.partial.put(key, acc, self.predictions[first:])
         return acc
 
     def text_nll(self, r: QARecord, ids: Sequence[str]) -> float:
@@ -460,13 +463,16 @@ class _Evaluation:
 
     def raw_text(self, name: str) -> list[dict[str, Any]]:
         """The base model reading the raw passages ``name`` (BM25, MiniLM) retrieves, in every setting."""
-        self.progress(f"indexing {name}")
-        retriever = baseline(name, self.docs)
+        keys = [("raw-text", name, s, 1) for s in self.cfg.settings
+                if not (s == "oracle-candidates" or (s == "oracle" and not self.with_gold))]
+        retriever = None
+        if not all(map(self.partial.has, keys)):  # else every row is taken back: no index to build
+            self.progress(f"indexing {name}")
+            retriever = baseline(name, self.docs)
         rows = []
-        for setting in self.cfg.settings:
-            if setting == "oracle-candidates" or (setting == "oracle" and not self.with_gold):
-                continue
-            acc = self.run(f"raw-text / {name} / {setting}", ("raw-text", name, setting, 1),
+        for key in keys:
+            setting = key[2]
+            acc = self.run(f"raw-text / {name} / {setting}", key,
                            lambda r: [d for d, _ in retriever.retrieve([r.question], self.depth)[0]],
                            lambda r, ids, t: self.base.generate_from_text(
                                [r.question], [[self.by_id[d].full_text for d in ids]],
@@ -483,9 +489,16 @@ class _Evaluation:
         if model.ensure_query_reasoner():
             query_reasoner = "compressor copy (no E2E)"
             self.progress(f"rate {rate}: the query reasoner was never trained (no E2E); using the compressor")
+        cfg = self.cfg
+        label = cfg.mode if build is not None else "clara-exact"
+        keys = ([("clara-closed-book", None, "normal", rate)] if cfg.closed_book and self.with_answers else []) + [
+            ("clara", label, s, rate) for s in cfg.settings if s == "normal" or self.with_gold]
+        # Every answer row taken back and no store (whose retrieval rows are measured again): neither the corpus's
+        # compression nor the merged copies are needed.
+        finished = build is None and all(map(self.partial.has, keys))
         try:
-            with self.served(model, ("generator", "query_reasoner")):  # after the query reasoner got its weights
-                return self.clara_rows(rate, model, query_reasoner, engine, build)
+            with contextlib.nullcontext() if finished else self.served(model, ("generator", "query_reasoner")):
+                return self.clara_rows(rate, model, query_reasoner, engine, build, keys, finished)
         finally:  # the caller's model as it was: evaluated again, it is the same model (rows, identity)
             if untrained is not None:
                 with torch.no_grad():
@@ -509,14 +522,18 @@ class _Evaluation:
                 r.update(rerank=retriever.rerank, rerank_evidence=extra["rerank_evidence"])
         self.progress(f"re-rank {'kept' if retriever.rerank else 'dropped'}: {extra['rerank_evidence']}")
 
-    def clara_rows(self, rate: int, model, query_reasoner: str, engine, build) -> list[dict[str, Any]]:
+    def clara_rows(self, rate: int, model, query_reasoner: str, engine, build, keys: list[tuple],
+                   finished: bool) -> list[dict[str, Any]]:
+        """``keys``: the answer rows, CLaRa's closed book (if any) first; ``finished``: all of them taken back."""
         cfg, gold = self.cfg, self.gold
-        self.progress(f"compressing the corpus at rate {rate}" if build is None else f"using store build {build.id}")
         mode = cfg.mode if build is not None else "exact"
         reranks = use_rerank(cfg.rerank, query_reasoner == "trained", mode)
-        retriever = ClaraRetriever(model, self.docs, engine=engine, build=build, mode=mode,
-                                   candidates=cfg.n_candidates, fuse=cfg.fuse, rerank=reranks)
-        label = mode if build is not None else "clara-exact"
+        retriever = None
+        if not finished:
+            self.progress(f"compressing the corpus at rate {rate}" if build is None else f"using store build "
+                                                                                         f"{build.id}")
+            retriever = ClaraRetriever(model, self.docs, engine=engine, build=build, mode=mode,
+                                       candidates=cfg.n_candidates, fuse=cfg.fuse, rerank=reranks)
         extra = {"query_reasoner": query_reasoner, "mode": mode, "fuse": cfg.fuse, "rerank": reranks}
         rows = []
         if build is not None and self.with_gold:
@@ -544,15 +561,16 @@ class _Evaluation:
             return answer_nll(model, [row], r.answers[:1], [[m.to(model.device) for m in mems]], "generator")[0]
 
         rows += self.clara_closed_book(rate, model)
-        for setting in cfg.settings:
-            if setting != "normal" and not self.with_gold:
+        for key in keys:
+            if key[0] != "clara":
                 continue
-            acc = self.run(f"clara / rate {rate} / {setting}", ("clara", label, setting, rate),
+            setting = key[2]
+            acc = self.run(f"clara / rate {rate} / {setting}", key,
                            lambda r, setting=setting: rank(r, setting),
                            lambda r, ids, t: model.generate([r.question], [[retriever.memory_of(d) for d in ids]],
                                                             max_new_tokens=cfg.max_new_tokens, timing=t)[0],
                            context, nll)
-            rows.append(_row("clara", label, setting, rate, acc, **extra))
+            rows.append(_row("clara", key[1], setting, rate, acc, **extra))
         return rows
 
 

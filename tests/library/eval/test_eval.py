@@ -114,12 +114,24 @@ def test_an_interrupted_evaluation_answers_only_what_it_had_not_finished(fixture
     rows = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
     assert sum("finished by an earlier run" in m for m in said) == 2
     assert "closed book" not in said and "raw-text / bm25 / normal" not in said  # neither answered again
+    assert "indexing bm25" not in said and "compressing the corpus at rate 16" in said
     assert not (tmp_path / "partial").exists()
     preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == len(qa) * len(rows) and len({(p["id"], p["system"]) for p in preds}) == len(preds)
     again = evaluate(qa, docs, {16: models[16]}, tmp_path / "fresh", cfg, progress=lambda m: None)
     for a, b in zip(rows, again):  # what was taken back scores as answering afresh does
         assert (a["system"], a["em"], a["f1"], a["gold_nll"]) == (b["system"], b["em"], b["f1"], b["gold_nll"])
+
+    plot = run_module.plot_report  # killed once every system had answered: nothing is indexed or compressed again
+    monkeypatch.setattr(run_module, "plot_report", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
+    monkeypatch.setattr(run_module, "plot_report", plot)
+    said.clear()
+    final = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
+    assert [(r["system"], r["f1"], r["gold_nll"]) for r in final] == [(r["system"], r["f1"], r["gold_nll"]) for r in rows]
+    assert sum("finished by an earlier run" in m for m in said) == 4
+    assert not any(m.startswith(("indexing", "compressing")) for m in said)
 
     monkeypatch.setattr(run_module._Evaluation, "clara", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
