@@ -129,7 +129,8 @@ def test_an_interrupted_evaluation_answers_only_what_it_had_not_finished(fixture
     monkeypatch.setattr(run_module, "plot_report", plot)
     said.clear()
     final = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
-    assert [(r["system"], r["f1"], r["gold_nll"]) for r in final] == [(r["system"], r["f1"], r["gold_nll"]) for r in rows]
+    same = [(r["system"], r["f1"], r["gold_nll"]) for r in rows]
+    assert [(r["system"], r["f1"], r["gold_nll"]) for r in final] == same
     assert sum("finished by an earlier run" in m for m in said) == 4
     assert not any(m.startswith(("indexing", "compressing")) for m in said)
 
