@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clara.atomic import check_replaceable
 from clara.data.corpus import Document, atomic_write_lines, corpus_version_of, dumps
 from clara.data.records import QARecord
 from clara.eval.likelihood import answer_nll
@@ -139,9 +140,9 @@ class _Partial:
 
     The identity has two parts. What was evaluated (settings, questions, corpus, model weights, store builds):
     finished systems of another evaluation are refused, not lost, unless ``resume`` is off. Where and by which
-    code (the machine, whose latencies the report compares across systems, and the package's source): finished
-    systems from elsewhere are discarded with a warning and answered again, so that a pipeline rerun on a new
-    host is never stuck.
+    code (the machine and device, whose latencies the report compares across systems, merged decoding or not, and
+    the package's source): finished systems from elsewhere are discarded with a warning and answered again, so
+    that a pipeline rerun on a new host is never stuck.
 
     Raises:
         ValueError: the folder holds another evaluation's finished systems and ``resume`` was not turned off.
@@ -149,8 +150,10 @@ class _Partial:
 
     def __init__(self, folder: Path, what: dict[str, Any], where: dict[str, Any], resume: bool):
         self.folder = folder
+        self._loaded: dict[str, tuple[_Acc, list[str]] | None] = {}
         identity = json.loads(json.dumps({"what": what, "where": where}, sort_keys=True))  # tuples as lists
         file = folder / "identity.json"
+        check_replaceable(folder, file.name, "partial evaluation")  # a file or folder of the user's is never removed
         finished = [f for f in folder.glob("*.json") if f != file] if folder.is_dir() else []
         if finished and resume:
             try:
@@ -158,7 +161,7 @@ class _Partial:
                 differ = sorted(k for k in set(identity["what"]) | set(saved["what"])
                                 if identity["what"].get(k) != saved["what"].get(k))
                 elsewhere = saved["where"] != identity["where"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"{file}: unreadable ({exc}); remove {folder} (or --no-resume) to start "
                                  f"over") from exc
             if differ:
@@ -177,21 +180,26 @@ class _Partial:
         return self.folder / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
 
     def has(self, key: tuple) -> bool:
-        return self._file(key).exists()
+        """Whether ``get`` gives the system back (read once: what is skipped for it is then sure to be unneeded)."""
+        return self.get(key) is not None
 
     def get(self, key: tuple) -> tuple[_Acc, list[str]] | None:
         """The finished system ``key`` (a report row's system, retriever, setting, rate): its per-question results
         and prediction lines; None if not finished (or its file is unreadable: answered again, with a warning)."""
         file = self._file(key)
-        if not file.exists():
-            return None
+        if file.name not in self._loaded:
+            self._loaded[file.name] = self._read(file, key) if file.exists() else None
+        return self._loaded[file.name]
+
+    @staticmethod
+    def _read(file: Path, key: tuple) -> tuple[_Acc, list[str]] | None:
         try:
             done = json.loads(file.read_text(encoding="utf-8"))
             acc = done["acc"]
             acc["recalls"] = {int(k): v for k, v in acc["recalls"].items()}
             return _Acc(**acc), list(done["predictions"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            warnings.warn(f"{file} is unreadable ({exc}); answering {key} again", stacklevel=2)
+            warnings.warn(f"{file} is unreadable ({exc}); answering {key} again", stacklevel=4)
             return None
 
     def put(self, key: tuple, acc: _Acc, predictions: list[str]) -> None:
@@ -203,14 +211,10 @@ class _Partial:
 
 
 def _weights_digest(model) -> str:
-    """What a model answers with: its config, every adapter's weights and the special rows. A query reasoner never
-    trained (zero) counts as the compressor copy the evaluation gives it (``ClaraModel.ensure_query_reasoner``)."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
-    copy = model.adapter_is_zero("query_reasoner") or all(
-        torch.equal(a, b) for a, b in zip(model.adapter_parameters("compressor"),
-                                          model.adapter_parameters("query_reasoner")))
-    names = [n for n in ADAPTERS if not (copy and n == "query_reasoner")]
-    for p in [p for name in names for p in model.adapter_parameters(name)] + [model.special]:
+    """What a model answers with: its config (less where it runs), every adapter's weights and the special rows."""
+    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "device"}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for p in [p for name in ADAPTERS for p in model.adapter_parameters(name)] + [model.special]:
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -229,10 +233,14 @@ def _identity(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int
               stores: dict[int, tuple[Any, Any]] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what is evaluated, where and by which code): ``_Partial``'s two parts."""
     questions = hashlib.sha256("\n".join(dumps(dataclasses.asdict(r)) for r in qa).encode()).hexdigest()[:16]
-    what = {"settings": dataclasses.asdict(cfg), "questions": questions, "corpus": corpus_version_of(docs),
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "merge"}  # merge: how, not what
+    what = {"settings": settings, "questions": questions, "corpus": corpus_version_of(docs),
             "models": {str(rate): _weights_digest(m) for rate, m in sorted(models.items())},
-            "store_builds": {str(rate): build.id for rate, (_, build) in sorted((stores or {}).items())}}
-    return what, {"machine": platform.node(), "code": _source_digest()}
+            "store_builds": {str(rate): [build.id, build.corpus_version, build.model_uri]
+                             for rate, (_, build) in sorted((stores or {}).items())}}
+    where = {"machine": platform.node(), "devices": sorted({m.device.type for m in models.values()}),
+             "merge": cfg.merge, "code": _source_digest()}
+    return what, where
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -336,7 +344,9 @@ def evaluate(qa: Sequence[QARecord], docs: Sequence[Document], models: dict[int,
     partial = _Partial(out / "partial", *_identity(qa, docs, models, cfg, stores), resume)  # before any model runs
     predictions: list[str] = []  # written whole at the end: a failed run leaves an earlier run's files as they were
     ev = _Evaluation(qa, docs, gold, next(iter(models.values())), cfg, predictions, progress, bars, partial)
-    with ev.served(ev.base, [None]):
+    base_keys = ev.closed_book_keys() + [key for name in cfg.baselines for key in ev.raw_text_keys(name)]
+    # the base's merged copy only for what is still to answer
+    with contextlib.nullcontext() if all(map(partial.has, base_keys)) else ev.served(ev.base, [None]):
         rows = ev.closed_book() + [row for name in cfg.baselines for row in ev.raw_text(name)]
     for rate, model in sorted(models.items()):
         rows += ev.clara(rate, model, *(stores or {}).get(rate, (None, None)))
@@ -439,14 +449,22 @@ class _Evaluation:
         row = self.base.prompter.text_qa_prompt(r.question, [self.by_id[d].full_text for d in ids])
         return answer_nll(self.base, [row], r.answers[:1], None, None)[0]
 
+    def closed_book_keys(self) -> list[tuple]:
+        return [("closed-book", None, "normal", 1)] if self.cfg.closed_book and self.with_answers else []
+
+    def raw_text_keys(self, name: str) -> list[tuple]:
+        return [("raw-text", name, s, 1) for s in self.cfg.settings
+                if not (s == "oracle-candidates" or (s == "oracle" and not self.with_gold))]
+
     def closed_book(self) -> list[dict[str, Any]]:
-        if not (self.cfg.closed_book and self.with_answers):
-            return []
-        acc = self.run("closed book", ("closed-book", None, "normal", 1), None,
-                       lambda r, ids, t: self.base.generate_from_text(
-                           [r.question], [[]], max_new_tokens=self.cfg.max_new_tokens, timing=t)[0],
-                       lambda acc, ids: acc.context.append(0), self.text_nll)
-        return [_row("closed-book", None, "normal", 1, acc)]
+        rows = []
+        for key in self.closed_book_keys():  # none without answers
+            acc = self.run("closed book", key, None,
+                           lambda r, ids, t: self.base.generate_from_text(
+                               [r.question], [[]], max_new_tokens=self.cfg.max_new_tokens, timing=t)[0],
+                           lambda acc, ids: acc.context.append(0), self.text_nll)
+            rows.append(_row(*key, acc))
+        return rows
 
     def clara_closed_book(self, rate: int, model) -> list[dict[str, Any]]:
         """CLaRa's own generator with no documents: what its answers owe to the memory is measured against this,
@@ -463,8 +481,7 @@ class _Evaluation:
 
     def raw_text(self, name: str) -> list[dict[str, Any]]:
         """The base model reading the raw passages ``name`` (BM25, MiniLM) retrieves, in every setting."""
-        keys = [("raw-text", name, s, 1) for s in self.cfg.settings
-                if not (s == "oracle-candidates" or (s == "oracle" and not self.with_gold))]
+        keys = self.raw_text_keys(name)
         retriever = None
         if not all(map(self.partial.has, keys)):  # else every row is taken back: no index to build
             self.progress(f"indexing {name}")
@@ -493,9 +510,9 @@ class _Evaluation:
         label = cfg.mode if build is not None else "clara-exact"
         keys = ([("clara-closed-book", None, "normal", rate)] if cfg.closed_book and self.with_answers else []) + [
             ("clara", label, s, rate) for s in cfg.settings if s == "normal" or self.with_gold]
-        # Every answer row taken back and no store (whose retrieval rows are measured again): neither the corpus's
-        # compression nor the merged copies are needed.
-        finished = build is None and all(map(self.partial.has, keys))
+        # Every answer row taken back and no retrieval rows to measure again (they need a store and gold): neither
+        # the corpus's compression nor the merged copies are needed.
+        finished = (build is None or not self.with_gold) and all(map(self.partial.has, keys))
         try:
             with contextlib.nullcontext() if finished else self.served(model, ("generator", "query_reasoner")):
                 return self.clara_rows(rate, model, query_reasoner, engine, build, keys, finished)
