@@ -96,65 +96,46 @@ def test_retrieval_only_set_and_errors(tmp_path, models, monkeypatch):
 
 
 def test_an_interrupted_evaluation_answers_only_what_it_had_not_finished(fixtures, tmp_path, models, monkeypatch):
-    """A run killed in CLaRa's rows keeps the systems it finished; the same evaluation again takes them back (same
-    rows, predictions once each), another evaluation into that folder is refused, and --no-resume starts over."""
+    """A run killed part-way keeps the systems it finished; the same evaluation again takes them back (the scores
+    of answering afresh, predictions once each) and builds no index or compression that only they needed; a damaged
+    file is answered again. Another evaluation into that folder is refused; another machine's is answered again."""
     from clara.eval import run as run_module
 
     docs = read_corpus(fixtures / "corpus.jsonl")
     qa = load_qa_records(fixtures / "qa.jsonl")[:3]
     cfg = EvalConfig(k=2, max_new_tokens=3, baselines=("bm25",), settings=("normal",))
-    real = run_module._Evaluation.clara
-    monkeypatch.setattr(run_module._Evaluation, "clara", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
-    assert len(list((tmp_path / "partial").glob("*.json"))) == 3  # identity, closed book, raw text / bm25
+    fresh = evaluate(qa, docs, {16: models[16]}, tmp_path / "fresh", cfg, progress=lambda m: None)
 
-    monkeypatch.setattr(run_module._Evaluation, "clara", real)
-    said = []
-    rows = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
-    assert sum("finished by an earlier run" in m for m in said) == 2
-    assert "closed book" not in said and "raw-text / bm25 / normal" not in said  # neither answered again
-    assert "indexing bm25" not in said and "compressing the corpus at rate 16" in said
-    assert not (tmp_path / "partial").exists()
-    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == len(qa) * len(rows) and len({(p["id"], p["system"]) for p in preds}) == len(preds)
-    again = evaluate(qa, docs, {16: models[16]}, tmp_path / "fresh", cfg, progress=lambda m: None)
-    for a, b in zip(rows, again):  # what was taken back scores as answering afresh does
-        assert (a["system"], a["em"], a["f1"], a["gold_nll"]) == (b["system"], b["em"], b["f1"], b["gold_nll"])
-
-    plot = run_module.plot_report  # killed once every system had answered: nothing is indexed or compressed again
+    plot = run_module.plot_report  # killed once every system had answered
     monkeypatch.setattr(run_module, "plot_report", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
     monkeypatch.setattr(run_module, "plot_report", plot)
-    raw = next(f for f in (tmp_path / "partial").glob("*.json") if '"raw-text"' in f.read_text())
-    raw.write_text('{"acc": ')  # damaged: that one system is answered again, the rest taken back
-    said.clear()
+    blocks = {json.loads(f.read_text())["key"][0]: f for f in (tmp_path / "partial").glob("*.json")
+              if f.name != "identity.json"}
+    assert sorted(blocks) == ["clara", "clara-closed-book", "closed-book", "raw-text"]
+    blocks["closed-book"].write_text('{"acc": ')  # damaged: that one system is answered again
+    said = []
     with pytest.warns(UserWarning, match="is unreadable"):
-        final = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
-    same = [(r["system"], r["f1"], r["gold_nll"]) for r in rows]
-    assert [(r["system"], r["f1"], r["gold_nll"]) for r in final] == same
-    assert sum("finished by an earlier run" in m for m in said) == 3 and "indexing bm25" in said
-    assert not any(m.startswith("compressing") for m in said)
+        rows = evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
+    assert sum("finished by an earlier run" in m for m in said) == 3 and "closed book" in said
+    assert not any(m.startswith(("indexing", "compressing")) for m in said)  # only the taken-back rows needed them
+    assert [(r["system"], r["f1"], r["gold_nll"]) for r in rows] == [(r["system"], r["f1"], r["gold_nll"])
+                                                                       for r in fresh]
+    assert not (tmp_path / "partial").exists()
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(qa) * len(rows) and len({(p["id"], p["system"]) for p in preds}) == len(preds)
 
-    monkeypatch.setattr(run_module._Evaluation, "clara", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
+    folder, what, where = tmp_path / "p", {"questions": "a"}, {"machine": "here"}
+    key = ("closed-book", None, "normal", 1)
+    run_module._Partial(folder, what, where, True).put(key, run_module._Acc(), [])
     with pytest.raises(ValueError, match=r"another evaluation \(questions differ\).*--no-resume"):
-        evaluate(qa[:2], docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
-    monkeypatch.setattr(run_module._Evaluation, "clara", real)
-    monkeypatch.setattr(run_module.platform, "node", lambda: "another-host")  # latencies from elsewhere: redone
-    said.clear()
+        run_module._Partial(folder, {"questions": "b"}, where, True)
+    assert run_module._Partial(folder, what, where, True).has(key)
     with pytest.warns(UserWarning, match="measured on another machine or by other code; answering them again"):
-        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=said.append)
-    assert "closed book" in said and not any("finished by an earlier run" in m for m in said)
-    monkeypatch.setattr(run_module._Evaluation, "clara", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(qa, docs, {16: models[16]}, tmp_path, cfg, progress=lambda m: None)
-    monkeypatch.setattr(run_module._Evaluation, "clara", real)
-    said.clear()
-    evaluate(qa[:2], docs, {16: models[16]}, tmp_path, cfg, progress=said.append, resume=False)
-    assert "closed book" in said and not any("finished by an earlier run" in m for m in said)
+        assert not run_module._Partial(folder, what, {"machine": "there"}, True).has(key)
+    run_module._Partial(folder, what, where, True).put(key, run_module._Acc(), [])
+    assert not run_module._Partial(folder, {"questions": "b"}, where, False).has(key)  # --no-resume: discarded
 
 
 def test_evaluate_cli(fixtures, tmp_path, models):
