@@ -238,8 +238,8 @@ CASES = {
     "evaluate: --mode without --use-store": (2, "--mode and --rerank choose how CLaRa searches a store build: add "
                                                 "--use-store"),
     "evaluate: --rates not numbers": (2, "--rates '16,abc': expected compression rates separated by commas"),
-    "evaluate: OUT/partial is a file of the user's": (2, "partial is a file; a partial evaluation is a folder: give a new "
-                                                        "path"),
+    "evaluate: OUT/partial is a file of the user's": (2, "partial is a file; a partial evaluation is a folder: "
+                                                        "give a new path"),
     "synthesize: --dev-fraction 10": (2, "dev_fraction=10.0 (a fraction in [0, 1): 1 would leave nothing to train on)"),
     "synthesize: resuming another corpus's work": (2, "holds 1 done document(s) this corpus does not have (e.g. 'b')"),
     "data mix: --kinds with a typo": (2, "kinds 'Simple': each must be one of simple, complex"),
