@@ -449,8 +449,10 @@ class _Evaluation:
         row = self.base.prompter.text_qa_prompt(r.question, [self.by_id[d].full_text for d in ids])
         return answer_nll(self.base, [row], r.answers[:1], None, None)[0]
 
-    def closed_book_keys(self) -> list[tuple]:
-        return [("closed-book", None, "normal", 1)] if self.cfg.closed_book and self.with_answers else []
+    def closed_book_keys(self, system: str = "closed-book", rate: int = 1) -> list[tuple]:
+        """The row of ``system`` answering with no documents (the base's, or CLaRa's at ``rate``); none without
+        answers."""
+        return [(system, None, "normal", rate)] if self.cfg.closed_book and self.with_answers else []
 
     def raw_text_keys(self, name: str) -> list[tuple]:
         return [("raw-text", name, s, 1) for s in self.cfg.settings
@@ -458,7 +460,7 @@ class _Evaluation:
 
     def closed_book(self) -> list[dict[str, Any]]:
         rows = []
-        for key in self.closed_book_keys():  # none without answers
+        for key in self.closed_book_keys():
             acc = self.run("closed book", key, None,
                            lambda r, ids, t: self.base.generate_from_text(
                                [r.question], [[]], max_new_tokens=self.cfg.max_new_tokens, timing=t)[0],
@@ -469,15 +471,16 @@ class _Evaluation:
     def clara_closed_book(self, rate: int, model) -> list[dict[str, Any]]:
         """CLaRa's own generator with no documents: what its answers owe to the memory is measured against this,
         not against the base model (whose fine-tuning differs)."""
-        if not (self.cfg.closed_book and self.with_answers):
-            return []
-        acc = self.run(f"clara closed book / rate {rate}", ("clara-closed-book", None, "normal", rate), None,
-                       lambda r, ids, t: model.generate([r.question], [[]], max_new_tokens=self.cfg.max_new_tokens,
-                                                        timing=t)[0],
-                       lambda acc, ids: acc.context.append(0),
-                       lambda r, ids: answer_nll(model, [model.prompter.qa_prompt(r.question, [])], r.answers[:1], [[]],
-                                                 "generator")[0])
-        return [_row("clara-closed-book", None, "normal", rate, acc)]
+        rows = []
+        for key in self.closed_book_keys("clara-closed-book", rate):
+            acc = self.run(f"clara closed book / rate {rate}", key, None,
+                           lambda r, ids, t: model.generate([r.question], [[]], max_new_tokens=self.cfg.max_new_tokens,
+                                                            timing=t)[0],
+                           lambda acc, ids: acc.context.append(0),
+                           lambda r, ids: answer_nll(model, [model.prompter.qa_prompt(r.question, [])], r.answers[:1],
+                                                     [[]], "generator")[0])
+            rows.append(_row(*key, acc))
+        return rows
 
     def raw_text(self, name: str) -> list[dict[str, Any]]:
         """The base model reading the raw passages ``name`` (BM25, MiniLM) retrieves, in every setting."""
@@ -508,7 +511,7 @@ class _Evaluation:
             self.progress(f"rate {rate}: the query reasoner was never trained (no E2E); using the compressor")
         cfg = self.cfg
         label = cfg.mode if build is not None else "clara-exact"
-        keys = ([("clara-closed-book", None, "normal", rate)] if cfg.closed_book and self.with_answers else []) + [
+        keys = self.closed_book_keys("clara-closed-book", rate) + [
             ("clara", label, s, rate) for s in cfg.settings if s == "normal" or self.with_gold]
         # Every answer row taken back and no retrieval rows to measure again (they need a store and gold): neither
         # the corpus's compression nor the merged copies are needed.
