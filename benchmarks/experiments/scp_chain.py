@@ -150,7 +150,12 @@ def curve(args: argparse.Namespace) -> int:
 
 
 def _instruct_entry(extra: dict[str, Any], data_version: str, commit: str) -> dict[str, Any]:
-    """One stage-2 run's lineage entry, from its checkpoint's ``extra``."""
+    """One stage-2 run's lineage entry, from its checkpoint's ``extra``; or, for a weight average of checkpoints
+    (``clara.model.checkpoint.average_checkpoints``), the average's: no steps, the weights and the digests of what
+    was averaged (the checkpoints the earlier entries end at)."""
+    if "averaged_from" in extra:
+        return {"stage": "average", "steps": 0, "weights": [x["weight"] for x in extra["averaged_from"]],
+                "of": [x["digest"] for x in extra["averaged_from"]], "commit": commit}
     cfg = extra["config"]
     entry = {"stage": "instruct", "steps": int(extra.get("step", 0)), "batch_size": cfg["train"]["batch_size"],
              "seed": cfg["train"]["seed"], "freeze_compressor": cfg.get("freeze_compressor", False),

@@ -59,6 +59,24 @@ def model_release(
     typer.echo(f"wrote {dst} ({size / 1e6:.1f} MB)")
 
 
+@model_app.command("average")
+def model_average(
+    checkpoints: list[Path] = typer.Argument(..., exists=True, help="Two or more checkpoints of one model."),
+    out: Path = typer.Option(..., help="Folder for the averaged checkpoint (replaced if it is one)."),
+    weight: list[float] = typer.Option([], help="One weight per checkpoint, summing to 1 (default: equal)."),
+) -> None:
+    """Average checkpoints of one model in weight space (runs that share an ancestor): each LoRA layer's product,
+    refactored to the adapter's rank, and the special rows."""
+    from clara.model.checkpoint import average_checkpoints
+
+    try:
+        residual = average_checkpoints(checkpoints, out, weights=weight or None)
+    except (ValueError, OSError) as exc:
+        fail(exc)
+    typer.echo(f"wrote {out}; rank-r refactoring error (relative Frobenius) per adapter: "
+               + ", ".join(f"{k} {v:.2e}" for k, v in residual.items()))
+
+
 @model_app.command("paraphrase")
 def model_paraphrase(
     checkpoint: Path = typer.Argument(..., exists=True, help="Checkpoint or run folder."),

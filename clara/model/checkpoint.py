@@ -233,3 +233,100 @@ def load_adapter_weights(model: ClaraModel, path: str | Path) -> None:
     special = read_safetensors(path / "special_embeddings.safetensors")["special"]
     with torch.no_grad():
         model.special.copy_(special.to(model.special.device))
+
+
+def average_checkpoints(paths: Sequence[str | Path], out: str | Path,
+                        weights: Sequence[float] | None = None) -> dict[str, float]:
+    """Write to ``out`` the weighted average of checkpoints of one model (a weight-space ensemble of runs that share
+    an ancestor), and return, per adapter, the relative Frobenius error of the rank-r refactoring.
+
+    A LoRA layer is the product ``B @ A``; averaging A and B separately would add cross terms ``B_i @ A_j``, so
+    the products are averaged and the average is factored back to the adapter's rank by SVD (its singular values
+    split evenly between the two factors). The special rows are averaged as they are. The checkpoints must agree on
+    the model config (device and precision aside), the special tokens and each adapter's config.
+
+    Raises:
+        ValueError: fewer than two checkpoints, weights that do not match them, or checkpoints of different models.
+    """
+    paths = [resolve_checkpoint(p) for p in paths]
+    if len(paths) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {len(paths)}")
+    weights = [1.0 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths) or any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"weights must be {len(paths)} non-negative numbers summing to 1, got {weights}")
+    metas = [read_checkpoint_config(p) for p in paths]
+    same = ("model", "special_tokens", "first_special_id", "base_included")
+
+    def shape(meta: dict[str, Any]) -> dict[str, Any]:
+        return {k: ({**meta[k], "device": None, "dtype": None, "amp": None} if k == "model" else meta.get(k))
+                for k in same}
+
+    for p, m in zip(paths[1:], metas[1:]):
+        if shape(m) != shape(metas[0]):
+            raise ValueError(f"{p} is not a checkpoint of the same model as {paths[0]} (model config, special "
+                             f"tokens or base differ)")
+    residual = {}
+    with written_atomically(Path(out), CONFIG_FILE) as tmp:
+        for name in ADAPTERS:
+            configs = [_adapter_config(p / "adapters" / name / "adapter_config.json") for p in paths]
+            if any(c != configs[0] for c in configs[1:]):
+                raise ValueError(f"the {name} adapters of {[str(p) for p in paths]} have different configs")
+            states = [read_safetensors(p / "adapters" / name / "adapter_model.safetensors") for p in paths]
+            averaged, residual[name] = _average_lora(states, weights, int(configs[0]["r"]), name)
+            folder = tmp / "adapters" / name
+            folder.mkdir(parents=True)
+            save_file(averaged, folder / "adapter_model.safetensors")
+            shutil.copy2(paths[0] / "adapters" / name / "adapter_config.json", folder / "adapter_config.json")
+        special = sum(w * read_safetensors(p / "special_embeddings.safetensors")["special"].float()
+                      for w, p in zip(weights, paths))
+        save_file({"special": special.contiguous()}, tmp / "special_embeddings.safetensors")
+        if metas[0].get("base_included"):
+            shutil.copytree(paths[0] / "base", tmp / "base")
+        meta = dict(metas[0])
+        meta["extra"] = {"averaged_from": [{"path": str(p), "digest": checkpoint_digest(p), "weight": w,
+                                            "stage": m.get("extra", {}).get("stage")}
+                                           for p, w, m in zip(paths, weights, metas)],
+                         "average_residual": residual}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return residual
+
+
+def _adapter_config(file: Path) -> dict[str, Any]:
+    """An adapter's PEFT config, its target modules as a sorted list (PEFT writes that set in any order)."""
+    cfg = json.loads(file.read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    return cfg
+
+
+def _average_lora(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], rank: int,
+                  name: str) -> tuple[dict[str, torch.Tensor], float]:
+    """The weighted average of LoRA state dicts as rank-``rank`` factors, and the relative Frobenius error of that
+    refactoring over all layers (0 when the products' average has rank ≤ ``rank``)."""
+    keys = sorted(states[0])
+    if any(sorted(s) != keys for s in states[1:]):
+        raise ValueError(f"the {name} adapters hold different layers")
+    if all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys):
+        # one adapter none of the runs trained (a query reasoner before E2E): kept as it is, so its A keeps the
+        # random start that lets a later run train it (the SVD of a zero product would zero both factors)
+        return {k: v.float().contiguous() for k, v in states[0].items()}, 0.0
+    out: dict[str, torch.Tensor] = {}
+    lost = total = 0.0
+    for a_key in (k for k in keys if ".lora_A." in k):
+        b_key = a_key.replace(".lora_A.", ".lora_B.")
+        if b_key not in states[0]:
+            raise ValueError(f"the {name} adapter has {a_key} without its {b_key}")
+        # sum_i w_i B_i A_i = [w_1 B_1 … w_n B_n] @ [A_1; …; A_n]: its SVD from the QR factors of the two
+        # stacks and the SVD of their small (n·r)² core, not of the full out × in product
+        qb, rb = torch.linalg.qr(torch.cat([w * s[b_key].double() for w, s in zip(weights, states)], dim=1))
+        qa, ra = torch.linalg.qr(torch.cat([s[a_key].double() for s in states], dim=0).T)
+        u, sv, vh = torch.linalg.svd(rb @ ra.T)
+        root = sv[:rank].sqrt()
+        out[b_key] = ((qb @ u[:, :rank]) * root).float().contiguous()
+        out[a_key] = (root[:, None] * (qa @ vh[:rank].T).T).float().contiguous()
+        lost += float(sv[rank:].pow(2).sum())
+        total += float(sv.pow(2).sum())
+    rest = [k for k in keys if ".lora_A." not in k and ".lora_B." not in k]
+    if rest:
+        raise ValueError(f"the {name} adapter holds weights other than LoRA factors: {rest[:3]}")
+    return out, (lost / total) ** 0.5 if total > 0 else 0.0

@@ -94,6 +94,21 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
     assert lineage[:-1] == before and lineage[-1]["compressor_lr_scale"] == 0.1
     assert (lineage[-1]["stage"], lineage[-1]["freeze_compressor"], lineage[-1]["data"]) == ("instruct", False,
                                                                                             "corpus-y")
+    # the weight average of the release and a stage 2 on top of it: its lineage adds the stage 2, then the average
+    from clara.model.checkpoint import average_checkpoints, checkpoint_digest
+
+    before = lineage
+    on_top = train_scp(load_checkpoint(out), load_scp_records(fixtures / "scp.jsonl"),
+                       SCPConfig(model=model.cfg, train=TrainConfig(batch_size=1, max_steps=1, seed=3)),
+                       tmp_path / "inst4", stage="instruct", progress=False)
+    average_checkpoints([out, on_top], tmp_path / "avg")
+    digests = [checkpoint_digest(out), checkpoint_digest(on_top)]
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(tmp_path / "avg"), "--instruct-from",
+                           str(on_top), "--out", str(out), "--data-version", "corpus-y"]) == 0
+    lineage = read_checkpoint_config(out)["extra"]["lineage"]
+    assert lineage[:-2] == before and lineage[-2]["seed"] == 3
+    assert {k: lineage[-1][k] for k in ("stage", "steps", "weights", "of")} == {
+        "stage": "average", "steps": 0, "weights": [0.5, 0.5], "of": digests}
     bare = save_checkpoint(tiny_model, tmp_path / "bare")  # no lineage to continue
     with pytest.raises(SystemExit, match="no lineage"):
         scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(on_release), "--out", str(bare),

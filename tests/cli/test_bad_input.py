@@ -131,6 +131,13 @@ def setup(case: str, t: Path) -> list[str]:
     if case == "model release: --out a folder that is not a checkpoint":
         (t / "releases" / "other").mkdir(parents=True)  # what a release over the parent folder would delete
         return ["model", "release", str(_tiny_checkpoint(t)), "--out", str(t / "releases")]
+    if case == "model average: checkpoints of two models":
+        from clara.config import preset
+        from clara.model import ClaraModel
+        from clara.model.checkpoint import save_checkpoint
+
+        other = save_checkpoint(ClaraModel.build(preset("tiny", compression_rate=4)), t / "rate4")
+        return ["model", "average", str(_tiny_checkpoint(t)), str(other), "--out", str(t / "avg")]
     if case == "model paraphrase: --device gpu":
         return ["model", "paraphrase", str(_tiny_checkpoint(t)), "--text", "Alpha.", "--device", "gpu"]
     if case == "train scp: --device cuda where torch sees no GPU":
@@ -227,6 +234,7 @@ CASES = {
     "ask: --model a folder, not a model URI": (2, "is not an MLflow model URI (models:/NAME@ALIAS"),
     "model release: --out a folder that is not a checkpoint": (2, "is a folder that is not a checkpoint (no clara.json "
                                                                "in it); writing the checkpoint there would replace it"),
+    "model average: checkpoints of two models": (2, "rate4 is not a checkpoint of the same model as"),
     "model paraphrase: --device gpu": (2, "device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', got 'gpu'"),
     "train scp: --device cuda where torch sees no GPU": (2, "device 'cuda:7': torch sees"),
     "train scp: a --config dtype bf16": (2, "dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got 'bf16'"),
