@@ -117,8 +117,8 @@ def measure(args: argparse.Namespace) -> int:
     a, s, d = result.get("reconstruction", {}), result.get("answer_spans", {}), result.get("slot_diversity", {})
     n = result.get("answer_nll", {})
     prior = settings["prior_scp_steps"] if "prior_scp_steps" in settings else prior_scp_steps(Path(settings["init"]))
-    line = {"cumulative_scp_steps": prior + step, "run_step": step,
-            "slot_cosine": d.get("within_passage_cosine"), "slot_cosine_centred": d.get("within_passage_cosine_centred"),
+    line = {"cumulative_scp_steps": prior + step, "run_step": step, "slot_cosine": d.get("within_passage_cosine"),
+            "slot_cosine_centred": d.get("within_passage_cosine_centred"),
             "effective_rank": d.get("effective_rank"), "memory_ce": a.get("memory"),
             "gap_closed": a.get("gap_closed"), "memory_use": a.get("memory_use"),
             "answer_span_memory_use": s.get("memory_use"), "answer_use": n.get("answer_use"),
