@@ -38,16 +38,28 @@ def chain_dir(arg: Path | None) -> Path:
 
 
 def lineage(checkpoint: Path) -> list[dict[str, Any]]:
-    """The stages a checkpoint went through, oldest first: ``extra.lineage`` of its ``clara.json``."""
+    """The stages a checkpoint went through, oldest first: ``extra.lineage`` of its ``clara.json``; for a weight
+    average of checkpoints that each record one, the one ``average`` entry that holds them (``_instruct_entry``)."""
     from clara.model.checkpoint import read_checkpoint_config
 
-    return list(read_checkpoint_config(checkpoint).get("extra", {}).get("lineage", []))
+    extra = read_checkpoint_config(checkpoint).get("extra", {})
+    if "lineage" in extra:
+        return list(extra["lineage"])
+    entry = _instruct_entry(extra, "", "") if "averaged_from" in extra else {}
+    return [entry] if "parents" in entry else []
+
+
+def scp_steps(stages: Sequence[dict[str, Any]]) -> int:
+    """SCP steps in a lineage; an average counts those of the parent that had the most."""
+    return sum(int(s["steps"]) if s.get("stage") == "scp" else
+               max(scp_steps(p) for p in s["parents"]) if s.get("stage") == "average" and s.get("parents") else 0
+               for s in stages)
 
 
 def prior_scp_steps(checkpoint: Path, declared: int | None = None) -> int:
     """SCP steps behind ``checkpoint``: its lineage's, or ``declared`` for a checkpoint made before lineages were
     recorded (the release's model card gives them)."""
-    found = sum(int(s["steps"]) for s in lineage(checkpoint) if s.get("stage") == "scp")
+    found = scp_steps(lineage(checkpoint))
     return found if found or declared is None else declared
 
 
@@ -154,8 +166,11 @@ def _instruct_entry(extra: dict[str, Any], data_version: str, commit: str) -> di
     (``clara.model.checkpoint.average_checkpoints``), the average's: no steps, the weights and the digests of what
     was averaged (the checkpoints the earlier entries end at)."""
     if "averaged_from" in extra:
-        return {"stage": "average", "steps": 0, "weights": [x["weight"] for x in extra["averaged_from"]],
-                "of": [x["digest"] for x in extra["averaged_from"]], "commit": commit}
+        parents = [x.get("lineage") for x in extra["averaged_from"]]
+        entry = {"stage": "average", "steps": 0, "weights": [x["weight"] for x in extra["averaged_from"]],
+                 "of": [x["digest"] for x in extra["averaged_from"]], "commit": commit}
+        # where every input records its stages, the entry holds them all and the lineage can start from it
+        return {**entry, "parents": parents} if all(parents) else entry
     cfg = extra["config"]
     entry = {"stage": "instruct", "steps": int(extra.get("step", 0)), "batch_size": cfg["train"]["batch_size"],
              "seed": cfg["train"]["seed"], "freeze_compressor": cfg.get("freeze_compressor", False),
@@ -168,8 +183,9 @@ def _instruct_entry(extra: dict[str, Any], data_version: str, commit: str) -> di
 def release(args: argparse.Namespace) -> int:
     """Replace the release with a checkpoint of the chain (after its stage 2), recording the lineage: the old
     release's stages, then this chain's SCP steps and the stage 2 on top, each with its data and code version.
-    Without ``--scp-checkpoint`` the stage 2 continued the release at ``--out`` itself (no chain steps): its
-    lineage, then the stage-2 runs."""
+    Without ``--scp-checkpoint`` the stage 2 continued the release at ``--out`` itself, or ``--after`` (no chain
+    steps): its lineage, then the stage-2 runs. A weight average whose inputs all record their lineage is one
+    ``average`` entry that holds them (``clara model average`` on exported checkpoints)."""
     import subprocess
 
     from clara.model.checkpoint import read_checkpoint_config
@@ -178,11 +194,15 @@ def release(args: argparse.Namespace) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     if args.scp_checkpoint is None:
-        before = lineage(args.out)
+        entries = [_instruct_entry(extra, args.data_version, commit) for extra in instruct]
+        whole = [i for i, e in enumerate(entries) if "parents" in e]
+        if whole:  # an average whose inputs record their stages: nothing before it to add
+            return _export(args, entries[whole[-1]:])
+        after = args.after or args.out
+        before = lineage(after)
         if not before:
-            raise SystemExit(f"{args.out} records no lineage to continue: pass --scp-checkpoint")
-        new = before + [_instruct_entry(extra, args.data_version, commit) for extra in instruct]
-        return _export(args, new)
+            raise SystemExit(f"{after} records no lineage to continue: pass --scp-checkpoint")
+        return _export(args, before + entries)
     root = chain_dir(args.chain)
     settings = json.loads((root / "chain.json").read_text(encoding="utf-8"))
     init = Path(settings["init"])
@@ -243,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="The chain checkpoint stage 2 started from (none: stage 2 continued the release at --out).")
     r.add_argument("--instruct-from", type=Path, nargs="*", default=[],
                    help="Earlier stage-2 model folders --checkpoint continued (its --init), oldest first.")
+    r.add_argument("--after", type=Path, default=None,
+                   help="Without --scp-checkpoint: the checkpoint the oldest stage-2 run started from (default --out).")
     r.add_argument("--out", type=Path, default=DEFAULT_RELEASE)
     r.add_argument("--probe", type=Path, default=None, help="The probe JSON of --checkpoint (with its compare).")
     r.add_argument("--data-version", required=True, help="Corpus / synthesis hashes the stages read.")

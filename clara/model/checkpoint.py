@@ -283,8 +283,10 @@ def average_checkpoints(paths: Sequence[str | Path], out: str | Path,
         if metas[0].get("base_included"):
             shutil.copytree(paths[0] / "base", tmp / "base")
         meta = dict(metas[0])
+        # each input's own record of the stages behind it, where it keeps one (a release's ``lineage``)
         meta["extra"] = {"averaged_from": [{"path": str(p), "digest": checkpoint_digest(p), "weight": w,
-                                            "stage": m.get("extra", {}).get("stage")}
+                                            "stage": m.get("extra", {}).get("stage"),
+                                            "lineage": m.get("extra", {}).get("lineage")}
                                            for p, w, m in zip(paths, weights, metas)],
                          "average_residual": residual}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")

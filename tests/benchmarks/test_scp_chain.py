@@ -109,6 +109,22 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
     assert lineage[:-2] == before and lineage[-2]["seed"] == 3
     assert {k: lineage[-1][k] for k in ("stage", "steps", "weights", "of")} == {
         "stage": "average", "steps": 0, "weights": [0.5, 0.5], "of": digests}
+    assert "parents" not in lineage[-1]  # the stage 2 recorded no stages of its own: the lineage stays one line
+    # stage 2 on that release, its lineage stamped on a copy (--after: the checkpoint it started from), then the
+    # average of the two: each input records its stages, so the lineage is one entry that holds both
+    on_top = train_scp(load_checkpoint(out), load_scp_records(fixtures / "scp.jsonl"),
+                       SCPConfig(model=model.cfg, train=TrainConfig(batch_size=1, max_steps=1, seed=4)),
+                       tmp_path / "inst5", stage="instruct", progress=False)
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(on_top), "--after", str(out),
+                           "--out", str(tmp_path / "stamped"), "--data-version", "corpus-y"]) == 0
+    stamped = read_checkpoint_config(tmp_path / "stamped")["extra"]["lineage"]
+    assert stamped[:-1] == lineage and stamped[-1]["seed"] == 4
+    average_checkpoints([out, tmp_path / "stamped"], tmp_path / "avg2", weights=[0.25, 0.75])
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(tmp_path / "avg2"), "--out", str(out),
+                           "--data-version", "corpus-y"]) == 0
+    (entry,) = read_checkpoint_config(out)["extra"]["lineage"]
+    assert (entry["stage"], entry["weights"], entry["parents"]) == ("average", [0.25, 0.75], [lineage, stamped])
+    assert scp_chain.prior_scp_steps(out) == scp_chain.scp_steps(lineage) > 0
     bare = save_checkpoint(tiny_model, tmp_path / "bare")  # no lineage to continue
     with pytest.raises(SystemExit, match="no lineage"):
         scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(on_release), "--out", str(bare),
