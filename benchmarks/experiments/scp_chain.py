@@ -42,11 +42,16 @@ def lineage(checkpoint: Path) -> list[dict[str, Any]]:
     average of checkpoints that each record one, the one ``average`` entry that holds them (``_instruct_entry``)."""
     from clara.model.checkpoint import read_checkpoint_config
 
-    extra = read_checkpoint_config(checkpoint).get("extra", {})
-    if "lineage" in extra:
+    return _recorded_lineage(read_checkpoint_config(checkpoint).get("extra", {})) or []
+
+
+def _recorded_lineage(extra: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """``extra.lineage``; for an average (``extra.averaged_from``, also one nested in an average's inputs) whose
+    inputs all record theirs, the one entry holding them; else None."""
+    if extra.get("lineage"):
         return list(extra["lineage"])
-    entry = _instruct_entry(extra, "", "") if "averaged_from" in extra else {}
-    return [entry] if "parents" in entry else []
+    entry = _instruct_entry(extra, "", "unrecorded") if extra.get("averaged_from") else {}
+    return [entry] if "parents" in entry else None
 
 
 def scp_steps(stages: Sequence[dict[str, Any]]) -> int:
@@ -54,6 +59,12 @@ def scp_steps(stages: Sequence[dict[str, Any]]) -> int:
     return sum(int(s["steps"]) if s.get("stage") == "scp" else
                max(scp_steps(p) for p in s["parents"]) if s.get("stage") == "average" and s.get("parents") else 0
                for s in stages)
+
+
+def generations(stages: Sequence[dict[str, Any]]) -> int:
+    """How many stages lie behind a lineage's end on its longest path (an average's parents counted in): a chain
+    started from it draws its data order from this, so each release generation reads the data anew."""
+    return sum(1 + max(generations(p) for p in s["parents"]) if s.get("parents") else 1 for s in stages)
 
 
 def prior_scp_steps(checkpoint: Path, declared: int | None = None) -> int:
@@ -90,7 +101,7 @@ def train(args: argparse.Namespace) -> int:
     start = recorded or {}
     settings["prior_scp_steps"] = start.get("prior_scp_steps", prior_scp_steps(args.init, args.prior_scp_steps))
     settings["init_lineage"] = start.get("init_lineage", lineage(args.init))
-    settings["seed"] = start.get("seed", len(settings["init_lineage"]))
+    settings["seed"] = start.get("seed", generations(settings["init_lineage"]))
     model = load_checkpoint(args.init)
     continue_with(model, init_model_config(model.cfg, raw.get("model", {}), args.init))
     generation = settings["seed"]
@@ -166,7 +177,7 @@ def _instruct_entry(extra: dict[str, Any], data_version: str, commit: str) -> di
     (``clara.model.checkpoint.average_checkpoints``), the average's: no steps, the weights and the digests of what
     was averaged (the checkpoints the earlier entries end at)."""
     if "averaged_from" in extra:
-        parents = [x.get("lineage") for x in extra["averaged_from"]]
+        parents = [_recorded_lineage(x) for x in extra["averaged_from"]]
         entry = {"stage": "average", "steps": 0, "weights": [x["weight"] for x in extra["averaged_from"]],
                  "of": [x["digest"] for x in extra["averaged_from"]], "commit": commit}
         # where every input records its stages, the entry holds them all and the lineage can start from it
@@ -203,6 +214,11 @@ def release(args: argparse.Namespace) -> int:
         if not before:
             raise SystemExit(f"{after} records no lineage to continue: pass --scp-checkpoint")
         return _export(args, before + entries)
+    if args.after is not None:
+        raise SystemExit("--after is for a stage 2 that continued a checkpoint, not the chain: drop --scp-checkpoint")
+    if any("parents" in _instruct_entry(extra, "", "") for extra in instruct if "averaged_from" in extra):
+        raise SystemExit(f"{args.checkpoint} averages checkpoints that record their whole lineage: release it "
+                         f"without --scp-checkpoint")
     root = chain_dir(args.chain)
     settings = json.loads((root / "chain.json").read_text(encoding="utf-8"))
     init = Path(settings["init"])

@@ -246,13 +246,18 @@ def average_checkpoints(paths: Sequence[str | Path], out: str | Path,
     the model config (device and precision aside), the special tokens and each adapter's config.
 
     Raises:
-        ValueError: fewer than two checkpoints, weights that do not match them, or checkpoints of different models.
+        ValueError: fewer than two checkpoints, weights that do not match them, checkpoints of different models,
+            an unreadable weight file, or an ``out`` that is a folder but not a checkpoint (nothing is written).
+        FileNotFoundError: a checkpoint without ``clara.json`` or one of its weight files.
     """
+    import math
+
     paths = [resolve_checkpoint(p) for p in paths]
     if len(paths) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(paths)}")
     weights = [1.0 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(paths) or any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+    if (len(weights) != len(paths) or not all(math.isfinite(w) and w >= 0 for w in weights)
+            or abs(sum(weights) - 1.0) > 1e-6):
         raise ValueError(f"weights must be {len(paths)} non-negative numbers summing to 1, got {weights}")
     metas = [read_checkpoint_config(p) for p in paths]
     same = ("model", "special_tokens", "first_special_id", "base_included")
@@ -272,7 +277,7 @@ def average_checkpoints(paths: Sequence[str | Path], out: str | Path,
             if any(c != configs[0] for c in configs[1:]):
                 raise ValueError(f"the {name} adapters of {[str(p) for p in paths]} have different configs")
             states = [read_safetensors(p / "adapters" / name / "adapter_model.safetensors") for p in paths]
-            averaged, residual[name] = _average_lora(states, weights, int(configs[0]["r"]), name)
+            averaged, residual[name] = _average_lora(states, weights, name)
             folder = tmp / "adapters" / name
             folder.mkdir(parents=True)
             save_file(averaged, folder / "adapter_model.safetensors")
@@ -283,28 +288,34 @@ def average_checkpoints(paths: Sequence[str | Path], out: str | Path,
         if metas[0].get("base_included"):
             shutil.copytree(paths[0] / "base", tmp / "base")
         meta = dict(metas[0])
-        # each input's own record of the stages behind it, where it keeps one (a release's ``lineage``)
+        # each input's own record of the stages behind it, where it keeps one (a release's ``lineage``, or what an
+        # input that is itself an average was made of)
         meta["extra"] = {"averaged_from": [{"path": str(p), "digest": checkpoint_digest(p), "weight": w,
-                                            "stage": m.get("extra", {}).get("stage"),
-                                            "lineage": m.get("extra", {}).get("lineage")}
+                                            **{k: m.get("extra", {}).get(k)
+                                               for k in ("stage", "lineage", "averaged_from")}}
                                            for p, w, m in zip(paths, weights, metas)],
                          "average_residual": residual}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return residual
 
 
+_WEIGHT_SHAPING = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+                   "bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform", "peft_type")
+
+
 def _adapter_config(file: Path) -> dict[str, Any]:
-    """An adapter's PEFT config, its target modules as a sorted list (PEFT writes that set in any order)."""
+    """What of an adapter's PEFT config shapes its weights or their scale, the target modules sorted (PEFT writes
+    that set in any order); keys that only name a PEFT version or a feature left off are not compared."""
     cfg = json.loads(file.read_text(encoding="utf-8"))
     if isinstance(cfg.get("target_modules"), list):
         cfg["target_modules"] = sorted(cfg["target_modules"])
-    return cfg
+    return {k: cfg.get(k) for k in _WEIGHT_SHAPING}
 
 
-def _average_lora(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], rank: int,
+def _average_lora(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float],
                   name: str) -> tuple[dict[str, torch.Tensor], float]:
-    """The weighted average of LoRA state dicts as rank-``rank`` factors, and the relative Frobenius error of that
-    refactoring over all layers (0 when the products' average has rank ≤ ``rank``)."""
+    """The weighted average of LoRA state dicts as factors of each layer's own rank, and the relative Frobenius
+    error of that refactoring over all layers (0 when each layer's averaged product has at most that rank)."""
     keys = sorted(states[0])
     if any(sorted(s) != keys for s in states[1:]):
         raise ValueError(f"the {name} adapters hold different layers")
@@ -323,10 +334,20 @@ def _average_lora(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[f
         qb, rb = torch.linalg.qr(torch.cat([w * s[b_key].double() for w, s in zip(weights, states)], dim=1))
         qa, ra = torch.linalg.qr(torch.cat([s[a_key].double() for s in states], dim=0).T)
         u, sv, vh = torch.linalg.svd(rb @ ra.T)
-        root = sv[:rank].sqrt()
-        out[b_key] = ((qb @ u[:, :rank]) * root).float().contiguous()
-        out[a_key] = (root[:, None] * (qa @ vh[:rank].T).T).float().contiguous()
-        lost += float(sv[rank:].pow(2).sum())
+        rank = states[0][a_key].shape[0]
+        # singular values at rounding level of the inputs' own products count as zero
+        scale = sum(w * float(s[b_key].double().norm() * s[a_key].double().norm()) for w, s in zip(weights, states))
+        kept = min(rank, int((sv > scale * 1e-9).sum()))
+        root = sv[:kept].sqrt()
+        # a direction the average does not use (its rank is below the layer's) gets B = 0 and the first input's
+        # A row, as a fresh LoRA has: the product is the same, and a later run can still train it (zero in both
+        # factors, neither would ever get a gradient)
+        b = torch.zeros_like(states[0][b_key], dtype=torch.float32)
+        a = states[0][a_key].float().clone()
+        b[:, :kept] = ((qb @ u[:, :kept]) * root).float()
+        a[:kept] = (root[:, None] * (qa @ vh[:kept].T).T).float()
+        out[b_key], out[a_key] = b.contiguous(), a.contiguous()
+        lost += float(sv[kept:].pow(2).sum())
         total += float(sv.pow(2).sum())
     rest = [k for k in keys if ".lora_A." not in k and ".lora_B." not in k]
     if rest:

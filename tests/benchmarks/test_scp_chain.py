@@ -125,8 +125,28 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
     (entry,) = read_checkpoint_config(out)["extra"]["lineage"]
     assert (entry["stage"], entry["weights"], entry["parents"]) == ("average", [0.25, 0.75], [lineage, stamped])
     assert scp_chain.prior_scp_steps(out) == scp_chain.scp_steps(lineage) > 0
+    # an average of that (not exported) average and the stamped copy: the inner one's inputs are kept as its parents
+    average_checkpoints([tmp_path / "avg2", tmp_path / "stamped"], tmp_path / "avg3")
+    with pytest.raises(SystemExit, match="without --scp-checkpoint"):
+        scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(tmp_path / "avg3"), "--scp-checkpoint",
+                        str(scp_ck), "--out", str(tmp_path / "x"), "--data-version", "corpus-y"])
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(tmp_path / "avg3"), "--out",
+                           str(tmp_path / "rel3"), "--data-version", "corpus-y"]) == 0
+    (outer,) = read_checkpoint_config(tmp_path / "rel3")["extra"]["lineage"]
+    assert outer["parents"][1] == stamped and outer["parents"][0][0]["parents"] == [lineage, stamped]
     bare = save_checkpoint(tiny_model, tmp_path / "bare")  # no lineage to continue
     with pytest.raises(SystemExit, match="no lineage"):
         scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(on_release), "--out", str(bare),
                         "--data-version", "corpus-y"])
     assert "| cumulative_scp_steps |" in scp_chain.curve_table([{"cumulative_scp_steps": 10, "slot_cosine": 0.5}])
+
+
+def test_an_average_counts_the_scp_steps_and_generations_of_its_longest_parent():
+    import scp_chain
+
+    line = [{"stage": "scp", "steps": 280}, {"stage": "instruct", "steps": 150}]
+    chained = line + [{"stage": "scp", "steps": 450}, {"stage": "instruct", "steps": 600}]
+    nested = [{"stage": "average", "steps": 0, "parents": [line, chained]}]
+    outer = [{"stage": "average", "steps": 0, "parents": [nested, line]}, {"stage": "instruct", "steps": 600}]
+    assert [scp_chain.scp_steps(x) for x in (line, chained, nested, outer)] == [280, 730, 730, 730]
+    assert [scp_chain.generations(x) for x in (line, chained, nested, outer)] == [2, 4, 5, 7]

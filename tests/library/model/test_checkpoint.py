@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from clara.model.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from clara.model.checkpoint import checkpoint_digest, load_checkpoint, read_checkpoint_config, save_checkpoint
 
 
 def _no_unpickling(monkeypatch):
@@ -242,9 +242,41 @@ def test_averaging_refuses_what_is_not_one_model(tiny_model, tmp_path):
     pa = save_checkpoint(tiny_model, tmp_path / "a")
     with pytest.raises(ValueError, match="at least two"):
         average_checkpoints([pa], tmp_path / "x")
-    with pytest.raises(ValueError, match="summing to 1"):
-        average_checkpoints([pa, pa], tmp_path / "x", weights=[0.5, 0.6])
+    for bad in ([0.5, 0.6], [float("nan"), 0.5], [1.5, -0.5]):
+        with pytest.raises(ValueError, match="summing to 1"):
+            average_checkpoints([pa, pa], tmp_path / "x", weights=bad)
     other = save_checkpoint(ClaraModel.build(preset("tiny", compression_rate=4)), tmp_path / "rate4")
     with pytest.raises(ValueError, match="not a checkpoint of the same model"):
         average_checkpoints([pa, other], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    # refused half-way (the generator's LoRA scale differs; the compressor was already averaged): an earlier
+    # checkpoint at OUT stays as it was, and nothing else is left behind
+    pb = save_checkpoint(tiny_model, tmp_path / "b")
+    cfg_file = pb / "adapters" / "generator" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "lora_alpha": 99}))
+    out = average_checkpoints([pa, pa], tmp_path / "out") and tmp_path / "out"
+    before = checkpoint_digest(out)
+    with pytest.raises(ValueError, match="generator adapters of .* have different configs"):
+        average_checkpoints([pa, pb], out)
+    assert checkpoint_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out", "rate4"]
+
+
+def test_a_direction_the_average_does_not_use_stays_trainable(tiny_model, tmp_path):
+    from clara.model.checkpoint import average_checkpoints
+
+    pa = save_checkpoint(tiny_model, tmp_path / "a")
+    with torch.no_grad():  # the opposite run: every product is the negative of a's, so the average is zero
+        for n, p in tiny_model.peft.named_parameters():
+            if "lora_B" in n:
+                p.neg_()
+    pb = save_checkpoint(tiny_model, tmp_path / "b")
+    average_checkpoints([pa, pb], tmp_path / "avg")
+    from safetensors.torch import load_file
+
+    a_state = load_file(pa / "adapters" / "generator" / "adapter_model.safetensors")
+    state = load_file(tmp_path / "avg" / "adapters" / "generator" / "adapter_model.safetensors")
+    assert all(float(v.abs().max()) == 0 for k, v in state.items() if ".lora_B." in k)
+    # B = 0 with the first input's A, as a fresh LoRA: the product is zero and B still gets a gradient
+    assert all(torch.equal(v, a_state[k].float()) for k, v in state.items() if ".lora_A." in k)
+    assert any(float(v.abs().max()) > 0 for k, v in state.items() if ".lora_A." in k)
