@@ -201,12 +201,13 @@ def release(args: argparse.Namespace) -> int:
 
     from clara.model.checkpoint import read_checkpoint_config
 
-    instruct = [read_checkpoint_config(c).get("extra", {}) for c in [*args.instruct_from, args.checkpoint]]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+    # stage 2 may have continued earlier stage-2 runs (--instruct-from, oldest first): one lineage entry each
+    entries = [_instruct_entry(read_checkpoint_config(c).get("extra", {}), args.data_version, commit)
+               for c in [*args.instruct_from, args.checkpoint]]
+    whole = [i for i, e in enumerate(entries) if "parents" in e]
     if args.scp_checkpoint is None:
-        entries = [_instruct_entry(extra, args.data_version, commit) for extra in instruct]
-        whole = [i for i, e in enumerate(entries) if "parents" in e]
         if whole:  # an average whose inputs record their stages: nothing before it to add
             return _export(args, entries[whole[-1]:])
         after = args.after or args.out
@@ -216,7 +217,7 @@ def release(args: argparse.Namespace) -> int:
         return _export(args, before + entries)
     if args.after is not None:
         raise SystemExit("--after is for a stage 2 that continued a checkpoint, not the chain: drop --scp-checkpoint")
-    if any("parents" in _instruct_entry(extra, "", "") for extra in instruct if "averaged_from" in extra):
+    if whole:
         raise SystemExit(f"{args.checkpoint} averages checkpoints that record their whole lineage: release it "
                          f"without --scp-checkpoint")
     root = chain_dir(args.chain)
@@ -232,11 +233,9 @@ def release(args: argparse.Namespace) -> int:
         (root / "chain.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     state = args.scp_checkpoint.parent / "train_state" / "trainer_state.json"  # a step checkpoint's own step
     chain_steps = int(json.loads(state.read_text(encoding="utf-8"))["step"])
-    # stage 2 may have continued earlier stage-2 runs (--instruct-from, oldest first): one lineage entry each
     new = before + [
         {"stage": "scp", "steps": chain_steps, "batch_size": settings["config"].get("train", {}).get("batch_size", 8),
-         "config": settings["config"], "data": args.data_version, "commit": commit},
-        *(_instruct_entry(extra, args.data_version, commit) for extra in instruct)]
+         "config": settings["config"], "data": args.data_version, "commit": commit}, *entries]
     return _export(args, new)
 
 

@@ -320,8 +320,8 @@ def _average_lora(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[f
     if any(sorted(s) != keys for s in states[1:]):
         raise ValueError(f"the {name} adapters hold different layers")
     if all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys):
-        # one adapter none of the runs trained (a query reasoner before E2E): kept as it is, so its A keeps the
-        # random start that lets a later run train it (the SVD of a zero product would zero both factors)
+        # an adapter no run changed (a query reasoner before E2E): copied bit for bit rather than refactored into
+        # other factors of the same product
         return {k: v.float().contiguous() for k, v in states[0].items()}, 0.0
     out: dict[str, torch.Tensor] = {}
     lost = total = 0.0

@@ -254,7 +254,8 @@ def test_averaging_refuses_what_is_not_one_model(tiny_model, tmp_path):
     pb = save_checkpoint(tiny_model, tmp_path / "b")
     cfg_file = pb / "adapters" / "generator" / "adapter_config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "lora_alpha": 99}))
-    out = average_checkpoints([pa, pa], tmp_path / "out") and tmp_path / "out"
+    out = tmp_path / "out"
+    average_checkpoints([pa, pa], out)
     before = checkpoint_digest(out)
     with pytest.raises(ValueError, match="generator adapters of .* have different configs"):
         average_checkpoints([pa, pb], out)
@@ -263,6 +264,8 @@ def test_averaging_refuses_what_is_not_one_model(tiny_model, tmp_path):
 
 
 def test_a_direction_the_average_does_not_use_stays_trainable(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
     from clara.model.checkpoint import average_checkpoints
 
     pa = save_checkpoint(tiny_model, tmp_path / "a")
@@ -272,8 +275,6 @@ def test_a_direction_the_average_does_not_use_stays_trainable(tiny_model, tmp_pa
                 p.neg_()
     pb = save_checkpoint(tiny_model, tmp_path / "b")
     average_checkpoints([pa, pb], tmp_path / "avg")
-    from safetensors.torch import load_file
-
     a_state = load_file(pa / "adapters" / "generator" / "adapter_model.safetensors")
     state = load_file(tmp_path / "avg" / "adapters" / "generator" / "adapter_model.safetensors")
     assert all(float(v.abs().max()) == 0 for k, v in state.items() if ".lora_B." in k)
