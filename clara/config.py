@@ -213,6 +213,10 @@ class SCPConfig:
     """Stage 2 only (where ``INSTRUCT_DEFAULTS`` turns it on): keep the compressor adapter and the special-token rows
     as stage 1 left them and train the generator alone. Stage 2 trains on short answers; left free it takes back
     part of what stage 1 taught the memory (docs/memory.md)."""
+    freeze_generator: bool = False
+    """Either stage: train the compressor adapter and the special rows alone and keep the generator as it was given.
+    Continuing a stage-2 checkpoint on stage 1's data, the memory then learns to write for the reader that answers
+    questions, instead of the generator drifting back to stage 1's replies while the memory improves."""
     compressor_lr_scale: float = 1.0
     """Where the compressor trains (stage 1, or stage 2 without ``freeze_compressor``): its adapter and the special
     rows learn at this fraction of ``train.optim.lr`` and the generator at the full rate. Stage 2 at a small fraction
@@ -245,6 +249,9 @@ class SCPConfig:
         if self.freeze_compressor and self.compressor_lr_scale != 1.0:
             raise ValueError("compressor_lr_scale sets the rate of a compressor that trains; with freeze_compressor "
                              "it trains not at all: set one of the two")
+        if self.freeze_generator and (self.freeze_compressor or self.compressor_lr_scale != 1.0):
+            raise ValueError("freeze_generator trains the compressor alone, at train.optim.lr: it cannot be set with "
+                             "freeze_compressor (nothing would train) or compressor_lr_scale (there is no other rate)")
         if self.salient_weight < 1.0:
             raise ValueError(f"salient_weight must be >= 1, got {self.salient_weight}")
 

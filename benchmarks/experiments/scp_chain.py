@@ -188,6 +188,8 @@ def _instruct_entry(extra: dict[str, Any], data_version: str, commit: str) -> di
              "data": data_version, "commit": commit}
     if cfg.get("compressor_lr_scale", 1.0) != 1.0:
         entry["compressor_lr_scale"] = cfg["compressor_lr_scale"]
+    if cfg.get("freeze_generator", False):
+        entry["freeze_generator"] = True
     return entry
 
 

@@ -150,11 +150,14 @@ def compressed_lm_loss(model: ClaraModel, batch: Sequence[Example], mse_weight: 
 
 def _select_trainable(model: ClaraModel, stage: str, cfg: SCPConfig) -> None:
     """Stage 1 trains the compressor, the generator and the memory-token rows; stage 2 the same, or the generator
-    alone with ``freeze_compressor`` (and from a fresh generator adapter with ``fresh_generator``)."""
+    alone with ``freeze_compressor`` (and from a fresh generator adapter with ``fresh_generator``); either stage the
+    compressor and the rows alone with ``freeze_generator``."""
     if stage == "instruct" and cfg.fresh_generator:
         model.reset_adapter("generator")
     if stage == "instruct" and cfg.freeze_compressor:
         model.set_trainable(["generator"], special=False)
+    elif cfg.freeze_generator:
+        model.set_trainable(["compressor"], special=True)
     else:
         model.set_trainable(["compressor", "generator"], special=True)
 

@@ -156,6 +156,31 @@ def test_stage_two_can_freeze_the_compressor(tmp_path):
     assert any(not torch.equal(a, b.detach()) for a, b in zip(gen_before, m._adapter_params["generator"]))
 
 
+def test_either_stage_can_freeze_the_generator(tmp_path):
+    """The compressor and the special rows learn, the generator is left as it was given; and the option refuses
+    the settings it contradicts."""
+    from clara.data.records import SCPRecord
+    from clara.training.scp import train_scp
+    from clara.config import TrainConfig
+
+    m = build()
+    gen_before = [p.detach().clone() for p in m.adapter_parameters("generator")]
+    comp_before = [p.detach().clone() for p in m.adapter_parameters("compressor")] + [m.special.detach().clone()]
+    rec = SCPRecord(data_type="qa", questions=["Where was Curie born?"], answers=["Warsaw"], docs=[TEXT])
+    cfg = SCPConfig(model=m.cfg, train=TrainConfig(batch_size=1, max_steps=2, checkpoint_every=10),
+                    freeze_generator=True)
+    train_scp(m, [rec], cfg, tmp_path / "run", stage="scp", progress=False)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(gen_before, m.adapter_parameters("generator")))
+    comp_after = [p.detach() for p in m.adapter_parameters("compressor")] + [m.special.detach()]
+    assert any(not torch.equal(a, b) for a, b in zip(comp_before[:-1], comp_after[:-1]))
+    assert not torch.equal(comp_before[-1], comp_after[-1])
+
+    with pytest.raises(ValueError, match="nothing would train"):
+        SCPConfig(freeze_generator=True, freeze_compressor=True)
+    with pytest.raises(ValueError, match="no other rate"):
+        SCPConfig(freeze_generator=True, compressor_lr_scale=0.1)
+
+
 def test_stage_two_can_train_the_compressor_at_a_fraction_of_the_rate(tmp_path):
     """One Adam step moves each weight by about its group's rate: the compressor's and the special rows' steps are
     the fraction of the generator's, and a run with two rates resumes from its step checkpoint."""
