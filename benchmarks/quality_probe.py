@@ -144,6 +144,18 @@ def slot_diversity(memories: Sequence[torch.Tensor]) -> dict[str, float]:
             "effective_rank": float(erank.mean()), "slots": n, "passages": int(mems.shape[0])}
 
 
+def text_chunk_means(model, texts: Sequence[str], adapter: str | None, batch_size: int = 8) -> list[torch.Tensor]:
+    """Each passage's own last-layer states averaged over the chunks its slots stand for (``chunk_bounds``), under
+    ``adapter`` (``None``: the base LM): the reference for ``slot_diversity``. Under the compressor they are what
+    ``align=chunks`` pulls each slot toward; a memory cannot be asked to be more distinct than the text it holds."""
+    out: list[torch.Tensor] = []
+    with torch.no_grad(), model.adapter(adapter):
+        for s in range(0, len(texts), batch_size):
+            enc = model.encode_texts(list(texts[s:s + batch_size]), max_len=model.cfg.doc_max_len)
+            out += [enc.chunk_mean[i, :int(n)].float() for i, n in enumerate(enc.n_mem)]
+    return out
+
+
 def answer_spans(model, items: Sequence[tuple[str, str]], batch_size: int = 4) -> dict[str, float]:
     """(a) on the tokens that matter: each (passage, answer) pair's passage read back as in ``reconstruction``,
     scoring only the tokens of the answer's first occurrence in it. Says whether the memory carries the names,
@@ -279,7 +291,10 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
     if "a" in parts:
         held = [d for d in docs_all if heldout(d)][:heldout_passages]
         if len(held) >= 2:
-            result["slot_diversity"] = slot_diversity(model.compress([d.full_text for d in held]))
+            texts = [d.full_text for d in held]
+            result["slot_diversity"] = {**slot_diversity(model.compress(texts)),
+                                        "text_chunks": slot_diversity(text_chunk_means(model, texts, "compressor")),
+                                        "text_chunks_base": slot_diversity(text_chunk_means(model, texts, None))}
             result["reconstruction"] = reconstruction(model, held)
         else:
             result["reconstruction_skipped"] = (f"the corpus has {len(held)} held-out passage(s) "
@@ -408,6 +423,12 @@ def table(r: dict[str, Any]) -> str:
                       f"{d['within_passage_cosine']:.3f} (slot means removed {d['within_passage_cosine_centred']:.3f})"
                       f" | same slot across passages {d['same_slot_across_passages_cosine']:.3f} | effective rank "
                       f"{d['effective_rank']:.2f} of {d['slots']}"]
+        for key, name in (("text_chunks", "compressor"), ("text_chunks_base", "base LM")):
+            if key in d:  # a probe written before the references were measured has none
+                t = d[key]
+                lines.append(f"    reference, the passages' own chunk-mean states ({name}): within-passage cosine "
+                             f"{t['within_passage_cosine']:.3f} (slot means removed "
+                             f"{t['within_passage_cosine_centred']:.3f}) | effective rank {t['effective_rank']:.2f}")
     if "reconstruction" in r:
         a = r["reconstruction"]
         lines += ["", f"(a) reconstruction CE, {a['passages']} held-out passages (nats/token)",

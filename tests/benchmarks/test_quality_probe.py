@@ -59,6 +59,10 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     d = result["slot_diversity"]
     assert d["passages"] == 2 and d["slots"] == tiny_model.cfg.n_mem_max
     assert -1 <= d["within_passage_cosine"] <= 1 and 1 <= d["effective_rank"] <= d["slots"]
+    for ref in (d["text_chunks"], d["text_chunks_base"]):  # the passages' own chunk means, as the reference
+        assert ref["passages"] == 2 and ref["slots"] == d["slots"] and -1 <= ref["within_passage_cosine"] <= 1
+    assert d["text_chunks"] != d["text_chunks_base"]  # the compressor's adapter changes the states it reads
+    assert "own chunk-mean states (base LM)" in quality_probe.table(result)
     pq = result["per_question"]
     assert len(pq["nll_clara_forced"]) == len(pq["f1_clara_forced"]) == 4 == len(result["question_ids"])
     assert len(pq["clara_forced"]) == len(pq["clara_closed_book"]) == 4
