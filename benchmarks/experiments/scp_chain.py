@@ -205,9 +205,15 @@ def release(args: argparse.Namespace) -> int:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+    # A chain step released as it is (no stage 2 on top: a chain that froze the generator keeps stage 2's reader)
+    # is its --scp-checkpoint too; any other stage-1 checkpoint would pass for a stage-2 run below.
+    as_is = args.scp_checkpoint is not None and args.checkpoint.resolve() == args.scp_checkpoint.resolve()
+    if not as_is and read_checkpoint_config(args.checkpoint).get("extra", {}).get("stage") == "scp":
+        raise SystemExit(f"{args.checkpoint} is a stage-1 checkpoint: to release a chain step as it is, pass it as "
+                         f"--scp-checkpoint too")
     # stage 2 may have continued earlier stage-2 runs (--instruct-from, oldest first): one lineage entry each
     entries = [_instruct_entry(read_checkpoint_config(c).get("extra", {}), args.data_version, commit)
-               for c in [*args.instruct_from, args.checkpoint]]
+               for c in [*args.instruct_from, *([] if as_is else [args.checkpoint])]]
     whole = [i for i, e in enumerate(entries) if "parents" in e]
     if args.scp_checkpoint is None:
         if whole:  # an average whose inputs record their stages: nothing before it to add
@@ -275,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--out", type=Path, default=None)
     sub.add_parser("curve", help="Print the curve.")
     r = sub.add_parser("release", help="Export a stage-2 checkpoint of the chain as the release, with its lineage.")
-    r.add_argument("--checkpoint", type=Path, required=True, help="The stage-2 model folder on top of the chain.")
+    r.add_argument("--checkpoint", type=Path, required=True,
+                   help="The stage-2 model folder on top of the chain (or a chain step, given as --scp-checkpoint too).")
     r.add_argument("--scp-checkpoint", type=Path, default=None,
                    help="The chain checkpoint stage 2 started from (none: stage 2 continued the release at --out).")
     r.add_argument("--instruct-from", type=Path, nargs="*", default=[],

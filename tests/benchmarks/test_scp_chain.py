@@ -74,6 +74,14 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
                            str(scp_ck), "--out", str(out), "--data-version", "corpus-x"]) == 0
     lineage = read_checkpoint_config(out)["extra"]["lineage"]
     assert [(s["stage"], s["steps"]) for s in lineage] == [("scp", 7), ("scp", 4), ("instruct", 1)]
+    # a chain step released as it is (no stage 2 on top) is its own --scp-checkpoint; alone it is refused
+    with pytest.raises(SystemExit, match="stage-1 checkpoint"):
+        scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(scp_ck), "--out", str(out),
+                        "--data-version", "corpus-x"])
+    assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(scp_ck), "--scp-checkpoint",
+                           str(scp_ck), "--out", str(out), "--data-version", "corpus-x"]) == 0
+    lineage = read_checkpoint_config(out)["extra"]["lineage"]
+    assert [(s["stage"], s["steps"]) for s in lineage] == [("scp", 7), ("scp", 4)]
     # a stage 2 that continued another (two runs, another data order): one lineage entry per run, oldest first
     again = train_scp(load_checkpoint(final), load_scp_records(fixtures / "scp.jsonl"),
                       SCPConfig(model=model.cfg, train=TrainConfig(batch_size=1, max_steps=2, seed=1),
