@@ -146,13 +146,16 @@ def slot_diversity(memories: Sequence[torch.Tensor]) -> dict[str, float]:
 
 def text_chunk_means(model, texts: Sequence[str], adapter: str | None, batch_size: int = 8) -> list[torch.Tensor]:
     """Each passage's own last-layer states averaged over the chunks its slots stand for (``chunk_bounds``), under
-    ``adapter`` (``None``: the base LM): the reference for ``slot_diversity``. Under the compressor they are what
-    ``align=chunks`` pulls each slot toward; a memory cannot be asked to be more distinct than the text it holds."""
+    ``adapter`` (``None``: the base weights, reading the same rows, memory tokens included): the reference for
+    ``slot_diversity``. Under the compressor they are what ``align=chunks`` pulls each slot toward; a memory cannot
+    be asked to be more distinct than the text it holds. Empty chunks (a text shorter than its slots) are left out,
+    so such a passage has fewer rows and ``slot_diversity`` skips it as it would a short memory. The probe's model
+    is loaded in eval mode, so dropout is off here as in ``compress``."""
     out: list[torch.Tensor] = []
     with torch.no_grad(), model.adapter(adapter):
         for s in range(0, len(texts), batch_size):
             enc = model.encode_texts(list(texts[s:s + batch_size]), max_len=model.cfg.doc_max_len)
-            out += [enc.chunk_mean[i, :int(n)].float() for i, n in enumerate(enc.n_mem)]
+            out += [enc.chunk_mean[i][enc.chunk_used[i]].float() for i in range(len(enc.n_mem))]
     return out
 
 
@@ -399,8 +402,9 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         queries = torch.stack(model.encode_queries([r.question for r in qa]))
         scores = flat_cosine(queries, pad_memories([mem[d] for d in pool], model.cfg.n_mem_max))
         ids = [[pool[int(j)] for j in row] for row in scores.topk(min(k, len(pool)), dim=-1).indices]
-        own = _batched(lambda idx: model.generate([qa[i].question for i in idx], [[mem[d] for d in ids[i]] for i in idx],
-                                                  max_new_tokens), list(range(len(qa))), batch_size)
+        own = _batched(lambda idx: model.generate([qa[i].question for i in idx],
+                                                  [[mem[d] for d in ids[i]] for i in idx], max_new_tokens),
+                       list(range(len(qa))), batch_size)
         result["own_retrieval"] = {
             **_score(own, qa),
             "recall@1": 100 * sum(recall_at(i, r.gold_doc_ids, 1) for i, r in zip(ids, qa)) / len(qa),
@@ -423,7 +427,7 @@ def table(r: dict[str, Any]) -> str:
                       f"{d['within_passage_cosine']:.3f} (slot means removed {d['within_passage_cosine_centred']:.3f})"
                       f" | same slot across passages {d['same_slot_across_passages_cosine']:.3f} | effective rank "
                       f"{d['effective_rank']:.2f} of {d['slots']}"]
-        for key, name in (("text_chunks", "compressor"), ("text_chunks_base", "base LM")):
+        for key, name in (("text_chunks", "compressor"), ("text_chunks_base", "base weights, same rows")):
             if key in d:  # a probe written before the references were measured has none
                 t = d[key]
                 lines.append(f"    reference, the passages' own chunk-mean states ({name}): within-passage cosine "

@@ -249,9 +249,11 @@ class SCPConfig:
         if self.freeze_compressor and self.compressor_lr_scale != 1.0:
             raise ValueError("compressor_lr_scale sets the rate of a compressor that trains; with freeze_compressor "
                              "it trains not at all: set one of the two")
-        if self.freeze_generator and (self.freeze_compressor or self.compressor_lr_scale != 1.0):
+        if self.freeze_generator and (self.freeze_compressor or self.compressor_lr_scale != 1.0
+                                      or self.fresh_generator):
             raise ValueError("freeze_generator trains the compressor alone, at train.optim.lr: it cannot be set with "
-                             "freeze_compressor (nothing would train) or compressor_lr_scale (there is no other rate)")
+                             "freeze_compressor (nothing would train), compressor_lr_scale (there is no other rate) "
+                             "or fresh_generator (the compressor would learn to write for a blank reader)")
         if self.salient_weight < 1.0:
             raise ValueError(f"salient_weight must be >= 1, got {self.salient_weight}")
 
@@ -263,6 +265,8 @@ class SCPConfig:
         if stage not in ("scp", "instruct"):
             raise ValueError(f"stage must be 'scp' or 'instruct', got {stage!r}")
         base = to_dict_value(INSTRUCT_DEFAULTS) if stage == "instruct" else {}  # a copy: never shared, never changed
+        if stage == "instruct" and (data or {}).get("freeze_generator"):
+            base.pop("freeze_compressor")  # stage 2's default would freeze the one part asked to train
         return from_dict(cls, merged(base, data or {}))
 
 

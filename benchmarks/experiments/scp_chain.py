@@ -208,6 +208,8 @@ def release(args: argparse.Namespace) -> int:
     # A chain step released as it is (no stage 2 on top: a chain that froze the generator keeps stage 2's reader)
     # is its --scp-checkpoint too; any other stage-1 checkpoint would pass for a stage-2 run below.
     as_is = args.scp_checkpoint is not None and args.checkpoint.resolve() == args.scp_checkpoint.resolve()
+    if as_is and args.instruct_from:
+        raise SystemExit("a chain step released as it is has no stage 2 on top: drop --instruct-from")
     if not as_is and read_checkpoint_config(args.checkpoint).get("extra", {}).get("stage") == "scp":
         raise SystemExit(f"{args.checkpoint} is a stage-1 checkpoint: to release a chain step as it is, pass it as "
                          f"--scp-checkpoint too")
@@ -282,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("curve", help="Print the curve.")
     r = sub.add_parser("release", help="Export a stage-2 checkpoint of the chain as the release, with its lineage.")
     r.add_argument("--checkpoint", type=Path, required=True,
-                   help="The stage-2 model folder on top of the chain (or a chain step, given as --scp-checkpoint too).")
+                   help="The stage-2 model folder on top of the chain (a chain step released as it is: given as "
+                        "--scp-checkpoint too).")
     r.add_argument("--scp-checkpoint", type=Path, default=None,
                    help="The chain checkpoint stage 2 started from (none: stage 2 continued the release at --out).")
     r.add_argument("--instruct-from", type=Path, nargs="*", default=[],

@@ -78,6 +78,9 @@ def test_a_chain_continues_and_keeps_its_recipe(tiny_model, tmp_path, fixtures, 
     with pytest.raises(SystemExit, match="stage-1 checkpoint"):
         scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(scp_ck), "--out", str(out),
                         "--data-version", "corpus-x"])
+    with pytest.raises(SystemExit, match="drop --instruct-from"):
+        scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(scp_ck), "--scp-checkpoint",
+                        str(scp_ck), "--instruct-from", str(final), "--out", str(out), "--data-version", "corpus-x"])
     assert scp_chain.main(["--chain", str(chain), "release", "--checkpoint", str(scp_ck), "--scp-checkpoint",
                            str(scp_ck), "--out", str(out), "--data-version", "corpus-x"]) == 0
     lineage = read_checkpoint_config(out)["extra"]["lineage"]

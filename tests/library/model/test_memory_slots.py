@@ -179,6 +179,11 @@ def test_either_stage_can_freeze_the_generator(tmp_path):
         SCPConfig(freeze_generator=True, freeze_compressor=True)
     with pytest.raises(ValueError, match="no other rate"):
         SCPConfig(freeze_generator=True, compressor_lr_scale=0.1)
+    with pytest.raises(ValueError, match="blank reader"):
+        SCPConfig(freeze_generator=True, fresh_generator=True)
+    # stage 2 freezes the compressor by default; asking for the generator frozen instead trains the compressor
+    inst = SCPConfig.for_stage("instruct", {"freeze_generator": True})
+    assert inst.freeze_generator and not inst.freeze_compressor
 
 
 def test_stage_two_can_train_the_compressor_at_a_fraction_of_the_rate(tmp_path):
