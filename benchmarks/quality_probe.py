@@ -246,10 +246,14 @@ def paired_bootstrap(new: Sequence[float], old: Sequence[float], samples: int = 
 
 def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     """Does probe result ``new`` beat ``old`` on the same questions? The release rule (docs/memory.md): the gold
-    answer's NLL with the gold passage forced is lower (paired bootstrap, 95 % lower end > 0) and F1 is no lower."""
+    answer's NLL with the gold passage forced is lower (paired bootstrap, 95 % lower end > 0) and F1 is no lower.
+    Where either probe generated no answers (``--parts n``), the F1 gain is None and so is ``better``: the NLL half
+    of the rule alone does not decide it."""
     if new.get("question_ids") != old.get("question_ids"):
         raise ValueError("the two probe results are not over the same dev questions")
     nll = paired_bootstrap(new["per_question"]["nll_clara_forced"], old["per_question"]["nll_clara_forced"])
+    if not all("f1_clara_forced" in r["per_question"] for r in (new, old)):
+        return {"gold_answer_nll_gain": nll, "f1_gain": None, "better": None}
     f1 = paired_bootstrap([-x for x in new["per_question"]["f1_clara_forced"]],
                           [-x for x in old["per_question"]["f1_clara_forced"]])  # mean = F1 gain of new
     return {"gold_answer_nll_gain": nll, "f1_gain": f1,
@@ -500,17 +504,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                    heldout_passages=args.heldout, max_new_tokens=args.max_new_tokens, parts=args.parts,
                    amp=args.amp, retrieval=args.retrieval, corpus=args.corpus)
     print(table(result))
+
+    def write() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    write()  # before the comparison, which can refuse (other questions): the probe's minutes are kept either way
     if args.compare:
         result["compare"] = {"against": str(args.compare),
                              **compare(result, json.loads(args.compare.read_text(encoding="utf-8")))}
         c = result["compare"]
-        print(f"\nagainst {args.compare}: gold-answer NLL gain {c['gold_answer_nll_gain']['mean']:.3f} "
-              f"[{c['gold_answer_nll_gain']['low']:.3f}, {c['gold_answer_nll_gain']['high']:.3f}] | F1 gain "
-              f"{100 * c['f1_gain']['mean']:.1f} [{100 * c['f1_gain']['low']:.1f}, {100 * c['f1_gain']['high']:.1f}]"
-              f" | better: {c['better']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        g, f = c["gold_answer_nll_gain"], c["f1_gain"]
+        f1 = (f"{100 * f['mean']:.1f} [{100 * f['low']:.1f}, {100 * f['high']:.1f}]" if f is not None
+              else "not measured (no generated answers)")
+        print(f"\nagainst {args.compare}: gold-answer NLL gain {g['mean']:.3f} [{g['low']:.3f}, {g['high']:.3f}] | "
+              f"F1 gain {f1} | better: {c['better']}")
+        write()
     return 0
 
 

@@ -70,6 +70,9 @@ def test_probe_runs_all_parts_on_a_tiny_checkpoint(tiny_model, tmp_path, monkeyp
     # the likelihood-only part gives the same likelihoods without generating anything
     quick = quality_probe.probe(str(ckpt), dev, articles=None, k=3, parts="n", corpus=str(corpus))
     assert quick["answer_nll"] == n and "generator" not in quick
+    undecided = quality_probe.compare(quick, result)  # no answers generated: the F1 half of the rule is open
+    assert undecided["f1_gain"] is None and undecided["better"] is None
+    assert undecided["gold_answer_nll_gain"]["mean"] == 0
     same = quality_probe.compare(result, result)
     assert same["gold_answer_nll_gain"]["mean"] == 0 and not same["better"]
 
