@@ -210,12 +210,13 @@ def release(args: argparse.Namespace) -> int:
     as_is = args.scp_checkpoint is not None and args.checkpoint.resolve() == args.scp_checkpoint.resolve()
     if as_is and args.instruct_from:
         raise SystemExit("a chain step released as it is has no stage 2 on top: drop --instruct-from")
-    if not as_is and read_checkpoint_config(args.checkpoint).get("extra", {}).get("stage") == "scp":
+    own = read_checkpoint_config(args.checkpoint).get("extra", {})
+    if not as_is and own.get("stage") == "scp":
         raise SystemExit(f"{args.checkpoint} is a stage-1 checkpoint: to release a chain step as it is, pass it as "
                          f"--scp-checkpoint too")
     # stage 2 may have continued earlier stage-2 runs (--instruct-from, oldest first): one lineage entry each
-    entries = [_instruct_entry(read_checkpoint_config(c).get("extra", {}), args.data_version, commit)
-               for c in [*args.instruct_from, *([] if as_is else [args.checkpoint])]]
+    extras = [read_checkpoint_config(c).get("extra", {}) for c in args.instruct_from] + ([] if as_is else [own])
+    entries = [_instruct_entry(extra, args.data_version, commit) for extra in extras]
     whole = [i for i, e in enumerate(entries) if "parents" in e]
     if args.scp_checkpoint is None:
         if whole:  # an average whose inputs record their stages: nothing before it to add

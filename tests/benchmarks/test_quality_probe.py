@@ -92,10 +92,10 @@ def test_the_text_reference_is_what_a_pooled_memory_is():
     perturb(model)
     texts = [f"Passage {i} tells of the river {chr(65 + i)} and the town beside it, founded in 18{i}0. " * 4
              for i in range(3)]
-    refs = quality_probe.text_chunk_means(model, texts, "compressor")
-    for got, want in zip(refs, model.compress(texts)):
+    refs, memory = quality_probe.text_chunk_means(model, texts, "compressor"), model.compress(texts)
+    for got, want in zip(refs, memory):
         assert torch.allclose(got, want.float(), atol=1e-5)
-    assert quality_probe.slot_diversity(refs) == quality_probe.slot_diversity(model.compress(texts))
+    assert quality_probe.slot_diversity(refs) == quality_probe.slot_diversity(memory)
     base = quality_probe.text_chunk_means(model, texts, None)
     assert not torch.allclose(base[0], refs[0], atol=1e-5)
 
