@@ -314,15 +314,20 @@ def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def refuse_another_run(saved: dict[str, Any], identity: dict[str, Any], where: Path, run: Path) -> None:
     """Refuse to continue, or hand back as finished, a checkpoint trained with other settings or data than this
-    run's ``identity`` (``run_identity``). Settings in ``CONTINUABLE`` may differ; one the checkpoint does not
-    record (added to the code since) counts as unchanged.
+    run's ``identity`` (``run_identity``). Settings in ``CONTINUABLE`` may differ. A setting the checkpoint does
+    not record was added to the code since, and the checkpoint was trained as its config class's default
+    (``identity["defaults"]``, the class built with no arguments) has it: new options default to the old
+    behaviour. Without ``identity["defaults"]`` such a setting counts as unchanged.
 
     Raises:
         ValueError: naming each difference.
     """
     old, new = _flat(saved.get("config") or {}), _flat(identity["config"])
+    before = _flat(identity.get("defaults") or {})
     changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
                if old[k] != new[k] and k not in CONTINUABLE]
+    changed += [f"{k} (not recorded: trained as the default {before[k]!r}) -> {new[k]!r}" for k in
+                sorted(new.keys() - old.keys()) if k in before and before[k] != new[k] and k not in CONTINUABLE]
     if "data" in saved and saved["data"] != identity["data"]:
         changed.append("the training data")
     if "data" in saved and saved.get("start") != identity.get("start"):  # (checkpoints that record data, start too)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara.atomic import publish
-from clara.config import E2EConfig
+from clara.config import E2EConfig, to_dict
 from clara.data.records import QARecord
 from clara.model.checkpoint import load_adapter_weights
 from clara.model.clara_model import ClaraModel
@@ -202,19 +202,20 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     train = cfg.train
     steps = total_steps(train, len(records))
     extra = {"stage": "e2e", "total_steps": steps, **run_identity(cfg, records, sorted(corpus.items()), start=start)}
-    if resume and run_finished(final, "e2e", steps, extra):
+    identity = {**extra, "defaults": to_dict(type(cfg)())}  # not saved: what a setting a checkpoint lacks was
+    if resume and run_finished(final, "e2e", steps, identity):
         load_adapter_weights(model, final)
         return final
     torch.manual_seed(train.seed)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
-    ckpt.check(stage="e2e", resume=resume, identity=extra)  # before the pool: compressing it can take hours
+    ckpt.check(stage="e2e", resume=resume, identity=identity)  # before the pool: compressing it can take hours
 
     pool = _document_pool(model, records, corpus, cfg, compress_batch_size, candidates_cache or out_dir)
 
     model.copy_adapter("compressor", "query_reasoner")
     model.set_trainable(["query_reasoner", "generator"], special=False)
     optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
-    start = ckpt.restore(model, optimizer, scheduler, stage="e2e", resume=resume, identity=extra)
+    start = ckpt.restore(model, optimizer, scheduler, stage="e2e", resume=resume, identity=identity)
     dist = setup()  # several processes under torchrun: each takes a slice of every batch
     log = MetricsLog(out_dir, callback, start) if dist.main else None
     recall_key = f"recall@{min(cfg.top_k, cfg.n_candidates, len(pool.index))}"

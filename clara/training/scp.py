@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from clara.config import SCPConfig
+from clara.config import SCPConfig, to_dict
 from clara.data.records import SCPRecord
 from clara.model import prompts
 from clara.model.checkpoint import load_adapter_weights
@@ -221,14 +221,15 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
     train = cfg.train
     steps = total_steps(train, len(examples))
     extra = {"stage": stage, "total_steps": steps, **run_identity(cfg, records, start=start)}
-    if resume and run_finished(final, stage, steps, extra):
+    identity = {**extra, "defaults": to_dict(type(cfg)())}  # not saved: what a setting a checkpoint lacks was
+    if resume and run_finished(final, stage, steps, identity):
         load_adapter_weights(model, final)
         return final
     torch.manual_seed(train.seed)
     _select_trainable(model, stage, cfg)
     optimizer, scheduler = build_optimization(_param_groups(model, cfg), train.optim, steps)
     ckpt = Checkpointer(out_dir, train.keep_checkpoints)
-    start = ckpt.restore(model, optimizer, scheduler, stage=stage, resume=resume, identity=extra)
+    start = ckpt.restore(model, optimizer, scheduler, stage=stage, resume=resume, identity=identity)
     dist = setup()  # several processes under torchrun: each takes a slice of every batch
     log = MetricsLog(out_dir, callback, start) if dist.main else None
 

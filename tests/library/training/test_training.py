@@ -288,6 +288,36 @@ def test_a_rerun_with_other_settings_or_data_is_refused_not_handed_the_old_model
         train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False)
 
 
+def test_a_setting_a_checkpoint_does_not_record_is_the_default_it_was_trained_as(fixtures, tmp_path):
+    """A checkpoint from before a setting existed was trained as that setting's default: continuing it with the
+    default is the same run, with another value it would train something else (here: a generator frozen from
+    now on, which the lineage would report for every step)."""
+    import dataclasses
+
+    records = load_scp_records(fixtures / "scp.jsonl")[:2]
+    cfg = tiny_scp_cfg(max_steps=2, checkpoint_every=1)
+    run = tmp_path / "r"
+    train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False)
+    old_files = [run / "model" / "clara.json", *(run / "checkpoints").glob("step-*/train_state/trainer_state.json"),
+                 *(run / "checkpoints").glob("step-*/model/clara.json")]
+    for file in old_files:  # as written before the setting was added to the code
+        meta = json.loads(file.read_text(encoding="utf-8"))
+        del meta["extra"]["config"]["freeze_generator"]
+        file.write_text(json.dumps(meta), encoding="utf-8")
+    frozen = dataclasses.replace(cfg, freeze_generator=True)
+    with pytest.raises(ValueError, match=r"model was trained with other settings .*freeze_generator \(not "
+                                         r"recorded: trained as the default False\) -> True"):
+        train_scp(ClaraModel.build(cfg.model), records, frozen, run, progress=False)
+    assert train_scp(ClaraModel.build(cfg.model), records, cfg, run, progress=False) == run / "model"
+    shutil.rmtree(run / "model")  # as if killed after its last step checkpoint: the step checkpoints decide
+    longer = dataclasses.replace(frozen, train=dataclasses.replace(cfg.train, max_steps=3))
+    with pytest.raises(ValueError, match=r"step-000002 was trained with other settings .*freeze_generator"):
+        train_scp(ClaraModel.build(cfg.model), records, longer, run, progress=False)
+    train_scp(ClaraModel.build(cfg.model), records, dataclasses.replace(longer, freeze_generator=False), run,
+              progress=False)
+    assert Checkpointer(run).steps()[-1] == 3
+
+
 def test_resume_refuses_another_run_and_survives_a_damaged_latest_checkpoint(fixtures, tmp_path):
     """A folder is one run: not resuming into step checkpoints, or resuming another stage's, is refused (retention
     would delete the new run's steps and a later resume continue the old one). A latest checkpoint cut off by a
