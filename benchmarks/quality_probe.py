@@ -260,6 +260,28 @@ def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
             "better": nll["low"] > 0 and f1["mean"] >= 0}
 
 
+def gold_forced_sets(qa: Sequence[Any], docs: Sequence[Any], k: int, seed: int = 0
+                     ) -> tuple[list[list[str]], list[list[str]]]:
+    """Each question's k passages with its gold passage forced in at a seeded place among the BM25 top of other
+    articles, and the same set with the gold swapped for the next of those hard negatives."""
+    from clara.retrieval.first_stage import BM25Retriever
+
+    by_id = {d.id: d for d in docs}
+    ranked = BM25Retriever(docs).retrieve([r.question for r in qa], 20)
+    rng = random.Random(seed)
+    forced: list[list[str]] = []
+    without_gold: list[list[str]] = []
+    for r, hits in zip(qa, ranked):
+        gold = r.gold_doc_ids[0]
+        parent = by_id[gold].parent_id or gold
+        others = [d for d, _ in hits if (by_id[d].parent_id or d) != parent][:k]
+        chosen = others[: k - 1]
+        slot = rng.randrange(len(chosen) + 1)
+        forced.append(chosen[:slot] + [gold] + chosen[slot:])
+        without_gold.append(chosen[:slot] + others[k - 1:k] + chosen[slot:])
+    return forced, without_gold
+
+
 def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit: int | None = None,
           heldout_passages: int = 40, max_new_tokens: int = 32, batch_size: int = 8, parts: str = "abc",
           seed: int = 0, amp: str | None = None, retrieval: str = "full", corpus: str = "bundled"
@@ -268,7 +290,6 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
     from clara.data.mixes import heldout
     from clara.eval.likelihood import answer_nll
     from clara.data.records import load_qa_records
-    from clara.retrieval.first_stage import BM25Retriever
     from clara.model.topk import flat_cosine, pad_memories
     from clara.eval.metrics import recall_at
     from clara.model.base import cache_dir
@@ -317,19 +338,7 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
 
     if "b" in parts or "n" in parts:  # "n": part (b)'s likelihoods only, no generation (a quick stop measure)
         generate = "b" in parts
-        bm25 = BM25Retriever(docs)
-        ranked = bm25.retrieve([r.question for r in qa], 20)
-        rng = random.Random(seed)
-        forced: list[list[str]] = []
-        without_gold: list[list[str]] = []  # the same set with the gold swapped for the next hard negative
-        for r, hits in zip(qa, ranked):
-            gold = r.gold_doc_ids[0]
-            parent = by_id[gold].parent_id or gold
-            others = [d for d, _ in hits if (by_id[d].parent_id or d) != parent][:k]
-            chosen = others[: k - 1]
-            slot = rng.randrange(len(chosen) + 1)
-            forced.append(chosen[:slot] + [gold] + chosen[slot:])
-            without_gold.append(chosen[:slot] + others[k - 1:k] + chosen[slot:])
+        forced, without_gold = gold_forced_sets(qa, docs, k, seed)
         questions = [r.question for r in qa]
         key = hashlib.sha256(json.dumps([model.cfg.base, questions, forced, max_new_tokens]).encode()).hexdigest()
         cached = cache_dir() / "probe" / f"baselines-{key[:16]}.json"

@@ -432,11 +432,11 @@ class ClaraModel(nn.Module):
 
     def generate_from_text(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
                            max_new_tokens: int = 64, timing: Timing | None = None,
-                           eos_token_id: int | None = None) -> list[str]:
-        """The raw-text baseline: the same base, adapters off, documents as text in the same QA prompt.
-        A question with no documents is answered closed book."""
+                           eos_token_id: int | None = None, adapter: str | None = None) -> list[str]:
+        """The raw-text baseline: the same base, adapters off (or ``adapter``: a generator tuned to read text),
+        documents as text in the same QA prompt. A question with no documents is answered closed book."""
         rows = [self.prompter.text_qa_prompt(q, docs) for q, docs in zip(questions, documents, strict=True)]
-        return self._run_generation(rows, [[] for _ in rows], None, max_new_tokens, eos_token_id, timing)
+        return self._run_generation(rows, [[] for _ in rows], adapter, max_new_tokens, eos_token_id, timing)
 
     def paraphrase(self, memories: Sequence[torch.Tensor], max_new_tokens: int = 128) -> list[str]:
         """What the generator reads back from each compressed document (to inspect a compressor)."""
