@@ -47,6 +47,9 @@ def train_reader(model, pairs: Sequence[tuple[str, list[str], str]], steps: int,
     from clara.config import OptimSettings
     from clara.training.common import build_optimization
 
+    if not pairs:
+        raise SystemExit("no stage-2 questions to train on (the data has no 'qa' rows)")
+
     model.set_trainable(["generator"], special=False)
     settings = OptimSettings(lr=lr)
     optimizer, scheduler = build_optimization(model.trainable_parameters(), settings, steps)
@@ -89,6 +92,10 @@ def evaluate(model, dev: Path, k: int, max_new_tokens: int, batch_size: int, art
     docs = first_articles(ingest_corpus(corpus, model.cfg)[0], articles)
     by_id = {d.id: d for d in docs}
     qa = load_qa_records(dev)
+    missing = [r.id for r in qa if not set(r.gold_doc_ids) <= set(by_id)]
+    if missing:
+        raise SystemExit(f"{dev}: gold passages of {len(missing)} question(s) are not in the corpus read "
+                         f"(first {articles} articles), e.g. {missing[:3]}")
     forced, _ = gold_forced_sets(qa, docs, k)
     questions = [r.question for r in qa]
     texts = [[by_id[d].full_text for d in ids] for ids in forced]
@@ -102,7 +109,7 @@ def evaluate(model, dev: Path, k: int, max_new_tokens: int, batch_size: int, art
     nll, each = answer_nll(model, [prompt(q, t) for q, t in zip(questions, texts)], gold, None, "generator",
                            batch_size)
     closed_nll, _ = answer_nll(model, [prompt(q, []) for q in questions], gold, None, "generator", batch_size)
-    return {"questions": len(qa), "k": k, "question_ids": [r.id for r in qa],
+    return {"questions": len(qa), "k": k, "corpus_passages": len(docs), "question_ids": [r.id for r in qa],
             "text_forced": {**_score(answers, qa), "gold_answer_nll": nll},
             "closed_book": {**_score(closed, qa), "gold_answer_nll": closed_nll},
             "per_question": {"nll_text_forced": each,
@@ -116,8 +123,9 @@ def against(result: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
     """The memory checkpoint's answers against the text reader's, question by question (memory − text)."""
     from quality_probe import paired_bootstrap
 
-    if probe.get("question_ids") != result["question_ids"]:
-        raise SystemExit("--against: that probe scored other questions (or another order) than this run")
+    same = ("question_ids", "k", "corpus_passages")  # the same questions over the same passage sets
+    if any(probe.get(key) != result[key] for key in same):
+        raise SystemExit("--against: that probe scored other questions, another k or another corpus than this run")
     per, mine = probe["per_question"], result["per_question"]
     # paired_bootstrap(new, old) is the mean of old - new: here memory - text for both
     out = {"nll_memory_minus_text": paired_bootstrap(mine["nll_text_forced"], per["nll_clara_forced"])}
@@ -127,19 +135,22 @@ def against(result: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from clara.config import INSTRUCT_DEFAULTS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--data", type=Path, help="Stage 2's rows (a mix's instruct.jsonl); needed with --steps > 0.")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-4, help="Stage 2's default rate.")
+    ap.add_argument("--lr", type=float, default=INSTRUCT_DEFAULTS["train"]["optim"]["lr"],
+                    help="Stage 2's default rate.")
     ap.add_argument("--keep-generator", action="store_true", help="Tune CHECKPOINT's generator, not a fresh one.")
     ap.add_argument("--dev", type=Path, default=ROOT / "benchmarks" / "dev" / "natural_dev.jsonl")
     ap.add_argument("--corpus", default="bundled", help="'bundled' or a corpus JSONL {id, title, text}.")
     ap.add_argument("--articles", type=int, default=2000, help="Corpus: passages of the first N bundled articles.")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--amp", choices=("bf16", "off"), default="bf16")
+    ap.add_argument("--amp", choices=("bf16", "off"), default=None, help="Override the checkpoint's precision.")
     ap.add_argument("--save", type=Path, default=None, help="Write the tuned reader here as a checkpoint.")
     ap.add_argument("--out", type=Path, required=True, help="The result as JSON.")
     ap.add_argument("--against", type=Path, default=None, help="A quality_probe.py result (--parts b or n).")
@@ -152,10 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model = load_checkpoint(args.checkpoint)
-    model.cfg.amp = args.amp
-    model.uses_amp = args.amp == "bf16"
+    if args.amp is not None:  # as the probe does, so that the two are paired at one precision
+        model.cfg.amp = args.amp
+        model.uses_amp = args.amp == "bf16"
+    kept = "as saved" if args.steps == 0 else "kept" if args.keep_generator else "fresh"
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "steps": args.steps, "batch_size": args.batch_size,
-                              "lr": args.lr, "generator": "kept" if args.keep_generator else "fresh"}
+                              "lr": args.lr, "generator": kept, "amp": model.uses_amp}
     if args.steps > 0:
         pairs = qa_pairs(load_scp_records(args.data))
         if not args.keep_generator:

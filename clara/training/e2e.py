@@ -202,7 +202,7 @@ def train_e2e(model: ClaraModel, records: Sequence[QARecord], corpus: Mapping[st
     train = cfg.train
     steps = total_steps(train, len(records))
     extra = {"stage": "e2e", "total_steps": steps, **run_identity(cfg, records, sorted(corpus.items()), start=start)}
-    identity = {**extra, "defaults": to_dict(type(cfg)())}  # not saved: what a setting a checkpoint lacks was
+    identity = {**extra, "defaults": to_dict(type(cfg)())}  # not saved: what an unrecorded setting was trained as
     if resume and run_finished(final, "e2e", steps, identity):
         load_adapter_weights(model, final)
         return final

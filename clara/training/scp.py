@@ -221,7 +221,7 @@ def train_scp(model: ClaraModel, records: Sequence[SCPRecord], cfg: SCPConfig, o
     train = cfg.train
     steps = total_steps(train, len(examples))
     extra = {"stage": stage, "total_steps": steps, **run_identity(cfg, records, start=start)}
-    identity = {**extra, "defaults": to_dict(type(cfg)())}  # not saved: what a setting a checkpoint lacks was
+    identity = {**extra, "defaults": to_dict(type(cfg)())}  # not saved: what an unrecorded setting was trained as
     if resume and run_finished(final, stage, steps, identity):
         load_adapter_weights(model, final)
         return final
