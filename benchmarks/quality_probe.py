@@ -260,6 +260,23 @@ def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
             "better": nll["low"] > 0 and f1["mean"] >= 0}
 
 
+def corpus_and_dev(model, corpus: str, articles: int | None, dev: Path) -> tuple[list[Any], list[Any], list[Any]]:
+    """The corpus's passages, those of its first ``articles`` articles, and the dev questions, whose gold passages
+    must be among the latter (SystemExit naming them otherwise)."""
+    from clara.data.corpus import ingest_corpus
+    from clara.data.records import load_qa_records
+
+    docs_all, _ = ingest_corpus(corpus, model.cfg)
+    docs = first_articles(docs_all, articles)
+    ids = {d.id for d in docs}
+    qa = load_qa_records(dev)
+    missing = [r.id for r in qa if not set(r.gold_doc_ids) <= ids]
+    if missing:
+        raise SystemExit(f"{dev}: gold passages of {len(missing)} question(s) are not in the probe corpus "
+                         f"(first {articles} articles), e.g. {missing[:3]}")
+    return docs_all, docs, qa
+
+
 def gold_forced_sets(qa: Sequence[Any], docs: Sequence[Any], k: int, seed: int = 0
                      ) -> tuple[list[list[str]], list[list[str]]]:
     """Each question's k passages with its gold passage forced in at a seeded place among the BM25 top of other
@@ -286,10 +303,8 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
           heldout_passages: int = 40, max_new_tokens: int = 32, batch_size: int = 8, parts: str = "abc",
           seed: int = 0, amp: str | None = None, retrieval: str = "full", corpus: str = "bundled"
           ) -> dict[str, Any]:
-    from clara.data.corpus import ingest_corpus
     from clara.data.mixes import heldout
     from clara.eval.likelihood import answer_nll
-    from clara.data.records import load_qa_records
     from clara.model.topk import flat_cosine, pad_memories
     from clara.eval.metrics import recall_at
     from clara.model.base import cache_dir
@@ -302,14 +317,8 @@ def probe(checkpoint: str, dev: Path, *, articles: int = 2000, k: int = 5, limit
         model.uses_amp = amp == "bf16"
     meta = read_checkpoint_config(checkpoint)
     stage = meta.get("extra", {}).get("stage", "?")
-    docs_all, _ = ingest_corpus(corpus, model.cfg)
-    docs = first_articles(docs_all, articles)
+    docs_all, docs, qa = corpus_and_dev(model, corpus, articles, dev)
     by_id = {d.id: d for d in docs}
-    qa = load_qa_records(dev)
-    missing = [r.id for r in qa if not set(r.gold_doc_ids) <= set(by_id)]
-    if missing:
-        raise SystemExit(f"{dev}: gold passages of {len(missing)} question(s) are not in the probe corpus "
-                         f"(first {articles} articles), e.g. {missing[:3]}")
     if limit:
         qa = random.Random(seed).sample(qa, min(limit, len(qa)))
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "stage": stage, "rate": model.cfg.compression_rate,

@@ -82,20 +82,13 @@ def evaluate(model, dev: Path, k: int, max_new_tokens: int, batch_size: int, art
              corpus: str = "bundled") -> dict[str, Any]:
     """The tuned reader on the probe's dev sets: answers and gold answer NLL with the gold passage forced in, and
     closed book (the same generator, no documents)."""
-    from quality_probe import _batched, _score, first_articles, gold_forced_sets
+    from quality_probe import _batched, _score, corpus_and_dev, gold_forced_sets
 
-    from clara.data.corpus import ingest_corpus
-    from clara.data.records import load_qa_records
     from clara.eval.likelihood import answer_nll
     from clara.eval.metrics import answer_scores
 
-    docs = first_articles(ingest_corpus(corpus, model.cfg)[0], articles)
+    _, docs, qa = corpus_and_dev(model, corpus, articles, dev)
     by_id = {d.id: d for d in docs}
-    qa = load_qa_records(dev)
-    missing = [r.id for r in qa if not set(r.gold_doc_ids) <= set(by_id)]
-    if missing:
-        raise SystemExit(f"{dev}: gold passages of {len(missing)} question(s) are not in the corpus read "
-                         f"(first {articles} articles), e.g. {missing[:3]}")
     forced, _ = gold_forced_sets(qa, docs, k)
     questions = [r.question for r in qa]
     texts = [[by_id[d].full_text for d in ids] for ids in forced]
