@@ -42,17 +42,17 @@ def train_reader(model, pairs: Sequence[tuple[str, list[str], str]], steps: int,
                  seed: int = 0, max_target_len: int = 64, log_every: int = 10) -> list[dict[str, float]]:
     """The generator adapter alone, on the answer's CE after the raw-text prompt: warm-up + cosine at ``lr``,
     clipped as every stage is. Returns one log line per ``log_every`` steps."""
-    import torch
-
-    from clara.config import OptimSettings
-    from clara.training.common import build_optimization
+    from clara.config import OptimSettings, TrainConfig
+    from clara.training.common import build_optimization, optimizer_step
+    from clara.training.distributed import setup
 
     if not pairs:
         raise SystemExit("no stage-2 questions to train on (the data has no 'qa' rows)")
 
     model.set_trainable(["generator"], special=False)
-    settings = OptimSettings(lr=lr)
-    optimizer, scheduler = build_optimization(model.trainable_parameters(), settings, steps)
+    train = TrainConfig(optim=OptimSettings(lr=lr))
+    optimizer, scheduler = build_optimization(model.trainable_parameters(), train.optim, steps)
+    dist = setup()
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     log, ces, t0 = [], [], time.perf_counter()
@@ -64,10 +64,7 @@ def train_reader(model, pairs: Sequence[tuple[str, list[str], str]], steps: int,
         with model.adapter("generator"):
             loss = model.response_loss(rows, targets, [[] for _ in idx])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), settings.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scheduler, train, dist)
         ces.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             log.append({"step": step + 1, "ce": sum(ces) / len(ces),

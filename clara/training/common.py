@@ -316,7 +316,8 @@ def refuse_another_run(saved: dict[str, Any], identity: dict[str, Any], where: P
     """Refuse to continue, or hand back as finished, a checkpoint trained with other settings or data than this
     run's ``identity`` (``run_identity``). Settings in ``CONTINUABLE`` may differ. A setting the checkpoint does
     not record was added to the code since, so the checkpoint was trained with its config class's default
-    (``identity["defaults"]``, the class built with no arguments): new options default to the old behaviour. Without ``identity["defaults"]`` such a setting counts as unchanged.
+    (``identity["defaults"]``, the class built with no arguments): new options default to the old behaviour.
+    Without ``identity["defaults"]`` such a setting counts as unchanged.
 
     Raises:
         ValueError: naming each difference.
